@@ -1,0 +1,382 @@
+//! The filter-chain seam: what the data plane calls on each filter of a request,
+//! and what a filter implementation (the wasm host, or a native filter) provides.
+//!
+//! The data plane depends on this crate, never on wasmtime. A filter implementation
+//! depends on this crate, never on hyper.
+//!
+//! # Threading
+//!
+//! Sluice runs one tokio current-thread runtime per worker thread, inside a
+//! `LocalSet`. [`FilterFactory`] values are shared by all workers (`Send + Sync`);
+//! [`HttpFilter`] values are made and driven on one worker and may be `!Send`, so a
+//! factory can keep per-worker state (such as a wasm VM per worker) without locks.
+//! `tokio::task::spawn_local` is available on worker threads.
+//!
+//! # Request heads
+//!
+//! Filters see request heads in a normalized form: the URI is absolute (scheme,
+//! authority, path and query: the proxy-wasm `:scheme`, `:authority` and `:path`),
+//! and the `host` header is not in the header map (it is the authority). The path
+//! has already been normalized (dot segments, merged slashes). Edits to the URI or
+//! the headers must call [`StreamInfo::clear_route_cache`] so the route is
+//! re-evaluated, as Envoy does.
+//!
+//! # Order
+//!
+//! Request phases run through the chain forward, response phases backward. A
+//! phase's future resolving to `Continue` hands the message to the next filter; a
+//! filter that must wait (for a callout, a timer) simply does not resolve yet.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, request, response};
+use sluice_config::FilterSpec;
+
+/// A boxed, possibly `!Send`, future.
+pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// The future a filter callback returns.
+pub type FilterFuture<'a, T> = LocalBoxFuture<'a, Result<T, FilterError>>;
+
+/// What a header or trailer phase decided.
+#[derive(Debug)]
+pub enum HeadersAction {
+    /// Hand the (possibly edited) message to the next filter.
+    Continue,
+    /// Stop the chain and answer with this response instead.
+    Respond(LocalResponse),
+    /// Reset the stream (close the downstream connection for HTTP/1.1).
+    Reset,
+}
+
+/// What a body phase decided.
+#[derive(Debug)]
+pub enum BodyAction {
+    /// Forward what is in the buffer now (the filter may have rewritten it).
+    Continue,
+    /// Keep the buffer and call again with more data appended (at most the
+    /// listener's `max_buffered_body_bytes`: 413 for a request, 500 for a response).
+    Buffer,
+    /// Stop the chain and answer with this response instead (request side, or
+    /// response side before the response headers went downstream).
+    Respond(LocalResponse),
+    /// Reset the stream.
+    Reset,
+}
+
+/// A response made by a filter (or by the proxy itself).
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    /// HTTP status (200 for gRPC replies).
+    pub status: StatusCode,
+    /// Headers to add.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Body (for gRPC: the `grpc-message`).
+    pub body: Bytes,
+    /// `Some(code)` makes a gRPC trailers-only reply with that `grpc-status`.
+    pub grpc_status: Option<u32>,
+    /// Short reason for logs and the `x-sluice-reason` header; empty for none.
+    pub details: String,
+}
+
+impl LocalResponse {
+    /// A plain response with a body.
+    pub fn new(status: StatusCode, body: impl Into<Bytes>) -> Self {
+        LocalResponse { status, headers: Vec::new(), body: body.into(), grpc_status: None, details: String::new() }
+    }
+}
+
+/// Why a filter failed. The fail policy has already been applied by the filter
+/// implementation: an error returned to the data plane means "fail closed".
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("filter `{plugin}` failed in {callback}: {reason}")]
+pub struct FilterError {
+    /// The plugin's name.
+    pub plugin: String,
+    /// The callback that failed (`on_request_headers`, …).
+    pub callback: &'static str,
+    /// What kind of failure.
+    pub kind: FilterErrorKind,
+    /// Human-readable detail (trap message, guest panic message, …).
+    pub reason: String,
+}
+
+/// Kinds of filter failure, which decide the status the downstream sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterErrorKind {
+    /// The guest trapped (panic, unreachable, out-of-bounds, stack overflow, …).
+    Trap,
+    /// A callback ran past its time budget, or a pause past its timeout.
+    Timeout,
+    /// The guest ran out of memory.
+    OutOfMemory,
+    /// The filter's VM is failed and not (yet) replaced.
+    Unavailable,
+    /// A body buffered by the chain outgrew the limit.
+    BodyTooLarge,
+    /// The host broke (a bug); logged loudly.
+    Internal,
+}
+
+impl FilterErrorKind {
+    /// A stable label for metrics and the `x-sluice-reason` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FilterErrorKind::Trap => "filter_trap",
+            FilterErrorKind::Timeout => "filter_timeout",
+            FilterErrorKind::OutOfMemory => "filter_oom",
+            FilterErrorKind::Unavailable => "filter_unavailable",
+            FilterErrorKind::BodyTooLarge => "body_too_large",
+            FilterErrorKind::Internal => "filter_internal",
+        }
+    }
+}
+
+/// A filter or module that cannot be loaded: the config that names it is rejected.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("filter `{plugin}`: {reason}")]
+pub struct LoadError {
+    /// The plugin's name.
+    pub plugin: String,
+    /// Why (compile error, missing export, `on_configure` returned false with the
+    /// plugin's log lines, …).
+    pub reason: String,
+}
+
+/// Facts about the TLS session of the downstream connection.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInfo {
+    /// Negotiated version, e.g. `TLSv1.3`.
+    pub version: String,
+    /// SNI sent by the client.
+    pub server_name: Option<String>,
+    /// The peer certificate's URI SANs (SPIFFE ids).
+    pub peer_uri_sans: Vec<String>,
+    /// The peer certificate's DNS SANs.
+    pub peer_dns_sans: Vec<String>,
+    /// The peer certificate's subject.
+    pub peer_subject: Option<String>,
+    /// SHA-256 of the peer certificate (hex).
+    pub peer_cert_sha256: Option<String>,
+}
+
+/// Per-request facts a filter may read (the proxy-wasm "properties").
+#[derive(Debug)]
+pub struct StreamInfo {
+    /// `x-request-id` of the request.
+    pub request_id: String,
+    /// Connection id, unique in the process.
+    pub connection_id: u64,
+    /// Downstream peer address.
+    pub downstream_remote: SocketAddr,
+    /// Local address the downstream connected to.
+    pub downstream_local: SocketAddr,
+    /// Downstream TLS, if any.
+    pub tls: Option<TlsInfo>,
+    /// Listener name.
+    pub listener_name: Arc<str>,
+    /// Request protocol.
+    pub protocol: http::Version,
+    /// When the request started.
+    pub start_time: SystemTime,
+    /// Matched route name (updated when the route is re-evaluated).
+    pub route_name: RefCell<Option<Arc<str>>>,
+    /// Chosen cluster.
+    pub cluster_name: RefCell<Option<Arc<str>>>,
+    /// Upstream address of the last attempt.
+    pub upstream_address: Cell<Option<SocketAddr>>,
+    /// Response status, once known.
+    pub response_code: Cell<Option<u16>>,
+    /// Request body bytes seen so far.
+    pub request_body_bytes: Cell<u64>,
+    /// Response body bytes seen so far.
+    pub response_body_bytes: Cell<u64>,
+    /// Set by a filter that edited request headers: the proxy re-evaluates the route.
+    route_cache_cleared: Cell<bool>,
+}
+
+impl StreamInfo {
+    /// A new record for a request.
+    pub fn new(
+        request_id: String,
+        connection_id: u64,
+        downstream_remote: SocketAddr,
+        downstream_local: SocketAddr,
+        listener_name: Arc<str>,
+        protocol: http::Version,
+    ) -> Self {
+        StreamInfo {
+            request_id,
+            connection_id,
+            downstream_remote,
+            downstream_local,
+            tls: None,
+            listener_name,
+            protocol,
+            start_time: SystemTime::now(),
+            route_name: RefCell::new(None),
+            cluster_name: RefCell::new(None),
+            upstream_address: Cell::new(None),
+            response_code: Cell::new(None),
+            request_body_bytes: Cell::new(0),
+            response_body_bytes: Cell::new(0),
+            route_cache_cleared: Cell::new(false),
+        }
+    }
+
+    /// Asks the proxy to re-evaluate the route after this phase (request headers changed).
+    pub fn clear_route_cache(&self) {
+        self.route_cache_cleared.set(true);
+    }
+
+    /// Takes the "route cache cleared" flag (used by the proxy).
+    pub fn take_route_cache_cleared(&self) -> bool {
+        self.route_cache_cleared.replace(false)
+    }
+}
+
+/// What `on_log` sees: the final request and response heads.
+pub struct LogView<'a> {
+    /// The request as forwarded.
+    pub request: &'a request::Parts,
+    /// The response as sent downstream, if any was.
+    pub response: Option<&'a response::Parts>,
+    /// Request trailers, if any.
+    pub request_trailers: Option<&'a HeaderMap>,
+    /// Response trailers, if any.
+    pub response_trailers: Option<&'a HeaderMap>,
+}
+
+/// One filter's per-request state. Created on a worker for each request that
+/// reaches it; dropped when the request ends (after `on_log`).
+pub trait HttpFilter {
+    /// Request headers arrived. `end_of_stream` means there is no body.
+    fn on_request_headers<'a>(
+        &'a mut self,
+        head: &'a mut request::Parts,
+        info: &'a StreamInfo,
+        end_of_stream: bool,
+    ) -> FilterFuture<'a, HeadersAction>;
+
+    /// A request body chunk (or everything buffered so far).
+    fn on_request_body<'a>(
+        &'a mut self,
+        body: &'a mut BytesMut,
+        info: &'a StreamInfo,
+        end_of_stream: bool,
+    ) -> FilterFuture<'a, BodyAction>;
+
+    /// Request trailers arrived.
+    fn on_request_trailers<'a>(
+        &'a mut self,
+        trailers: &'a mut HeaderMap,
+        info: &'a StreamInfo,
+    ) -> FilterFuture<'a, HeadersAction>;
+
+    /// Response headers arrived from upstream (or from a local response).
+    fn on_response_headers<'a>(
+        &'a mut self,
+        head: &'a mut response::Parts,
+        info: &'a StreamInfo,
+        end_of_stream: bool,
+    ) -> FilterFuture<'a, HeadersAction>;
+
+    /// A response body chunk (or everything buffered so far).
+    fn on_response_body<'a>(
+        &'a mut self,
+        body: &'a mut BytesMut,
+        info: &'a StreamInfo,
+        end_of_stream: bool,
+    ) -> FilterFuture<'a, BodyAction>;
+
+    /// Response trailers arrived.
+    fn on_response_trailers<'a>(
+        &'a mut self,
+        trailers: &'a mut HeaderMap,
+        info: &'a StreamInfo,
+    ) -> FilterFuture<'a, HeadersAction>;
+
+    /// The request is over (completed, failed or reset): final logging.
+    fn on_log(&mut self, view: &LogView<'_>, info: &StreamInfo);
+}
+
+/// A loaded filter: shared by all workers, makes the per-request [`HttpFilter`]s.
+pub trait FilterFactory: Send + Sync {
+    /// The plugin's name.
+    fn name(&self) -> &str;
+
+    /// Makes the per-request filter. Called on a worker thread. Never fails: a
+    /// filter that cannot run answers per its fail policy from its callbacks.
+    fn new_filter(&self, info: &StreamInfo) -> Box<dyn HttpFilter>;
+
+    /// Live status for the admin endpoint (digest, ABI version, VMs, state, traps,
+    /// last error).
+    fn status(&self) -> serde_json::Value;
+}
+
+impl fmt::Debug for dyn FilterFactory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FilterFactory").field("name", &self.name()).finish()
+    }
+}
+
+/// What a loader may need besides the spec.
+pub struct LoadContext<'a> {
+    /// The folder relative module paths are resolved against.
+    pub base_dir: &'a Path,
+    /// Clusters callouts may target.
+    pub clusters: &'a [String],
+}
+
+/// Builds filter factories from specs. Called off the request path (config load
+/// and reload), possibly on a blocking thread: compile, instantiate, configure.
+pub trait FilterLoader: Send + Sync {
+    /// Loads one filter. An error rejects the whole config that names it.
+    fn load(&self, spec: &FilterSpec, cx: &LoadContext<'_>) -> Result<Arc<dyn FilterFactory>, LoadError>;
+}
+
+/// A response from an HTTP callout.
+#[derive(Debug, Clone)]
+pub struct CalloutResponse {
+    /// Status and headers.
+    pub head: response::Parts,
+    /// Whole body.
+    pub body: Bytes,
+    /// Trailers (gRPC status lives here).
+    pub trailers: HeaderMap,
+}
+
+/// Why a callout failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CalloutError {
+    /// No such cluster.
+    #[error("unknown cluster `{0}`")]
+    UnknownCluster(String),
+    /// The callout timed out.
+    #[error("timed out")]
+    Timeout,
+    /// The upstream could not be reached or reset.
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+}
+
+/// HTTP callouts to configured clusters, provided by the data plane. The
+/// returned future runs on the calling worker thread.
+pub trait CalloutClient: Send + Sync {
+    /// Sends `request` (absolute-form not needed: the cluster picks the endpoint;
+    /// the URI's path and the `host` header are used) to `cluster`.
+    fn call(
+        &self,
+        cluster: &str,
+        request: http::Request<Bytes>,
+        timeout: Duration,
+    ) -> LocalBoxFuture<'static, Result<CalloutResponse, CalloutError>>;
+}

@@ -1,0 +1,1 @@
+//! TLS for Sluice: rustls configs built from the validated config.

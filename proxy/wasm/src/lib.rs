@@ -1,0 +1,1 @@
+//! The proxy-wasm ABI host on wasmtime. Wasmtime types never leave this crate.

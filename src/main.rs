@@ -1,0 +1,2 @@
+//! The `sluice` binary: composition only.
+fn main() {}
