@@ -82,9 +82,8 @@ impl ClientTls {
     /// lead to `ca`, and the leaf must carry exactly one URI SAN, equal to `id`
     /// (e.g. `spiffe://mesh.test/ns/default/sa/backend`). SNI is still sent.
     pub fn with_expected_spiffe_id(mut self, id: &str) -> Result<ClientTls, TlsError> {
-        crate::spiffe::validate_spiffe_id(id).map_err(|reason| {
-            TlsError::invalid(format!("{}.spiffe_id", self.field), format!("{reason}: {id:?}"))
-        })?;
+        crate::spiffe::validate_spiffe_id(id)
+            .map_err(|e| TlsError::invalid(format!("{}.spiffe_id", self.field), e.to_string()))?;
         // Sessions verified under the old rules must not be resumed under the new ones.
         let sessions = ResettableSessions::new();
         self.config = build_config(
@@ -178,7 +177,7 @@ fn build_config(
         Some(id) => {
             let verifier: Arc<dyn ServerCertVerifier> = Arc::new(
                 SpiffeServerVerifier::new(roots.clone(), id)
-                    .map_err(|reason| TlsError::invalid(format!("{field}.spiffe_id"), reason))?,
+                    .map_err(|e| TlsError::invalid(format!("{field}.spiffe_id"), e.to_string()))?,
             );
             builder.dangerous().with_custom_certificate_verifier(verifier)
         }

@@ -35,11 +35,23 @@ pub enum SpiffeError {
     /// The leaf could not be parsed.
     #[error("cannot parse the leaf certificate")]
     Unparseable,
+    /// An expected id is not a SPIFFE id.
+    #[error("{reason}: {id:?}")]
+    InvalidId {
+        /// The refused id.
+        id: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 /// Checks that `id` is a SPIFFE id: `spiffe://<trust-domain>[/<path>]`, trust domain
 /// of `[a-z0-9.-_]`, path segments non-empty and not `.`/`..`, no query or fragment.
-pub fn validate_spiffe_id(id: &str) -> Result<(), &'static str> {
+pub fn validate_spiffe_id(id: &str) -> Result<(), SpiffeError> {
+    check_syntax(id).map_err(|reason| SpiffeError::InvalidId { id: id.to_owned(), reason })
+}
+
+fn check_syntax(id: &str) -> Result<(), &'static str> {
     let rest = id.strip_prefix("spiffe://").ok_or("a spiffe id starts with spiffe://")?;
     let (domain, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -77,7 +89,7 @@ pub struct SpiffeServerVerifier {
 impl SpiffeServerVerifier {
     /// A verifier accepting chains to `roots` whose leaf's only URI SAN is `expected`.
     /// `expected` must pass [`validate_spiffe_id`].
-    pub fn new(roots: Arc<RootCertStore>, expected: &str) -> Result<Self, &'static str> {
+    pub fn new(roots: Arc<RootCertStore>, expected: &str) -> Result<Self, SpiffeError> {
         validate_spiffe_id(expected)?;
         Ok(SpiffeServerVerifier {
             roots,

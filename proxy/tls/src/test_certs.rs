@@ -36,10 +36,22 @@ pub enum TestPkiError {
     Io(#[from] std::io::Error),
 }
 
+fn ca_params(common_name: &str) -> Result<CertificateParams, TestPkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.not_before = date_time_ymd(2020, 1, 1);
+    params.not_after = date_time_ymd(2200, 1, 1);
+    Ok(params)
+}
+
 /// The files of one issued leaf.
 #[derive(Debug, Clone)]
 pub struct CertPaths {
-    /// PEM chain file (the leaf; followed by nothing, the CA is separate).
+    /// PEM chain file: the leaf, then the intermediates of an
+    /// [`TestPki::intermediate`] PKI (never the root).
     pub cert: PathBuf,
     /// PEM PKCS#8 key file.
     pub key: PathBuf,
@@ -98,6 +110,8 @@ pub struct TestPki {
     issuer: Issuer<'static, KeyPair>,
     ca_der: CertificateDer<'static>,
     ca_path: PathBuf,
+    /// Intermediates (PEM, nearest first) appended to every leaf's chain file.
+    chain_pem: String,
     clients: AtomicUsize,
 }
 
@@ -118,13 +132,7 @@ impl TestPki {
     /// A new CA with the given common name (handy for a "foreign" CA).
     pub fn with_name(common_name: &str) -> Result<TestPki, TestPkiError> {
         let dir = tempfile::Builder::new().prefix("sluice-pki-").tempdir()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        params.not_before = date_time_ymd(2020, 1, 1);
-        params.not_after = date_time_ymd(2200, 1, 1);
+        let params = ca_params(common_name)?;
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         let ca_path = dir.path().join("ca.crt");
@@ -134,6 +142,27 @@ impl TestPki {
             issuer: Issuer::new(params, key),
             ca_der: cert.der().clone(),
             ca_path,
+            chain_pem: String::new(),
+            clients: AtomicUsize::new(0),
+        })
+    }
+
+    /// An intermediate CA signed by this one, in a directory of its own. Its leaves'
+    /// chain files carry the intermediates; its [`TestPki::ca_path`] is this PKI's
+    /// root, so peers trust the root only.
+    pub fn intermediate(&self, common_name: &str) -> Result<TestPki, TestPkiError> {
+        let dir = tempfile::Builder::new().prefix("sluice-pki-").tempdir()?;
+        let params = ca_params(common_name)?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let ca_path = dir.path().join("ca.crt");
+        std::fs::copy(&self.ca_path, &ca_path)?;
+        Ok(TestPki {
+            dir,
+            issuer: Issuer::new(params, key),
+            ca_der: self.ca_der.clone(),
+            ca_path,
+            chain_pem: cert.pem() + &self.chain_pem,
             clients: AtomicUsize::new(0),
         })
     }
@@ -143,12 +172,12 @@ impl TestPki {
         self.dir.path()
     }
 
-    /// The CA certificate, PEM (`ca.crt`).
+    /// The root CA certificate, PEM (`ca.crt`).
     pub fn ca_path(&self) -> &Path {
         &self.ca_path
     }
 
-    /// The CA certificate, DER.
+    /// The root CA certificate, DER.
     pub fn ca_der(&self) -> &CertificateDer<'static> {
         &self.ca_der
     }
@@ -206,7 +235,7 @@ impl TestPki {
             key: self.dir.path().join(format!("{}.key", spec.name)),
             der: cert.der().clone(),
         };
-        std::fs::write(&paths.cert, cert.pem())?;
+        std::fs::write(&paths.cert, cert.pem() + &self.chain_pem)?;
         std::fs::write(&paths.key, key.serialize_pem())?;
         Ok(paths)
     }

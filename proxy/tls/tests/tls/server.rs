@@ -157,6 +157,31 @@ async fn mtls_required_checks_the_client_certificate() {
 }
 
 #[tokio::test]
+async fn resumed_sessions_keep_the_client_identity() {
+    let pki = TestPki::new().unwrap();
+    let tls = mtls(&pki, true);
+    let id = "spiffe://mesh.test/ns/default/sa/frontend";
+    let good = pki.client(id).unwrap();
+    // One client config (one session cache) for both connections.
+    let connector = client_config(pki.ca_path(), ALPN, Some(&good), BOTH);
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let (addr, server) = accept_one(tls.acceptor()).await;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("s.test").unwrap();
+        let mut stream = connector.connect(name, tcp).await.unwrap();
+        let mut data = Vec::new();
+        // Reading to the end also takes the session ticket the server sent.
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut data).await.unwrap();
+        kinds.push(stream.get_ref().1.handshake_kind());
+        let accepted = server.await.unwrap().unwrap();
+        assert_eq!(accepted.info.peer_uri_sans, vec![id.to_owned()]);
+        assert_eq!(accepted.info.peer_cert_sha256, Some(sha256_hex(&good.der)));
+    }
+    assert_eq!(kinds, [Some(rustls::HandshakeKind::Full), Some(rustls::HandshakeKind::Resumed)]);
+}
+
+#[tokio::test]
 async fn mtls_optional_lets_anonymous_clients_in_but_checks_presented_certs() {
     let pki = TestPki::new().unwrap();
     let foreign = TestPki::with_name("Foreign CA").unwrap();

@@ -122,3 +122,33 @@ async fn presents_and_rotates_a_client_certificate() {
     // Removing the certificate is not a reload.
     assert!(client.reload_client_certificate(&upstream_cfg(pki.ca_path(), None), same).is_err());
 }
+
+#[tokio::test]
+async fn chains_through_intermediates_both_ways() {
+    let root = TestPki::new().unwrap();
+    let issuer = root.intermediate("Issuer CA").unwrap();
+    // The server trusts only the root for client certificates, and vice versa.
+    let server = backend(&issuer, Some(root.ca_path()));
+    let client_cert = issuer.client("spiffe://mesh.test/ns/default/sa/frontend").unwrap();
+    let chain = std::fs::read_to_string(&client_cert.cert).unwrap();
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+
+    let client =
+        ClientTls::from_config(&upstream_cfg(root.ca_path(), Some(&client_cert)), "c", same, true).unwrap();
+    let (accepted, connected) = run(&server, &client, "backend.test").await;
+    assert_eq!(connected.unwrap().data, b"hello");
+    assert_eq!(
+        accepted.unwrap().info.peer_uri_sans,
+        vec!["spiffe://mesh.test/ns/default/sa/frontend".to_owned()]
+    );
+
+    // The same through the SPIFFE verifier.
+    let leaf = issuer.server_spiffe("svid", &[], "spiffe://mesh.test/ns/default/sa/backend").unwrap();
+    let spiffe_server = ServerTls::from_config(&listener_tls(vec![leaf.files(&[])]), "l", same, &[]).unwrap();
+    let client = ClientTls::from_config(&upstream_cfg(root.ca_path(), None), "c", same, false)
+        .unwrap()
+        .with_expected_spiffe_id("spiffe://mesh.test/ns/default/sa/backend")
+        .unwrap();
+    let (_, connected) = run(&spiffe_server, &client, "backend.test").await;
+    assert_eq!(connected.unwrap().peer_leaf, Some(leaf.der));
+}
