@@ -1,0 +1,156 @@
+//! The body type the proxy sends both ways, without boxing on the fast path.
+//!
+//! A [`ProxyBody`] streams an `Incoming` body through untouched (trailers
+//! included), or carries a small full body, or a boxed stream made by the
+//! filter chain. An optional [`Finisher`] runs exactly once, when the body ends
+//! or is dropped: it returns upstream connections to their pool and records
+//! metrics and the access log at the real end of the exchange.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// The error type of proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// All of it went through.
+    Complete,
+    /// It failed (reset, I/O error).
+    Failed,
+    /// It was dropped before its end (the peer went away).
+    Dropped,
+}
+
+/// Runs once when a body ends: `(how, bytes)`.
+pub type Finisher = Box<dyn FnOnce(BodyEnd, u64)>;
+
+enum Inner {
+    Empty,
+    Full(Option<Bytes>),
+    Incoming(Incoming),
+    Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>),
+}
+
+/// A body going downstream or upstream.
+pub struct ProxyBody {
+    inner: Inner,
+    bytes: u64,
+    finisher: Option<Finisher>,
+}
+
+impl ProxyBody {
+    /// No body.
+    pub fn empty() -> Self {
+        ProxyBody { inner: Inner::Empty, bytes: 0, finisher: None }
+    }
+
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let b = bytes.into();
+        let inner = if b.is_empty() { Inner::Empty } else { Inner::Full(Some(b)) };
+        ProxyBody { inner, bytes: 0, finisher: None }
+    }
+
+    /// A streamed body from hyper.
+    pub fn incoming(body: Incoming) -> Self {
+        ProxyBody { inner: Inner::Incoming(body), bytes: 0, finisher: None }
+    }
+
+    /// Any other body.
+    pub fn boxed<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt;
+        ProxyBody { inner: Inner::Boxed(Box::pin(body.map_err(Into::into))), bytes: 0, finisher: None }
+    }
+
+    /// Adds a finisher, chained after any existing one.
+    pub fn on_end(mut self, f: impl FnOnce(BodyEnd, u64) + 'static) -> Self {
+        self.finisher = Some(match self.finisher.take() {
+            None => Box::new(f),
+            Some(prev) => Box::new(move |end, n| {
+                prev(end, n);
+                f(end, n);
+            }),
+        });
+        if self.is_end_stream() {
+            self.finish(BodyEnd::Complete);
+        }
+        self
+    }
+
+    fn finish(&mut self, end: BodyEnd) {
+        if let Some(f) = self.finisher.take() {
+            f(end, self.bytes);
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        self.finish(BodyEnd::Dropped);
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut this.inner {
+            Inner::Empty => Poll::Ready(None),
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Incoming(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            Inner::Boxed(body) => body.as_mut().poll_frame(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.finisher.is_some() && this.is_end_stream() {
+                    this.finish(BodyEnd::Complete);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(BodyEnd::Failed),
+            Poll::Ready(None) => this.finish(BodyEnd::Complete),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Empty => true,
+            Inner::Full(b) => b.is_none(),
+            Inner::Incoming(b) => b.is_end_stream(),
+            Inner::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Empty => SizeHint::with_exact(0),
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Incoming(b) => b.size_hint(),
+            Inner::Boxed(b) => b.size_hint(),
+        }
+    }
+}

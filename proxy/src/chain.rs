@@ -1,0 +1,350 @@
+//! Running a filter chain for one request: request phases forward, response
+//! phases backward, bodies through per-filter buffers.
+//!
+//! The filters of a request are shared by the request-body task, the handler
+//! and the response-body task behind one async mutex: a filter's callbacks
+//! never run concurrently (a wasm VM is single-threaded), but a request body
+//! may still stream while the response arrives (gRPC bidi streams).
+
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Request, Response, request, response};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use sluice_filter::{
+    BodyAction, FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, StreamInfo,
+};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::body::{BoxError, ProxyBody};
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::router::Chain;
+
+/// Why the chain stopped a body that was already streaming.
+#[derive(Debug)]
+pub enum Failure {
+    /// A filter answered: send this instead of the upstream's response.
+    Local(LocalResponse),
+    /// A filter failed or a buffer overflowed.
+    Error(ProxyError),
+}
+
+/// The final heads handed to `on_log`.
+pub struct LogHead {
+    status: http::StatusCode,
+    headers: HeaderMap,
+}
+
+impl LogHead {
+    /// Copies what `on_log` may read from a response head.
+    pub fn from_response(p: &response::Parts) -> Self {
+        LogHead { status: p.status, headers: p.headers.clone() }
+    }
+}
+
+struct Filters {
+    list: Vec<Box<dyn HttpFilter>>,
+    request_head: request::Parts,
+    request_trailers: Option<HeaderMap>,
+    response_trailers: Option<HeaderMap>,
+}
+
+/// One request's run through its filter chain.
+pub struct ChainRun {
+    filters: Rc<Mutex<Filters>>,
+    info: Rc<StreamInfo>,
+    max_buffer: usize,
+    failure: Rc<RefCell<Option<Failure>>>,
+}
+
+fn overflow(request: bool) -> ProxyError {
+    if request {
+        ProxyError::new(Side::Downstream, ErrorKind::PayloadTooLarge, "request body over the filter buffer limit")
+    } else {
+        ProxyError::new(Side::Internal, ErrorKind::ResponseTooLarge, "response body over the filter buffer limit")
+    }
+}
+
+fn action_err(e: FilterError) -> ProxyError {
+    ProxyError::from(e)
+}
+
+impl ChainRun {
+    /// Makes the per-request filters.
+    pub fn new(chain: &Chain, info: StreamInfo, max_buffer: usize) -> Self {
+        let list = chain.iter().map(|f| f.new_filter(&info)).collect();
+        let request_head = Request::new(()).into_parts().0;
+        ChainRun {
+            filters: Rc::new(Mutex::new(Filters {
+                list,
+                request_head,
+                request_trailers: None,
+                response_trailers: None,
+            })),
+            info: Rc::new(info),
+            max_buffer,
+            failure: Rc::new(RefCell::new(None)),
+        }
+    }
+
+    /// The request's stream info.
+    pub fn info(&self) -> &StreamInfo {
+        &self.info
+    }
+
+    /// Takes a failure recorded by a body task.
+    pub fn take_failure(&self) -> Option<Failure> {
+        self.failure.borrow_mut().take()
+    }
+
+    /// Runs `on_request_headers` forward. `Some` is a local response.
+    pub async fn request_headers(
+        &mut self,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
+        let mut f = self.filters.lock().await;
+        for filter in f.list.iter_mut() {
+            match filter.on_request_headers(head, &self.info, end_of_stream).await.map_err(action_err)? {
+                HeadersAction::Continue => {}
+                HeadersAction::Respond(local) => return Ok(Some(local)),
+                HeadersAction::Reset => {
+                    return Err(ProxyError::new(Side::Internal, ErrorKind::Filter(FilterErrorKind::Unavailable), "filter reset the stream"));
+                }
+            }
+        }
+        f.request_head.method = head.method.clone();
+        f.request_head.uri = head.uri.clone();
+        f.request_head.version = head.version;
+        f.request_head.headers = head.headers.clone();
+        Ok(None)
+    }
+
+    /// Runs `on_response_headers` backward. `Some` is a local response.
+    pub async fn response_headers(
+        &mut self,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
+        self.info.response_code.set(Some(head.status.as_u16()));
+        let mut f = self.filters.lock().await;
+        for filter in f.list.iter_mut().rev() {
+            match filter.on_response_headers(head, &self.info, end_of_stream).await.map_err(action_err)? {
+                HeadersAction::Continue => {}
+                HeadersAction::Respond(local) => return Ok(Some(local)),
+                HeadersAction::Reset => {
+                    return Err(ProxyError::new(Side::Internal, ErrorKind::Filter(FilterErrorKind::Unavailable), "filter reset the stream"));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes a local response and runs it through the response filters (as
+    /// Envoy does, the filters see their own local replies).
+    pub async fn local_response(&mut self, local: LocalResponse, version: http::Version) -> Response<ProxyBody> {
+        let resp = crate::forward::local_reply(local, version);
+        self.filter_local(resp).await
+    }
+
+    /// Runs the response-header phase over a proxy-made response.
+    pub async fn filter_local(&mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        let eos = body.is_end_stream();
+        match self.response_headers(&mut parts, eos).await {
+            // A second local reply from the response phase replaces the first, once.
+            Ok(Some(local)) => crate::forward::local_reply(local, parts.version),
+            Ok(None) => Response::from_parts(parts, body),
+            Err(e) => crate::error::error_response(&e, false),
+        }
+    }
+
+    /// Streams the request body through `on_request_body` / `on_request_trailers`.
+    pub fn wrap_request_body(&mut self, body: hyper::body::Incoming) -> ProxyBody {
+        self.wrap_body(ProxyBody::incoming(body), true)
+    }
+
+    /// Streams the response body through `on_response_body` / `on_response_trailers`.
+    pub fn wrap_response_body(&mut self, body: ProxyBody) -> ProxyBody {
+        self.wrap_body(body, false)
+    }
+
+    fn wrap_body(&mut self, mut body: ProxyBody, request: bool) -> ProxyBody {
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let filters = self.filters.clone();
+        let info = self.info.clone();
+        let max = self.max_buffer;
+        let failure = self.failure.clone();
+        tokio::task::spawn_local(async move {
+            let n = filters.lock().await.list.len();
+            let mut bufs: Vec<BytesMut> = vec![BytesMut::new(); n + 1];
+            loop {
+                let frame = body.frame().await;
+                let (data, trailers, eos) = match frame {
+                    None => (None, None, true),
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => (Some(d), None, body.is_end_stream()),
+                        Err(f) => (None, f.into_trailers().ok(), true),
+                    },
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if let Some(d) = &data {
+                    let counter = if request { &info.request_body_bytes } else { &info.response_body_bytes };
+                    counter.set(counter.get() + d.len() as u64);
+                    bufs[0].extend_from_slice(d);
+                }
+                let data_eos = eos && trailers.is_none();
+                let out = match run_body(&filters, &info, &mut bufs, data_eos || trailers.is_some(), request, max).await {
+                    Ok(out) => out,
+                    Err(f) => {
+                        *failure.borrow_mut() = Some(f);
+                        let _ = tx.send(Err("stopped by filter".into())).await;
+                        return;
+                    }
+                };
+                if !out.is_empty() && tx.send(Ok(Frame::data(out))).await.is_err() {
+                    return;
+                }
+                if let Some(mut t) = trailers {
+                    if let Err(f) = run_trailers(&filters, &info, &mut t, request).await {
+                        *failure.borrow_mut() = Some(f);
+                        let _ = tx.send(Err("stopped by filter".into())).await;
+                        return;
+                    }
+                    {
+                        let mut g = filters.lock().await;
+                        if request {
+                            g.request_trailers = Some(t.clone());
+                        } else {
+                            g.response_trailers = Some(t.clone());
+                        }
+                    }
+                    let _ = tx.send(Ok(Frame::trailers(t))).await;
+                    return;
+                }
+                if eos {
+                    return;
+                }
+            }
+        });
+        ProxyBody::boxed(ChannelBody { rx })
+    }
+
+    /// Runs `on_log` on every filter, in order.
+    pub fn log(&mut self, response: Option<&LogHead>) {
+        let Ok(mut f) = self.filters.try_lock() else { return };
+        let f = &mut *f;
+        let resp_parts = response.map(|r| {
+            let mut p = Response::new(()).into_parts().0;
+            p.status = r.status;
+            p.headers = r.headers.clone();
+            p
+        });
+        let view = LogView {
+            request: &f.request_head,
+            response: resp_parts.as_ref(),
+            request_trailers: f.request_trailers.as_ref(),
+            response_trailers: f.response_trailers.as_ref(),
+        };
+        for filter in f.list.iter_mut() {
+            filter.on_log(&view, &self.info);
+        }
+    }
+}
+
+/// Passes buffered data through the chain; returns what leaves its end.
+async fn run_body(
+    filters: &Mutex<Filters>,
+    info: &StreamInfo,
+    bufs: &mut [BytesMut],
+    eos: bool,
+    request: bool,
+    max: usize,
+) -> Result<Bytes, Failure> {
+    let mut g = filters.lock().await;
+    let n = g.list.len();
+    let order: Vec<usize> = if request { (0..n).collect() } else { (0..n).rev().collect() };
+    for (step, &i) in order.iter().enumerate() {
+        if bufs[step].is_empty() && !eos {
+            return Ok(Bytes::new());
+        }
+        let filter = &mut g.list[i];
+        let action = if request {
+            filter.on_request_body(&mut bufs[step], info, eos).await
+        } else {
+            filter.on_response_body(&mut bufs[step], info, eos).await
+        };
+        match action.map_err(|e| Failure::Error(action_err(e)))? {
+            BodyAction::Continue => {
+                let moved = std::mem::take(&mut bufs[step]);
+                bufs[step + 1].extend_from_slice(&moved);
+            }
+            BodyAction::Buffer if !eos => {
+                if bufs[step].len() > max {
+                    return Err(Failure::Error(overflow(request)));
+                }
+                return Ok(Bytes::new());
+            }
+            BodyAction::Buffer => {
+                let moved = std::mem::take(&mut bufs[step]);
+                bufs[step + 1].extend_from_slice(&moved);
+            }
+            BodyAction::Respond(local) => return Err(Failure::Local(local)),
+            BodyAction::Reset => {
+                return Err(Failure::Error(ProxyError::new(
+                    Side::Internal,
+                    ErrorKind::Filter(FilterErrorKind::Unavailable),
+                    "filter reset the stream",
+                )));
+            }
+        }
+    }
+    Ok(std::mem::take(&mut bufs[n]).freeze())
+}
+
+async fn run_trailers(filters: &Mutex<Filters>, info: &StreamInfo, t: &mut HeaderMap, request: bool) -> Result<(), Failure> {
+    let mut g = filters.lock().await;
+    let n = g.list.len();
+    for k in 0..n {
+        let i = if request { k } else { n - 1 - k };
+        let filter = &mut g.list[i];
+        let a = if request {
+            filter.on_request_trailers(t, info).await
+        } else {
+            filter.on_response_trailers(t, info).await
+        };
+        match a.map_err(|e| Failure::Error(action_err(e)))? {
+            HeadersAction::Continue => {}
+            HeadersAction::Respond(local) => return Err(Failure::Local(local)),
+            HeadersAction::Reset => {
+                return Err(Failure::Error(ProxyError::new(
+                    Side::Internal,
+                    ErrorKind::Filter(FilterErrorKind::Unavailable),
+                    "filter reset the stream",
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A body fed by a channel.
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx.poll_recv(cx)
+    }
+}

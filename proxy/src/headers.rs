@@ -1,0 +1,232 @@
+//! Header hygiene: hop-by-hop stripping, framing checks (request smuggling),
+//! forwarding headers, request ids and W3C trace context.
+
+use std::net::IpAddr;
+
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Version};
+
+use crate::error::ProxyError;
+
+/// `x-request-id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-forwarded-for`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `x-forwarded-proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `traceparent`.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Rejects the request-smuggling vectors hyper lets through: both
+/// `content-length` and `transfer-encoding`, several `content-length`s, or a
+/// `transfer-encoding` other than a single `chunked`.
+pub fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), ProxyError> {
+    let mut cl = headers.get_all(CONTENT_LENGTH).iter();
+    let first_cl = cl.next();
+    if cl.next().is_some() {
+        return Err(ProxyError::bad_request("several content-length headers"));
+    }
+    if let Some(v) = first_cl
+        && (v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit))
+    {
+        return Err(ProxyError::bad_request("invalid content-length"));
+    }
+    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(v) = te.next() {
+        if version == Version::HTTP_2 {
+            return Err(ProxyError::bad_request("transfer-encoding in an HTTP/2 request"));
+        }
+        if first_cl.is_some() {
+            return Err(ProxyError::bad_request("both content-length and transfer-encoding"));
+        }
+        if te.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(ProxyError::bad_request("transfer-encoding other than chunked"));
+        }
+    }
+    if version == Version::HTTP_2 && headers.contains_key(CONNECTION) {
+        return Err(ProxyError::bad_request("connection header in an HTTP/2 request"));
+    }
+    Ok(())
+}
+
+/// Whether the request asks for a protocol upgrade (WebSocket and friends).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Removes hop-by-hop headers (and those named by `connection`). With
+/// `keep_upgrade`, `connection: upgrade` and `upgrade` stay. `te: trailers`
+/// stays (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(conn) = headers.get(CONNECTION).cloned() {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && (n == UPGRADE || n.as_str() == "upgrade")))
+            .collect();
+        for n in named {
+            if n != TE {
+                headers.remove(&n);
+            }
+        }
+        headers.remove(CONNECTION);
+        if keep_upgrade {
+            let _ = conn;
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+    if headers.contains_key(&KEEP_ALIVE) {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if headers.contains_key(&PROXY_CONNECTION) {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(TRANSFER_ENCODING);
+    }
+    if !keep_upgrade && headers.contains_key(UPGRADE) {
+        headers.remove(UPGRADE);
+    }
+    if let Some(te) = headers.get(TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(TE);
+    }
+}
+
+/// Sets `x-forwarded-for` (appending when downstream is trusted) and `x-forwarded-proto`.
+pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, trusted: bool) {
+    let ip = client.to_string();
+    let value = match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) if trusted => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        _ => HeaderValue::from_str(&ip).ok(),
+    };
+    if let Some(v) = value {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if https { "https" } else { "http" }));
+    }
+}
+
+/// Returns the request id (keeping a well-formed incoming one), setting the header.
+pub fn request_id(headers: &mut HeaderMap) -> String {
+    if let Some(v) = headers.get(&X_REQUEST_ID)
+        && let Ok(s) = v.to_str()
+        && !s.is_empty()
+        && s.len() <= 128
+    {
+        return s.to_owned();
+    }
+    let id = hex32(fastrand::u128(..));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(X_REQUEST_ID.clone(), v);
+    }
+    id
+}
+
+fn hex32(x: u128) -> String {
+    format!("{x:032x}")
+}
+
+/// Propagates W3C trace context: keeps the trace id and flags of a valid
+/// `traceparent`, with a new parent (span) id for this hop; starts a trace
+/// (using the request id when it is 32 hex digits) when there is none.
+pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
+    let span = fastrand::u64(1..);
+    let incoming = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
+    let value = match incoming {
+        Some((trace, flags)) => format!("00-{trace}-{span:016x}-{flags}"),
+        None => {
+            let trace = if request_id.len() == 32 && request_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                request_id.to_ascii_lowercase()
+            } else {
+                hex32(fastrand::u128(1..))
+            };
+            format!("00-{trace}-{span:016x}-01")
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(TRACEPARENT.clone(), v);
+    }
+}
+
+fn parse_traceparent(s: &str) -> Option<(&str, &str)> {
+    let mut it = s.trim().split('-');
+    let (version, trace, parent, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    let hex = |x: &str, n: usize| x.len() == n && x.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let ok = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2);
+    ok.then_some((trace, flags))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_rejects_smuggling_vectors() {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert!(check_framing(&h, Version::HTTP_11).is_err());
+        let mut h = HeaderMap::new();
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.append(CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(check_framing(&h, Version::HTTP_11).is_err());
+        let mut h = HeaderMap::new();
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked, identity"));
+        assert!(check_framing(&h, Version::HTTP_11).is_err());
+        let mut h = HeaderMap::new();
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert!(check_framing(&h, Version::HTTP_11).is_ok());
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-authz-user"));
+        h.insert("x-authz-user", HeaderValue::from_static("admin"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("x-authz-user"));
+        assert!(!h.contains_key(CONNECTION));
+        assert!(!h.contains_key("keep-alive"));
+        assert_eq!(h.get(TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn traceparent_keeps_trace_and_changes_span() {
+        let mut h = HeaderMap::new();
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert(&TRACEPARENT, HeaderValue::from_static(incoming));
+        propagate_traceparent(&mut h, "x");
+        let out = h.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(out.ends_with("-01"));
+        assert_ne!(out, incoming);
+    }
+}

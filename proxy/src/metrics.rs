@@ -1,0 +1,181 @@
+//! Prometheus metrics of the data plane.
+//!
+//! Label lookups hash and lock, so the request path never does them: routes and
+//! clusters resolve their metric handles once, when a config is compiled.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Latency buckets in seconds, from 50 µs to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+];
+
+/// All data-plane metric families.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry everything is registered in (filters register here too).
+    pub registry: Registry,
+    /// `sluice_requests_total{listener,route,cluster,class}`.
+    pub requests: IntCounterVec,
+    /// `sluice_downstream_request_duration_seconds{listener,route}`.
+    pub downstream_latency: HistogramVec,
+    /// `sluice_upstream_request_duration_seconds{cluster}`.
+    pub upstream_latency: HistogramVec,
+    /// `sluice_downstream_connections_active{listener}`.
+    pub connections_active: IntGaugeVec,
+    /// `sluice_downstream_connections_total{listener}`.
+    pub connections_total: IntCounterVec,
+    /// `sluice_local_replies_total{reason}`: errors and proxy-made answers by reason.
+    pub local_replies: IntCounterVec,
+    /// `sluice_upstream_connections_total{cluster}`.
+    pub upstream_connections: IntCounterVec,
+    /// `sluice_upstream_connect_failures_total{cluster}`.
+    pub upstream_connect_failures: IntCounterVec,
+    /// `sluice_upstream_retries_total{cluster}`.
+    pub retries: IntCounterVec,
+    /// `sluice_upstream_retry_budget_exhausted_total{cluster}`.
+    pub retry_budget_exhausted: IntCounterVec,
+    /// `sluice_circuit_breaker_rejections_total{cluster,limit}`.
+    pub circuit_rejections: IntCounterVec,
+    /// `sluice_upstream_endpoint_healthy{cluster,endpoint}` (1 healthy, 0 not).
+    pub endpoint_healthy: IntGaugeVec,
+    /// `sluice_upstream_ejections_total{cluster}`.
+    pub ejections: IntCounterVec,
+    /// `sluice_upstream_endpoints_ejected{cluster}`.
+    pub ejected: IntGaugeVec,
+    /// `sluice_health_checks_total{cluster,result}`.
+    pub health_checks: IntCounterVec,
+    /// `sluice_config_reloads_total{result}`.
+    pub reloads: IntCounterVec,
+    /// `sluice_config_generation`.
+    pub generation: IntGauge,
+    /// `sluice_build_info{version}`.
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every family in `registry`.
+    pub fn new(registry: Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let generation = IntGauge::new("sluice_config_generation", "Generation of the config in force")?;
+        registry.register(Box::new(generation.clone()))?;
+        let m = Metrics {
+            requests: counter(
+                "sluice_requests_total",
+                "Downstream requests by listener, route, cluster and status class",
+                &["listener", "route", "cluster", "class"],
+            )?,
+            downstream_latency: histogram(
+                "sluice_downstream_request_duration_seconds",
+                "Time from request headers to the end of the response, downstream",
+                &["listener", "route"],
+            )?,
+            upstream_latency: histogram(
+                "sluice_upstream_request_duration_seconds",
+                "Time from sending the request upstream to its response headers",
+                &["cluster"],
+            )?,
+            connections_active: gauge(
+                "sluice_downstream_connections_active",
+                "Open downstream connections",
+                &["listener"],
+            )?,
+            connections_total: counter(
+                "sluice_downstream_connections_total",
+                "Accepted downstream connections",
+                &["listener"],
+            )?,
+            local_replies: counter(
+                "sluice_local_replies_total",
+                "Responses made by the proxy (errors, redirects, direct responses) by reason",
+                &["reason"],
+            )?,
+            upstream_connections: counter(
+                "sluice_upstream_connections_total",
+                "Upstream connections opened",
+                &["cluster"],
+            )?,
+            upstream_connect_failures: counter(
+                "sluice_upstream_connect_failures_total",
+                "Upstream connections that failed or timed out",
+                &["cluster"],
+            )?,
+            retries: counter("sluice_upstream_retries_total", "Retried upstream attempts", &["cluster"])?,
+            retry_budget_exhausted: counter(
+                "sluice_upstream_retry_budget_exhausted_total",
+                "Retries refused by the retry budget or the retry circuit breaker",
+                &["cluster"],
+            )?,
+            circuit_rejections: counter(
+                "sluice_circuit_breaker_rejections_total",
+                "Requests rejected by a circuit breaker",
+                &["cluster", "limit"],
+            )?,
+            endpoint_healthy: gauge(
+                "sluice_upstream_endpoint_healthy",
+                "1 when the endpoint is healthy and not ejected",
+                &["cluster", "endpoint"],
+            )?,
+            ejections: counter(
+                "sluice_upstream_ejections_total",
+                "Outlier-detection ejections",
+                &["cluster"],
+            )?,
+            ejected: gauge("sluice_upstream_endpoints_ejected", "Endpoints ejected now", &["cluster"])?,
+            health_checks: counter(
+                "sluice_health_checks_total",
+                "Active health checks by result",
+                &["cluster", "result"],
+            )?,
+            reloads: counter("sluice_config_reloads_total", "Config reloads by result", &["result"])?,
+            build_info: gauge("sluice_build_info", "Build information", &["version"])?,
+            generation,
+            registry,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Ok(m)
+    }
+
+    /// Resolves the per-route request handles.
+    pub fn route_handles(&self, listener: &str, route: &str, cluster: &str) -> Arc<RouteMetrics> {
+        let class = |c: &str| self.requests.with_label_values(&[listener, route, cluster, c]);
+        Arc::new(RouteMetrics {
+            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            latency: self.downstream_latency.with_label_values(&[listener, route]),
+        })
+    }
+}
+
+/// Pre-resolved request metrics of one (listener, route, cluster).
+pub struct RouteMetrics {
+    by_class: [IntCounter; 5],
+    latency: Histogram,
+}
+
+impl RouteMetrics {
+    /// Counts a finished request.
+    pub fn record(&self, status: u16, seconds: f64) {
+        let idx = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[idx].inc();
+        self.latency.observe(seconds);
+    }
+}

@@ -1,0 +1,245 @@
+//! Per-worker upstream connection pools.
+//!
+//! Each worker thread keeps its own idle HTTP/1.1 connections and one HTTP/2
+//! connection per endpoint, so the request path takes no lock. Connection
+//! counts for circuit breaking are shared atomics on the cluster.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::body::ProxyBody;
+use crate::cluster::{ClusterState, Endpoint};
+use crate::error::{ErrorKind, ProxyError};
+
+/// Spawns hyper's background tasks on the current worker (`spawn_local`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// How to wrap upstream connections in TLS.
+pub struct UpstreamTls {
+    /// The connector (root store, client certificate, ALPN).
+    pub connector: tokio_rustls::TlsConnector,
+    /// SNI and verified name; `None` means "the endpoint's host".
+    pub server_name: Option<ServerName<'static>>,
+}
+
+/// A connection ready to take one request.
+pub enum Conn {
+    /// HTTP/1.1: exclusive until the response body ends.
+    H1(http1::SendRequest<ProxyBody>),
+    /// HTTP/2: shared.
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// One endpoint's connections on this worker.
+#[derive(Default)]
+pub struct EndpointPool {
+    idle: RefCell<Vec<Idle>>,
+    h2: RefCell<Option<http2::SendRequest<ProxyBody>>>,
+}
+
+impl EndpointPool {
+    /// Returns an HTTP/1.1 connection after its response ended cleanly.
+    pub fn put_back(&self, sender: http1::SendRequest<ProxyBody>, max_idle: usize) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() < max_idle {
+            idle.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    fn take_idle(&self, idle_timeout: Duration) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.idle.borrow_mut();
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() < idle_timeout && c.sender.is_ready() {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    fn reap(&self, idle_timeout: Duration) {
+        self.idle.borrow_mut().retain(|c| c.since.elapsed() < idle_timeout && !c.sender.is_closed());
+    }
+}
+
+thread_local! {
+    static POOLS: RefCell<HashMap<(u64, SocketAddr), Rc<EndpointPool>>> = RefCell::new(HashMap::new());
+}
+
+/// This worker's pool for an endpoint of a cluster.
+pub fn endpoint_pool(cluster: &ClusterState, ep: &Endpoint) -> Rc<EndpointPool> {
+    POOLS.with(|p| p.borrow_mut().entry((cluster.id, ep.addr)).or_default().clone())
+}
+
+/// Drops idle connections past their timeout, and pools of clusters that are gone.
+pub fn reap(live: &dyn Fn(u64) -> Option<Duration>) {
+    POOLS.with(|p| {
+        p.borrow_mut().retain(|(id, _), pool| match live(*id) {
+            Some(timeout) => {
+                pool.reap(timeout);
+                true
+            }
+            None => false,
+        })
+    });
+}
+
+/// Takes a connection to `ep`: an idle one, the shared HTTP/2 one, or a new one.
+pub async fn checkout(
+    cluster: &Arc<ClusterState>,
+    ep: &Arc<Endpoint>,
+    pool: &Rc<EndpointPool>,
+) -> Result<Conn, ProxyError> {
+    if cluster.is_h2() {
+        let existing = pool.h2.borrow().as_ref().filter(|s| !s.is_closed()).cloned();
+        if let Some(s) = existing {
+            return Ok(Conn::H2(s));
+        }
+    } else if let Some(s) = pool.take_idle(cluster.config.pool.idle_timeout) {
+        return Ok(Conn::H1(s));
+    }
+    let conn = connect(cluster, ep).await?;
+    if let Conn::H2(s) = &conn {
+        *pool.h2.borrow_mut() = Some(s.clone());
+    }
+    Ok(conn)
+}
+
+/// Opens a new connection, honouring the connection and pending-request limits.
+pub async fn connect(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Conn, ProxyError> {
+    let limits = &cluster.config.circuit_breaker;
+    let b = &cluster.breaker;
+    if b.connections.load(Ordering::Relaxed) >= limits.max_connections {
+        cluster.metrics.rejected_connections.inc();
+        return Err(ProxyError::upstream(ErrorKind::CircuitOpen, "max_connections reached"));
+    }
+    if b.pending.fetch_add(1, Ordering::Relaxed) >= limits.max_pending_requests {
+        b.pending.fetch_sub(1, Ordering::Relaxed);
+        cluster.metrics.rejected_pending.inc();
+        return Err(ProxyError::upstream(ErrorKind::CircuitOpen, "max_pending_requests reached"));
+    }
+    let result = tokio::time::timeout(cluster.connect_timeout(), handshake(cluster, ep)).await;
+    b.pending.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Ok(Ok(conn)) => {
+            cluster.metrics.connections.inc();
+            Ok(conn)
+        }
+        Ok(Err(e)) => {
+            cluster.metrics.connect_failures.inc();
+            Err(e)
+        }
+        Err(_) => {
+            cluster.metrics.connect_failures.inc();
+            Err(ProxyError::upstream(
+                ErrorKind::ConnectTimeout,
+                format!("connect to {} timed out after {:?}", ep.addr, cluster.connect_timeout()),
+            ))
+        }
+    }
+}
+
+async fn handshake(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Conn, ProxyError> {
+    let connect_err = |e: std::io::Error| {
+        ProxyError::upstream(ErrorKind::ConnectFailure, format!("connect to {}: {e}", ep.addr))
+    };
+    let tcp = TcpStream::connect(ep.addr).await.map_err(connect_err)?;
+    let _ = tcp.set_nodelay(true);
+    match &cluster.tls {
+        None => establish(cluster, ep, TokioIo::new(tcp)).await,
+        Some(tls) => {
+            let name = match &tls.server_name {
+                Some(n) => n.clone(),
+                None => ServerName::try_from(ep.host.to_string()).map_err(|e| {
+                    ProxyError::upstream(ErrorKind::ConnectFailure, format!("invalid server name {}: {e}", ep.host))
+                })?,
+            };
+            let stream = tls.connector.connect(name, tcp).await.map_err(|e| {
+                ProxyError::upstream(ErrorKind::ConnectFailure, format!("tls handshake with {}: {e}", ep.addr))
+            })?;
+            establish(cluster, ep, TokioIo::new(stream)).await
+        }
+    }
+}
+
+async fn establish<T>(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>, io: TokioIo<T>) -> Result<Conn, ProxyError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let hs_err = |e: hyper::Error| {
+        ProxyError::upstream(ErrorKind::ConnectFailure, format!("http handshake with {}: {e}", ep.addr))
+    };
+    let counter = ConnCounter::new(cluster.clone());
+    if cluster.is_h2() {
+        let (sender, conn) = http2::Builder::new(LocalExec)
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1024 * 1024)
+            .initial_connection_window_size(4 * 1024 * 1024)
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(io)
+            .await
+            .map_err(hs_err)?;
+        let addr = ep.addr;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream h2 connection ended");
+            }
+            drop(counter);
+        });
+        Ok(Conn::H2(sender))
+    } else {
+        let (sender, conn) = http1::Builder::new().handshake(io).await.map_err(hs_err)?;
+        let addr = ep.addr;
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+            }
+            drop(counter);
+        });
+        Ok(Conn::H1(sender))
+    }
+}
+
+/// Counts an open upstream connection for the circuit breaker.
+struct ConnCounter(Arc<ClusterState>);
+
+impl ConnCounter {
+    fn new(c: Arc<ClusterState>) -> Self {
+        c.breaker.connections.fetch_add(1, Ordering::Relaxed);
+        ConnCounter(c)
+    }
+}
+
+impl Drop for ConnCounter {
+    fn drop(&mut self) {
+        self.0.breaker.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
