@@ -63,9 +63,17 @@ pub struct ChainRun {
 
 fn overflow(request: bool) -> ProxyError {
     if request {
-        ProxyError::new(Side::Downstream, ErrorKind::PayloadTooLarge, "request body over the filter buffer limit")
+        ProxyError::new(
+            Side::Downstream,
+            ErrorKind::PayloadTooLarge,
+            "request body over the filter buffer limit",
+        )
     } else {
-        ProxyError::new(Side::Internal, ErrorKind::ResponseTooLarge, "response body over the filter buffer limit")
+        ProxyError::new(
+            Side::Internal,
+            ErrorKind::ResponseTooLarge,
+            "response body over the filter buffer limit",
+        )
     }
 }
 
@@ -113,7 +121,11 @@ impl ChainRun {
                 HeadersAction::Continue => {}
                 HeadersAction::Respond(local) => return Ok(Some(local)),
                 HeadersAction::Reset => {
-                    return Err(ProxyError::new(Side::Internal, ErrorKind::Filter(FilterErrorKind::Unavailable), "filter reset the stream"));
+                    return Err(ProxyError::new(
+                        Side::Internal,
+                        ErrorKind::Filter(FilterErrorKind::Unavailable),
+                        "filter reset the stream",
+                    ));
                 }
             }
         }
@@ -137,7 +149,11 @@ impl ChainRun {
                 HeadersAction::Continue => {}
                 HeadersAction::Respond(local) => return Ok(Some(local)),
                 HeadersAction::Reset => {
-                    return Err(ProxyError::new(Side::Internal, ErrorKind::Filter(FilterErrorKind::Unavailable), "filter reset the stream"));
+                    return Err(ProxyError::new(
+                        Side::Internal,
+                        ErrorKind::Filter(FilterErrorKind::Unavailable),
+                        "filter reset the stream",
+                    ));
                 }
             }
         }
@@ -146,7 +162,11 @@ impl ChainRun {
 
     /// Makes a local response and runs it through the response filters (as
     /// Envoy does, the filters see their own local replies).
-    pub async fn local_response(&mut self, local: LocalResponse, version: http::Version) -> Response<ProxyBody> {
+    pub async fn local_response(
+        &mut self,
+        local: LocalResponse,
+        version: http::Version,
+    ) -> Response<ProxyBody> {
         let resp = crate::forward::local_reply(local, version);
         self.filter_local(resp).await
     }
@@ -201,14 +221,17 @@ impl ChainRun {
                     bufs[0].extend_from_slice(d);
                 }
                 let data_eos = eos && trailers.is_none();
-                let out = match run_body(&filters, &info, &mut bufs, data_eos || trailers.is_some(), request, max).await {
-                    Ok(out) => out,
-                    Err(f) => {
-                        *failure.borrow_mut() = Some(f);
-                        let _ = tx.send(Err("stopped by filter".into())).await;
-                        return;
-                    }
-                };
+                let out =
+                    match run_body(&filters, &info, &mut bufs, data_eos || trailers.is_some(), request, max)
+                        .await
+                    {
+                        Ok(out) => out,
+                        Err(f) => {
+                            *failure.borrow_mut() = Some(f);
+                            let _ = tx.send(Err("stopped by filter".into())).await;
+                            return;
+                        }
+                    };
                 if !out.is_empty() && tx.send(Ok(Frame::data(out))).await.is_err() {
                     return;
                 }
@@ -309,7 +332,12 @@ async fn run_body(
     Ok(std::mem::take(&mut bufs[n]).freeze())
 }
 
-async fn run_trailers(filters: &Mutex<Filters>, info: &StreamInfo, t: &mut HeaderMap, request: bool) -> Result<(), Failure> {
+async fn run_trailers(
+    filters: &Mutex<Filters>,
+    info: &StreamInfo,
+    t: &mut HeaderMap,
+    request: bool,
+) -> Result<(), Failure> {
     let mut g = filters.lock().await;
     let n = g.list.len();
     for k in 0..n {
@@ -344,7 +372,10 @@ impl Body for ChannelBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.rx.poll_recv(cx)
     }
 }

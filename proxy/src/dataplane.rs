@@ -54,18 +54,16 @@ impl Dataplane {
 
         let mut clusters = HashMap::new();
         for (i, c) in cfg.clusters.iter().enumerate() {
-            let reused = previous
-                .and_then(|p| p.clusters.get(&c.name))
-                .filter(|old| old.config == *c)
-                .cloned();
+            let reused =
+                previous.and_then(|p| p.clusters.get(&c.name)).filter(|old| old.config == *c).cloned();
             let state = match reused {
                 Some(s) => s,
                 None => {
                     let tls = match &c.tls {
                         None => None,
                         Some(t) => Some(Arc::new(
-                            tls::upstream(t, &snapshot, c.protocol)
-                                .map_err(|reason| ConfigError::field(&src, format!("clusters[{i}].tls"), reason))?,
+                            tls::upstream(t, &snapshot, c.protocol, &format!("clusters[{i}].tls"))
+                                .map_err(|e| ConfigError::field(&src, "", e.to_string()))?,
                         )),
                     };
                     ClusterState::new(c.clone(), metrics, tls)
@@ -82,7 +80,11 @@ impl Dataplane {
             let mut chain: Vec<Arc<dyn FilterFactory>> = Vec::with_capacity(specs.len());
             for (k, spec) in specs.iter().enumerate() {
                 let Some(loader) = loader else {
-                    return Err(ConfigError::field(&src, format!("{at}[{k}]"), "this build has no filter host"));
+                    return Err(ConfigError::field(
+                        &src,
+                        format!("{at}[{k}]"),
+                        "this build has no filter host",
+                    ));
                 };
                 let f = loader
                     .load(spec, &lcx)

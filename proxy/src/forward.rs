@@ -37,6 +37,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Set when draining: new requests get `connection: close`.
     pub draining: AtomicBool,
+    /// TLS handshake metrics.
+    pub tls_metrics: Option<crate::tls::TlsMetrics>,
 }
 
 /// One downstream connection.
@@ -192,9 +194,9 @@ async fn proxy(
     };
 
     let router = &listener.router;
-    let route = router
-        .route(&authority, &parts.method, &path, query.as_deref(), &parts.headers)
-        .ok_or_else(|| ProxyError::new(Side::Downstream, ErrorKind::NoRoute, format!("no route for {authority}{path}")))?;
+    let route = router.route(&authority, &parts.method, &path, query.as_deref(), &parts.headers).ok_or_else(
+        || ProxyError::new(Side::Downstream, ErrorKind::NoRoute, format!("no route for {authority}{path}")),
+    )?;
     log.route = Some(route.name.clone());
     *metrics_slot = Some(route.local_metrics.clone());
 
@@ -225,11 +227,20 @@ async fn proxy(
         if run.info().take_route_cache_cleared() {
             target.authority = parts.uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
             let p = parts.uri.path();
-            target.path = normalize_path(p).ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?;
+            target.path =
+                normalize_path(p).ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?;
             target.query = parts.uri.query().map(str::to_owned);
             let rerouted = router
-                .route(&target.authority, &parts.method, &target.path, target.query.as_deref(), &parts.headers)
-                .ok_or_else(|| ProxyError::new(Side::Downstream, ErrorKind::NoRoute, "no route after filters"))?;
+                .route(
+                    &target.authority,
+                    &parts.method,
+                    &target.path,
+                    target.query.as_deref(),
+                    &parts.headers,
+                )
+                .ok_or_else(|| {
+                    ProxyError::new(Side::Downstream, ErrorKind::NoRoute, "no route after filters")
+                })?;
             target.route = rerouted;
             log.route = Some(rerouted.name.clone());
             *run.info().route_name.borrow_mut() = Some(rerouted.name.clone());
@@ -259,13 +270,26 @@ async fn proxy(
             if let Some(run) = &chain {
                 *run.info().cluster_name.borrow_mut() = Some(t.cluster.name.clone());
             }
-            let upstream_req = UpstreamRequest::prepare(parts, conn, &target, fwd, &t.cluster, upgrade.is_some(), https)?;
+            let upstream_req =
+                UpstreamRequest::prepare(parts, conn, &target, fwd, &t.cluster, upgrade.is_some(), https)?;
             let body = match &mut chain {
                 Some(run) => run.wrap_request_body(body),
                 None => ProxyBody::incoming(body),
             };
-            forward(upstream_req, body, conn, dp, fwd, &t.cluster, t.metrics.clone(), route, log, chain, upgrade)
-                .await
+            forward(
+                upstream_req,
+                body,
+                conn,
+                dp,
+                fwd,
+                &t.cluster,
+                t.metrics.clone(),
+                route,
+                log,
+                chain,
+                upgrade,
+            )
+            .await
         }
     }
 }
@@ -408,13 +432,20 @@ impl UpstreamRequest {
             (uri, Version::HTTP_2)
         } else {
             if !authority.is_empty() {
-                let v = HeaderValue::from_str(&authority).map_err(|_| ProxyError::bad_request("invalid authority"))?;
+                let v = HeaderValue::from_str(&authority)
+                    .map_err(|_| ProxyError::bad_request("invalid authority"))?;
                 h.insert(HOST, v);
             }
             let uri = Uri::try_from(pq).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?;
             (uri, Version::HTTP_11)
         };
-        Ok(UpstreamRequest { method: parts.method, uri, version, headers: parts.headers, extensions_upgrade: upgrade })
+        Ok(UpstreamRequest {
+            method: parts.method,
+            uri,
+            version,
+            headers: parts.headers,
+            extensions_upgrade: upgrade,
+        })
     }
 
     fn build(&self, body: ProxyBody) -> Request<ProxyBody> {
@@ -489,9 +520,16 @@ async fn forward(
     if let Some(r) = retry {
         r.budget.deposit();
     }
-    let idempotent = matches!(template.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE);
+    let idempotent = matches!(
+        template.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
     let mut replay = match retry {
-        Some(r) if r.policy.attempts > 0 && downstream_upgrade.is_none() && (idempotent || r.policy.retry_non_idempotent) => {
+        Some(r)
+            if r.policy.attempts > 0
+                && downstream_upgrade.is_none()
+                && (idempotent || r.policy.retry_non_idempotent) =>
+        {
             if http_body::Body::is_end_stream(&body) {
                 Replay::Bytes(Bytes::new())
             } else {
@@ -502,10 +540,9 @@ async fn forward(
                     .and_then(|s| s.parse::<usize>().ok())
                     .is_some_and(|n| n <= r.policy.max_body_bytes);
                 if small {
-                    let collected = body
-                        .collect()
-                        .await
-                        .map_err(|e| ProxyError::new(Side::Downstream, ErrorKind::BadRequest, format!("request body: {e}")))?;
+                    let collected = body.collect().await.map_err(|e| {
+                        ProxyError::new(Side::Downstream, ErrorKind::BadRequest, format!("request body: {e}"))
+                    })?;
                     Replay::Bytes(collected.to_bytes())
                 } else {
                     Replay::Once(Some(body))
@@ -530,16 +567,21 @@ async fn forward(
             cluster.metrics.rejected_requests.inc();
             return Err(ProxyError::upstream(ErrorKind::CircuitOpen, "max_requests reached"));
         }
-        let endpoint = PICKER
-            .with(|p| p.borrow_mut().pick(cluster, hash, last_endpoint.as_deref()))
-            .ok_or_else(|| ProxyError::upstream(ErrorKind::NoHealthyUpstream, format!("cluster {}", cluster.name)))?;
+        let endpoint =
+            PICKER.with(|p| p.borrow_mut().pick(cluster, hash, last_endpoint.as_deref())).ok_or_else(
+                || ProxyError::upstream(ErrorKind::NoHealthyUpstream, format!("cluster {}", cluster.name)),
+            )?;
         log.upstream = Some(endpoint.addr);
         endpoint.active.fetch_add(1, Ordering::Relaxed);
         cluster.breaker.requests.fetch_add(1, Ordering::Relaxed);
         let inflight = InFlight { cluster: cluster.clone(), endpoint: endpoint.clone() };
         let last_attempt = attempt >= max_attempts || !replay.replayable();
         let Some(body) = replay.take() else {
-            return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "request body already sent"));
+            return Err(ProxyError::new(
+                Side::Internal,
+                ErrorKind::UpstreamReset,
+                "request body already sent",
+            ));
         };
         let req = match (last_attempt, template.as_ref()) {
             (true, _) => match template.take() {
@@ -547,7 +589,9 @@ async fn forward(
                 None => return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request")),
             },
             (false, Some(t)) => t.build(body),
-            (false, None) => return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request")),
+            (false, None) => {
+                return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request"));
+            }
         };
         let started = Instant::now();
         let send = send_request(cluster, &endpoint, req);
@@ -593,7 +637,10 @@ async fn forward(
             Err(_) => {
                 cluster.record_outcome(&endpoint, Outcome::GatewayError);
                 let timed_out_overall = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-                let e = ProxyError::upstream(ErrorKind::UpstreamTimeout, format!("upstream {} timed out", endpoint.addr));
+                let e = ProxyError::upstream(
+                    ErrorKind::UpstreamTimeout,
+                    format!("upstream {} timed out", endpoint.addr),
+                );
                 if last_attempt || timed_out_overall || !retry.is_some_and(|r| r.retry_reset()) {
                     return Err(e);
                 }
@@ -604,7 +651,9 @@ async fn forward(
         // Retry: budget, retry circuit breaker, backoff.
         let Some(r) = retry else { return Err(err) };
         let b = &cluster.breaker;
-        if b.retries.load(Ordering::Relaxed) >= cluster.config.circuit_breaker.max_retries || !r.budget.try_withdraw() {
+        if b.retries.load(Ordering::Relaxed) >= cluster.config.circuit_breaker.max_retries
+            || !r.budget.try_withdraw()
+        {
             cluster.metrics.retry_budget_exhausted.inc();
             return Err(err);
         }
@@ -649,9 +698,11 @@ async fn forward(
     route.response_edits.apply(&mut parts.headers);
     parts.version = if log.protocol == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let max_idle = cluster.config.pool.max_idle_per_endpoint;
-    let pool_ret = sender.map(|(pool, s)| move |end: BodyEnd| {
-        if end == BodyEnd::Complete {
-            pool.put_back(s, max_idle);
+    let pool_ret = sender.map(|(pool, s)| {
+        move |end: BodyEnd| {
+            if end == BodyEnd::Complete {
+                pool.put_back(s, max_idle);
+            }
         }
     });
     let mut body = ProxyBody::incoming(body);
@@ -740,7 +791,11 @@ async fn send_request(
 }
 
 fn upstream_error(e: hyper::Error) -> ProxyError {
-    let kind = if e.is_parse() || e.is_parse_status() { ErrorKind::UpstreamProtocol } else { ErrorKind::UpstreamReset };
+    let kind = if e.is_parse() || e.is_parse_status() {
+        ErrorKind::UpstreamProtocol
+    } else {
+        ErrorKind::UpstreamReset
+    };
     ProxyError::upstream(kind, e.to_string())
 }
 

@@ -120,7 +120,10 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, trust
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if https { "https" } else { "http" }));
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if https { "https" } else { "http" }),
+        );
     }
 }
 

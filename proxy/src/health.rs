@@ -68,7 +68,11 @@ fn refresh_gauges(cluster: &ClusterState) {
     cluster.metrics.ejected.set(ejected);
 }
 
-async fn run_checks(cluster: &Arc<ClusterState>, hc: &HealthCheck, counters: &mut HashMap<SocketAddr, (u32, u32)>) {
+async fn run_checks(
+    cluster: &Arc<ClusterState>,
+    hc: &HealthCheck,
+    counters: &mut HashMap<SocketAddr, (u32, u32)>,
+) {
     let set = cluster.endpoints.load_full();
     let checks = set.endpoints.iter().map(|e| {
         let cluster = cluster.clone();
@@ -90,7 +94,8 @@ async fn run_checks(cluster: &Arc<ClusterState>, hc: &HealthCheck, counters: &mu
             Ok(()) => {
                 entry.0 += 1;
                 entry.1 = 0;
-                if entry.0 >= hc.healthy_threshold && !e.hc_healthy.load(std::sync::atomic::Ordering::Relaxed) {
+                if entry.0 >= hc.healthy_threshold && !e.hc_healthy.load(std::sync::atomic::Ordering::Relaxed)
+                {
                     tracing::info!(cluster = %cluster.name, endpoint = %e.addr, "endpoint healthy");
                     e.set_hc_healthy(true);
                 }
@@ -98,7 +103,9 @@ async fn run_checks(cluster: &Arc<ClusterState>, hc: &HealthCheck, counters: &mu
             Err(why) => {
                 entry.1 += 1;
                 entry.0 = 0;
-                if entry.1 >= hc.unhealthy_threshold && e.hc_healthy.load(std::sync::atomic::Ordering::Relaxed) {
+                if entry.1 >= hc.unhealthy_threshold
+                    && e.hc_healthy.load(std::sync::atomic::Ordering::Relaxed)
+                {
                     tracing::warn!(cluster = %cluster.name, endpoint = %e.addr, reason = %why, "endpoint unhealthy");
                     e.set_hc_healthy(false);
                 }
@@ -107,7 +114,12 @@ async fn run_checks(cluster: &Arc<ClusterState>, hc: &HealthCheck, counters: &mu
     }
 }
 
-async fn check_one(cluster: &ClusterState, addr: &SocketAddr, host: &str, hc: &HealthCheck) -> Result<(), String> {
+async fn check_one(
+    cluster: &ClusterState,
+    addr: &SocketAddr,
+    host: &str,
+    hc: &HealthCheck,
+) -> Result<(), String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     let authority = hc.host.clone().unwrap_or_else(|| format!("{host}:{}", addr.port()));
@@ -116,7 +128,9 @@ async fn check_one(cluster: &ClusterState, addr: &SocketAddr, host: &str, hc: &H
         Some(tls) => {
             let name = match &tls.server_name {
                 Some(n) => n.clone(),
-                None => rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?,
+                None => {
+                    rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?
+                }
             };
             let s = tls.connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
             request(cluster.is_h2(), TokioIo::new(s), &authority, hc, true).await
@@ -124,7 +138,13 @@ async fn check_one(cluster: &ClusterState, addr: &SocketAddr, host: &str, hc: &H
     }
 }
 
-async fn request<T>(h2: bool, io: TokioIo<T>, authority: &str, hc: &HealthCheck, https: bool) -> Result<(), String>
+async fn request<T>(
+    h2: bool,
+    io: TokioIo<T>,
+    authority: &str,
+    hc: &HealthCheck,
+    https: bool,
+) -> Result<(), String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

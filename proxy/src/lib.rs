@@ -125,12 +125,14 @@ impl Proxy {
         metrics.generation.set(1);
         let shared = Arc::new(Shared {
             dataplane: arc_swap::ArcSwap::from_pointee(dp),
+            tls_metrics: tls::TlsMetrics::new(&metrics.registry).ok(),
             metrics,
             draining: AtomicBool::new(false),
         });
         let admin_addr = match shared.dataplane.load().snapshot.config().admin.address {
             Some(addr) => {
-                let l = admin::bind(addr).await.map_err(|source| StartError::Admin { address: addr, source })?;
+                let l =
+                    admin::bind(addr).await.map_err(|source| StartError::Admin { address: addr, source })?;
                 let bound = l.local_addr().map_err(|source| StartError::Admin { address: addr, source })?;
                 tokio::spawn(admin::serve(l, shared.clone()));
                 Some(bound)
@@ -171,7 +173,9 @@ impl Proxy {
         let generation = self.generation.load(Ordering::Relaxed) + 1;
         let src = snapshot.source_name().to_owned();
         let previous = self.shared.dataplane.load_full();
-        let result = build(snapshot, generation, Some(previous), self.loader.clone(), self.shared.metrics.clone()).await;
+        let result =
+            build(snapshot, generation, Some(previous), self.loader.clone(), self.shared.metrics.clone())
+                .await;
         let dp = match result {
             Ok(dp) => dp,
             Err(e) => {
@@ -206,13 +210,18 @@ impl Proxy {
     fn check_new_listeners(&self, listeners: &[Listener], src: &str) -> Result<(), ConfigError> {
         let bindings = self.bindings.lock();
         for (i, l) in listeners.iter().enumerate() {
-            let same_addr = bindings.get(&l.name).is_some_and(|b| b.addr == l.address || l.address.port() == 0);
+            let same_addr =
+                bindings.get(&l.name).is_some_and(|b| b.addr == l.address || l.address.port() == 0);
             if same_addr {
                 continue;
             }
             let in_use = bindings.values().any(|b| b.addr == l.address);
             if !in_use && let Err(e) = std::net::TcpListener::bind(l.address) {
-                return Err(ConfigError::field(src, format!("listeners[{i}].address"), format!("cannot bind {}: {e}", l.address)));
+                return Err(ConfigError::field(
+                    src,
+                    format!("listeners[{i}].address"),
+                    format!("cannot bind {}: {e}", l.address),
+                ));
             }
         }
         Ok(())
@@ -239,9 +248,12 @@ impl Proxy {
                         })
                         .collect();
                     let snap = self.shared.dataplane.load().snapshot.clone();
-                    Some(tls::server(t, &snap, &alpn).map_err(|reason| {
-                        ConfigError::field(src, format!("listeners[{i}].tls"), reason)
-                    })?)
+                    let tls = tls::server(t, &snap, &alpn, &format!("listeners[{i}].tls"))
+                        .map_err(|e| ConfigError::field(src, "", e.to_string()))?;
+                    if let Some(m) = &self.shared.tls_metrics {
+                        m.observe_certificates(&l.name, &tls);
+                    }
+                    Some(Arc::new(tls))
                 }
             };
             // Rebinding the same port works thanks to SO_REUSEPORT; with port 0 keep the old port.
@@ -251,8 +263,9 @@ impl Proxy {
             {
                 cfg.address = old.addr;
             }
-            let (addr, sockets) = server::bind(&cfg, self.workers.len())
-                .map_err(|source| StartError::Bind { listener: l.name.clone(), address: l.address, source })?;
+            let (addr, sockets) = server::bind(&cfg, self.workers.len()).map_err(|source| {
+                StartError::Bind { listener: l.name.clone(), address: l.address, source }
+            })?;
             let id = NEXT_BINDING.fetch_add(1, Ordering::Relaxed);
             let limit = Arc::new(Semaphore::new(l.max_connections));
             for (w, socket) in self.workers.iter().zip(sockets) {
@@ -323,7 +336,13 @@ impl Proxy {
     /// The longest drain timeout of the listeners in force.
     pub fn drain_timeout(&self) -> Duration {
         let dp = self.shared.dataplane.load();
-        dp.snapshot.config().listeners.iter().map(|l| l.drain_timeout).max().unwrap_or(Duration::from_secs(15))
+        dp.snapshot
+            .config()
+            .listeners
+            .iter()
+            .map(|l| l.drain_timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(15))
     }
 }
 

@@ -71,8 +71,12 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let histogram = |name: &str, help: &str, labels: &[&str]| -> Result<HistogramVec, prometheus::Error> {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
+        let histogram = |name: &str,
+                         help: &str,
+                         labels: &[&str]|
+         -> Result<HistogramVec, prometheus::Error> {
+            let h =
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };

@@ -179,18 +179,28 @@ async fn handshake(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Co
             let name = match &tls.server_name {
                 Some(n) => n.clone(),
                 None => ServerName::try_from(ep.host.to_string()).map_err(|e| {
-                    ProxyError::upstream(ErrorKind::ConnectFailure, format!("invalid server name {}: {e}", ep.host))
+                    ProxyError::upstream(
+                        ErrorKind::ConnectFailure,
+                        format!("invalid server name {}: {e}", ep.host),
+                    )
                 })?,
             };
             let stream = tls.connector.connect(name, tcp).await.map_err(|e| {
-                ProxyError::upstream(ErrorKind::ConnectFailure, format!("tls handshake with {}: {e}", ep.addr))
+                ProxyError::upstream(
+                    ErrorKind::ConnectFailure,
+                    format!("tls handshake with {}: {e}", ep.addr),
+                )
             })?;
             establish(cluster, ep, TokioIo::new(stream)).await
         }
     }
 }
 
-async fn establish<T>(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>, io: TokioIo<T>) -> Result<Conn, ProxyError>
+async fn establish<T>(
+    cluster: &Arc<ClusterState>,
+    ep: &Arc<Endpoint>,
+    io: TokioIo<T>,
+) -> Result<Conn, ProxyError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 use sluice_config::{
-    HeaderEdits, HeaderMatch, QueryMatch, Redirect, RetryOn, RetryPolicy, Route, RouteFilterMode, VirtualHost,
-    compile_regex,
+    HeaderEdits, HeaderMatch, QueryMatch, Redirect, RetryOn, RetryPolicy, Route, RouteFilterMode,
+    VirtualHost, compile_regex,
 };
 use sluice_filter::FilterFactory;
 
@@ -129,7 +129,10 @@ impl CompiledRetry {
 
     /// Whether a connect failure should be retried.
     pub fn retry_connect_failure(&self) -> bool {
-        self.policy.on.iter().any(|on| matches!(on, RetryOn::ConnectFailure | RetryOn::FiveXx | RetryOn::GatewayError))
+        self.policy
+            .on
+            .iter()
+            .any(|on| matches!(on, RetryOn::ConnectFailure | RetryOn::FiveXx | RetryOn::GatewayError))
     }
 
     /// Whether a reset (or per-try timeout) should be retried.
@@ -388,7 +391,10 @@ fn compile_route(
         .headers
         .iter()
         .map(|h: &HeaderMatch| {
-            Some((HeaderName::from_bytes(h.name.as_bytes()).ok()?, value_cond(&h.exact, &h.regex, h.present)?))
+            Some((
+                HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                value_cond(&h.exact, &h.regex, h.present)?,
+            ))
         })
         .collect::<Option<Vec<_>>>()?;
     let query = m
@@ -440,7 +446,9 @@ fn compile_route(
         None => cx.listener_chain.clone(),
         Some(rf) => match rf.mode {
             RouteFilterMode::Disable => Arc::from(Vec::new()),
-            RouteFilterMode::Replace => cx.route_chains.get(&(vi, ri)).cloned().unwrap_or_else(|| Arc::from(Vec::new())),
+            RouteFilterMode::Replace => {
+                cx.route_chains.get(&(vi, ri)).cloned().unwrap_or_else(|| Arc::from(Vec::new()))
+            }
             RouteFilterMode::Extend => {
                 let mut v: Vec<Arc<dyn FilterFactory>> = cx.listener_chain.iter().cloned().collect();
                 if let Some(extra) = cx.route_chains.get(&(vi, ri)) {

@@ -31,7 +31,7 @@ pub struct BoundListener {
     /// One socket per worker.
     pub sockets: Vec<std::net::TcpListener>,
     /// Downstream TLS.
-    pub tls: Option<crate::tls::ServerTls>,
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// Shared connection limit.
     pub limit: Arc<Semaphore>,
 }
@@ -70,7 +70,7 @@ pub enum WorkerCmd {
         /// Listener config.
         config: Box<Listener>,
         /// TLS acceptor.
-        tls: Option<crate::tls::ServerTls>,
+        tls: Option<Arc<crate::tls::ServerTls>>,
         /// Shared connection limit.
         limit: Arc<Semaphore>,
     },
@@ -90,7 +90,11 @@ pub struct WorkerHandle {
 }
 
 /// Starts a worker thread.
-pub fn spawn_worker(index: usize, shared: Arc<Shared>, drain: watch::Receiver<Option<Duration>>) -> std::io::Result<WorkerHandle> {
+pub fn spawn_worker(
+    index: usize,
+    shared: Arc<Shared>,
+    drain: watch::Receiver<Option<Duration>>,
+) -> std::io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
     let thread = std::thread::Builder::new().name(format!("sluice-worker-{index}")).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -180,7 +184,11 @@ async fn worker_main(
         }
     };
     if tokio::time::timeout(timeout, wait).await.is_err() {
-        tracing::warn!(worker = index, connections = active.get(), "drain timeout: closing remaining connections");
+        tracing::warn!(
+            worker = index,
+            connections = active.get(),
+            "drain timeout: closing remaining connections"
+        );
     }
 }
 
@@ -188,7 +196,7 @@ struct AcceptCtx {
     name: Arc<str>,
     shared: Arc<Shared>,
     config: Rc<Listener>,
-    tls: Option<crate::tls::ServerTls>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     limit: Arc<Semaphore>,
     active: Rc<std::cell::Cell<usize>>,
     idle_done: Rc<tokio::sync::Notify>,
@@ -280,11 +288,16 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
             run_http(b, TokioIo::new(stream), conn, cx).await;
         }
         Some(tls) => {
-            let accepted = tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(stream)).await;
+            let accepted =
+                tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(stream)).await;
             let tls_stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::debug!(listener = %cx.name, %remote, error = %e, "tls handshake failed");
+                    let reason = match &cx.shared.tls_metrics {
+                        Some(m) => m.handshake_failed(sluice_tls::Side::Downstream, &cx.name, &e),
+                        None => "error",
+                    };
+                    tracing::debug!(listener = %cx.name, %remote, error = %e, reason, "tls handshake failed");
                     return;
                 }
                 Err(_) => {
@@ -292,7 +305,11 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
                     return;
                 }
             };
+            if let Some(m) = &cx.shared.tls_metrics {
+                m.handshake_ok(sluice_tls::Side::Downstream, &cx.name);
+            }
             let (_, session) = tls_stream.get_ref();
+            // No ALPN means HTTP/1.1.
             let h2 = session.alpn_protocol() == Some(b"h2");
             let info = crate::tls::tls_info(session);
             let conn = Rc::new(ConnInfo {

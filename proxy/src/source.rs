@@ -16,10 +16,15 @@ pub struct FileSource {
 }
 
 /// Watches `path`; every change (debounced) sends the parse-and-validate result.
-pub fn watch_file(path: &Path) -> Result<(FileSource, mpsc::Receiver<Result<Snapshot, ConfigError>>), notify::Error> {
+pub fn watch_file(
+    path: &Path,
+) -> Result<(FileSource, mpsc::Receiver<Result<Snapshot, ConfigError>>), notify::Error> {
     let path: PathBuf = path.to_path_buf();
     let file_name = path.file_name().map(|n| n.to_owned());
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev {

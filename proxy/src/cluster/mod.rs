@@ -153,7 +153,8 @@ impl ClusterState {
     pub fn new(config: Cluster, metrics: &Metrics, tls: Option<Arc<crate::pool::UpstreamTls>>) -> Arc<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let name: Arc<str> = config.name.as_str().into();
-        let addrs: Vec<EndpointAddr> = config.endpoints.iter().filter_map(|e| parse_endpoint(e).ok()).collect();
+        let addrs: Vec<EndpointAddr> =
+            config.endpoints.iter().filter_map(|e| parse_endpoint(e).ok()).collect();
         let cm = ClusterMetrics {
             connections: metrics.upstream_connections.with_label_values(&[&name]),
             connect_failures: metrics.upstream_connect_failures.with_label_values(&[&name]),
@@ -183,8 +184,11 @@ impl ClusterState {
             .filter_map(|a| a.host.parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, a.port)))
             .collect();
         if literal.len() == state.addrs.len() {
-            let hosts: Vec<(SocketAddr, Arc<str>)> =
-                literal.into_iter().zip(state.addrs.iter()).map(|(sa, a)| (sa, a.host.as_str().into())).collect();
+            let hosts: Vec<(SocketAddr, Arc<str>)> = literal
+                .into_iter()
+                .zip(state.addrs.iter())
+                .map(|(sa, a)| (sa, a.host.as_str().into()))
+                .collect();
             state.set_endpoints(hosts);
         }
         state
@@ -215,8 +219,10 @@ impl ClusterState {
                     return e.clone();
                 }
                 let addr_label = addr.to_string();
-                let gauge =
-                    self.metrics_family.endpoint_healthy.with_label_values(&[self.name.as_ref(), addr_label.as_str()]);
+                let gauge = self
+                    .metrics_family
+                    .endpoint_healthy
+                    .with_label_values(&[self.name.as_ref(), addr_label.as_str()]);
                 let e = Endpoint {
                     addr,
                     host,
@@ -256,7 +262,9 @@ impl ClusterState {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(cluster = %self.name, host = %a.host, error = %e, "dns resolution failed"),
+                Err(e) => {
+                    tracing::warn!(cluster = %self.name, host = %a.host, error = %e, "dns resolution failed")
+                }
             }
         }
         if resolved.is_empty() && !self.endpoints.load().endpoints.is_empty() {

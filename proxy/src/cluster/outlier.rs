@@ -60,7 +60,8 @@ fn eject(cluster: &ClusterState, od: &OutlierDetection, ep: &Endpoint, why: &str
     }
     let times = ep.ejections.fetch_add(1, Ordering::Relaxed) + 1;
     let base = od.base_ejection_time.as_millis() as u64;
-    let duration = base.saturating_mul(u64::from(times)).min(od.max_ejection_time.as_millis() as u64).max(base);
+    let duration =
+        base.saturating_mul(u64::from(times)).min(od.max_ejection_time.as_millis() as u64).max(base);
     ep.ejected_until.store(now + duration, Ordering::Relaxed);
     ep.consecutive_5xx.store(0, Ordering::Relaxed);
     ep.consecutive_gateway.store(0, Ordering::Relaxed);
