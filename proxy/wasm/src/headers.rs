@@ -1,0 +1,254 @@
+//! Header maps as proxy-wasm sees them: request heads carry `:method`,
+//! `:scheme`, `:authority` and `:path` as pseudo-headers (mapped to and from the
+//! normalized absolute URI; `host` is an alias of `:authority`), response heads
+//! carry `:status`.
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Method, StatusCode, Uri, request, response};
+use sluice_abi::Status;
+
+/// A readable header map.
+#[derive(Clone, Copy)]
+pub(crate) enum MapView<'a> {
+    Request(&'a request::Parts),
+    Response(&'a response::Parts),
+    Plain(&'a HeaderMap),
+    Empty,
+}
+
+impl<'a> MapView<'a> {
+    /// Calls `f` for each entry, pseudo-headers first.
+    pub fn for_each(self, mut f: impl FnMut(&[u8], &[u8])) {
+        match self {
+            MapView::Request(p) => {
+                f(b":authority", p.uri.authority().map_or("", Authority::as_str).as_bytes());
+                f(b":path", p.uri.path_and_query().map_or("/", PathAndQuery::as_str).as_bytes());
+                f(b":method", p.method.as_str().as_bytes());
+                f(b":scheme", p.uri.scheme_str().unwrap_or("http").as_bytes());
+                each(&p.headers, f);
+            }
+            MapView::Response(p) => {
+                f(b":status", p.status.as_str().as_bytes());
+                each(&p.headers, f);
+            }
+            MapView::Plain(h) => each(h, f),
+            MapView::Empty => {}
+        }
+    }
+
+    /// Number of entries and serialized size (pairs format).
+    pub fn count_and_size(self) -> (usize, usize) {
+        let (mut n, mut size) = (0usize, 4usize);
+        self.for_each(|k, v| {
+            n += 1;
+            size += 8 + k.len() + v.len() + 2;
+        });
+        (n, size)
+    }
+
+    /// Sum of key and value lengths (Envoy's `byteSize`).
+    pub fn byte_size(self) -> usize {
+        let mut size = 0;
+        self.for_each(|k, v| size += k.len() + v.len());
+        size
+    }
+
+    /// Serializes into `out`, which must have exactly `count_and_size().1` bytes
+    /// (otherwise nothing is written).
+    pub fn encode_into(self, out: &mut [u8]) {
+        let (n, size) = self.count_and_size();
+        if out.len() != size {
+            return;
+        }
+        let mut sizes = 4usize;
+        let mut data = 4 + 8 * n;
+        out[..4].copy_from_slice(&(n as u32).to_le_bytes());
+        self.for_each(|k, v| {
+            out[sizes..sizes + 4].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            out[sizes + 4..sizes + 8].copy_from_slice(&(v.len() as u32).to_le_bytes());
+            sizes += 8;
+            out[data..data + k.len()].copy_from_slice(k);
+            data += k.len();
+            out[data] = 0;
+            data += 1;
+            out[data..data + v.len()].copy_from_slice(v);
+            data += v.len();
+            out[data] = 0;
+            data += 1;
+        });
+    }
+
+    /// The first value of `key` (lowercase lookup).
+    pub fn get(self, key: &[u8]) -> Option<&'a [u8]> {
+        match self {
+            MapView::Request(p) => match key {
+                b":authority" | b"host" => Some(p.uri.authority().map_or("", Authority::as_str).as_bytes()),
+                b":path" => Some(p.uri.path_and_query().map_or("/", PathAndQuery::as_str).as_bytes()),
+                b":method" => Some(p.method.as_str().as_bytes()),
+                b":scheme" => Some(p.uri.scheme_str().unwrap_or("http").as_bytes()),
+                _ => lookup(&p.headers, key),
+            },
+            MapView::Response(p) => match key {
+                b":status" => Some(p.status.as_str().as_bytes()),
+                _ => lookup(&p.headers, key),
+            },
+            MapView::Plain(h) => lookup(h, key),
+            MapView::Empty => None,
+        }
+    }
+}
+
+fn each(h: &HeaderMap, mut f: impl FnMut(&[u8], &[u8])) {
+    for (k, v) in h {
+        f(k.as_str().as_bytes(), v.as_bytes());
+    }
+}
+
+fn lookup<'a>(h: &'a HeaderMap, key: &[u8]) -> Option<&'a [u8]> {
+    if key.first() == Some(&b':') {
+        return None;
+    }
+    let name = HeaderName::from_bytes(key).ok()?;
+    h.get(name).map(HeaderValue::as_bytes)
+}
+
+/// A writable header map.
+pub(crate) enum MapMut<'a> {
+    Request(&'a mut request::Parts),
+    Response(&'a mut response::Parts),
+    Plain(&'a mut HeaderMap),
+}
+
+/// How a value is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Write {
+    Add,
+    Replace,
+}
+
+fn name(key: &[u8]) -> Result<HeaderName, Status> {
+    HeaderName::from_bytes(key).map_err(|_| Status::BadArgument)
+}
+
+fn value(v: &[u8]) -> Result<HeaderValue, Status> {
+    HeaderValue::from_bytes(v).map_err(|_| Status::BadArgument)
+}
+
+fn write_plain(h: &mut HeaderMap, key: &[u8], v: &[u8], how: Write) -> Result<(), Status> {
+    if key.first() == Some(&b':') {
+        return Err(Status::BadArgument);
+    }
+    let (k, v) = (name(key)?, value(v)?);
+    match how {
+        Write::Add => {
+            h.append(k, v);
+        }
+        Write::Replace => {
+            // Envoy moves a replaced header to the end of the map.
+            h.remove(&k);
+            h.append(k, v);
+        }
+    }
+    Ok(())
+}
+
+fn set_uri(uri: &mut Uri, f: impl FnOnce(&mut http::uri::Parts)) -> Result<(), Status> {
+    let mut parts = uri.clone().into_parts();
+    f(&mut parts);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *uri = Uri::from_parts(parts).map_err(|_| Status::BadArgument)?;
+    Ok(())
+}
+
+fn set_request_pseudo(p: &mut request::Parts, key: &[u8], v: &[u8]) -> Result<(), Status> {
+    match key {
+        b":method" => p.method = Method::from_bytes(v).map_err(|_| Status::BadArgument)?,
+        b":path" => {
+            let pq = PathAndQuery::try_from(v).map_err(|_| Status::BadArgument)?;
+            if !pq.as_str().starts_with('/') && pq.as_str() != "*" {
+                return Err(Status::BadArgument);
+            }
+            set_uri(&mut p.uri, |u| u.path_and_query = Some(pq))?;
+        }
+        b":authority" | b"host" => {
+            let a = Authority::try_from(v).map_err(|_| Status::BadArgument)?;
+            set_uri(&mut p.uri, |u| {
+                if u.scheme.is_none() {
+                    u.scheme = Some(Scheme::HTTP);
+                }
+                u.authority = Some(a);
+            })?;
+        }
+        b":scheme" => {
+            let s = Scheme::try_from(v).map_err(|_| Status::BadArgument)?;
+            set_uri(&mut p.uri, |u| u.scheme = Some(s))?;
+        }
+        _ => return Err(Status::BadArgument),
+    }
+    Ok(())
+}
+
+impl MapMut<'_> {
+    /// Adds or replaces a value. Pseudo-headers are always replaced.
+    pub fn write(&mut self, key: &[u8], v: &[u8], how: Write) -> Result<(), Status> {
+        match self {
+            MapMut::Request(p) if key.first() == Some(&b':') || key.eq_ignore_ascii_case(b"host") => {
+                set_request_pseudo(p, &key.to_ascii_lowercase(), v)
+            }
+            MapMut::Request(p) => write_plain(&mut p.headers, key, v, how),
+            MapMut::Response(p) if key == b":status" => {
+                p.status = StatusCode::from_bytes(v).map_err(|_| Status::BadArgument)?;
+                Ok(())
+            }
+            MapMut::Response(p) => write_plain(&mut p.headers, key, v, how),
+            MapMut::Plain(h) => write_plain(h, key, v, how),
+        }
+    }
+
+    /// Removes every value of `key`; pseudo-headers cannot be removed (ignored).
+    pub fn remove(&mut self, key: &[u8]) {
+        if key.first() == Some(&b':') {
+            return;
+        }
+        let Ok(k) = HeaderName::from_bytes(key) else { return };
+        match self {
+            MapMut::Request(p) => {
+                p.headers.remove(k);
+            }
+            MapMut::Response(p) => {
+                p.headers.remove(k);
+            }
+            MapMut::Plain(h) => {
+                h.remove(k);
+            }
+        }
+    }
+
+    /// Replaces the whole map. Pseudo-headers present in `pairs` are set; absent
+    /// ones keep their value (a request always has a method and a URI).
+    pub fn replace_all(&mut self, pairs: &[(&[u8], &[u8])]) -> Result<(), Status> {
+        let is_request = matches!(self, MapMut::Request(_));
+        let special = |k: &[u8]| k.first() == Some(&b':') || (is_request && k.eq_ignore_ascii_case(b"host"));
+        let mut fresh = HeaderMap::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            if !special(k) {
+                fresh.append(name(k)?, value(v)?);
+            }
+        }
+        let headers = match self {
+            MapMut::Request(p) => &mut p.headers,
+            MapMut::Response(p) => &mut p.headers,
+            MapMut::Plain(h) => &mut **h,
+        };
+        *headers = fresh;
+        for (k, v) in pairs {
+            if special(k) {
+                self.write(k, v, Write::Replace)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! Module admission and compilation: ABI version detection, import allowlist,
+//! export signatures, `InstancePre`.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use sluice_abi::{exports as ex, version};
+use wasmtime::{Engine, ExternType, FuncType, InstancePre, Linker, Module, ValType};
+
+use crate::hostcalls::{ENV_IMPORTS, WASI_IMPORTS, WASI_MODULES};
+use crate::state::VmState;
+
+/// The proxy-wasm ABI version a module was built for, from its marker export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbiVersion {
+    /// `proxy_abi_version_0_1_0` (`proxy-wasm` crate 0.1.x).
+    V0_1_0,
+    /// `proxy_abi_version_0_2_0`.
+    V0_2_0,
+    /// `proxy_abi_version_0_2_1` (`proxy-wasm` crate 0.2.x and later).
+    V0_2_1,
+}
+
+impl AbiVersion {
+    /// The version as `0.2.1`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbiVersion::V0_1_0 => "0.1.0",
+            AbiVersion::V0_2_0 => "0.2.0",
+            AbiVersion::V0_2_1 => "0.2.1",
+        }
+    }
+}
+
+impl fmt::Display for AbiVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A module compiled once per digest, with its imports resolved.
+pub(crate) struct CompiledModule {
+    pub digest: String,
+    pub abi: AbiVersion,
+    pub pre: InstancePre<VmState>,
+    /// The allocator export the guest has (`proxy_on_memory_allocate` or `malloc`).
+    pub allocator: &'static str,
+}
+
+/// The lowercase hex sha256 of some bytes.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl CompiledModule {
+    /// Admits and compiles a module. Errors name the problem.
+    pub fn compile(
+        engine: &Engine,
+        linker: &Linker<VmState>,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<CompiledModule, String> {
+        if !bytes.starts_with(b"\0asm") {
+            return Err(
+                "not a WebAssembly binary module (text and precompiled artifacts are not accepted)".into()
+            );
+        }
+        let module = Module::from_binary(engine, bytes).map_err(|e| format!("invalid module: {e:#}"))?;
+        let abi = detect_abi(&module)?;
+        check_imports(&module)?;
+        let allocator = check_exports(&module, abi)?;
+        let pre = linker.instantiate_pre(&module).map_err(|e| format!("cannot link module: {e:#}"))?;
+        Ok(CompiledModule { digest: digest.to_string(), abi, pre, allocator })
+    }
+}
+
+fn detect_abi(module: &Module) -> Result<AbiVersion, String> {
+    let has = |name: &str| matches!(module.get_export(name), Some(ExternType::Func(_)));
+    if has(version::V0_2_1) {
+        Ok(AbiVersion::V0_2_1)
+    } else if has(version::V0_2_0) {
+        Ok(AbiVersion::V0_2_0)
+    } else if has(version::V0_1_0) {
+        Ok(AbiVersion::V0_1_0)
+    } else {
+        let other: Vec<&str> =
+            module.exports().map(|e| e.name()).filter(|n| n.starts_with("proxy_abi_version_")).collect();
+        if other.is_empty() {
+            Err("no proxy-wasm ABI version marker export (expected `proxy_abi_version_0_2_1`, `_0_2_0` or `_0_1_0`)".into())
+        } else {
+            Err(format!(
+                "unsupported proxy-wasm ABI version marker `{}` (supported: 0.2.1, 0.2.0, 0.1.0)",
+                other.join("`, `")
+            ))
+        }
+    }
+}
+
+fn check_imports(module: &Module) -> Result<(), String> {
+    for import in module.imports() {
+        let (m, n) = (import.module(), import.name());
+        if !matches!(import.ty(), ExternType::Func(_)) {
+            return Err(format!("disallowed import `{m}::{n}`: only function imports are allowed"));
+        }
+        let allowed = if m == "env" {
+            ENV_IMPORTS.contains(&n)
+        } else if WASI_MODULES.contains(&m) {
+            if !WASI_IMPORTS.contains(&n) {
+                return Err(format!(
+                    "disallowed import `{m}::{n}`: only a WASI subset without filesystem or sockets is provided"
+                ));
+            }
+            true
+        } else {
+            false
+        };
+        if !allowed {
+            return Err(format!("disallowed import `{m}::{n}`: not a proxy-wasm or WASI host function"));
+        }
+    }
+    Ok(())
+}
+
+/// `i` = i32, `I` = i64.
+type Sig = (&'static str, &'static str, &'static str);
+
+const EXPORTS_V2: &[Sig] = &[
+    (ex::ON_CONTEXT_CREATE, "ii", ""),
+    (ex::ON_VM_START, "ii", "i"),
+    (ex::ON_CONFIGURE, "ii", "i"),
+    (ex::ON_TICK, "i", ""),
+    (ex::ON_QUEUE_READY, "ii", ""),
+    (ex::ON_DONE, "i", "i"),
+    (ex::ON_LOG, "i", ""),
+    (ex::ON_DELETE, "i", ""),
+    (ex::ON_REQUEST_HEADERS, "iii", "i"),
+    (ex::ON_REQUEST_BODY, "iii", "i"),
+    (ex::ON_REQUEST_TRAILERS, "ii", "i"),
+    (ex::ON_RESPONSE_HEADERS, "iii", "i"),
+    (ex::ON_RESPONSE_BODY, "iii", "i"),
+    (ex::ON_RESPONSE_TRAILERS, "ii", "i"),
+    (ex::ON_HTTP_CALL_RESPONSE, "iiiii", ""),
+    (ex::ON_GRPC_RECEIVE, "iii", ""),
+    (ex::ON_GRPC_CLOSE, "iii", ""),
+    (ex::ON_MEMORY_ALLOCATE, "i", "i"),
+    (ex::MALLOC, "i", "i"),
+    (ex::INITIALIZE, "", ""),
+    (ex::START, "", ""),
+];
+
+fn expected(name: &str, abi: AbiVersion) -> Option<(&'static str, &'static str)> {
+    if abi == AbiVersion::V0_1_0 && (name == ex::ON_REQUEST_HEADERS || name == ex::ON_RESPONSE_HEADERS) {
+        return Some(("ii", "i"));
+    }
+    EXPORTS_V2.iter().find(|(n, _, _)| *n == name).map(|(_, p, r)| (*p, *r))
+}
+
+fn sig_matches(ty: &FuncType, params: &str, results: &str) -> bool {
+    fn same(types: impl ExactSizeIterator<Item = ValType>, want: &str) -> bool {
+        types.len() == want.len()
+            && types.zip(want.chars()).all(|(t, c)| match c {
+                'i' => matches!(t, ValType::I32),
+                'I' => matches!(t, ValType::I64),
+                _ => false,
+            })
+    }
+    same(ty.params(), params) && same(ty.results(), results)
+}
+
+fn describe(ty: &FuncType) -> String {
+    let list = |v: Vec<String>| v.join(", ");
+    format!(
+        "({}) -> ({})",
+        list(ty.params().map(|t| t.to_string()).collect()),
+        list(ty.results().map(|t| t.to_string()).collect())
+    )
+}
+
+/// Checks the signatures of known exports and that the required ones exist.
+/// Returns the allocator export's name.
+fn check_exports(module: &Module, abi: AbiVersion) -> Result<&'static str, String> {
+    for export in module.exports() {
+        let name = export.name();
+        if let Some((params, results)) = expected(name, abi) {
+            let ExternType::Func(ty) = export.ty() else {
+                return Err(format!("export `{name}` is not a function"));
+            };
+            if !sig_matches(&ty, params, results) {
+                return Err(format!(
+                    "export `{name}` has signature {}, which does not match the proxy-wasm ABI",
+                    describe(&ty)
+                ));
+            }
+        }
+    }
+    if !matches!(module.get_export("memory"), Some(ExternType::Memory(_))) {
+        return Err("missing export `memory`".into());
+    }
+    if module.get_export(ex::ON_CONTEXT_CREATE).is_none() {
+        return Err(format!("missing export `{}`", ex::ON_CONTEXT_CREATE));
+    }
+    if module.get_export(ex::ON_MEMORY_ALLOCATE).is_some() {
+        Ok(ex::ON_MEMORY_ALLOCATE)
+    } else if module.get_export(ex::MALLOC).is_some() {
+        Ok(ex::MALLOC)
+    } else {
+        Err(format!("missing allocator export (`{}` or `{}`)", ex::ON_MEMORY_ALLOCATE, ex::MALLOC))
+    }
+}

@@ -1,0 +1,284 @@
+//! Properties (`proxy_get_property`): an Envoy-compatible set with Envoy's binary
+//! encodings (strings raw, integers 8 bytes LE, bools 1 byte, timestamps and
+//! durations as i64 nanoseconds, maps as pairs).
+//!
+//! The request's [`StreamInfo`] and, in `on_log`, the final heads are borrowed
+//! by the filter for the duration of the synchronous guest call through scoped
+//! thread-locals (`scoped-tls`): host calls run on the same thread, inside that
+//! scope, so nothing is copied per request.
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, request, response};
+use sluice_filter::{LogView, StreamInfo};
+
+use crate::headers::MapView;
+use crate::state::{Callback, VmState};
+
+scoped_tls::scoped_thread_local!(pub(crate) static INFO: StreamInfo);
+scoped_tls::scoped_thread_local!(static LOG_REQUEST: request::Parts);
+scoped_tls::scoped_thread_local!(static LOG_RESPONSE: response::Parts);
+scoped_tls::scoped_thread_local!(static LOG_REQUEST_TRAILERS: HeaderMap);
+scoped_tls::scoped_thread_local!(static LOG_RESPONSE_TRAILERS: HeaderMap);
+
+/// The scope of an `on_log` call: the final heads are readable.
+pub(crate) struct LogScope;
+
+fn set_opt<T: 'static, R>(key: &'static scoped_tls::ScopedKey<T>, v: Option<&T>, f: impl FnOnce() -> R) -> R {
+    match v {
+        Some(v) => key.set(v, f),
+        None => f(),
+    }
+}
+
+impl LogScope {
+    pub fn enter<R>(view: &LogView<'_>, info: &StreamInfo, f: impl FnOnce() -> R) -> R {
+        INFO.set(info, || {
+            LOG_REQUEST.set(view.request, || {
+                set_opt(&LOG_RESPONSE, view.response, || {
+                    set_opt(&LOG_REQUEST_TRAILERS, view.request_trailers, || {
+                        set_opt(&LOG_RESPONSE_TRAILERS, view.response_trailers, f)
+                    })
+                })
+            })
+        })
+    }
+
+    /// Reads one of the final maps during `on_log` (map types 0–3); gives `f`
+    /// back when that map is not in scope.
+    pub fn with_map<R, F: FnOnce(MapView<'_>) -> R>(map: u32, f: F) -> Result<R, F> {
+        match map {
+            0 if LOG_REQUEST.is_set() => Ok(LOG_REQUEST.with(|p| f(MapView::Request(p)))),
+            1 if LOG_REQUEST_TRAILERS.is_set() => Ok(LOG_REQUEST_TRAILERS.with(|h| f(MapView::Plain(h)))),
+            2 if LOG_RESPONSE.is_set() => Ok(LOG_RESPONSE.with(|p| f(MapView::Response(p)))),
+            3 if LOG_RESPONSE_TRAILERS.is_set() => Ok(LOG_RESPONSE_TRAILERS.with(|h| f(MapView::Plain(h)))),
+            _ => Err(f),
+        }
+    }
+}
+
+fn addr(out: &mut Vec<u8>, a: SocketAddr) {
+    use std::io::Write;
+    let _ = write!(out, "{a}");
+}
+
+fn int(out: &mut Vec<u8>, v: i64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn uint(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn nanos_since_epoch(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn protocol(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "",
+    }
+}
+
+/// Splits a property path: NUL-separated segments (a trailing NUL tolerated), or
+/// one dotted segment.
+fn segments(path: &[u8]) -> Vec<&str> {
+    let path = path.strip_suffix(&[0]).unwrap_or(path);
+    let Ok(s) = std::str::from_utf8(path) else { return Vec::new() };
+    if s.contains('\0') { s.split('\0').collect() } else { s.split('.').collect() }
+}
+
+/// The request head visible to this call: the context's (while in, or paused
+/// in, its headers phase) or the final one in `on_log`.
+fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Option<R> {
+    let ctx = state.contexts.get(&state.frame.effective)?;
+    if let Some(p) = &ctx.req_head {
+        return Some(f(p));
+    }
+    if state.frame.callback == Callback::Log && LOG_REQUEST.is_set() {
+        return Some(LOG_REQUEST.with(|p| f(p)));
+    }
+    None
+}
+
+fn with_response<R>(state: &VmState, f: impl FnOnce(&response::Parts) -> R) -> Option<R> {
+    let ctx = state.contexts.get(&state.frame.effective)?;
+    if let Some(p) = &ctx.resp_head {
+        return Some(f(p));
+    }
+    if state.frame.callback == Callback::Log && LOG_RESPONSE.is_set() {
+        return Some(LOG_RESPONSE.with(|p| f(p)));
+    }
+    None
+}
+
+fn encode_map(out: &mut Vec<u8>, view: MapView<'_>) {
+    let (_, size) = view.count_and_size();
+    let start = out.len();
+    out.resize(start + size, 0);
+    view.encode_into(&mut out[start..]);
+}
+
+fn header(out: &mut Vec<u8>, state: &VmState, name: &str) -> bool {
+    with_request(state, |p| match p.headers.get(name) {
+        Some(v) => {
+            out.extend_from_slice(v.as_bytes());
+            true
+        }
+        None => false,
+    })
+    .unwrap_or(false)
+}
+
+/// Writes the value of `path` into `out`; `false` when the property does not exist.
+pub(crate) fn get(state: &VmState, path: &[u8], out: &mut Vec<u8>) -> bool {
+    // Values set by the guest come first (Envoy: filter state `wasm.<path>`).
+    let props = match state.contexts.get(&state.frame.effective) {
+        Some(ctx) => &ctx.properties,
+        None => &state.root_properties,
+    };
+    let trimmed = path.strip_suffix(&[0]).unwrap_or(path);
+    if let Some((_, v)) = props.iter().find(|(k, _)| k.as_slice() == trimmed) {
+        out.extend_from_slice(v);
+        return true;
+    }
+    let segs = segments(path);
+    let plugin = &state.plugin;
+    match segs.as_slice() {
+        ["plugin_name"] => out.extend_from_slice(plugin.name.as_bytes()),
+        ["plugin_root_id"] => out.extend_from_slice(plugin.root_id.as_bytes()),
+        ["plugin_vm_id"] => out.extend_from_slice(plugin.name.as_bytes()),
+        _ => {
+            if !INFO.is_set() {
+                return false;
+            }
+            return INFO.with(|info| stream_property(state, info, &segs, out));
+        }
+    }
+    true
+}
+
+fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut Vec<u8>) -> bool {
+    let tls = info.tls.as_ref();
+    match segs {
+        ["source", "address"] => addr(out, info.downstream_remote),
+        ["source", "port"] => int(out, i64::from(info.downstream_remote.port())),
+        ["destination", "address"] => addr(out, info.downstream_local),
+        ["destination", "port"] => int(out, i64::from(info.downstream_local.port())),
+        ["connection", "id"] | ["connection_id"] => uint(out, info.connection_id),
+        ["connection", "mtls"] => {
+            out.push(u8::from(tls.is_some_and(|t| !t.peer_uri_sans.is_empty() || t.peer_subject.is_some())))
+        }
+        ["connection", "tls_version"] => {
+            out.extend_from_slice(tls.map_or("", |t| t.version.as_str()).as_bytes())
+        }
+        ["connection", "requested_server_name"] => {
+            out.extend_from_slice(tls.and_then(|t| t.server_name.as_deref()).unwrap_or("").as_bytes())
+        }
+        ["connection", "uri_san_peer_certificate"] => match tls.and_then(|t| t.peer_uri_sans.first()) {
+            Some(s) => out.extend_from_slice(s.as_bytes()),
+            None => return false,
+        },
+        ["connection", "dns_san_peer_certificate"] => match tls.and_then(|t| t.peer_dns_sans.first()) {
+            Some(s) => out.extend_from_slice(s.as_bytes()),
+            None => return false,
+        },
+        ["connection", "subject_peer_certificate"] => match tls.and_then(|t| t.peer_subject.as_deref()) {
+            Some(s) => out.extend_from_slice(s.as_bytes()),
+            None => return false,
+        },
+        ["connection", "sha256_peer_certificate_digest"] => {
+            match tls.and_then(|t| t.peer_cert_sha256.as_deref()) {
+                Some(s) => out.extend_from_slice(s.as_bytes()),
+                None => return false,
+            }
+        }
+        ["request", "id"] => out.extend_from_slice(info.request_id.as_bytes()),
+        ["request", "protocol"] => out.extend_from_slice(protocol(info.protocol).as_bytes()),
+        ["request", "time"] => int(out, nanos_since_epoch(info.start_time)),
+        ["request", "duration"] => {
+            let d = info.start_time.elapsed().unwrap_or_default();
+            int(out, i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        }
+        ["request", "size"] => int(out, i64::try_from(info.request_body_bytes.get()).unwrap_or(i64::MAX)),
+        ["response", "size"] => int(out, i64::try_from(info.response_body_bytes.get()).unwrap_or(i64::MAX)),
+        ["response", "code"] => {
+            let code = info.response_code.get().or_else(|| with_response(state, |p| p.status.as_u16()));
+            match code {
+                Some(c) => int(out, i64::from(c)),
+                None => return false,
+            }
+        }
+        ["response", "headers"] => match with_response(state, |p| encode_map(out, MapView::Response(p))) {
+            Some(()) => {}
+            None => return false,
+        },
+        ["request", "headers"] => match with_request(state, |p| encode_map(out, MapView::Request(p))) {
+            Some(()) => {}
+            None => return false,
+        },
+        ["request", "path"] => match with_request(state, |p| {
+            out.extend_from_slice(p.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes())
+        }) {
+            Some(()) => {}
+            None => return false,
+        },
+        ["request", "url_path"] => {
+            match with_request(state, |p| out.extend_from_slice(p.uri.path().as_bytes())) {
+                Some(()) => {}
+                None => return false,
+            }
+        }
+        ["request", "query"] => {
+            match with_request(state, |p| out.extend_from_slice(p.uri.query().unwrap_or("").as_bytes())) {
+                Some(()) => {}
+                None => return false,
+            }
+        }
+        ["request", "host"] => match with_request(state, |p| {
+            out.extend_from_slice(p.uri.authority().map_or("", |a| a.as_str()).as_bytes())
+        }) {
+            Some(()) => {}
+            None => return false,
+        },
+        ["request", "scheme"] => match with_request(state, |p| {
+            out.extend_from_slice(p.uri.scheme_str().unwrap_or("http").as_bytes())
+        }) {
+            Some(()) => {}
+            None => return false,
+        },
+        ["request", "method"] => {
+            match with_request(state, |p| out.extend_from_slice(p.method.as_str().as_bytes())) {
+                Some(()) => {}
+                None => return false,
+            }
+        }
+        ["request", "referer"] => return header(out, state, "referer"),
+        ["request", "useragent"] => return header(out, state, "user-agent"),
+        ["upstream", "address"] => match info.upstream_address.get() {
+            Some(a) => addr(out, a),
+            None => return false,
+        },
+        ["upstream", "port"] => match info.upstream_address.get() {
+            Some(a) => int(out, i64::from(a.port())),
+            None => return false,
+        },
+        ["xds", "route_name"] => match info.route_name.borrow().as_deref() {
+            Some(r) => out.extend_from_slice(r.as_bytes()),
+            None => return false,
+        },
+        ["xds", "cluster_name"] => match info.cluster_name.borrow().as_deref() {
+            Some(c) => out.extend_from_slice(c.as_bytes()),
+            None => return false,
+        },
+        ["xds", "listener_name"] | ["listener_name"] => out.extend_from_slice(info.listener_name.as_bytes()),
+        _ => return false,
+    }
+    true
+}

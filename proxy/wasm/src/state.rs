@@ -1,0 +1,289 @@
+//! What a VM's `Store` holds: per-VM host state, per-request contexts, and the
+//! work host calls leave for after the callback.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, request, response};
+use sluice_filter::{CalloutResponse, LocalResponse};
+use tokio::sync::mpsc::UnboundedSender;
+use wasmtime::{Memory, ResourceLimiter, TypedFunc};
+
+use crate::factory::Plugin;
+use crate::metrics::GuestMetric;
+
+/// `tracing` target of guest log lines.
+pub(crate) const GUEST_TARGET: &str = "sluice_wasm::guest";
+
+/// The guest callbacks, for error messages, metrics and map windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Callback {
+    None,
+    Initialize,
+    ContextCreate,
+    VmStart,
+    Configure,
+    Tick,
+    QueueReady,
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+    Log,
+    Done,
+    Delete,
+    HttpCallResponse,
+    GrpcReceive,
+    GrpcClose,
+    Allocate,
+}
+
+impl Callback {
+    pub fn name(self) -> &'static str {
+        match self {
+            Callback::None => "none",
+            Callback::Initialize => "_initialize",
+            Callback::ContextCreate => "on_context_create",
+            Callback::VmStart => "on_vm_start",
+            Callback::Configure => "on_configure",
+            Callback::Tick => "on_tick",
+            Callback::QueueReady => "on_queue_ready",
+            Callback::RequestHeaders => "on_request_headers",
+            Callback::RequestBody => "on_request_body",
+            Callback::RequestTrailers => "on_request_trailers",
+            Callback::ResponseHeaders => "on_response_headers",
+            Callback::ResponseBody => "on_response_body",
+            Callback::ResponseTrailers => "on_response_trailers",
+            Callback::Log => "on_log",
+            Callback::Done => "on_done",
+            Callback::Delete => "on_delete",
+            Callback::HttpCallResponse => "on_http_call_response",
+            Callback::GrpcReceive => "on_grpc_receive",
+            Callback::GrpcClose => "on_grpc_close",
+            Callback::Allocate => "allocator",
+        }
+    }
+}
+
+/// The callback being run: its context, and the effective context host calls act on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallFrame {
+    pub callback: Callback,
+    pub ctx: u32,
+    pub effective: u32,
+}
+
+/// What a paused (or running) HTTP context was told to do by the guest.
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    pub resume_request: bool,
+    pub resume_response: bool,
+    pub reset: bool,
+    pub local: Option<LocalResponse>,
+}
+
+/// One HTTP request's context inside a VM.
+#[derive(Default)]
+pub(crate) struct HttpCtx {
+    pub req_head: Option<request::Parts>,
+    pub req_body: Option<BytesMut>,
+    pub req_trailers: Option<HeaderMap>,
+    pub resp_head: Option<response::Parts>,
+    pub resp_body: Option<BytesMut>,
+    pub resp_trailers: Option<HeaderMap>,
+    /// The guest edited request headers or pseudo-headers: clear the route cache.
+    pub req_edited: bool,
+    pub signal: Signal,
+    pub waker: Option<Waker>,
+    /// `proxy_set_property` values, read back by `proxy_get_property`.
+    pub properties: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The response of a callout, readable during its callback.
+pub(crate) struct CalloutData {
+    pub response: Option<CalloutResponse>,
+    /// gRPC: the message (buffer 5).
+    pub grpc_message: Bytes,
+    /// `proxy_get_status`: code and message.
+    pub status: (u32, String),
+}
+
+/// Work for after the callback returns (the host never re-enters the guest).
+pub(crate) enum Deferred {
+    /// Start a callout.
+    Callout { token: u32, cluster: String, request: Box<http::Request<Bytes>>, timeout: Duration, grpc: bool },
+    /// (Re)start the root's tick timer.
+    Tick,
+    /// Wake the task waiting on this HTTP context.
+    Wake(u32),
+    /// Start the queue-notification task of this VM.
+    Mailbox(tokio::sync::mpsc::UnboundedReceiver<u32>),
+}
+
+/// A u32-keyed hasher (context ids, tokens): identity is enough and cheap.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub(crate) type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
+/// Memory and table caps of a VM; remembers a refused growth so that the trap
+/// that follows is reported as out-of-memory.
+pub(crate) struct Limiter {
+    pub memory_bytes: usize,
+    pub oom: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.oom = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        4
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+}
+
+/// Guest log handling: capture (at load), the last CRITICAL line (the Rust SDK's
+/// panic message), and line buffers for WASI stdout/stderr.
+#[derive(Default)]
+pub(crate) struct LogState {
+    /// Lines kept while loading, for the `LoadError` message.
+    pub capture: Option<Vec<String>>,
+    /// The last CRITICAL log line or stderr line of the current callback.
+    pub last_fatal: Option<String>,
+    /// `last_fatal` came from stderr (a CRITICAL log line wins over it).
+    pub fatal_from_stderr: bool,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+const MAX_CAPTURED_LINES: usize = 32;
+const MAX_LINE: usize = 2048;
+
+impl LogState {
+    pub fn capture(&mut self, level: &str, line: &str) {
+        if let Some(lines) = &mut self.capture
+            && lines.len() < MAX_CAPTURED_LINES
+        {
+            lines.push(format!("{level}: {}", truncate(line, MAX_LINE)));
+        }
+    }
+
+    pub fn fatal(&mut self, line: &str) {
+        self.fatal_from_stderr = false;
+        self.last_fatal = Some(truncate(line, MAX_LINE).to_string());
+    }
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The data of a VM's `Store`.
+pub(crate) struct VmState {
+    pub plugin: Arc<Plugin>,
+    pub limiter: Limiter,
+    pub memory: Option<Memory>,
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    pub root_id: u32,
+    pub frame: CallFrame,
+    pub contexts: IdMap<HttpCtx>,
+    /// `true` for a worker's VM (may spawn tasks), `false` for the validation VM.
+    pub worker: bool,
+    pub tick_period: Option<Duration>,
+    pub callout: Option<CalloutData>,
+    /// Callouts in flight, by token (`true` = gRPC).
+    pub pending_callouts: IdMap<bool>,
+    pub next_token: u32,
+    pub deferred: Vec<Deferred>,
+    pub metrics: Vec<Option<GuestMetric>>,
+    pub log: LogState,
+    /// Strong end of this VM's queue mailbox (queues hold weak senders).
+    pub mailbox: Option<UnboundedSender<u32>>,
+    /// `proxy_set_property` values set on the root context.
+    pub root_properties: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl VmState {
+    pub fn new(plugin: Arc<Plugin>, worker: bool) -> VmState {
+        let memory_bytes = usize::try_from(plugin.limits.memory_bytes).unwrap_or(usize::MAX);
+        VmState {
+            plugin,
+            limiter: Limiter { memory_bytes, oom: false },
+            memory: None,
+            alloc: None,
+            root_id: 1,
+            frame: CallFrame { callback: Callback::None, ctx: 0, effective: 0 },
+            contexts: IdMap::default(),
+            worker,
+            tick_period: None,
+            callout: None,
+            pending_callouts: IdMap::default(),
+            next_token: 1,
+            deferred: Vec::new(),
+            metrics: Vec::new(),
+            log: LogState::default(),
+            mailbox: None,
+            root_properties: Vec::new(),
+        }
+    }
+
+    /// The HTTP context host calls currently act on, if the effective context is one.
+    pub fn effective_http(&mut self) -> Option<&mut HttpCtx> {
+        let id = self.frame.effective;
+        self.contexts.get_mut(&id)
+    }
+}

@@ -1,0 +1,403 @@
+//! One VM: a `Store`, its instance's exports and root context; every call into
+//! the guest goes through [`Vm::call`], which sets the epoch deadline and the
+//! call frame and classifies failures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_abi::exports as ex;
+use sluice_filter::FilterErrorKind;
+use wasmtime::{Instance, Store, Trap, TypedFunc};
+
+use crate::factory::Plugin;
+use crate::module::{AbiVersion, CompiledModule};
+use crate::state::{CallFrame, Callback, VmState};
+
+/// The guest called WASI `proc_exit`.
+#[derive(Debug, thiserror::Error)]
+#[error("guest called proc_exit({0})")]
+pub(crate) struct GuestExit(pub i32);
+
+/// Why a VM failed: it is never called again.
+#[derive(Debug, Clone)]
+pub(crate) struct VmFailure {
+    pub kind: FilterErrorKind,
+    /// Metric label: `timeout`, `panic`, `unreachable`, `stack_overflow`, `oom`, …
+    pub label: &'static str,
+    pub callback: Callback,
+    pub message: String,
+}
+
+enum HeadersFn {
+    V1(TypedFunc<(i32, i32), i32>),
+    V2(TypedFunc<(i32, i32, i32), i32>),
+}
+
+struct Exports {
+    on_context_create: TypedFunc<(i32, i32), ()>,
+    on_vm_start: Option<TypedFunc<(i32, i32), i32>>,
+    on_configure: Option<TypedFunc<(i32, i32), i32>>,
+    on_tick: Option<TypedFunc<i32, ()>>,
+    on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<TypedFunc<i32, ()>>,
+    on_delete: Option<TypedFunc<i32, ()>>,
+    on_request_headers: Option<HeadersFn>,
+    on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_request_trailers: Option<TypedFunc<(i32, i32), i32>>,
+    on_response_headers: Option<HeadersFn>,
+    on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_response_trailers: Option<TypedFunc<(i32, i32), i32>>,
+    on_http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
+    on_grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
+    on_grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+}
+
+/// A live VM.
+pub(crate) struct Vm {
+    pub store: Store<VmState>,
+    ex: Exports,
+    /// Generation of the worker slot this VM belongs to.
+    pub generation: u64,
+    pub tick_generation: u64,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.store.data().plugin.vm_dropped();
+    }
+}
+
+fn deadline_ticks(budget: Duration, tick: Duration) -> u64 {
+    let ticks = budget.as_nanos().div_ceil(tick.as_nanos().max(1));
+    u64::try_from(ticks).unwrap_or(u64::MAX / 2).saturating_add(1)
+}
+
+impl Vm {
+    /// Instantiates and starts a VM: `_initialize` (or `_start`), the root context,
+    /// `on_vm_start` and `on_configure`.
+    pub fn new(
+        module: &CompiledModule,
+        plugin: Arc<Plugin>,
+        worker: bool,
+        generation: u64,
+        capture: bool,
+    ) -> Result<Vm, VmFailure> {
+        let engine = module.pre.module().engine().clone();
+        let mut state = VmState::new(plugin.clone(), worker);
+        if capture {
+            state.log.capture = Some(Vec::new());
+        }
+        let mut store = Store::new(&engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(plugin.start_deadline_ticks);
+        let fail = |callback, message: String| VmFailure {
+            kind: FilterErrorKind::Unavailable,
+            label: "instantiate",
+            callback,
+            message,
+        };
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| fail(Callback::Initialize, format!("cannot instantiate: {e:#}")))?;
+        let memory = instance.get_memory(&mut store, "memory");
+        let alloc = instance.get_typed_func::<i32, i32>(&mut store, module.allocator).ok();
+        store.data_mut().memory = memory;
+        store.data_mut().alloc = alloc;
+        let ex = exports(&instance, &mut store, module.abi)
+            .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?;
+        let mut vm = Vm { store, ex, generation, tick_generation: 0 };
+        plugin.vm_created();
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::INITIALIZE) {
+            vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
+        } else if let Ok(start) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::START) {
+            let r = vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| start.call(s, ()));
+            // A command module's `_start` may end with `proc_exit(0)`.
+            if let Err(f) = r
+                && !f.message.contains("proc_exit(0)")
+            {
+                return Err(f);
+            }
+        }
+        let root = vm.store.data().root_id as i32;
+        let create = vm.ex.on_context_create.clone();
+        vm.call_with(Callback::ContextCreate, root as u32, plugin.start_deadline_ticks, |s| {
+            create.call(s, (root, 0))
+        })?;
+        if let Some(f) = vm.ex.on_vm_start.clone() {
+            let len = plugin.vm_config.len() as i32;
+            let ok = vm.call_with(Callback::VmStart, root as u32, plugin.start_deadline_ticks, |s| {
+                f.call(s, (root, len))
+            })?;
+            if ok == 0 {
+                return Err(vm.rejected(Callback::VmStart, "on_vm_start returned false"));
+            }
+        }
+        if let Some(f) = vm.ex.on_configure.clone() {
+            let len = plugin.plugin_config.len() as i32;
+            let ok = vm.call_with(Callback::Configure, root as u32, plugin.start_deadline_ticks, |s| {
+                f.call(s, (root, len))
+            })?;
+            if ok == 0 {
+                return Err(vm.rejected(Callback::Configure, "on_configure returned false"));
+            }
+        }
+        vm.store.data_mut().log.capture = None;
+        Ok(vm)
+    }
+
+    fn rejected(&mut self, callback: Callback, what: &str) -> VmFailure {
+        let lines = self.store.data_mut().log.capture.take().unwrap_or_default();
+        let message = if lines.is_empty() {
+            format!("{what} (the plugin logged nothing)")
+        } else {
+            format!("{what}; plugin log: {}", lines.join(" | "))
+        };
+        VmFailure { kind: FilterErrorKind::Unavailable, label: "rejected", callback, message }
+    }
+
+    pub fn root_id(&self) -> u32 {
+        self.store.data().root_id
+    }
+
+    /// Runs one guest callback under the plugin's callback deadline.
+    pub fn call<R>(
+        &mut self,
+        callback: Callback,
+        ctx: u32,
+        f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<R>,
+    ) -> Result<R, VmFailure> {
+        let ticks = self.store.data().plugin.deadline_ticks;
+        self.call_with(callback, ctx, ticks, f)
+    }
+
+    fn call_with<R>(
+        &mut self,
+        callback: Callback,
+        ctx: u32,
+        ticks: u64,
+        f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<R>,
+    ) -> Result<R, VmFailure> {
+        self.store.set_epoch_deadline(ticks);
+        {
+            let st = self.store.data_mut();
+            st.frame = CallFrame { callback, ctx, effective: ctx };
+            st.log.last_fatal = None;
+            st.limiter.oom = false;
+        }
+        let result = f(&mut self.store);
+        let st = self.store.data_mut();
+        st.frame = CallFrame { callback: Callback::None, ctx: 0, effective: 0 };
+        crate::wasi::flush_lines(st);
+        result.map_err(|e| classify(self.store.data(), callback, e))
+    }
+
+    // === callbacks ===
+
+    pub fn context_create(&mut self, id: u32) -> Result<(), VmFailure> {
+        let (f, root) = (self.ex.on_context_create.clone(), self.root_id() as i32);
+        self.call(Callback::ContextCreate, id, |s| f.call(s, (id as i32, root)))
+    }
+
+    pub fn headers(&mut self, callback: Callback, id: u32, n: usize, eos: bool) -> Result<i32, VmFailure> {
+        let f = match callback {
+            Callback::RequestHeaders => self.ex.on_request_headers.as_ref(),
+            _ => self.ex.on_response_headers.as_ref(),
+        };
+        let (n, eos) = (n as i32, i32::from(eos));
+        match f {
+            None => Ok(0),
+            Some(HeadersFn::V1(f)) => {
+                let f = f.clone();
+                self.call(callback, id, |s| f.call(s, (id as i32, n)))
+            }
+            Some(HeadersFn::V2(f)) => {
+                let f = f.clone();
+                self.call(callback, id, |s| f.call(s, (id as i32, n, eos)))
+            }
+        }
+    }
+
+    pub fn body(&mut self, callback: Callback, id: u32, size: usize, eos: bool) -> Result<i32, VmFailure> {
+        let f = match callback {
+            Callback::RequestBody => self.ex.on_request_body.clone(),
+            _ => self.ex.on_response_body.clone(),
+        };
+        let Some(f) = f else { return Ok(0) };
+        let size = i32::try_from(size).unwrap_or(i32::MAX);
+        self.call(callback, id, |s| f.call(s, (id as i32, size, i32::from(eos))))
+    }
+
+    pub fn trailers(&mut self, callback: Callback, id: u32, n: usize) -> Result<i32, VmFailure> {
+        let f = match callback {
+            Callback::RequestTrailers => self.ex.on_request_trailers.clone(),
+            _ => self.ex.on_response_trailers.clone(),
+        };
+        let Some(f) = f else { return Ok(0) };
+        self.call(callback, id, |s| f.call(s, (id as i32, n as i32)))
+    }
+
+    /// `on_log`, `on_done` and `on_delete` for a finished HTTP context.
+    pub fn finish(&mut self, id: u32, log: bool) -> Result<(), VmFailure> {
+        if log && let Some(f) = self.ex.on_log.clone() {
+            self.call(Callback::Log, id, |s| f.call(s, id as i32))?;
+        }
+        if let Some(f) = self.ex.on_done.clone() {
+            // Envoy ignores `on_done`'s result for HTTP contexts.
+            self.call(Callback::Done, id, |s| f.call(s, id as i32))?;
+        }
+        if let Some(f) = self.ex.on_delete.clone() {
+            self.call(Callback::Delete, id, |s| f.call(s, id as i32))?;
+        }
+        Ok(())
+    }
+
+    pub fn tick(&mut self) -> Result<(), VmFailure> {
+        let root = self.root_id();
+        match self.ex.on_tick.clone() {
+            Some(f) => self.call(Callback::Tick, root, |s| f.call(s, root as i32)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn queue_ready(&mut self, queue: u32) -> Result<(), VmFailure> {
+        let root = self.root_id();
+        match self.ex.on_queue_ready.clone() {
+            Some(f) => self.call(Callback::QueueReady, root, |s| f.call(s, (root as i32, queue as i32))),
+            None => Ok(()),
+        }
+    }
+
+    pub fn http_call_response(
+        &mut self,
+        token: u32,
+        headers: usize,
+        body: usize,
+        trailers: usize,
+    ) -> Result<(), VmFailure> {
+        let root = self.root_id();
+        match self.ex.on_http_call_response.clone() {
+            Some(f) => self.call(Callback::HttpCallResponse, root, |s| {
+                f.call(s, (root as i32, token as i32, headers as i32, body as i32, trailers as i32))
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn grpc_receive(&mut self, token: u32, size: usize) -> Result<(), VmFailure> {
+        let root = self.root_id();
+        match self.ex.on_grpc_receive.clone() {
+            Some(f) => self
+                .call(Callback::GrpcReceive, root, |s| f.call(s, (root as i32, token as i32, size as i32))),
+            None => Ok(()),
+        }
+    }
+
+    pub fn grpc_close(&mut self, token: u32, code: u32) -> Result<(), VmFailure> {
+        let root = self.root_id();
+        match self.ex.on_grpc_close.clone() {
+            Some(f) => {
+                self.call(Callback::GrpcClose, root, |s| f.call(s, (root as i32, token as i32, code as i32)))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+fn exports(instance: &Instance, store: &mut Store<VmState>, abi: AbiVersion) -> wasmtime::Result<Exports> {
+    fn opt<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+        instance: &Instance,
+        store: &mut Store<VmState>,
+        name: &str,
+    ) -> wasmtime::Result<Option<TypedFunc<P, R>>> {
+        if instance.get_func(&mut *store, name).is_none() {
+            return Ok(None);
+        }
+        instance.get_typed_func(&mut *store, name).map(Some)
+    }
+    let headers = |store: &mut Store<VmState>, name: &str| -> wasmtime::Result<Option<HeadersFn>> {
+        Ok(if abi == AbiVersion::V0_1_0 {
+            opt(instance, store, name)?.map(HeadersFn::V1)
+        } else {
+            opt(instance, store, name)?.map(HeadersFn::V2)
+        })
+    };
+    Ok(Exports {
+        on_context_create: instance.get_typed_func(&mut *store, ex::ON_CONTEXT_CREATE)?,
+        on_vm_start: opt(instance, store, ex::ON_VM_START)?,
+        on_configure: opt(instance, store, ex::ON_CONFIGURE)?,
+        on_tick: opt(instance, store, ex::ON_TICK)?,
+        on_queue_ready: opt(instance, store, ex::ON_QUEUE_READY)?,
+        on_done: opt(instance, store, ex::ON_DONE)?,
+        on_log: opt(instance, store, ex::ON_LOG)?,
+        on_delete: opt(instance, store, ex::ON_DELETE)?,
+        on_request_headers: headers(store, ex::ON_REQUEST_HEADERS)?,
+        on_request_body: opt(instance, store, ex::ON_REQUEST_BODY)?,
+        on_request_trailers: opt(instance, store, ex::ON_REQUEST_TRAILERS)?,
+        on_response_headers: headers(store, ex::ON_RESPONSE_HEADERS)?,
+        on_response_body: opt(instance, store, ex::ON_RESPONSE_BODY)?,
+        on_response_trailers: opt(instance, store, ex::ON_RESPONSE_TRAILERS)?,
+        on_http_call_response: opt(instance, store, ex::ON_HTTP_CALL_RESPONSE)?,
+        on_grpc_receive: opt(instance, store, ex::ON_GRPC_RECEIVE)?,
+        on_grpc_close: opt(instance, store, ex::ON_GRPC_CLOSE)?,
+    })
+}
+
+/// Turns a guest call error into a [`VmFailure`] naming the callback and the
+/// guest's last fatal log line (the Rust SDK logs the panic message at CRITICAL
+/// before `unreachable`).
+fn classify(state: &VmState, callback: Callback, err: wasmtime::Error) -> VmFailure {
+    let trap = err.downcast_ref::<Trap>().copied();
+    let (kind, label) = match trap {
+        Some(Trap::Interrupt) => (FilterErrorKind::Timeout, "timeout"),
+        Some(Trap::StackOverflow) => (FilterErrorKind::Trap, "stack_overflow"),
+        _ if state.limiter.oom => (FilterErrorKind::OutOfMemory, "oom"),
+        Some(Trap::UnreachableCodeReached) if state.log.last_fatal.is_some() => {
+            (FilterErrorKind::Trap, "panic")
+        }
+        Some(Trap::UnreachableCodeReached) => (FilterErrorKind::Trap, "unreachable"),
+        Some(Trap::MemoryOutOfBounds) => (FilterErrorKind::Trap, "memory_out_of_bounds"),
+        Some(_) => (FilterErrorKind::Trap, "trap"),
+        None if err.downcast_ref::<GuestExit>().is_some() => (FilterErrorKind::Trap, "exit"),
+        None => (FilterErrorKind::Trap, "host_error"),
+    };
+    let what = match (kind, trap) {
+        (FilterErrorKind::Timeout, _) => {
+            format!(
+                "ran past its {} ms time budget (epoch deadline)",
+                state.plugin.limits.callback_timeout.as_millis()
+            )
+        }
+        (FilterErrorKind::OutOfMemory, _) => {
+            format!(
+                "out of memory (cap {} bytes): {}",
+                state.plugin.limits.memory_bytes,
+                trap.map_or_else(|| format!("{err:#}"), |t| t.to_string())
+            )
+        }
+        (_, Some(t)) => format!("wasm trap: {t}"),
+        (_, None) => format!("{err:#}"),
+    };
+    let message = match &state.log.last_fatal {
+        Some(fatal) => format!("{fatal} ({what})"),
+        None => what,
+    };
+    VmFailure { kind, label, callback, message }
+}
+
+pub(crate) fn ticks_for(budget: Duration, tick: Duration) -> u64 {
+    deadline_ticks(budget, tick)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_is_budget_plus_one_tick() {
+        assert_eq!(deadline_ticks(Duration::from_millis(100), Duration::from_millis(10)), 11);
+        assert_eq!(deadline_ticks(Duration::from_millis(5), Duration::from_millis(10)), 2);
+        assert_eq!(deadline_ticks(Duration::from_millis(101), Duration::from_millis(10)), 12);
+    }
+}

@@ -1,0 +1,237 @@
+//! The WASI preview1 subset, implemented directly (as Envoy's C++ host does)
+//! rather than with `wasmtime-wasi`: no preopens, no sockets, no filesystem;
+//! stdout/stderr go to `tracing` (per line, with the plugin name); clocks;
+//! `random_get` from the OS; the environment from `FilterSpec::env`; no args.
+//! Modules importing other WASI functions are rejected at load.
+//!
+//! `wasmtime-wasi`'s preview1 adapter is built on its async preview2 core and
+//! blocks on a tokio runtime from sync calls, which does not work inside the
+//! workers' current-thread runtimes; the handful of functions filters use are
+//! simpler to provide here.
+
+use std::fs::File;
+use std::io::Read;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use wasmtime::{Caller, Linker};
+
+use crate::memory::{memory, range, write_u32, write_u64};
+use crate::state::{GUEST_TARGET, VmState};
+use crate::vm::GuestExit;
+
+/// WASI functions a module may import.
+pub(crate) const ALLOWED: &[&str] = &[
+    "args_get",
+    "args_sizes_get",
+    "environ_get",
+    "environ_sizes_get",
+    "clock_res_get",
+    "clock_time_get",
+    "fd_write",
+    "fd_read",
+    "fd_close",
+    "fd_seek",
+    "fd_fdstat_get",
+    "fd_prestat_get",
+    "fd_prestat_dir_name",
+    "proc_exit",
+    "random_get",
+    "sched_yield",
+    "poll_oneoff",
+];
+
+const SUCCESS: i32 = 0;
+const BADF: i32 = 8;
+const FAULT: i32 = 21;
+const INVAL: i32 = 28;
+const NOTSUP: i32 = 58;
+
+/// Largest `random_get` request (as Envoy's host).
+const MAX_RANDOM: usize = 64 * 1024;
+/// Longest line kept in a stdout/stderr buffer.
+const MAX_LINE: usize = 4096;
+
+type C<'a> = Caller<'a, VmState>;
+
+fn errno(r: Result<(), i32>) -> i32 {
+    match r {
+        Ok(()) => SUCCESS,
+        Err(e) => e,
+    }
+}
+
+fn fault<T>(_: T) -> i32 {
+    FAULT
+}
+
+/// Registers the subset under `module`.
+pub(crate) fn add(l: &mut Linker<VmState>, module: &str) -> wasmtime::Result<()> {
+    l.func_wrap(module, "args_get", |_: C<'_>, _: i32, _: i32| SUCCESS)?;
+    l.func_wrap(module, "args_sizes_get", |mut c: C<'_>, count: i32, size: i32| {
+        errno(two_u32(&mut c, count, 0, size, 0))
+    })?;
+    l.func_wrap(module, "environ_sizes_get", |mut c: C<'_>, count: i32, size: i32| {
+        let env = &c.data().plugin.env;
+        let n = env.len() as u32;
+        let bytes: usize = env.iter().map(|e| e.len() + 1).sum();
+        errno(two_u32(&mut c, count, n, size, bytes as u32))
+    })?;
+    l.func_wrap(module, "environ_get", |mut c: C<'_>, ptrs: i32, buf: i32| {
+        errno(environ_get(&mut c, ptrs, buf))
+    })?;
+    l.func_wrap(module, "clock_res_get", |mut c: C<'_>, id: i32, ret: i32| {
+        if !(0..=1).contains(&id) {
+            return INVAL;
+        }
+        errno(store64(&mut c, ret, 1))
+    })?;
+    l.func_wrap(module, "clock_time_get", |mut c: C<'_>, id: i32, _precision: i64, ret: i32| {
+        let now = match id {
+            0 => SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos(),
+            1 => start().elapsed().as_nanos() + 1,
+            _ => return INVAL,
+        };
+        errno(store64(&mut c, ret, u64::try_from(now).unwrap_or(u64::MAX)))
+    })?;
+    l.func_wrap(module, "fd_write", |mut c: C<'_>, fd: i32, iovs: i32, n: i32, ret: i32| {
+        errno(fd_write(&mut c, fd, iovs, n, ret))
+    })?;
+    l.func_wrap(module, "fd_read", |_: C<'_>, _: i32, _: i32, _: i32, _: i32| BADF)?;
+    l.func_wrap(module, "fd_close", |_: C<'_>, _: i32| BADF)?;
+    l.func_wrap(module, "fd_seek", |_: C<'_>, _: i32, _: i64, _: i32, _: i32| BADF)?;
+    l.func_wrap(module, "fd_fdstat_get", |_: C<'_>, _: i32, _: i32| BADF)?;
+    l.func_wrap(module, "fd_prestat_get", |_: C<'_>, _: i32, _: i32| BADF)?;
+    l.func_wrap(module, "fd_prestat_dir_name", |_: C<'_>, _: i32, _: i32, _: i32| BADF)?;
+    l.func_wrap(module, "proc_exit", |_: C<'_>, code: i32| -> wasmtime::Result<()> {
+        Err(wasmtime::Error::new(GuestExit(code)))
+    })?;
+    l.func_wrap(module, "random_get", |mut c: C<'_>, buf: i32, len: i32| {
+        errno(random_get(&mut c, buf, len))
+    })?;
+    l.func_wrap(module, "sched_yield", |_: C<'_>| SUCCESS)?;
+    l.func_wrap(module, "poll_oneoff", |_: C<'_>, _: i32, _: i32, _: i32, _: i32| NOTSUP)?;
+    Ok(())
+}
+
+fn start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn two_u32(c: &mut C<'_>, p1: i32, v1: u32, p2: i32, v2: u32) -> Result<(), i32> {
+    let mem = memory(c).map_err(fault)?;
+    let data = mem.data_mut(&mut *c);
+    range(data.len(), p1, 4).map_err(fault)?;
+    range(data.len(), p2, 4).map_err(fault)?;
+    write_u32(data, p1, v1).map_err(fault)?;
+    write_u32(data, p2, v2).map_err(fault)
+}
+
+fn store64(c: &mut C<'_>, p: i32, v: u64) -> Result<(), i32> {
+    let mem = memory(c).map_err(fault)?;
+    write_u64(mem.data_mut(&mut *c), p, v).map_err(fault)
+}
+
+fn environ_get(c: &mut C<'_>, ptrs: i32, buf: i32) -> Result<(), i32> {
+    let mem = memory(c).map_err(fault)?;
+    let (data, st) = mem.data_and_store_mut(&mut *c);
+    let env = &st.plugin.env;
+    let total: usize = env.iter().map(|e| e.len() + 1).sum();
+    range(data.len(), ptrs, (env.len() * 4) as i32).map_err(fault)?;
+    let area = range(data.len(), buf, total as i32).map_err(fault)?;
+    let mut at = area.start;
+    for (i, e) in env.iter().enumerate() {
+        write_u32(data, ptrs + (i as i32) * 4, at as u32).map_err(fault)?;
+        data[at..at + e.len()].copy_from_slice(e.as_bytes());
+        data[at + e.len()] = 0;
+        at += e.len() + 1;
+    }
+    Ok(())
+}
+
+fn random_get(c: &mut C<'_>, buf: i32, len: i32) -> Result<(), i32> {
+    static URANDOM: OnceLock<Option<File>> = OnceLock::new();
+    let len_usize = len as u32 as usize;
+    if len_usize > MAX_RANDOM {
+        return Err(INVAL);
+    }
+    let mem = memory(c).map_err(fault)?;
+    let data = mem.data_mut(&mut *c);
+    let r = range(data.len(), buf, len).map_err(fault)?;
+    let file = URANDOM.get_or_init(|| File::open("/dev/urandom").ok()).as_ref().ok_or(NOTSUP)?;
+    let mut f = file;
+    f.read_exact(&mut data[r]).map_err(|_| NOTSUP)
+}
+
+fn fd_write(c: &mut C<'_>, fd: i32, iovs: i32, n: i32, ret: i32) -> Result<(), i32> {
+    if fd != 1 && fd != 2 {
+        return Err(BADF);
+    }
+    let mem = memory(c).map_err(fault)?;
+    let (data, st) = mem.data_and_store_mut(&mut *c);
+    range(data.len(), ret, 4).map_err(fault)?;
+    let count = n as u32 as usize;
+    let table = range(data.len(), iovs, (count.checked_mul(8).ok_or(FAULT)?) as i32).map_err(fault)?;
+    let mut written = 0u32;
+    for i in 0..count {
+        let at = table.start + i * 8;
+        let ptr = u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as i32;
+        let len = u32::from_le_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]) as i32;
+        let r = range(data.len(), ptr, len).map_err(fault)?;
+        written = written.saturating_add(len as u32);
+        for &b in &data[r] {
+            line_byte(st, fd, b);
+        }
+    }
+    write_u32(data, ret, written).map_err(fault)
+}
+
+fn line_byte(st: &mut VmState, fd: i32, b: u8) {
+    let buf = if fd == 1 { &mut st.log.stdout } else { &mut st.log.stderr };
+    if b == b'\n' {
+        emit(st, fd);
+    } else if buf.len() < MAX_LINE {
+        buf.push(b);
+    }
+}
+
+fn emit(st: &mut VmState, fd: i32) {
+    let bytes = std::mem::take(if fd == 1 { &mut st.log.stdout } else { &mut st.log.stderr });
+    if bytes.is_empty() {
+        return;
+    }
+    let line = String::from_utf8_lossy(&bytes);
+    let plugin = &*st.plugin.name;
+    if fd == 1 {
+        tracing::info!(target: GUEST_TARGET, plugin, stream = "stdout", "{line}");
+        st.log.capture("stdout", &line);
+    } else {
+        tracing::error!(target: GUEST_TARGET, plugin, stream = "stderr", "{line}");
+        st.log.capture("stderr", &line);
+        // Rust's default panic hook writes the panic to stderr: keep it for the
+        // trap message unless the guest logged a CRITICAL line.
+        if !line.starts_with("note: ") {
+            let joined = match st.log.last_fatal.take() {
+                Some(prev) if st.log.fatal_from_stderr => format!("{prev} {line}"),
+                Some(prev) => {
+                    st.log.last_fatal = Some(prev);
+                    return;
+                }
+                None => line.into_owned(),
+            };
+            st.log.fatal(&joined);
+            st.log.fatal_from_stderr = true;
+        }
+    }
+}
+
+/// Emits partial stdout/stderr lines at the end of a callback.
+pub(crate) fn flush_lines(st: &mut VmState) {
+    if !st.log.stdout.is_empty() {
+        emit(st, 1);
+    }
+    if !st.log.stderr.is_empty() {
+        emit(st, 2);
+    }
+}

@@ -1,0 +1,339 @@
+//! Sandbox and admission, with inline WAT modules.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_config::{FailPolicy, FilterSpec, ReloadPolicy};
+use sluice_filter::{FilterErrorKind, FilterFactory, HeadersAction};
+
+use crate::common::{Exchange, host, metric, run, spec};
+
+/// A minimal proxy-wasm module. `imports` adds imports, `headers` is the body of
+/// `proxy_on_request_headers (ctx, n, eos) -> action`, `extra` adds items.
+fn module(imports: &str, headers: &str, extra: &str) -> Vec<u8> {
+    let src = format!(
+        r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  {imports}
+  (memory (export "memory") 2)
+  (global $bump (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $bump))
+    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    {headers})
+  {extra}
+)"#
+    );
+    wat::parse_str(src).expect("valid wat")
+}
+
+fn load(spec: &FilterSpec, bytes: &[u8]) -> Result<Arc<dyn FilterFactory>, String> {
+    let (host, _) = host();
+    host.load_bytes(spec, bytes, &[]).map_err(|e| e.reason)
+}
+
+fn load_err(bytes: &[u8]) -> String {
+    match load(&spec("bad"), bytes) {
+        Ok(_) => panic!("module was accepted"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn trap_fails_closed_and_names_plugin_and_callback() {
+    let bytes = module(
+        "",
+        r#"(drop (call $log (i32.const 5) (i32.const 16) (i32.const 4))) unreachable"#,
+        r#"(data (i32.const 16) "boom")"#,
+    );
+    let (host, registry) = host();
+    let factory = host.load_bytes(&spec("trapper"), &bytes, &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        let err = ex.request_headers(true).await.expect_err("trap");
+        assert_eq!(err.kind, FilterErrorKind::Trap);
+        assert_eq!(err.plugin, "trapper");
+        assert_eq!(err.callback, "on_request_headers");
+        assert!(err.reason.contains("boom"), "{}", err.reason);
+        assert!(err.reason.contains("unreachable"), "{}", err.reason);
+        // Fail closed: the VM is not reused, later requests fail too.
+        let mut ex2 = Exchange::new(&factory, "http://a.test/");
+        let err = ex2.request_headers(true).await.expect_err("still failed");
+        assert_eq!(err.kind, FilterErrorKind::Unavailable);
+    });
+    assert_eq!(metric(&registry, "sluice_wasm_traps_total", r#"kind="panic",plugin="trapper""#), Some(1.0));
+    let status = factory.status();
+    assert_eq!(status["state"], "failed");
+    assert_eq!(status["traps"]["panic"], 1);
+    assert!(status["last_error"].as_str().unwrap_or_default().contains("boom"));
+}
+
+#[test]
+fn infinite_loop_ends_within_budget() {
+    let bytes = module("", "(loop (br 0)) (i32.const 0)", "");
+    let mut s = spec("looper");
+    s.limits.callback_timeout = Duration::from_millis(50);
+    let (host, registry) = host();
+    let factory = host.load_bytes(&s, &bytes, &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        let started = Instant::now();
+        let err = ex.request_headers(true).await.expect_err("deadline");
+        let elapsed = started.elapsed();
+        assert_eq!(err.kind, FilterErrorKind::Timeout);
+        assert!(elapsed >= Duration::from_millis(40), "{elapsed:?}");
+        // Budget + one 10 ms tick, plus scheduling slack on a shared CI box.
+        assert!(elapsed < Duration::from_millis(400), "{elapsed:?}");
+    });
+    assert_eq!(
+        metric(&registry, "sluice_wasm_timeouts_total", r#"plugin="looper",what="callback""#),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn memory_growth_past_the_cap_is_refused() {
+    // Grows by 2000 pages (125 MiB) over an 8 MiB cap: memory.grow returns -1,
+    // which the guest checks; then it traps as a Rust allocator would.
+    let bytes = module(
+        "",
+        r#"(if (i32.ne (memory.grow (i32.const 2000)) (i32.const -1)) (then (return (i32.const 0))))
+           unreachable"#,
+        "",
+    );
+    let (host, _) = host();
+    let factory = host.load_bytes(&spec("grower"), &bytes, &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        let err = ex.request_headers(true).await.expect_err("oom");
+        assert_eq!(err.kind, FilterErrorKind::OutOfMemory);
+        assert!(err.reason.contains("out of memory"), "{}", err.reason);
+    });
+}
+
+#[test]
+fn initial_memory_over_the_cap_is_rejected_at_load() {
+    let src = module("", "(i32.const 0)", "");
+    let mut s = spec("big");
+    s.limits.memory_bytes = 64 * 1024; // one page; the module wants two
+    let err = match load(&s, &src) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e,
+    };
+    assert!(err.contains("instantiate"), "{err}");
+}
+
+#[test]
+fn unbounded_recursion_is_a_trap_not_an_abort() {
+    let bytes = module("", "(call $recurse) (i32.const 0)", "(func $recurse (call $recurse))");
+    let (host, _) = host();
+    let factory = host.load_bytes(&spec("recurser"), &bytes, &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        let err = ex.request_headers(true).await.expect_err("stack overflow");
+        assert_eq!(err.kind, FilterErrorKind::Trap);
+        assert!(err.reason.contains("call stack exhausted"), "{}", err.reason);
+    });
+}
+
+#[test]
+fn hostile_pointers_get_invalid_memory_access() {
+    // Each host call gets out-of-bounds or huge pointers/lengths and must return
+    // INVALID_MEMORY_ACCESS (6) or BAD_ARGUMENT (2); anything else traps.
+    let imports = r#"
+  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $value (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $sset (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $local (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))"#;
+    let headers = r#"
+    (call $expect (call $log (i32.const 2) (i32.const -16) (i32.const 100)) (i32.const 6))
+    (call $expect (call $log (i32.const 2) (i32.const 0) (i32.const -1)) (i32.const 6))
+    (call $expect (call $log (i32.const 9) (i32.const 0) (i32.const 0)) (i32.const 2))
+    (call $expect (call $pairs (i32.const 0) (i32.const -4) (i32.const 8)) (i32.const 6))
+    (call $expect (call $pairs (i32.const 99) (i32.const 8) (i32.const 12)) (i32.const 2))
+    (call $expect (call $value (i32.const 0) (i32.const 131000) (i32.const 1000) (i32.const 8) (i32.const 12)) (i32.const 6))
+    (call $expect (call $add (i32.const 0) (i32.const 16) (i32.const 3) (i32.const 2147483647) (i32.const 2147483647)) (i32.const 6))
+    (call $expect (call $prop (i32.const -1) (i32.const 10) (i32.const 8) (i32.const 12)) (i32.const 6))
+    (call $expect (call $sset (i32.const 16) (i32.const 3) (i32.const 0) (i32.const -1) (i32.const 0)) (i32.const 6))
+    (call $expect (call $local (i32.const 200) (i32.const 0) (i32.const 0) (i32.const -100) (i32.const 200) (i32.const 0) (i32.const 0) (i32.const -1)) (i32.const 6))
+    (call $expect (call $call (i32.const 16) (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 10) (i32.const -4)) (i32.const 6))
+    (call $expect (call $fd_write (i32.const 1) (i32.const -8) (i32.const 1) (i32.const 8)) (i32.const 21))
+    (i32.const 0)"#;
+    let extra = r#"
+  (func $expect (param $got i32) (param $want i32)
+    (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
+  (data (i32.const 16) "abc")"#;
+    let bytes = module(imports, headers, extra);
+    let (host, _) = host();
+    let factory = host.load_bytes(&spec("hostile"), &bytes, &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        let action = ex.request_headers(true).await.expect("no trap");
+        assert!(matches!(action, HeadersAction::Continue));
+    });
+}
+
+#[test]
+fn missing_exports_are_rejected() {
+    let no_ctx = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))
+           (func (export "malloc") (param i32) (result i32) (i32.const 0)))"#,
+    )
+    .expect("wat");
+    assert!(load_err(&no_ctx).contains("missing export `proxy_on_context_create`"));
+    let no_alloc = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))
+           (func (export "proxy_on_context_create") (param i32 i32)))"#,
+    )
+    .expect("wat");
+    assert!(load_err(&no_alloc).contains("missing allocator export"));
+    let bad_sig = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))
+           (func (export "malloc") (param i32) (result i32) (i32.const 0))
+           (func (export "proxy_on_context_create") (param i32 i32))
+           (func (export "proxy_on_request_headers") (param i32) (result i32) (i32.const 0)))"#,
+    )
+    .expect("wat");
+    let err = load_err(&bad_sig);
+    assert!(err.contains("`proxy_on_request_headers` has signature"), "{err}");
+}
+
+#[test]
+fn unknown_or_missing_abi_version_is_rejected() {
+    let v3 =
+        wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_3_0")))"#)
+            .expect("wat");
+    let err = load_err(&v3);
+    assert!(err.contains("unsupported proxy-wasm ABI version marker `proxy_abi_version_0_3_0`"), "{err}");
+    let none = wat::parse_str(r#"(module (memory (export "memory") 1))"#).expect("wat");
+    assert!(load_err(&none).contains("no proxy-wasm ABI version marker"));
+}
+
+#[test]
+fn disallowed_imports_are_rejected_by_name() {
+    let env = module(r#"(import "env" "evil" (func (param i32)))"#, "(i32.const 0)", "");
+    assert!(load_err(&env).contains("disallowed import `env::evil`"));
+    let sock = module(
+        r#"(import "wasi_snapshot_preview1" "sock_accept" (func (param i32 i32 i32) (result i32)))"#,
+        "(i32.const 0)",
+        "",
+    );
+    let err = load_err(&sock);
+    assert!(err.contains("disallowed import `wasi_snapshot_preview1::sock_accept`"), "{err}");
+    let fs = module(
+        r#"(import "wasi_snapshot_preview1" "path_open" (func (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))"#,
+        "(i32.const 0)",
+        "",
+    );
+    assert!(load_err(&fs).contains("path_open"));
+    let other = module(r#"(import "spectest" "print" (func))"#, "(i32.const 0)", "");
+    assert!(load_err(&other).contains("disallowed import `spectest::print`"));
+    let wrong_sig =
+        module(r#"(import "env" "proxy_done" (func (param i32) (result i32)))"#, "(i32.const 0)", "");
+    assert!(load_err(&wrong_sig).contains("proxy_done"));
+}
+
+#[test]
+fn text_and_garbage_uploads_are_rejected() {
+    assert!(load_err(b"(module)").contains("not a WebAssembly binary"));
+    assert!(load_err(b"\0asm\x01\0\0\0garbage").contains("invalid module"));
+    let mut s = spec("huge");
+    s.limits.max_module_bytes = 16;
+    let bytes = module("", "(i32.const 0)", "");
+    assert!(load(&s, &bytes).err().unwrap_or_default().contains("over the 16-byte limit"));
+}
+
+#[test]
+fn on_configure_false_is_rejected_with_the_plugin_log() {
+    let src = r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "malloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $log (i32.const 4) (i32.const 16) (i32.const 18)))
+    (i32.const 0))
+  (data (i32.const 16) "missing key `port`"))"#;
+    let err = load_err(&wat::parse_str(src).expect("wat"));
+    assert!(err.contains("on_configure returned false"), "{err}");
+    assert!(err.contains("missing key `port`"), "{err}");
+}
+
+/// Traps only for `/boom`.
+fn boom_module() -> Vec<u8> {
+    module(
+        r#"(import "env" "proxy_get_header_map_value" (func $value (param i32 i32 i32 i32 i32) (result i32)))"#,
+        r#"(drop (call $value (i32.const 0) (i32.const 16) (i32.const 5) (i32.const 32) (i32.const 36)))
+           ;; The path's first two bytes are "/b" for "/boom".
+           (if (i32.eq (i32.load16_u (i32.load (i32.const 32))) (i32.const 0x622f)) (then unreachable))
+           (i32.const 0)"#,
+        r#"(data (i32.const 16) ":path")"#,
+    )
+}
+
+#[test]
+fn fail_open_skips_the_filter_and_counts() {
+    let mut s = spec("opener");
+    s.fail_policy = FailPolicy::Open;
+    let (host, registry) = host();
+    let factory = host.load_bytes(&s, &boom_module(), &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/boom");
+        assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
+        let mut ex = Exchange::new(&factory, "http://a.test/fine");
+        assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
+    });
+    assert_eq!(metric(&registry, "sluice_wasm_fail_open_total", r#"plugin="opener""#), Some(2.0));
+    assert_eq!(factory.status()["fail_open_passes"], 2);
+}
+
+#[test]
+fn fail_reload_builds_a_fresh_vm_after_backoff_with_a_crash_loop_cap() {
+    let mut s = spec("reloader");
+    s.fail_policy = FailPolicy::Reload(ReloadPolicy {
+        base: Duration::from_millis(30),
+        max: Duration::from_secs(1),
+        max_consecutive: 2,
+    });
+    let (host, registry) = host();
+    let factory = host.load_bytes(&s, &boom_module(), &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/boom");
+        assert_eq!(ex.request_headers(true).await.expect_err("503 now").kind, FilterErrorKind::Trap);
+        assert_eq!(factory.status()["state"], "reloading");
+        // During the backoff: unavailable.
+        let mut ex = Exchange::new(&factory, "http://a.test/fine");
+        assert_eq!(ex.request_headers(true).await.expect_err("backoff").kind, FilterErrorKind::Unavailable);
+        // After it: a fresh VM serves.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let mut ex = Exchange::new(&factory, "http://a.test/fine");
+        assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
+        ex.log();
+        assert_eq!(factory.status()["state"], "ok");
+        // Crash loop: trap, reload, trap, reload, trap => failed for good.
+        for wait in [70u64, 130] {
+            let mut ex = Exchange::new(&factory, "http://a.test/boom");
+            assert!(ex.request_headers(true).await.is_err());
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        let mut ex = Exchange::new(&factory, "http://a.test/boom");
+        assert!(ex.request_headers(true).await.is_err());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut ex = Exchange::new(&factory, "http://a.test/fine");
+        assert_eq!(ex.request_headers(true).await.expect_err("capped").kind, FilterErrorKind::Unavailable);
+    });
+    assert_eq!(factory.status()["state"], "failed");
+    assert_eq!(metric(&registry, "sluice_wasm_reloads_total", r#"plugin="reloader""#), Some(3.0));
+}
