@@ -193,6 +193,46 @@ abi_enum! {
 /// gRPC status used by `proxy_send_local_response` to mean "not a gRPC reply".
 pub const GRPC_STATUS_NONE: i32 = -1;
 
+abi_enum! {
+    /// gRPC status codes (`proxy_on_grpc_close`, `proxy_send_local_response`).
+    GrpcStatus {
+        /// Not an error.
+        Ok = 0,
+        /// Cancelled by the caller.
+        Cancelled = 1,
+        /// Unknown error.
+        Unknown = 2,
+        /// The client sent an invalid argument.
+        InvalidArgument = 3,
+        /// The deadline expired.
+        DeadlineExceeded = 4,
+        /// Not found.
+        NotFound = 5,
+        /// Already exists.
+        AlreadyExists = 6,
+        /// Permission denied.
+        PermissionDenied = 7,
+        /// A resource is exhausted.
+        ResourceExhausted = 8,
+        /// The system is not in a state required for the operation.
+        FailedPrecondition = 9,
+        /// Aborted (concurrency conflict).
+        Aborted = 10,
+        /// Out of range.
+        OutOfRange = 11,
+        /// Not implemented.
+        Unimplemented = 12,
+        /// Internal error.
+        Internal = 13,
+        /// The service is unavailable.
+        Unavailable = 14,
+        /// Unrecoverable data loss.
+        DataLoss = 15,
+        /// The request has no valid credentials.
+        Unauthenticated = 16,
+    }
+}
+
 /// Guest exports: callbacks the host calls, and other well-known export names.
 pub mod exports {
     /// Reactor initialisation (called once after instantiation).

@@ -1,0 +1,731 @@
+//! The dispatcher: maps context ids to the filter's contexts and turns each
+//! `proxy_on_*` callback into a typed call. The exports in `sys/ffi.rs` (wasm) and
+//! the test kit (native) both call the functions here, so both run the same code.
+//!
+//! A context is taken out of its slot while its callback runs, so host calls made
+//! from the callback (callouts, resume) can use the dispatcher state. A callback for
+//! a context that is unknown or already running breaks the host contract: that, and
+//! only that, traps (after a CRITICAL log line saying why).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use sluice_abi::{BufferType, GrpcStatus, LogLevel, PeerType, Status, StreamType};
+
+use crate::callout::{CalloutResponse, GrpcResponse, Token};
+use crate::context::{Action, BodyAction, Child, HttpContext, RootContext, StreamContext};
+use crate::error::{Error, HostError};
+use crate::http::{Http, HttpState, Phase};
+use crate::log::log;
+use crate::root::Root;
+use crate::shared::Queue;
+use crate::sys;
+use crate::tcp::Tcp;
+
+// === erased root ===
+
+pub(crate) enum ErasedChild {
+    Http(Box<dyn HttpContext>),
+    Stream(Box<dyn StreamContext>),
+}
+
+/// [`RootContext`] without its associated types, so roots can be boxed.
+pub(crate) trait ErasedRoot {
+    fn vm_start(&mut self, root: &mut Root, config: Option<Vec<u8>>) -> bool;
+    fn configure(&mut self, root: &mut Root, config: &[u8]) -> bool;
+    fn tick(&mut self, root: &mut Root) -> Result<(), Error>;
+    fn queue_ready(&mut self, root: &mut Root, queue: Queue) -> Result<(), Error>;
+    fn http_call_response(
+        &mut self,
+        root: &mut Root,
+        token: Token,
+        response: CalloutResponse,
+    ) -> Result<(), Error>;
+    fn grpc_call_response(
+        &mut self,
+        root: &mut Root,
+        token: Token,
+        response: GrpcResponse,
+    ) -> Result<(), Error>;
+    fn foreign_function(&mut self, root: &mut Root, id: u32, args: Option<Vec<u8>>) -> Result<(), Error>;
+    fn done(&mut self, root: &mut Root) -> bool;
+    fn log(&mut self, root: &mut Root);
+    fn new_child(&mut self, root: &mut Root) -> ErasedChild;
+}
+
+impl<R: RootContext> ErasedRoot for R {
+    fn vm_start(&mut self, root: &mut Root, config: Option<Vec<u8>>) -> bool {
+        match self.on_vm_start(root, config) {
+            Ok(()) => true,
+            Err(e) => {
+                log(LogLevel::Error, &format!("on_vm_start failed: {e}"));
+                false
+            }
+        }
+    }
+
+    fn configure(&mut self, root: &mut Root, config: &[u8]) -> bool {
+        let result = R::parse_config(config).map_err(Error::from).and_then(|c| self.on_configure(root, c));
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                log(LogLevel::Error, &format!("plugin configuration rejected: {e}"));
+                false
+            }
+        }
+    }
+
+    fn tick(&mut self, root: &mut Root) -> Result<(), Error> {
+        self.on_tick(root)
+    }
+
+    fn queue_ready(&mut self, root: &mut Root, queue: Queue) -> Result<(), Error> {
+        self.on_queue_ready(root, queue)
+    }
+
+    fn http_call_response(
+        &mut self,
+        root: &mut Root,
+        token: Token,
+        response: CalloutResponse,
+    ) -> Result<(), Error> {
+        self.on_http_call_response(root, token, response)
+    }
+
+    fn grpc_call_response(
+        &mut self,
+        root: &mut Root,
+        token: Token,
+        response: GrpcResponse,
+    ) -> Result<(), Error> {
+        self.on_grpc_call_response(root, token, response)
+    }
+
+    fn foreign_function(&mut self, root: &mut Root, id: u32, args: Option<Vec<u8>>) -> Result<(), Error> {
+        self.on_foreign_function(root, id, args)
+    }
+
+    fn done(&mut self, root: &mut Root) -> bool {
+        self.on_done(root)
+    }
+
+    fn log(&mut self, root: &mut Root) {
+        self.on_log(root)
+    }
+
+    fn new_child(&mut self, root: &mut Root) -> ErasedChild {
+        match RootContext::new_child(self, root) {
+            Child::Http(h) => ErasedChild::Http(Box::new(h)),
+            Child::Stream(s) => ErasedChild::Stream(s),
+        }
+    }
+}
+
+// === guest state ===
+
+pub(crate) type RootFactory = Rc<dyn Fn() -> Box<dyn ErasedRoot>>;
+
+struct HttpSlot {
+    ctx: Option<Box<dyn HttpContext>>,
+    state: HttpState,
+}
+
+#[derive(Clone, Copy)]
+struct Callout {
+    context: u32,
+    grpc: bool,
+}
+
+/// Everything the guest keeps: the filter factory, the live contexts and the
+/// callouts in flight.
+#[derive(Default)]
+pub(crate) struct Guest {
+    factory: Option<RootFactory>,
+    roots: HashMap<u32, Option<Box<dyn ErasedRoot>>>,
+    https: HashMap<u32, HttpSlot>,
+    streams: HashMap<u32, Option<Box<dyn StreamContext>>>,
+    callouts: HashMap<u32, Callout>,
+}
+
+impl Guest {
+    /// A guest whose roots are made by `factory`.
+    #[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
+    pub(crate) fn new(factory: RootFactory) -> Guest {
+        Guest { factory: Some(factory), ..Guest::default() }
+    }
+}
+
+thread_local! {
+    static GUEST: RefCell<Guest> = RefCell::new(Guest::default());
+}
+
+fn with_guest<T>(f: impl FnOnce(&mut Guest) -> T) -> T {
+    GUEST.with(|g| match g.try_borrow_mut() {
+        Ok(mut g) => f(&mut g),
+        Err(_) => contract("a callback arrived while the dispatcher was busy (re-entrant call)"),
+    })
+}
+
+/// Sets the factory of root contexts (the `filter!` macro calls this).
+pub(crate) fn set_factory(factory: RootFactory) {
+    with_guest(|g| g.factory = Some(factory));
+}
+
+/// Runs `f` with `guest` as this thread's guest state (the test kit keeps one guest
+/// per simulated VM and swaps it in around each callback).
+#[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
+pub(crate) fn with_installed<T>(guest: &mut Guest, f: impl FnOnce() -> T) -> T {
+    struct Swap<'a>(&'a mut Guest);
+    impl Drop for Swap<'_> {
+        fn drop(&mut self) {
+            GUEST.with(|g| std::mem::swap(&mut *g.borrow_mut(), self.0));
+        }
+    }
+    GUEST.with(|g| std::mem::swap(&mut *g.borrow_mut(), guest));
+    let _swap = Swap(guest);
+    f()
+}
+
+/// Records which context a callout token belongs to.
+pub(crate) fn register_callout(token: Token, context: u32, grpc: bool) {
+    with_guest(|g| g.callouts.insert(token.0, Callout { context, grpc }));
+}
+
+/// Forgets that `context` paused `stream` (it was resumed from elsewhere).
+pub(crate) fn mark_resumed(context: u32, stream: StreamType) {
+    with_guest(|g| {
+        if let Some(slot) = g.https.get_mut(&context)
+            && slot.state.paused == Some(stream)
+        {
+            slot.state.paused = None;
+        }
+    });
+}
+
+/// The host broke the ABI contract: log why, then trap.
+fn contract(message: &str) -> ! {
+    log(LogLevel::Critical, &format!("sluice-sdk: host contract broken: {message}"));
+    panic!("sluice-sdk: host contract broken: {message}");
+}
+
+fn with_root<T>(id: u32, callback: &str, f: impl FnOnce(&mut dyn ErasedRoot, &mut Root) -> T) -> T {
+    let taken = with_guest(|g| g.roots.get_mut(&id).map(Option::take));
+    let mut ctx = match taken {
+        Some(Some(ctx)) => ctx,
+        Some(None) => contract(&format!("{callback} re-entered root context {id}")),
+        None => contract(&format!("{callback} for unknown root context {id}")),
+    };
+    let mut root = Root { id };
+    let out = f(&mut *ctx, &mut root);
+    with_guest(|g| {
+        if let Some(slot) = g.roots.get_mut(&id) {
+            *slot = Some(ctx);
+        }
+    });
+    out
+}
+
+fn with_http<T>(
+    id: u32,
+    callback: &str,
+    phase: Phase,
+    body_size: Option<usize>,
+    f: impl FnOnce(&mut dyn HttpContext, &mut Http) -> T,
+) -> T {
+    let taken = with_guest(|g| g.https.get_mut(&id).map(|s| (s.ctx.take(), s.state)));
+    let (mut ctx, state) = match taken {
+        Some((Some(ctx), state)) => (ctx, state),
+        Some((None, _)) => contract(&format!("{callback} re-entered HTTP context {id}")),
+        None => contract(&format!("{callback} for unknown HTTP context {id}")),
+    };
+    let mut http = Http { id, phase, body_size, state };
+    let out = f(&mut *ctx, &mut http);
+    if !matches!(phase, Phase::Callout | Phase::Log) {
+        http.state.last_phase = Some(phase);
+    }
+    with_guest(|g| {
+        if let Some(slot) = g.https.get_mut(&id) {
+            slot.ctx = Some(ctx);
+            slot.state = http.state;
+        }
+    });
+    out
+}
+
+fn with_stream<T>(
+    id: u32,
+    callback: &str,
+    size: usize,
+    f: impl FnOnce(&mut dyn StreamContext, &mut Tcp) -> T,
+) -> T {
+    let taken = with_guest(|g| g.streams.get_mut(&id).map(Option::take));
+    let mut ctx = match taken {
+        Some(Some(ctx)) => ctx,
+        Some(None) => contract(&format!("{callback} re-entered TCP context {id}")),
+        None => contract(&format!("{callback} for unknown TCP context {id}")),
+    };
+    let mut tcp = Tcp { id, data_size: size };
+    let out = f(&mut *ctx, &mut tcp);
+    with_guest(|g| {
+        if let Some(slot) = g.streams.get_mut(&id) {
+            *slot = Some(ctx);
+        }
+    });
+    out
+}
+
+enum Kind {
+    Root,
+    Http,
+    Stream,
+}
+
+fn kind(id: u32) -> Option<Kind> {
+    with_guest(|g| {
+        if g.roots.contains_key(&id) {
+            Some(Kind::Root)
+        } else if g.https.contains_key(&id) {
+            Some(Kind::Http)
+        } else if g.streams.contains_key(&id) {
+            Some(Kind::Stream)
+        } else {
+            None
+        }
+    })
+}
+
+fn report(callback: &str, e: &Error) {
+    log(LogLevel::Error, &format!("{callback} failed: {e}"));
+}
+
+fn read_buffer(ty: BufferType, size: usize, what: &'static str) -> Result<Option<Vec<u8>>, HostError> {
+    if size == 0 {
+        return Ok(None);
+    }
+    match sys::get_buffer_bytes(ty.as_u32(), 0, size) {
+        Ok(v) => Ok(v),
+        Err(raw) if raw == Status::NotFound.as_u32() => Ok(None),
+        Err(raw) => Err(HostError::new("proxy_get_buffer_bytes", what, raw)),
+    }
+}
+
+// === lifecycle ===
+
+pub(crate) fn on_context_create(id: u32, parent: u32) {
+    if parent == 0 {
+        let factory = with_guest(|g| g.factory.clone());
+        let Some(factory) = factory else {
+            contract("no filter is registered: the module must invoke sluice_sdk::filter!(YourRoot)")
+        };
+        let root = factory();
+        let duplicate = with_guest(|g| g.roots.insert(id, Some(root)).is_some());
+        if duplicate {
+            contract(&format!("proxy_on_context_create for existing root context {id}"));
+        }
+        return;
+    }
+    let child = with_root(parent, "proxy_on_context_create", |r, root| r.new_child(root));
+    let duplicate = with_guest(|g| {
+        if g.https.contains_key(&id) || g.streams.contains_key(&id) || g.roots.contains_key(&id) {
+            return true;
+        }
+        match child {
+            ErasedChild::Http(ctx) => {
+                g.https.insert(id, HttpSlot { ctx: Some(ctx), state: HttpState::default() });
+            }
+            ErasedChild::Stream(ctx) => {
+                g.streams.insert(id, Some(ctx));
+            }
+        }
+        false
+    });
+    if duplicate {
+        contract(&format!("proxy_on_context_create for existing context {id}"));
+    }
+}
+
+pub(crate) fn on_vm_start(id: u32, size: usize) -> bool {
+    let config = match read_buffer(BufferType::VmConfiguration, size, "vm configuration") {
+        Ok(c) => c,
+        Err(e) => {
+            log(LogLevel::Error, &format!("on_vm_start: cannot read the VM configuration: {e}"));
+            return false;
+        }
+    };
+    with_root(id, "proxy_on_vm_start", |r, root| r.vm_start(root, config))
+}
+
+pub(crate) fn on_configure(id: u32, size: usize) -> bool {
+    let config = match read_buffer(BufferType::PluginConfiguration, size, "plugin configuration") {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => {
+            log(LogLevel::Error, &format!("on_configure: cannot read the plugin configuration: {e}"));
+            return false;
+        }
+    };
+    with_root(id, "proxy_on_configure", |r, root| r.configure(root, &config))
+}
+
+pub(crate) fn on_tick(id: u32) {
+    if let Err(e) = with_root(id, "proxy_on_tick", |r, root| r.tick(root)) {
+        report("on_tick", &e);
+    }
+}
+
+pub(crate) fn on_queue_ready(id: u32, queue: u32) {
+    if let Err(e) = with_root(id, "proxy_on_queue_ready", |r, root| r.queue_ready(root, Queue(queue))) {
+        report("on_queue_ready", &e);
+    }
+}
+
+pub(crate) fn on_foreign_function(id: u32, function_id: u32, size: usize) {
+    let args = read_buffer(BufferType::CallData, size, "foreign function arguments");
+    let result = match args {
+        Ok(args) => {
+            with_root(id, "proxy_on_foreign_function", |r, root| r.foreign_function(root, function_id, args))
+        }
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = result {
+        report("on_foreign_function", &e);
+    }
+}
+
+pub(crate) fn on_done(id: u32) -> bool {
+    match kind(id) {
+        Some(Kind::Root) => with_root(id, "proxy_on_done", |r, root| r.done(root)),
+        Some(_) => true,
+        None => contract(&format!("proxy_on_done for unknown context {id}")),
+    }
+}
+
+pub(crate) fn on_log(id: u32) {
+    match kind(id) {
+        Some(Kind::Root) => with_root(id, "proxy_on_log", |r, root| r.log(root)),
+        Some(Kind::Http) => {
+            if let Err(e) = with_http(id, "proxy_on_log", Phase::Log, None, |c, http| c.on_log(http)) {
+                report("on_log", &e);
+            }
+        }
+        Some(Kind::Stream) => with_stream(id, "proxy_on_log", 0, |c, tcp| c.on_log(tcp)),
+        None => contract(&format!("proxy_on_log for unknown context {id}")),
+    }
+}
+
+pub(crate) fn on_delete(id: u32) {
+    let known = with_guest(|g| {
+        let known =
+            g.roots.remove(&id).is_some() || g.https.remove(&id).is_some() || g.streams.remove(&id).is_some();
+        g.callouts.retain(|_, c| c.context != id);
+        known
+    });
+    if !known {
+        contract(&format!("proxy_on_delete for unknown context {id}"));
+    }
+}
+
+// === HTTP ===
+
+fn headers_result(
+    ctx: &mut dyn HttpContext,
+    http: &mut Http,
+    stream: StreamType,
+    name: &str,
+    r: Result<Action, Error>,
+) -> u32 {
+    let action = match r {
+        Ok(a) => a,
+        Err(e) => {
+            report(name, &e);
+            ctx.on_error(http, e)
+        }
+    };
+    match action {
+        Action::Continue => Action::Continue.as_raw(),
+        Action::Pause => {
+            if !http.state.responded {
+                http.state.paused = Some(stream);
+            }
+            Action::Pause.as_raw()
+        }
+    }
+}
+
+fn body_result(
+    ctx: &mut dyn HttpContext,
+    http: &mut Http,
+    stream: StreamType,
+    name: &str,
+    eos: bool,
+    r: Result<BodyAction, Error>,
+) -> u32 {
+    let action = match r {
+        Ok(a) => a,
+        Err(e) => {
+            report(name, &e);
+            match ctx.on_error(http, e) {
+                Action::Continue => BodyAction::Continue,
+                Action::Pause => BodyAction::Pause,
+            }
+        }
+    };
+    let until_end = |h: &mut Http, v: bool| match stream {
+        StreamType::HttpRequest => h.state.request_until_end = v,
+        _ => h.state.response_until_end = v,
+    };
+    match action {
+        BodyAction::Continue => Action::Continue.as_raw(),
+        BodyAction::Buffer => Action::Pause.as_raw(),
+        // At end of stream there is nothing left to wait for.
+        BodyAction::BufferUntilEnd if eos => Action::Continue.as_raw(),
+        BodyAction::BufferUntilEnd => {
+            until_end(http, true);
+            Action::Pause.as_raw()
+        }
+        BodyAction::Pause => {
+            if !http.state.responded {
+                http.state.paused = Some(stream);
+            }
+            Action::Pause.as_raw()
+        }
+    }
+}
+
+impl Action {
+    fn as_raw(self) -> u32 {
+        match self {
+            Action::Continue => sluice_abi::Action::Continue.as_u32(),
+            Action::Pause => sluice_abi::Action::Pause.as_u32(),
+        }
+    }
+}
+
+pub(crate) fn on_request_headers(id: u32, _num_headers: usize, eos: bool) -> u32 {
+    with_http(id, "proxy_on_request_headers", Phase::RequestHeaders, None, |c, http| {
+        let r = c.on_request_headers(http, eos);
+        headers_result(c, http, StreamType::HttpRequest, "on_request_headers", r)
+    })
+}
+
+pub(crate) fn on_request_body(id: u32, size: usize, eos: bool) -> u32 {
+    with_http(id, "proxy_on_request_body", Phase::RequestBody, Some(size), |c, http| {
+        if http.state.request_until_end && !eos {
+            return Action::Pause.as_raw();
+        }
+        http.state.request_until_end = false;
+        let r = c.on_request_body(http, size, eos);
+        body_result(c, http, StreamType::HttpRequest, "on_request_body", eos, r)
+    })
+}
+
+pub(crate) fn on_request_trailers(id: u32, _num_trailers: usize) -> u32 {
+    with_http(id, "proxy_on_request_trailers", Phase::RequestTrailers, None, |c, http| {
+        let r = c.on_request_trailers(http);
+        headers_result(c, http, StreamType::HttpRequest, "on_request_trailers", r)
+    })
+}
+
+pub(crate) fn on_response_headers(id: u32, _num_headers: usize, eos: bool) -> u32 {
+    with_http(id, "proxy_on_response_headers", Phase::ResponseHeaders, None, |c, http| {
+        let r = c.on_response_headers(http, eos);
+        headers_result(c, http, StreamType::HttpResponse, "on_response_headers", r)
+    })
+}
+
+pub(crate) fn on_response_body(id: u32, size: usize, eos: bool) -> u32 {
+    with_http(id, "proxy_on_response_body", Phase::ResponseBody, Some(size), |c, http| {
+        if http.state.response_until_end && !eos {
+            return Action::Pause.as_raw();
+        }
+        http.state.response_until_end = false;
+        let r = c.on_response_body(http, size, eos);
+        body_result(c, http, StreamType::HttpResponse, "on_response_body", eos, r)
+    })
+}
+
+pub(crate) fn on_response_trailers(id: u32, _num_trailers: usize) -> u32 {
+    with_http(id, "proxy_on_response_trailers", Phase::ResponseTrailers, None, |c, http| {
+        let r = c.on_response_trailers(http);
+        headers_result(c, http, StreamType::HttpResponse, "on_response_trailers", r)
+    })
+}
+
+// === callouts ===
+
+fn take_callout(token: u32, grpc: bool) -> Option<Callout> {
+    with_guest(|g| match g.callouts.get(&token) {
+        Some(c) if c.grpc == grpc => g.callouts.remove(&token),
+        _ => None,
+    })
+}
+
+/// Delivers a callout result to the HTTP context that made it, then resumes its
+/// paused stream if the filter says `Continue`.
+fn deliver_to_http(
+    context: u32,
+    name: &str,
+    f: impl FnOnce(&mut dyn HttpContext, &mut Http) -> Result<Action, Error>,
+) {
+    if let Err(raw) = sys::set_effective_context(context) {
+        let e = HostError::new("proxy_set_effective_context", format!("{context}"), raw);
+        log(LogLevel::Error, &format!("{name}: cannot switch to context {context}: {e}"));
+        return;
+    }
+    with_http(context, name, Phase::Callout, None, |c, http| {
+        let r = f(c, http);
+        let action = match r {
+            Ok(a) => a,
+            Err(e) => {
+                report(name, &e);
+                c.on_error(http, e)
+            }
+        };
+        if action == Action::Continue
+            && let Err(e) = http.resume()
+        {
+            report(name, &e.into());
+        }
+    });
+}
+
+pub(crate) fn on_http_call_response(
+    root_id: u32,
+    token: u32,
+    num_headers: usize,
+    body_size: usize,
+    num_trailers: usize,
+) {
+    let Some(callout) = take_callout(token, false) else {
+        log(LogLevel::Warn, &format!("on_http_call_response: ignoring unknown callout token {token}"));
+        return;
+    };
+    let response = CalloutResponse::fetch(num_headers, body_size, num_trailers);
+    match kind(callout.context) {
+        Some(Kind::Http) => deliver_to_http(callout.context, "on_http_call_response", |c, http| {
+            c.on_http_call_response(http, Token(token), response?)
+        }),
+        Some(Kind::Root) => {
+            let r = with_root(callout.context, "proxy_on_http_call_response", |r, root| {
+                r.http_call_response(root, Token(token), response?)
+            });
+            if let Err(e) = r {
+                report("on_http_call_response", &e);
+            }
+        }
+        _ => log(
+            LogLevel::Warn,
+            &format!("on_http_call_response: context of token {token} (root {root_id}) is gone"),
+        ),
+    }
+}
+
+fn deliver_grpc(token: u32, response: Result<GrpcResponse, HostError>) {
+    let Some(callout) = take_callout(token, true) else {
+        // Unknown gRPC tokens are ignored, as the Rust SDK does (e.g. the close that
+        // follows a delivered unary response).
+        return;
+    };
+    match kind(callout.context) {
+        Some(Kind::Http) => deliver_to_http(callout.context, "on_grpc_call_response", |c, http| {
+            c.on_grpc_call_response(http, Token(token), response?)
+        }),
+        Some(Kind::Root) => {
+            let r = with_root(callout.context, "proxy_on_grpc_receive", |r, root| {
+                r.grpc_call_response(root, Token(token), response?)
+            });
+            if let Err(e) = r {
+                report("on_grpc_call_response", &e);
+            }
+        }
+        _ => {}
+    }
+}
+
+pub(crate) fn on_grpc_receive(_root_id: u32, token: u32, size: usize) {
+    let known = with_guest(|g| g.callouts.get(&token).is_some_and(|c| c.grpc));
+    if !known {
+        return;
+    }
+    let message = match sys::get_buffer_bytes(BufferType::GrpcReceiveBuffer.as_u32(), 0, size) {
+        Ok(m) => Ok(GrpcResponse {
+            status: GrpcStatus::Ok,
+            raw_status: 0,
+            message: Some(m.unwrap_or_default()),
+            status_message: String::new(),
+        }),
+        Err(raw) => Err(HostError::new("proxy_get_buffer_bytes", "grpc message", raw)),
+    };
+    deliver_grpc(token, message);
+}
+
+pub(crate) fn on_grpc_close(_root_id: u32, token: u32, status: u32) {
+    let known = with_guest(|g| g.callouts.get(&token).is_some_and(|c| c.grpc));
+    if !known {
+        return;
+    }
+    let response = crate::host::status().map(|(_, message)| GrpcResponse {
+        status: GrpcStatus::from_u32(status).unwrap_or(GrpcStatus::Unknown),
+        raw_status: status,
+        message: None,
+        status_message: message,
+    });
+    deliver_grpc(token, response);
+}
+
+// Unary calls get no metadata callbacks; streams are not supported yet.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+pub(crate) fn on_grpc_receive_initial_metadata(_root_id: u32, _token: u32, _num_elements: usize) {}
+
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+pub(crate) fn on_grpc_receive_trailing_metadata(_root_id: u32, _token: u32, _num_elements: usize) {}
+
+// === TCP ===
+
+fn tcp_result(ctx: &mut dyn StreamContext, tcp: &mut Tcp, name: &str, r: Result<Action, Error>) -> u32 {
+    let action = match r {
+        Ok(a) => a,
+        Err(e) => {
+            report(name, &e);
+            ctx.on_error(tcp, e)
+        }
+    };
+    action.as_raw()
+}
+
+pub(crate) fn on_new_connection(id: u32) -> u32 {
+    with_stream(id, "proxy_on_new_connection", 0, |c, tcp| {
+        let r = c.on_new_connection(tcp);
+        tcp_result(c, tcp, "on_new_connection", r)
+    })
+}
+
+pub(crate) fn on_downstream_data(id: u32, size: usize, eos: bool) -> u32 {
+    with_stream(id, "proxy_on_downstream_data", size, |c, tcp| {
+        let r = c.on_downstream_data(tcp, size, eos);
+        tcp_result(c, tcp, "on_downstream_data", r)
+    })
+}
+
+pub(crate) fn on_upstream_data(id: u32, size: usize, eos: bool) -> u32 {
+    with_stream(id, "proxy_on_upstream_data", size, |c, tcp| {
+        let r = c.on_upstream_data(tcp, size, eos);
+        tcp_result(c, tcp, "on_upstream_data", r)
+    })
+}
+
+fn peer(raw: u32) -> PeerType {
+    PeerType::from_u32(raw).unwrap_or(PeerType::Unknown)
+}
+
+pub(crate) fn on_downstream_connection_close(id: u32, peer_type: u32) {
+    with_stream(id, "proxy_on_downstream_connection_close", 0, |c, tcp| {
+        c.on_downstream_close(tcp, peer(peer_type))
+    });
+}
+
+pub(crate) fn on_upstream_connection_close(id: u32, peer_type: u32) {
+    with_stream(id, "proxy_on_upstream_connection_close", 0, |c, tcp| {
+        c.on_upstream_close(tcp, peer(peer_type))
+    });
+}
