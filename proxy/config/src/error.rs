@@ -75,11 +75,7 @@ impl ConfigError {
     pub fn field(source_name: &str, field: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError::Invalid {
             source_name: source_name.to_owned(),
-            problems: vec![Problem {
-                field: field.into(),
-                reason: reason.into(),
-                location: None,
-            }],
+            problems: vec![Problem { field: field.into(), reason: reason.into(), location: None }],
         }
     }
 }

@@ -45,11 +45,7 @@ impl FilterSpec {
 
     /// The module's file path when it names a file.
     pub fn module_path(&self) -> Option<PathBuf> {
-        if self.module_digest().is_some() {
-            None
-        } else {
-            Some(PathBuf::from(&self.module))
-        }
+        if self.module_digest().is_some() { None } else { Some(PathBuf::from(&self.module)) }
     }
 
     /// The bytes handed to `on_configure`.
@@ -102,11 +98,7 @@ pub struct ReloadPolicy {
 
 impl Default for ReloadPolicy {
     fn default() -> Self {
-        ReloadPolicy {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-            max_consecutive: 10,
-        }
+        ReloadPolicy { base: Duration::from_millis(100), max: Duration::from_secs(30), max_consecutive: 10 }
     }
 }
 

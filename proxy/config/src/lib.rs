@@ -33,14 +33,9 @@ impl Snapshot {
     /// Reads and validates a YAML file. Relative paths in it are relative to its folder.
     pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
         let source_name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            source_name: source_name.clone(),
-            reason: e.to_string(),
-        })?;
-        let base_dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { source_name: source_name.clone(), reason: e.to_string() })?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         Snapshot::from_yaml(&text, &source_name, &base_dir)
     }
 
@@ -54,16 +49,9 @@ impl Snapshot {
     pub fn from_config(config: Config, source_name: &str, base_dir: &Path) -> Result<Snapshot, ConfigError> {
         let problems = validate::validate(&config);
         if !problems.is_empty() {
-            return Err(ConfigError::Invalid {
-                source_name: source_name.to_owned(),
-                problems,
-            });
+            return Err(ConfigError::Invalid { source_name: source_name.to_owned(), problems });
         }
-        Ok(Snapshot {
-            config: Arc::new(config),
-            source_name: source_name.into(),
-            base_dir: base_dir.into(),
-        })
+        Ok(Snapshot { config: Arc::new(config), source_name: source_name.into(), base_dir: base_dir.into() })
     }
 
     /// The configuration.
@@ -78,11 +66,7 @@ impl Snapshot {
 
     /// Resolves a path from the config against the config file's folder.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            self.base_dir.join(path)
-        }
+        if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) }
     }
 
     /// Looks up a cluster by name.

@@ -47,9 +47,7 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin {
-            address: default_admin_address(),
-        }
+        Admin { address: default_admin_address() }
     }
 }
 
@@ -420,10 +418,7 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            base: Duration::from_millis(25),
-            max: Duration::from_millis(250),
-        }
+        Backoff { base: Duration::from_millis(25), max: Duration::from_millis(250) }
     }
 }
 
@@ -439,10 +434,7 @@ pub struct RetryBudget {
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        RetryBudget {
-            ratio: 0.2,
-            min_per_second: 10,
-        }
+        RetryBudget { ratio: 0.2, min_per_second: 10 }
     }
 }
 
@@ -625,10 +617,7 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        Pool {
-            max_idle_per_endpoint: 128,
-            idle_timeout: Duration::from_secs(60),
-        }
+        Pool { max_idle_per_endpoint: 128, idle_timeout: Duration::from_secs(60) }
     }
 }
 

@@ -35,11 +35,7 @@ struct Checker {
 
 impl Checker {
     fn fail(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.problems.push(Problem {
-            field: field.into(),
-            reason: reason.into(),
-            location: None,
-        });
+        self.problems.push(Problem { field: field.into(), reason: reason.into(), location: None });
     }
 }
 
@@ -67,7 +63,10 @@ pub(crate) fn validate(config: &Config) -> Vec<Problem> {
             c.fail(format!("{at}.name"), format!("duplicate listener name `{}`", listener.name));
         }
         if listener.address.port() != 0 && !addresses.insert(listener.address) {
-            c.fail(format!("{at}.address"), format!("address {} is used by another listener", listener.address));
+            c.fail(
+                format!("{at}.address"),
+                format!("address {} is used by another listener", listener.address),
+            );
         }
         if Some(listener.address) == config.admin.address && listener.address.port() != 0 {
             c.fail(format!("{at}.address"), "address is used by the admin listener");
@@ -97,7 +96,10 @@ fn check_listener(c: &mut Checker, at: &str, l: &Listener, clusters: &HashSet<&s
         for (j, cert) in tls.certificates.iter().enumerate() {
             for name in &cert.server_names {
                 if !valid_domain_pattern(name) || name.starts_with("*") && !name.starts_with("*.") {
-                    c.fail(format!("{at}.tls.certificates[{j}].server_names"), format!("invalid server name `{name}`"));
+                    c.fail(
+                        format!("{at}.tls.certificates[{j}].server_names"),
+                        format!("invalid server name `{name}`"),
+                    );
                 }
             }
         }
@@ -240,11 +242,14 @@ fn check_route(c: &mut Checker, at: &str, r: &Route, clusters: &HashSet<&str>) {
     }
 }
 
-fn check_value_match(c: &mut Checker, at: &str, exact: Option<&String>, regex: Option<&String>, present: Option<bool>) {
-    let n = [exact.is_some(), regex.is_some(), present.is_some()]
-        .iter()
-        .filter(|b| **b)
-        .count();
+fn check_value_match(
+    c: &mut Checker,
+    at: &str,
+    exact: Option<&String>,
+    regex: Option<&String>,
+    present: Option<bool>,
+) {
+    let n = [exact.is_some(), regex.is_some(), present.is_some()].iter().filter(|b| **b).count();
     if n > 1 {
         c.fail(at.to_owned(), "use only one of `exact`, `regex` and `present`");
     }
@@ -381,10 +386,7 @@ fn check_cluster(c: &mut Checker, at: &str, cl: &Cluster) {
         c.fail(format!("{at}.connect_timeout"), "must be positive");
     }
     if let LbPolicy::RingHash(h) = &cl.lb {
-        let n = [h.header.is_some(), h.cookie.is_some(), h.source_ip]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let n = [h.header.is_some(), h.cookie.is_some(), h.source_ip].iter().filter(|b| **b).count();
         if n != 1 {
             c.fail(format!("{at}.lb.ring_hash"), "set exactly one of `header`, `cookie` and `source_ip`");
         }
@@ -422,28 +424,22 @@ pub struct EndpointAddr {
 /// Parses `host:port` or `[v6]:port`.
 pub fn parse_endpoint(s: &str) -> Result<EndpointAddr, String> {
     if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
-        return Ok(EndpointAddr {
-            host: sa.ip().to_string(),
-            port: sa.port(),
-        });
+        return Ok(EndpointAddr { host: sa.ip().to_string(), port: sa.port() });
     }
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("`{s}` is not `host:port`"))?;
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("`{s}` is not `host:port`"))?;
     let port: u16 = port.parse().map_err(|_| format!("invalid port in `{s}`"))?;
     if port == 0 {
         return Err(format!("port 0 in `{s}`"));
     }
     let valid = !host.is_empty()
         && host.len() <= 253
-        && host
-            .split('.')
-            .all(|label| !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
     if !valid {
         return Err(format!("invalid host name in `{s}`"));
     }
-    Ok(EndpointAddr {
-        host: host.to_owned(),
-        port,
-    })
+    Ok(EndpointAddr { host: host.to_owned(), port })
 }

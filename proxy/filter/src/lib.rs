@@ -90,7 +90,13 @@ pub struct LocalResponse {
 impl LocalResponse {
     /// A plain response with a body.
     pub fn new(status: StatusCode, body: impl Into<Bytes>) -> Self {
-        LocalResponse { status, headers: Vec::new(), body: body.into(), grpc_status: None, details: String::new() }
+        LocalResponse {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+            grpc_status: None,
+            details: String::new(),
+        }
     }
 }
 
