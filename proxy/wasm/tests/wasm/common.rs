@@ -172,3 +172,99 @@ pub fn metric(registry: &prometheus::Registry, name: &str, labels: &str) -> Opti
     let prefix = if labels.is_empty() { format!("{name} ") } else { format!("{name}{{{labels}}} ") };
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
 }
+
+/// Builds the `proxy-wasm` fixtures once per test run and returns a module's bytes.
+pub fn fixture(name: &str) -> Vec<u8> {
+    static BUILT: std::sync::OnceLock<Result<std::path::PathBuf, String>> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(build_fixtures).as_ref().unwrap_or_else(|e| panic!("building fixtures: {e}"));
+    let target = if name == "mini" { "wasm32-unknown-unknown" } else { "wasm32-wasip1" };
+    std::fs::read(dir.join(target).join("release").join(format!("{name}.wasm"))).expect("fixture module")
+}
+
+fn build_fixtures() -> Result<std::path::PathBuf, String> {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fixtures = manifest.join("tests/fixtures");
+    // A separate target dir: the outer build holds the workspace target's lock.
+    let target_dir = manifest.join("../../target/wasm-fixtures");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for (package, target) in [("sink", "wasm32-wasip1"), ("mini", "wasm32-unknown-unknown")] {
+        let out = std::process::Command::new(&cargo)
+            .current_dir(&fixtures)
+            .args(["build", "--release", "--locked", "-p", package, "--target", target, "--target-dir"])
+            .arg(&target_dir)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+    }
+    Ok(target_dir)
+}
+
+/// A real upstream for callouts on 127.0.0.1:0 (HTTP/1.1 and h2c): `/bytes/even`,
+/// `/slow`, and the gRPC methods `test.Svc/Echo` (replies "pong:<msg>") and
+/// `test.Svc/Fail` (trailers-only PERMISSION_DENIED).
+pub async fn backend() -> SocketAddr {
+    use futures_util::stream;
+    use http_body_util::{StreamBody, combinators::BoxBody};
+    use hyper::body::Frame;
+
+    type Body = BoxBody<Bytes, std::convert::Infallible>;
+    async fn handle(
+        req: http::Request<hyper::body::Incoming>,
+    ) -> Result<http::Response<Body>, std::convert::Infallible> {
+        let path = req.uri().path().to_string();
+        let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let full = |b: &'static [u8]| Full::new(Bytes::from_static(b)).boxed();
+        let resp = match path.as_str() {
+            "/bytes/even" => http::Response::new(full(&[2])),
+            "/slow" => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                http::Response::new(full(b"late"))
+            }
+            "/test.Svc/Echo" => {
+                let msg = body.get(5..).unwrap_or_default();
+                let reply = [b"pong:".as_slice(), msg].concat();
+                let mut framed = vec![0u8];
+                framed.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+                framed.extend_from_slice(&reply);
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let frames = vec![Ok(Frame::data(Bytes::from(framed))), Ok(Frame::trailers(trailers))];
+                let mut r = http::Response::new(StreamBody::new(stream::iter(frames)).boxed());
+                r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                r
+            }
+            "/test.Svc/Fail" => {
+                let mut r = http::Response::new(full(b""));
+                r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                r.headers_mut().insert("grpc-status", http::HeaderValue::from_static("7"));
+                r.headers_mut().insert("grpc-message", http::HeaderValue::from_static("denied"));
+                r
+            }
+            _ => {
+                let mut r = http::Response::new(full(b"not found"));
+                *r.status_mut() = http::StatusCode::NOT_FOUND;
+                r
+            }
+        };
+        Ok(resp)
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::task::spawn_local(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::task::spawn_local(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ =
+                    builder.serve_connection(TokioIo::new(stream), hyper::service::service_fn(handle)).await;
+            });
+        }
+    });
+    addr
+}

@@ -1,0 +1,321 @@
+//! Filters written against the upstream `proxy-wasm` crate 0.2.5, driven through
+//! `HttpFilter` on a worker-like runtime, with callouts to a real hyper server.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use sluice_filter::{BodyAction, FilterErrorKind, FilterFactory, HeadersAction};
+
+use crate::common::{Exchange, TestCallouts, backend, fixture, host, host_with, metric, run, spec};
+
+fn header(ex: &Exchange, name: &str) -> String {
+    ex.req.headers.get(name).map(|v| v.to_str().unwrap_or_default().to_string()).unwrap_or_default()
+}
+
+fn resp_header(ex: &Exchange, name: &str) -> String {
+    ex.resp.headers.get(name).map(|v| v.to_str().unwrap_or_default().to_string()).unwrap_or_default()
+}
+
+/// A sink factory with a `backend` cluster on a real server.
+async fn sink(config: &str) -> (Arc<dyn FilterFactory>, prometheus::Registry, sluice_wasm::WasmHost) {
+    let addr = backend().await;
+    let mut callouts = TestCallouts::default();
+    callouts.clusters.insert("backend".into(), addr);
+    let (host, registry) = host_with(callouts);
+    let mut s = spec("sink");
+    s.config = Some(serde_json::Value::String(config.into()));
+    s.vm_config = Some(serde_json::json!({"vm": 1}));
+    let factory = host.load_bytes(&s, &fixture("sink"), &["backend".to_string()]).expect("load sink");
+    (factory, registry, host)
+}
+
+/// Runs request headers for `uri` and returns the exchange and the action.
+async fn get(factory: &Arc<dyn FilterFactory>, uri: &str) -> (Exchange, HeadersAction) {
+    let mut ex = Exchange::new(factory, uri);
+    let action = ex.request_headers(true).await.expect("request headers");
+    (ex, action)
+}
+
+/// Reads a shared-data key through the filter (`/get/<key>`).
+async fn shared(factory: &Arc<dyn FilterFactory>, key: &str) -> String {
+    let (ex, _) = get(factory, &format!("http://a.test/get/{key}")).await;
+    header(&ex, "x-value")
+}
+
+#[test]
+fn headers_edits_local_responses_and_reset() {
+    run(async {
+        let (factory, _, _host) = sink("cfg").await;
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        ex.req.headers.insert("x-replace", "old".parse().unwrap());
+        ex.req.headers.insert("x-remove", "1".parse().unwrap());
+        assert!(matches!(ex.request_headers(false).await, Ok(HeadersAction::Continue)));
+        assert_eq!(header(&ex, "x-sink"), "1");
+        assert_eq!(header(&ex, "x-replace"), "new");
+        assert!(ex.req.headers.get("x-remove").is_none());
+        assert!(ex.info.take_route_cache_cleared(), "request header edits clear the route cache");
+        ex.resp.headers.insert("content-length", "5".parse().unwrap());
+        assert!(matches!(ex.response_headers(false).await, Ok(HeadersAction::Continue)));
+        assert_eq!(resp_header(&ex, "x-config"), "cfg");
+        assert!(ex.resp.headers.get("content-length").is_none());
+
+        let (mut ex, action) = get(&factory, "http://a.test/hello").await;
+        let HeadersAction::Respond(local) = action else { panic!("expected a local response") };
+        assert_eq!(local.status, 200);
+        assert_eq!(&local.body[..], b"Hello, World!\n");
+        assert!(local.headers.iter().any(|(k, v)| k == "x-hello" && v == "1"));
+        assert_eq!(local.grpc_status, None);
+        // The data plane sends the local response through the response path.
+        ex.resp.headers.insert("x-hello", "1".parse().unwrap());
+        assert!(matches!(ex.response_headers(true).await, Ok(HeadersAction::Continue)));
+        assert_eq!(resp_header(&ex, "x-seen-local"), "1");
+
+        let (_, action) = get(&factory, "http://a.test/grpc-deny").await;
+        let HeadersAction::Respond(local) = action else { panic!("expected a gRPC reply") };
+        assert_eq!(local.grpc_status, Some(7));
+        assert_eq!(&local.body[..], b"nope");
+
+        let (_, action) = get(&factory, "http://a.test/reset").await;
+        assert!(matches!(action, HeadersAction::Reset));
+
+        let (ex, _) = get(&factory, "http://a.test/rewrite").await;
+        assert_eq!(ex.req.uri.path(), "/rewritten");
+        assert_eq!(ex.req.uri.authority().map(|a| a.as_str()), Some("other.test"));
+        assert!(ex.info.take_route_cache_cleared());
+    });
+}
+
+#[test]
+fn bodies_buffer_and_rewrite() {
+    run(async {
+        let (factory, _, _host) = sink("cfg").await;
+        let mut ex = Exchange::new(&factory, "http://a.test/upload");
+        assert!(matches!(ex.request_headers(false).await, Ok(HeadersAction::Continue)));
+        let mut body = BytesMut::from(&b"a sec"[..]);
+        assert!(matches!(ex.request_body(&mut body, false).await, Ok(BodyAction::Buffer)));
+        body.extend_from_slice(b"ret here");
+        assert!(matches!(ex.request_body(&mut body, true).await, Ok(BodyAction::Continue)));
+        assert_eq!(&body[..], b"redacted");
+
+        assert!(matches!(ex.response_headers(false).await, Ok(HeadersAction::Continue)));
+        let mut body = BytesMut::from(&b"hello"[..]);
+        assert!(matches!(ex.response_body(&mut body, false).await, Ok(BodyAction::Buffer)));
+        body.extend_from_slice(b" world");
+        assert!(matches!(ex.response_body(&mut body, true).await, Ok(BodyAction::Continue)));
+        assert_eq!(&body[..], b"hello world!");
+
+        ex.log();
+        assert_eq!(shared(&factory, "last_log").await, "/upload 200");
+    });
+}
+
+#[test]
+fn plugin_config_rejection_names_the_reason() {
+    let (host, registry) = host();
+    let mut s = spec("sink");
+    s.config = Some(serde_json::Value::String("reject".into()));
+    let err = host.load_bytes(&s, &fixture("sink"), &[]).expect_err("rejected");
+    assert!(err.reason.contains("on_configure returned false"), "{}", err.reason);
+    assert!(err.reason.contains("config says reject"), "{}", err.reason);
+    assert_eq!(metric(&registry, "sluice_wasm_load_failures_total", r#"plugin="sink""#), Some(1.0));
+}
+
+#[test]
+fn http_callouts_resume_reply_and_time_out() {
+    run(async {
+        let (factory, registry, _host) = sink("cfg").await;
+        let (ex, action) = get(&factory, "http://a.test/callout").await;
+        assert!(matches!(action, HeadersAction::Continue));
+        assert_eq!(header(&ex, "x-callout"), "even");
+        assert_eq!(header(&ex, "x-callout-status"), "200");
+
+        let started = Instant::now();
+        let (ex, action) = get(&factory, "http://a.test/callout-slow").await;
+        assert!(matches!(action, HeadersAction::Continue));
+        assert_eq!(header(&ex, "x-callout-status"), "504");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+
+        // Unknown cluster: refused synchronously (BAD_ARGUMENT), the filter goes on.
+        let (ex, action) = get(&factory, "http://a.test/callout-nowhere").await;
+        assert!(matches!(action, HeadersAction::Continue));
+        assert_eq!(header(&ex, "x-callout-error"), "BadArgument");
+        assert_eq!(
+            metric(&registry, "sluice_wasm_callouts_total", r#"kind="http",plugin="sink",result="ok""#),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric(&registry, "sluice_wasm_callouts_total", r#"kind="http",plugin="sink",result="timeout""#),
+            Some(1.0)
+        );
+    });
+}
+
+#[test]
+fn grpc_callouts() {
+    run(async {
+        let (factory, _, _host) = sink("cfg").await;
+        let (ex, action) = get(&factory, "http://a.test/grpc").await;
+        assert!(matches!(action, HeadersAction::Continue));
+        assert_eq!(header(&ex, "x-grpc-status"), "0");
+        assert_eq!(header(&ex, "x-grpc-reply"), "pong:ping");
+        let (ex, _) = get(&factory, "http://a.test/grpc-fail").await;
+        assert_eq!(header(&ex, "x-grpc-status"), "7");
+        assert_eq!(header(&ex, "x-grpc-message"), "denied");
+    });
+}
+
+#[test]
+fn ticks_shared_data_and_queues() {
+    run(async {
+        let (factory, _, _host) = sink("tick").await;
+        let (ex, _) = get(&factory, "http://a.test/shared").await;
+        assert_eq!(header(&ex, "x-shared"), "v1|Err(CasMismatch)");
+        // The queue notification and the ticks arrive on this worker's root context.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let job = shared(&factory, "last_job").await;
+            let ticks = shared(&factory, "ticks").await;
+            if job == "job-1" && ticks == "3" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "job={job:?} ticks={ticks:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The root stopped its timer at 3 ticks.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(shared(&factory, "ticks").await, "3");
+    });
+}
+
+#[test]
+fn guest_metrics_are_exported_with_the_plugin_label() {
+    run(async {
+        let (factory, registry, _host) = sink("cfg").await;
+        get(&factory, "http://a.test/").await;
+        let (ex, _) = get(&factory, "http://a.test/metrics").await;
+        assert_eq!(header(&ex, "x-requests"), "2");
+        assert_eq!(metric(&registry, "sluice_wasm_custom_sink_requests", r#"plugin="sink""#), Some(2.0));
+        assert_eq!(metric(&registry, "sluice_wasm_custom_sink_level", r#"plugin="sink""#), Some(42.0));
+        assert_eq!(metric(&registry, "sluice_wasm_custom_sink_sizes_count", r#"plugin="sink""#), Some(1.0));
+    });
+}
+
+#[test]
+fn properties() {
+    run(async {
+        let (factory, _, _host) = sink("cfg").await;
+        let (ex, _) = get(&factory, "http://a.test/props").await;
+        assert_eq!(header(&ex, "x-props"), "sink|127.0.0.1:40000|40000|req-1|/props|true|set");
+    });
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn guest_logs_go_to_tracing_with_the_plugin_name() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    run(async {
+        let (factory, _, _host) = sink("cfg").await;
+        get(&factory, "http://a.test/log").await;
+    });
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("sink says hi"))
+        .unwrap_or_else(|| panic!("no guest log in:\n{text}"));
+    assert!(line.contains("INFO") && line.contains("plugin=\"sink\""), "{line}");
+    assert!(text.contains("vm config: {\"vm\":1}"), "{text}");
+}
+
+#[test]
+fn guest_panic_and_deadline_name_the_cause() {
+    run(async {
+        let (factory, registry, _host) = sink("cfg").await;
+        let (_, _) = get(&factory, "http://a.test/").await;
+        let mut ex = Exchange::new(&factory, "http://a.test/panic");
+        let err = ex.request_headers(true).await.expect_err("panic");
+        assert_eq!(err.kind, FilterErrorKind::Trap);
+        assert_eq!(err.callback, "on_request_headers");
+        assert!(err.reason.contains("sink exploded"), "{}", err.reason);
+        assert_eq!(metric(&registry, "sluice_wasm_traps_total", r#"kind="panic",plugin="sink""#), Some(1.0));
+    });
+    run(async {
+        let (factory, _, _host) = sink("cfg").await;
+        let mut ex = Exchange::new(&factory, "http://a.test/loop");
+        let err = ex.request_headers(true).await.expect_err("deadline");
+        assert_eq!(err.kind, FilterErrorKind::Timeout);
+    });
+}
+
+#[test]
+fn unknown_unknown_module_uses_malloc() {
+    run(async {
+        let (host, _) = host();
+        let factory = host.load_bytes(&spec("mini"), &fixture("mini"), &[]).expect("load mini");
+        let status = factory.status();
+        assert_eq!(status["abi_version"], "0.2.1");
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        ex.request_headers(true).await.expect("headers");
+        ex.response_headers(true).await.expect("response");
+        assert_eq!(resp_header(&ex, "x-mini"), "mini");
+    });
+}
+
+#[test]
+fn hot_swap_keeps_in_flight_requests_and_frees_old_vms() {
+    run(async {
+        let addr = backend().await;
+        let mut callouts = TestCallouts::default();
+        callouts.clusters.insert("backend".into(), addr);
+        let (host, registry) = host_with(callouts);
+        let load = |config: &str| {
+            let mut s = spec("swap");
+            s.config = Some(serde_json::Value::String(config.into()));
+            host.load_bytes(&s, &fixture("sink"), &["backend".to_string()]).expect("load")
+        };
+        let v1 = load("v1");
+        let mut old = Exchange::new(&v1, "http://a.test/callout");
+        let vms = || metric(&registry, "sluice_wasm_vms", r#"plugin="swap""#);
+        {
+            let pending = old.request_headers(true);
+            tokio::pin!(pending);
+            // The old request is paused on its callout when the new version lands.
+            assert!(futures_util::poll!(pending.as_mut()).is_pending());
+            let v2 = load("v2");
+            let mut new = Exchange::new(&v2, "http://a.test/");
+            new.request_headers(true).await.expect("v2 request");
+            new.response_headers(true).await.expect("v2 response");
+            assert_eq!(resp_header(&new, "x-config"), "v2");
+            assert_eq!(vms(), Some(2.0));
+            assert!(matches!(pending.await, Ok(HeadersAction::Continue)));
+            drop(v2);
+            drop(new);
+        }
+        assert_eq!(header(&old, "x-callout"), "even");
+        old.response_headers(true).await.expect("v1 response");
+        assert_eq!(resp_header(&old, "x-config"), "v1");
+        old.log();
+        drop(old);
+        drop(v1);
+        assert_eq!(vms(), Some(0.0), "old VMs are freed once their last request ends");
+    });
+}
