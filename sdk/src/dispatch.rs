@@ -501,6 +501,32 @@ impl Action {
     }
 }
 
+/// Trailers ended a body the filter buffers with `BufferUntilEnd`: give it the
+/// end-of-body call it waits for (the buffered body is still readable here).
+fn final_body_call(c: &mut dyn HttpContext, http: &mut Http, stream: StreamType) -> u32 {
+    let trailers_phase = http.phase;
+    let (phase, size, name) = match stream {
+        StreamType::HttpRequest => {
+            http.state.request_until_end = false;
+            (Phase::RequestBody, http.state.request_body_size, "on_request_body")
+        }
+        _ => {
+            http.state.response_until_end = false;
+            (Phase::ResponseBody, http.state.response_body_size, "on_response_body")
+        }
+    };
+    http.phase = phase;
+    http.body_size = Some(size);
+    let r = match stream {
+        StreamType::HttpRequest => c.on_request_body(http, size, true),
+        _ => c.on_response_body(http, size, true),
+    };
+    let raw = body_result(c, http, stream, name, true, r);
+    http.phase = trailers_phase;
+    http.body_size = None;
+    raw
+}
+
 pub(crate) fn on_request_headers(id: u32, _num_headers: usize, eos: bool) -> u32 {
     with_http(id, "proxy_on_request_headers", Phase::RequestHeaders, None, |c, http| {
         let r = c.on_request_headers(http, eos);
@@ -510,6 +536,7 @@ pub(crate) fn on_request_headers(id: u32, _num_headers: usize, eos: bool) -> u32
 
 pub(crate) fn on_request_body(id: u32, size: usize, eos: bool) -> u32 {
     with_http(id, "proxy_on_request_body", Phase::RequestBody, Some(size), |c, http| {
+        http.state.request_body_size = size;
         if http.state.request_until_end && !eos {
             return Action::Pause.as_raw();
         }
@@ -521,6 +548,12 @@ pub(crate) fn on_request_body(id: u32, size: usize, eos: bool) -> u32 {
 
 pub(crate) fn on_request_trailers(id: u32, _num_trailers: usize) -> u32 {
     with_http(id, "proxy_on_request_trailers", Phase::RequestTrailers, None, |c, http| {
+        if http.state.request_until_end {
+            let raw = final_body_call(c, http, StreamType::HttpRequest);
+            if raw != Action::Continue.as_raw() {
+                return raw;
+            }
+        }
         let r = c.on_request_trailers(http);
         headers_result(c, http, StreamType::HttpRequest, "on_request_trailers", r)
     })
@@ -535,6 +568,7 @@ pub(crate) fn on_response_headers(id: u32, _num_headers: usize, eos: bool) -> u3
 
 pub(crate) fn on_response_body(id: u32, size: usize, eos: bool) -> u32 {
     with_http(id, "proxy_on_response_body", Phase::ResponseBody, Some(size), |c, http| {
+        http.state.response_body_size = size;
         if http.state.response_until_end && !eos {
             return Action::Pause.as_raw();
         }
@@ -546,6 +580,12 @@ pub(crate) fn on_response_body(id: u32, size: usize, eos: bool) -> u32 {
 
 pub(crate) fn on_response_trailers(id: u32, _num_trailers: usize) -> u32 {
     with_http(id, "proxy_on_response_trailers", Phase::ResponseTrailers, None, |c, http| {
+        if http.state.response_until_end {
+            let raw = final_body_call(c, http, StreamType::HttpResponse);
+            if raw != Action::Continue.as_raw() {
+                return raw;
+            }
+        }
         let r = c.on_response_trailers(http);
         headers_result(c, http, StreamType::HttpResponse, "on_response_trailers", r)
     })

@@ -40,6 +40,10 @@ pub(crate) struct HttpState {
     pub(crate) last_phase: Option<Phase>,
     pub(crate) request_until_end: bool,
     pub(crate) response_until_end: bool,
+    /// The body size last reported per side (for the end-of-body call that
+    /// `BufferUntilEnd` owes when trailers end the stream).
+    pub(crate) request_body_size: usize,
+    pub(crate) response_body_size: usize,
     pub(crate) responded: bool,
 }
 

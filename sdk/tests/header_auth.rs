@@ -81,6 +81,9 @@ fn rejected_or_failed_callouts_answer_locally() {
     let r = host.request().header("authorization", "Bearer bad").send();
     r.answer_http_call(TestResponse::new(403));
     assert_eq!(r.local_response().status, 403);
+    assert_eq!(r.response().status(), Some(403));
+    assert!(r.try_upstream_request().is_none());
+    assert!(r.is_complete());
 
     let r = host.request().header("authorization", "Bearer bad").send();
     r.fail_http_call();

@@ -71,6 +71,19 @@ impl Inner {
     /// Handles deferred stream actions and queue notifications until none are left.
     pub(crate) fn pump(&self) {
         loop {
+            // Local responses sent from callout or root callbacks.
+            let locals: Vec<(u32, Stage)> = {
+                let h = self.host.borrow();
+                h.streams
+                    .iter()
+                    .filter(|(_, s)| s.local_new)
+                    .filter_map(|(id, s)| s.blocked.or(s.stage).map(|stage| (*id, stage)))
+                    .collect()
+            };
+            for (ctx, stage) in locals {
+                self.after(ctx, stage, false);
+                self.advance(ctx);
+            }
             let deferred = std::mem::take(&mut self.host.borrow_mut().deferred);
             let ready = {
                 let h = self.host.borrow();
@@ -162,7 +175,7 @@ impl Inner {
                     self.after(ctx, stage, action == PAUSE);
                 }
                 Stage::RequestBody(i) => {
-                    let (size, eos, last) = self.with_stream(ctx, |s| {
+                    let (size, eos) = self.with_stream(ctx, |s| {
                         let chunk = s.req_chunks.get(i).cloned().unwrap_or_default();
                         s.req_buffer.extend_from_slice(&chunk);
                         let last = i + 1 >= s.req_chunks.len();
@@ -173,14 +186,14 @@ impl Inner {
                         } else {
                             Stage::Upstream
                         });
-                        (s.req_buffer.len(), last && s.req_trailers.is_empty(), last)
+                        (s.req_buffer.len(), last && s.req_trailers.is_empty())
                     });
                     let action = self
                         .invoke(ctx, Activity::Stream(stage), || dispatch::on_request_body(ctx, size, eos));
                     if action != PAUSE {
                         self.with_stream(ctx, |s| s.req_forwarded.append(&mut s.req_buffer));
                     }
-                    self.after(ctx, stage, action == PAUSE && last);
+                    self.after(ctx, stage, action == PAUSE && eos);
                 }
                 Stage::RequestTrailers => {
                     let n = self.with_stream(ctx, |s| {
@@ -219,7 +232,7 @@ impl Inner {
                     self.after(ctx, stage, action == PAUSE);
                 }
                 Stage::ResponseBody(i) => {
-                    let (size, eos, last) = self.with_stream(ctx, |s| {
+                    let (size, eos) = self.with_stream(ctx, |s| {
                         let chunk = s.resp_chunks.get(i).cloned().unwrap_or_default();
                         s.resp_buffer.extend_from_slice(&chunk);
                         let last = i + 1 >= s.resp_chunks.len();
@@ -230,14 +243,14 @@ impl Inner {
                         } else {
                             Stage::Log
                         });
-                        (s.resp_buffer.len(), last && s.resp_trailers.is_empty(), last)
+                        (s.resp_buffer.len(), last && s.resp_trailers.is_empty())
                     });
                     let action = self
                         .invoke(ctx, Activity::Stream(stage), || dispatch::on_response_body(ctx, size, eos));
                     if action != PAUSE {
                         self.with_stream(ctx, |s| s.resp_forwarded.append(&mut s.resp_buffer));
                     }
-                    self.after(ctx, stage, action == PAUSE && last);
+                    self.after(ctx, stage, action == PAUSE && eos);
                 }
                 Stage::ResponseTrailers => {
                     let n = self.with_stream(ctx, |s| {

@@ -287,11 +287,13 @@ impl HostState {
             (BufferType::DownstreamData, _) => s.map(|s| s.req_buffer.clone()).ok_or(NOT_FOUND),
             (BufferType::UpstreamData, _) => s.map(|s| s.resp_buffer.clone()).ok_or(NOT_FOUND),
             (BufferType::HttpRequestBody, _) => match (s, window) {
-                (Some(s), Some(Stage::RequestBody(_))) => Ok(s.req_buffer.clone()),
+                (Some(s), Some(Stage::RequestBody(_) | Stage::RequestTrailers)) => Ok(s.req_buffer.clone()),
                 _ => Err(NOT_FOUND),
             },
             (BufferType::HttpResponseBody, _) => match (s, window) {
-                (Some(s), Some(Stage::ResponseBody(_))) => Ok(s.resp_buffer.clone()),
+                (Some(s), Some(Stage::ResponseBody(_) | Stage::ResponseTrailers)) => {
+                    Ok(s.resp_buffer.clone())
+                }
                 _ => Err(NOT_FOUND),
             },
             _ => Err(NOT_FOUND),
@@ -422,8 +424,12 @@ impl NativeHost for HostState {
         let buf = match (BufferType::from_u32(ty), window) {
             (Some(BufferType::DownstreamData), _) => &mut s.req_buffer,
             (Some(BufferType::UpstreamData), _) => &mut s.resp_buffer,
-            (Some(BufferType::HttpRequestBody), Some(Stage::RequestBody(_))) => &mut s.req_buffer,
-            (Some(BufferType::HttpResponseBody), Some(Stage::ResponseBody(_))) => &mut s.resp_buffer,
+            (Some(BufferType::HttpRequestBody), Some(Stage::RequestBody(_) | Stage::RequestTrailers)) => {
+                &mut s.req_buffer
+            }
+            (Some(BufferType::HttpResponseBody), Some(Stage::ResponseBody(_) | Stage::ResponseTrailers)) => {
+                &mut s.resp_buffer
+            }
             _ => return Err(BAD_ARGUMENT),
         };
         // Envoy only supports prepend, replace-all and append.
