@@ -223,21 +223,31 @@ impl std::io::Write for Captured {
     }
 }
 
+/// The process-wide log capture (a scoped subscriber races with callsite
+/// interest caching when tests run in parallel, so the capture is global).
+fn captured_logs() -> &'static Captured {
+    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("global subscriber");
+        captured
+    })
+}
+
 #[test]
 fn guest_logs_go_to_tracing_with_the_plugin_name() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = captured_logs();
     run(async {
         let (factory, _, _host) = sink("cfg").await;
         get(&factory, "http://a.test/log").await;
     });
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
     let line = text
         .lines()
         .find(|l| l.contains("sink says hi"))
