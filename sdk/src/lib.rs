@@ -1,5 +1,5 @@
 //! The Sluice guest SDK: write proxy-wasm (ABI v0.2.1) filters in plain, safe Rust,
-//! and unit-test them natively with [`testing`]. The same `.wasm` runs on Sluice and
+//! and unit-test them natively with `sluice_sdk::testing`. The same `.wasm` runs on Sluice and
 //! on Envoy. This crate is not the host (that is `sluice-wasm`) and holds no
 //! ready-made filters.
 //!
@@ -120,7 +120,7 @@
 //!
 //! # Features
 //!
-//! - `testing` (default): the native test kit [`testing`]. It only exists off
+//! - `testing` (default): the native test kit `sluice_sdk::testing`. It only exists off
 //!   `wasm32`, so wasm builds are unaffected either way.
 //!
 //! # Targets
@@ -174,7 +174,7 @@ pub use tcp::Tcp;
 /// ```
 ///
 /// On `wasm32` this defines the module's `_initialize` export; natively it only
-/// type-checks (tests use [`testing::TestHost`] directly).
+/// type-checks (tests use `testing::TestHost` directly).
 #[macro_export]
 macro_rules! filter {
     ($root:ty) => {

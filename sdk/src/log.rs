@@ -1,5 +1,5 @@
 //! Logging through the host (`proxy_log`). Use the macros: [`info!`](crate::info),
-//! [`warn!`](crate::warn), [`error!`](crate::error), [`debug!`](crate::debug),
+//! [`warn!`](crate::warn), [`error!`](macro@crate::error), [`debug!`](crate::debug),
 //! [`trace!`](crate::trace), [`critical!`](crate::critical).
 
 pub use sluice_abi::LogLevel;
