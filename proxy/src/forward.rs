@@ -154,6 +154,8 @@ struct Target<'a> {
     path: String,
     query: Option<String>,
     route: &'a Arc<CompiledRoute>,
+    /// The listener's `trust_forwarded_headers`.
+    trust_forwarded: bool,
 }
 
 async fn proxy(
@@ -201,7 +203,8 @@ async fn proxy(
     *metrics_slot = Some(route.local_metrics.clone());
 
     let https = conn.tls.is_some();
-    let mut target = Target { authority, path, query, route };
+    let trust_forwarded = listener.config.trust_forwarded_headers;
+    let mut target = Target { authority, path, query, route, trust_forwarded };
 
     // Filters see the normalized, absolute form of the request.
     let mut chain = None;
@@ -390,10 +393,14 @@ impl UpstreamRequest {
         https: bool,
     ) -> Result<Self, ProxyError> {
         let h = &mut parts.headers;
+        // Naming `x-request-id` in `connection` must not strip the id the proxy keeps.
+        let request_id_value = h.get(&headers::X_REQUEST_ID).cloned();
         headers::strip_hop_by_hop(h, upgrade);
+        if let Some(v) = request_id_value {
+            h.insert(headers::X_REQUEST_ID.clone(), v);
+        }
         target.route.request_edits.apply(h);
-        let listener_cfg_trust = false;
-        headers::set_forwarded(h, conn.remote.ip(), https, listener_cfg_trust);
+        headers::set_forwarded(h, conn.remote.ip(), https, target.trust_forwarded);
         let request_id = h.get(&headers::X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         headers::propagate_traceparent(h, &request_id);
 

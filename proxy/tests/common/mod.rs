@@ -4,8 +4,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -20,10 +21,20 @@ use tokio::net::TcpListener;
 /// A response a backend handler returns.
 pub type Resp = Response<Full<Bytes>>;
 
+/// What a backend saw of one request (recorded before its handler runs).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub headers: http::HeaderMap,
+}
+
 /// A running backend.
 pub struct Backend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -52,18 +63,28 @@ impl Backend {
     {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let handler = Arc::new(handler);
         let h2 = hits.clone();
+        let s2 = seen.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let handler = handler.clone();
                 let hits = h2.clone();
+                let seen = s2.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let handler = handler.clone();
                         let hits = hits.clone();
+                        let seen = seen.clone();
                         async move {
+                            seen.lock().unwrap().push(Seen {
+                                method: req.method().clone(),
+                                uri: req.uri().clone(),
+                                version: req.version(),
+                                headers: req.headers().clone(),
+                            });
                             hits.fetch_add(1, Ordering::SeqCst);
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
@@ -76,7 +97,7 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, hits, task }
+        Backend { addr, hits, seen, task }
     }
 
     /// A backend answering 200 with `name` in the body and an `x-backend` header,
@@ -110,6 +131,16 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Requests seen whose path is not `exclude` (e.g. a health-check path).
+    pub fn hits_except(&self, exclude: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|s| s.uri.path() != exclude).count()
+    }
+
+    /// The last request seen.
+    pub fn last(&self) -> Seen {
+        self.seen.lock().unwrap().last().cloned().expect("backend saw no request")
     }
 }
 
@@ -225,4 +256,213 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Polls `cond` every 10 ms until it holds; panics naming `what` after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A single HTTP/1.1 connection (the caller controls connection reuse).
+pub type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+/// A single HTTP/2 connection.
+pub type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// Opens one HTTP/1.1 connection to `addr`.
+pub async fn h1_connect(addr: SocketAddr) -> H1 {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    h1_handshake(s).await
+}
+
+/// Opens one HTTP/1.1 connection to `addr` from the local address `from` (any 127.x.y.z).
+pub async fn h1_connect_from(from: std::net::IpAddr, addr: SocketAddr) -> H1 {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(from, 0)).unwrap();
+    let s = sock.connect(addr).await.unwrap();
+    h1_handshake(s).await
+}
+
+/// HTTP/1.1 client handshake over any stream.
+pub async fn h1_handshake<T>(io: T) -> H1
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    sender
+}
+
+/// Opens one h2c (prior knowledge) connection to `addr`.
+pub async fn h2_connect(addr: SocketAddr) -> H2 {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    h2_handshake(s).await
+}
+
+/// HTTP/2 client handshake over any stream.
+pub async fn h2_handshake<T>(io: T) -> H2
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Sends a request on an HTTP/1.1 connection and collects the response.
+pub async fn send1(c: &mut H1, req: Request<Full<Bytes>>) -> (http::response::Parts, Bytes) {
+    c.ready().await.unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    (parts, body.collect().await.unwrap().to_bytes())
+}
+
+/// Sends a request on an HTTP/2 connection and collects the response.
+pub async fn send2(c: &mut H2, req: Request<Full<Bytes>>) -> (http::response::Parts, Bytes) {
+    c.ready().await.unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    (parts, body.collect().await.unwrap().to_bytes())
+}
+
+/// A GET request with a `host` header, for HTTP/1.1 connections.
+pub fn get_req(host: &str, path: &str) -> Request<Full<Bytes>> {
+    Request::get(path).header(http::header::HOST, host).body(Full::new(Bytes::new())).unwrap()
+}
+
+/// A raw TCP backend: each accepted connection goes to `handler`.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawBackend {
+    pub async fn start<F, Fut>(handler: F) -> RawBackend
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a2 = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                a2.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(handler(stream));
+            }
+        });
+        RawBackend { addr, accepted, task }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads an HTTP/1.1 request head (up to the blank line) from a raw stream.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => buf.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A port that refuses connections (bound, then released).
+pub fn dead_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Resident set size of this process, in bytes.
+pub fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// Extracts one sample's value from a Prometheus text exposition. `series` is
+/// `name{k="v",...}` with the labels in any order (all of them must match, and the
+/// sample may have no others). A missing series reads as 0.
+pub fn metric(text: &str, series: &str) -> f64 {
+    fn split(s: &str) -> (&str, Vec<&str>) {
+        match s.split_once('{') {
+            Some((name, rest)) => {
+                let labels = rest.trim_end_matches('}');
+                let mut v: Vec<&str> = if labels.is_empty() { vec![] } else { labels.split("\",").collect() };
+                for l in &mut v {
+                    *l = l.trim_end_matches('"');
+                }
+                v.sort_unstable();
+                (name, v)
+            }
+            None => (s, vec![]),
+        }
+    }
+    let want = split(series);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (s, v) = l.rsplit_once(' ')?;
+            (split(s) == want).then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// A TLS client connection to `addr` with `sni`, trusting `ca`, offering `alpn`.
+/// Returns the stream, the negotiated ALPN and the leaf the server presented.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Option<Vec<u8>>,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(sluice_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let (_, session) = stream.get_ref();
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let leaf = session.peer_certificates().unwrap()[0].clone();
+    (stream, alpn, leaf)
 }
