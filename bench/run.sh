@@ -157,6 +157,11 @@ if has_case sluice && [[ -z "$SLUICE_BIN" ]]; then
   fi
 fi
 
+# nginx (backend and proxy case) runs from a copy of the binary with another name:
+# on a shared box, someone else's `pkill nginx` / `killall nginx` must not stop it
+# mid-run (it happened; such runs are discarded anyway, see bench.py measure).
+NGINX_COPY=sb-httpd
+
 # --- the case table ---------------------------------------------------------
 # One line per case:  name | h1 port | h2 port | admin port | start command | ready | sample | vars
 #   start command: split on spaces; {file} renders bench/peers/<file> into the run
@@ -176,7 +181,7 @@ fi
 CASE_TABLE=(
   "direct  | $P_BACKEND_H1 | $P_BACKEND_H2 | -                | -                                                                   | http | none"
   "sluice  | $P_SLUICE     | $P_SLUICE     | $P_SLUICE_ADMIN  | $SLUICE_BIN proxy --config {sluice.yaml}                            | http | tree"
-  "nginx   | $P_NGINX_H1   | $P_NGINX_H2   | -                | nginx -e {RUN_DIR}/nginx.stderr.log -c {nginx-proxy.conf}            | http | tree"
+  "nginx   | $P_NGINX_H1   | $P_NGINX_H2   | -                | {RUN_DIR}/$NGINX_COPY -e {RUN_DIR}/nginx.stderr.log -c {nginx-proxy.conf} | http | tree"
   "haproxy | $P_HAPROXY_H1 | $P_HAPROXY_H2 | -                | haproxy -db -f {haproxy.cfg}                                        | http | tree"
   "envoy   | $P_ENVOY      | $P_ENVOY      | $P_ENVOY_ADMIN   | $ENVOY --concurrency $WORKERS --disable-hot-restart --log-level warn -c {envoy.yaml} | http | tree"
 )
@@ -212,6 +217,7 @@ mapfile -t ports < <(printf '%s\n' "${ports[@]}" | sort -un)
 RUN_DIR=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 chmod 755 "$RUN_DIR"
 export RUN_DIR BACKEND_H1=$P_BACKEND_H1 BACKEND_H2=$P_BACKEND_H2
+cp "$(command -v nginx)" "$RUN_DIR/$NGINX_COPY"
 
 render() { # render TEMPLATE CASE [NAME=VALUE...] -> prints the rendered file's path
   local tmpl=$1 out="$RUN_DIR/$2.$1"
@@ -265,7 +271,7 @@ tool_versions | tee "$OUT/header.txt" >&2
 # --- backend -----------------------------------------------------------------
 log "starting the nginx backend on :$P_BACKEND_H1 (HTTP/1.1) and :$P_BACKEND_H2 (h2c)"
 backend_conf=$(render nginx-backend.conf backend)
-setsid nginx -e "$RUN_DIR/backend.stderr.log" -c "$backend_conf" >"$RUN_DIR/backend.log" 2>&1 </dev/null &
+setsid "$RUN_DIR/$NGINX_COPY" -e "$RUN_DIR/backend.stderr.log" -c "$backend_conf" >"$RUN_DIR/backend.log" 2>&1 </dev/null &
 BACKEND_PID=$!
 STARTED+=("$BACKEND_PID")
 check_group "$BACKEND_PID"
