@@ -10,6 +10,10 @@ use clap::{Parser, Subcommand};
 use sluice_config::Snapshot;
 use sluice_proxy::{Proxy, ProxyOptions};
 
+// mimalloc: fewer cycles per allocation than glibc's malloc on the request path.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "A WebAssembly-extensible proxy and service mesh")]
 struct Cli {
@@ -65,7 +69,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_proxy(config: PathBuf, check: bool, _cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn run_proxy(config: PathBuf, check: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let snapshot = match Snapshot::load(&config) {
         Ok(s) => s,
         Err(e) => {
@@ -81,7 +85,15 @@ fn run_proxy(config: PathBuf, check: bool, _cache_dir: Option<PathBuf>) -> anyho
         .context("cannot start the main runtime")?;
     rt.block_on(async move {
         let registry = prometheus::Registry::new();
-        let loader = None;
+        let callouts = sluice_proxy::callout::ClusterCallouts::new();
+        let cache_dir = cache_dir.unwrap_or_else(|| std::env::temp_dir().join("sluice-cache"));
+        let host = sluice_wasm::WasmHost::new(
+            sluice_wasm::HostOptions { cache_dir: Some(cache_dir), ..Default::default() },
+            &registry,
+            callouts.clone(),
+        )
+        .context("cannot start the wasm host")?;
+        let loader: Option<Arc<dyn sluice_filter::FilterLoader>> = Some(Arc::new(host));
         if check {
             // A full check builds everything a start would (filters included) without binding.
             return match sluice_proxy::dataplane::Dataplane::build(
@@ -102,6 +114,7 @@ fn run_proxy(config: PathBuf, check: bool, _cache_dir: Option<PathBuf>) -> anyho
             };
         }
         let proxy = Proxy::start(snapshot, ProxyOptions { registry, loader }).await?;
+        callouts.attach(&proxy);
         let proxy = Arc::new(proxy);
         if let Some(a) = proxy.admin_addr() {
             tracing::info!(address = %a, "admin listening");

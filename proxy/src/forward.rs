@@ -14,7 +14,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version, request};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use sluice_config::{LbPolicy, Redirect};
+use sluice_config::{AccessLogFormat, LbPolicy, Redirect};
 use sluice_filter::{LocalResponse, StreamInfo, TlsInfo};
 
 use crate::accesslog::RequestLog;
@@ -66,6 +66,7 @@ pub async fn handle(req: Request<Incoming>, conn: Rc<ConnInfo>) -> Result<Respon
     let start = Instant::now();
     let dp = conn.shared.dataplane.load_full();
     let grpc = is_grpc(req.headers());
+    let format = dp.snapshot.config().access_log.format;
     let mut log = RequestLog {
         request_id: String::new(),
         listener: conn.listener.clone(),
@@ -87,13 +88,14 @@ pub async fn handle(req: Request<Incoming>, conn: Rc<ConnInfo>) -> Result<Respon
     };
     let Some(listener) = dp.listeners.get(&*conn.listener).cloned() else {
         let err = ProxyError::new(Side::Internal, ErrorKind::NoRoute, "listener removed");
-        return Ok(finish_error(&err, grpc, &dp, log, None));
+        return Ok(finish_error(&err, grpc, &conn.shared.metrics, format, log, None));
     };
     let mut metrics_slot: Option<Arc<RouteMetrics>> = None;
-    let result = proxy(req, &conn, &dp, &listener, &mut log, &mut metrics_slot).await;
+    // Boxed once so the large request future is never moved.
+    let result = Box::pin(proxy(req, &conn, &dp, &listener, &mut log, &mut metrics_slot)).await;
     let mut resp = match result {
         Ok(resp) => resp,
-        Err(err) => finish_error(&err, grpc, &dp, log, metrics_slot),
+        Err(err) => finish_error(&err, grpc, &conn.shared.metrics, format, log, metrics_slot),
     };
     if conn.shared.draining.load(Ordering::Relaxed) && resp.version() != Version::HTTP_2 {
         resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -105,47 +107,58 @@ fn is_grpc(h: &http::HeaderMap) -> bool {
     h.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// What runs when the response body ends: metrics, the filters' `on_log`, the
+/// access log line. Cheap when the access log is off.
+struct Completion {
+    metrics: Option<Arc<RouteMetrics>>,
+    status: u16,
+    start: Instant,
+    log: Option<Box<RequestLog>>,
+    format: AccessLogFormat,
+}
+
+impl Completion {
+    fn new(log: &RequestLog, format: AccessLogFormat, metrics: Option<Arc<RouteMetrics>>, status: u16) -> Self {
+        let start = log.start;
+        let log = (format != AccessLogFormat::Off).then(|| {
+            let mut l = Box::new(log.clone());
+            l.status = status;
+            l
+        });
+        Completion { metrics, status, start, log, format }
+    }
+
+    fn done(self, end: BodyEnd, bytes: u64) {
+        if let Some(m) = &self.metrics {
+            m.record(self.status, self.start.elapsed().as_secs_f64());
+        }
+        if let Some(l) = self.log {
+            l.emit(self.format, bytes, end == BodyEnd::Complete);
+        }
+    }
+}
+
 /// Builds the error response, counting and logging it.
 fn finish_error(
     err: &ProxyError,
     grpc: bool,
-    dp: &Dataplane,
+    metrics: &Metrics,
+    format: AccessLogFormat,
     mut log: RequestLog,
     route_metrics: Option<Arc<RouteMetrics>>,
 ) -> Response<ProxyBody> {
     let resp = error_response(err, grpc);
-    dp_metrics_local_reply(dp, err.reason());
+    metrics.local_replies.with_label_values(&[err.reason()]).inc();
     match err.side {
         Side::Upstream | Side::Internal => tracing::warn!(
             request_id = %log.request_id, route = ?log.route, cluster = ?log.cluster, error = %err, "request failed"
         ),
         Side::Downstream => tracing::debug!(request_id = %log.request_id, error = %err, "request rejected"),
     }
-    log.status = err.status().as_u16();
     log.reason = Some(err.reason());
-    let format = dp.snapshot.config().access_log.format;
-    let status = log.status;
+    let done = Completion::new(&log, format, route_metrics, err.status().as_u16());
     let (parts, body) = resp.into_parts();
-    let body = body.on_end(move |end, n| {
-        if let Some(m) = route_metrics {
-            m.record(status, log.start.elapsed().as_secs_f64());
-        }
-        log.emit(format, n, end == BodyEnd::Complete);
-    });
-    Response::from_parts(parts, body)
-}
-
-fn dp_metrics_local_reply(_dp: &Dataplane, reason: &str) {
-    LOCAL_REPLIES.with(|_| ());
-    if let Some(m) = METRICS.with(|m| m.borrow().clone()) {
-        m.local_replies.with_label_values(&[reason]).inc();
-    }
-}
-
-thread_local! {
-    static LOCAL_REPLIES: () = const { () };
-    /// The worker's metrics handle, set at worker start.
-    pub(crate) static METRICS: std::cell::RefCell<Option<Metrics>> = const { std::cell::RefCell::new(None) };
+    Response::from_parts(parts, body.on_end(move |end, n| done.done(end, n)))
 }
 
 /// The per-request view of where the request goes.
@@ -175,8 +188,11 @@ async fn proxy(
     };
     let (mut parts, body) = req.into_parts();
     let request_id = headers::request_id(&mut parts.headers);
+    let log_on = dp.snapshot.config().access_log.format != AccessLogFormat::Off;
     log.request_id.clone_from(&request_id);
-    log.user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if log_on {
+        log.user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    }
 
     let authority = match parts.uri.authority() {
         Some(a) => a.as_str().to_owned(),
@@ -187,13 +203,15 @@ async fn proxy(
         },
     };
     let raw_path = parts.uri.path();
-    let path = normalize_path(raw_path).ok_or_else(|| ProxyError::bad_request("invalid path"))?;
+    let path = normalize_path(raw_path).ok_or_else(|| ProxyError::bad_request("invalid path"))?.into_owned();
     let query = parts.uri.query().map(str::to_owned);
-    log.authority.clone_from(&authority);
-    log.path = match &query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.clone(),
-    };
+    if log_on {
+        log.authority.clone_from(&authority);
+        log.path = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+    }
 
     let router = &listener.router;
     let route = router.route(&authority, &parts.method, &path, query.as_deref(), &parts.headers).ok_or_else(
@@ -231,7 +249,7 @@ async fn proxy(
             target.authority = parts.uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
             let p = parts.uri.path();
             target.path =
-                normalize_path(p).ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?;
+                normalize_path(p).ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?.into_owned();
             target.query = parts.uri.query().map(str::to_owned);
             let rerouted = router
                 .route(
@@ -359,16 +377,14 @@ fn finish_local(
 ) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
     log.status = status;
-    let format = dp.snapshot.config().access_log.format;
-    let log = log.clone();
+    let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
     let (parts, body) = resp.into_parts();
-    let head = crate::chain::LogHead::from_response(&parts);
+    let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts));
     let body = body.on_end(move |end, n| {
-        metrics.record(status, log.start.elapsed().as_secs_f64());
         if let Some(mut run) = chain {
-            run.log(Some(&head));
+            run.log(head.as_ref());
         }
-        log.emit(format, n, end == BodyEnd::Complete);
+        done.done(end, n);
     });
     Response::from_parts(parts, body)
 }
@@ -601,7 +617,7 @@ async fn forward(
             }
         };
         let started = Instant::now();
-        let send = send_request(cluster, &endpoint, req);
+        let send = Box::pin(send_request(cluster, &endpoint, req));
         let result = match (per_try, deadline) {
             (Some(pt), Some(dl)) => {
                 let until = (tokio::time::Instant::now() + pt).min(dl);
@@ -728,19 +744,17 @@ async fn forward(
     }
     let status = parts.status.as_u16();
     log.status = status;
-    let format = dp.snapshot.config().access_log.format;
-    let log = log.clone();
-    let head = crate::chain::LogHead::from_response(&parts);
+    let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
+    let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts));
     let body = body.on_end(move |end, n| {
         if let Some(f) = pool_ret {
             f(end);
         }
         drop(inflight);
-        metrics.record(status, log.start.elapsed().as_secs_f64());
         if let Some(mut run) = chain {
-            run.log(Some(&head));
+            run.log(head.as_ref());
         }
-        log.emit(format, n, end == BodyEnd::Complete);
+        done.done(end, n);
     });
     Ok(Response::from_parts(parts, body))
 }
@@ -766,10 +780,19 @@ fn hash_key(cluster: &ClusterState, h: &http::HeaderMap, remote: SocketAddr) -> 
     on.source_ip.then(|| HashKey(crate::cluster::hash_bytes(remote.ip().to_string().as_bytes())))
 }
 
-type Sender = Option<(Rc<pool::EndpointPool>, hyper::client::conn::http1::SendRequest<ProxyBody>)>;
+/// Picks an endpoint with this worker's balancer.
+pub(crate) fn pick_endpoint(
+    cluster: &ClusterState,
+    hash: Option<HashKey>,
+    avoid: Option<&Endpoint>,
+) -> Option<Arc<Endpoint>> {
+    PICKER.with(|p| p.borrow_mut().pick(cluster, hash, avoid))
+}
+
+pub(crate) type Sender = Option<(Rc<pool::EndpointPool>, hyper::client::conn::http1::SendRequest<ProxyBody>)>;
 
 /// Sends one attempt; an HTTP/1.1 sender comes back for the pool.
-async fn send_request(
+pub(crate) async fn send_request(
     cluster: &Arc<ClusterState>,
     endpoint: &Arc<Endpoint>,
     req: Request<ProxyBody>,

@@ -105,7 +105,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Sets `x-forwarded-for` (appending when downstream is trusted) and `x-forwarded-proto`.
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, trusted: bool) {
-    let ip = client.to_string();
+    use std::io::Write as _;
+    let mut ipbuf = [0u8; 48];
+    let n = {
+        let mut cur = std::io::Cursor::new(&mut ipbuf[..]);
+        let _ = write!(cur, "{client}");
+        cur.position() as usize
+    };
+    let ip = std::str::from_utf8(&ipbuf[..n]).unwrap_or_default();
     let value = match headers.get(&X_FORWARDED_FOR) {
         Some(prev) if trusted => {
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
@@ -114,7 +121,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, trust
             v.extend_from_slice(ip.as_bytes());
             HeaderValue::from_bytes(&v).ok()
         }
-        _ => HeaderValue::from_str(&ip).ok(),
+        _ => HeaderValue::from_str(ip).ok(),
     };
     if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR.clone(), v);
@@ -136,35 +143,48 @@ pub fn request_id(headers: &mut HeaderMap) -> String {
     {
         return s.to_owned();
     }
-    let id = hex32(fastrand::u128(..));
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    let mut buf = [0u8; 32];
+    hex_into(&mut buf, fastrand::u128(..));
+    if let Ok(v) = HeaderValue::from_bytes(&buf) {
         headers.insert(X_REQUEST_ID.clone(), v);
     }
-    id
+    // The buffer is ASCII hex.
+    buf.iter().map(|&b| b as char).collect()
 }
 
-fn hex32(x: u128) -> String {
-    format!("{x:032x}")
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `x` as lowercase hex, right-aligned, into `out`.
+fn hex_into(out: &mut [u8], mut x: u128) {
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(x & 0xf) as usize];
+        x >>= 4;
+    }
 }
 
 /// Propagates W3C trace context: keeps the trace id and flags of a valid
 /// `traceparent`, with a new parent (span) id for this hop; starts a trace
 /// (using the request id when it is 32 hex digits) when there is none.
 pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
-    let span = fastrand::u64(1..);
+    // 00-<32 hex trace>-<16 hex span>-<2 hex flags>
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
     let incoming = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
-    let value = match incoming {
-        Some((trace, flags)) => format!("00-{trace}-{span:016x}-{flags}"),
-        None => {
-            let trace = if request_id.len() == 32 && request_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                request_id.to_ascii_lowercase()
-            } else {
-                hex32(fastrand::u128(1..))
-            };
-            format!("00-{trace}-{span:016x}-01")
+    match incoming {
+        Some((trace, flags)) => {
+            buf[3..35].copy_from_slice(trace.as_bytes());
+            buf[53..55].copy_from_slice(flags.as_bytes());
         }
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+        None => {
+            let rid = request_id.as_bytes();
+            if rid.len() == 32 && rid.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) && rid.iter().any(|&b| b != b'0') {
+                buf[3..35].copy_from_slice(rid);
+            } else {
+                hex_into(&mut buf[3..35], fastrand::u128(1..));
+            }
+        }
+    }
+    hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
+    if let Ok(v) = HeaderValue::from_bytes(&buf) {
         headers.insert(TRACEPARENT.clone(), v);
     }
 }

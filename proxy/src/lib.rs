@@ -9,6 +9,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod body;
+pub mod callout;
 pub mod chain;
 pub mod cluster;
 pub mod dataplane;
@@ -307,6 +308,10 @@ impl Proxy {
     /// The bound admin address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The metrics.

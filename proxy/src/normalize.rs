@@ -9,13 +9,13 @@
 
 /// Normalizes a path (without the query). Returns `None` when it is not a valid
 /// origin-form path.
-pub fn normalize_path(path: &str) -> Option<String> {
+pub fn normalize_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
     if !path.starts_with('/') {
         return None;
     }
     // Fast path: nothing to do for the common clean path.
     if !needs_work(path.as_bytes()) {
-        return Some(path.to_owned());
+        return Some(std::borrow::Cow::Borrowed(path));
     }
     let decoded = decode_unreserved(path)?;
     let mut segments: Vec<&str> = Vec::new();
@@ -37,7 +37,7 @@ pub fn normalize_path(path: &str) -> Option<String> {
     if out.is_empty() || trailing_slash {
         out.push('/');
     }
-    Some(out)
+    Some(std::borrow::Cow::Owned(out))
 }
 
 fn needs_work(p: &[u8]) -> bool {

@@ -116,7 +116,6 @@ async fn worker_main(
     mut rx: mpsc::UnboundedReceiver<WorkerCmd>,
     mut drain: watch::Receiver<Option<Duration>>,
 ) {
-    crate::forward::METRICS.with(|m| *m.borrow_mut() = Some(shared.metrics.clone()));
     let active = Rc::new(std::cell::Cell::new(0usize));
     let idle_done = Rc::new(tokio::sync::Notify::new());
     let mut accepting: HashMap<u64, watch::Sender<bool>> = HashMap::new();
