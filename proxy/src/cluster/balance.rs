@@ -79,8 +79,12 @@ impl Picker {
                 }
                 LbPolicy::Random => random_available(eps, pred),
                 LbPolicy::LeastRequest => {
+                    // Two *distinct* candidates: sampling with replacement would
+                    // compare an endpoint with itself and ignore load half the time
+                    // with two endpoints.
                     let a = random_available(eps, pred)?;
-                    let b = random_available(eps, pred)?;
+                    let b = random_available(eps, &|e| !Arc::ptr_eq(e, &a) && pred(e))
+                        .unwrap_or_else(|| a.clone());
                     let la = a.active.load(Ordering::Relaxed);
                     let lb = b.active.load(Ordering::Relaxed);
                     Some(if lb < la { b } else { a })
