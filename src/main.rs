@@ -11,6 +11,7 @@ use sluice_config::Snapshot;
 use sluice_proxy::{Proxy, ProxyOptions};
 
 // mimalloc: fewer cycles per allocation than glibc's malloc on the request path.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -113,13 +114,14 @@ fn run_proxy(config: PathBuf, check: bool, cache_dir: Option<PathBuf>) -> anyhow
                 }
             };
         }
+        // Watch before starting, so an edit made while the proxy starts is not missed.
+        let (_watch, mut updates) = sluice_proxy::source::watch_file(&config).context("cannot watch the config file")?;
         let proxy = Proxy::start(snapshot, ProxyOptions { registry, loader }).await?;
         callouts.attach(&proxy);
         let proxy = Arc::new(proxy);
         if let Some(a) = proxy.admin_addr() {
             tracing::info!(address = %a, "admin listening");
         }
-        let (_watch, mut updates) = sluice_proxy::source::watch_file(&config).context("cannot watch the config file")?;
         let reloader = proxy.clone();
         tokio::spawn(async move {
             while let Some(update) = updates.recv().await {
