@@ -629,6 +629,8 @@ async fn forward(
         };
         let elapsed = started.elapsed();
         cluster.metrics.latency.observe(elapsed.as_secs_f64());
+        // Set when the retry was already admitted (budget and retry breaker).
+        let mut admitted = false;
         let err = match result {
             Ok(Ok((resp, sender))) => {
                 let status = resp.status().as_u16();
@@ -639,10 +641,13 @@ async fn forward(
                 };
                 cluster.record_outcome(&endpoint, outcome);
                 let retry_it = !last_attempt && retry.is_some_and(|r| r.retry_status(status));
-                if !retry_it {
+                // A retry refused by the budget or the retry breaker passes the
+                // upstream's own answer through (not a proxy-made 502).
+                if !retry_it || !retry.is_some_and(|r| admit_retry(cluster, r)) {
                     log.upstream_us = Some(elapsed.as_micros() as u64);
                     break (resp, sender, inflight, started);
                 }
+                admitted = true;
                 ProxyError::upstream(ErrorKind::UpstreamProtocol, format!("retriable status {status}"))
             }
             Ok(Err(e)) => {
@@ -674,10 +679,7 @@ async fn forward(
         // Retry: budget, retry circuit breaker, backoff.
         let Some(r) = retry else { return Err(err) };
         let b = &cluster.breaker;
-        if b.retries.load(Ordering::Relaxed) >= cluster.config.circuit_breaker.max_retries
-            || !r.budget.try_withdraw()
-        {
-            cluster.metrics.retry_budget_exhausted.inc();
+        if !admitted && !admit_retry(cluster, r) {
             return Err(err);
         }
         cluster.metrics.retries.inc();
@@ -757,6 +759,17 @@ async fn forward(
         done.done(end, n);
     });
     Ok(Response::from_parts(parts, body))
+}
+
+/// Takes a retry from the route's budget and the cluster's retry breaker;
+/// counts a refusal.
+fn admit_retry(cluster: &ClusterState, r: &crate::router::CompiledRetry) -> bool {
+    let ok = cluster.breaker.retries.load(Ordering::Relaxed) < cluster.config.circuit_breaker.max_retries
+        && r.budget.try_withdraw();
+    if !ok {
+        cluster.metrics.retry_budget_exhausted.inc();
+    }
+    ok
 }
 
 fn hash_key(cluster: &ClusterState, h: &http::HeaderMap, remote: SocketAddr) -> Option<HashKey> {

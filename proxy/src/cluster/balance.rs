@@ -68,10 +68,17 @@ impl Picker {
         let pick_with = |this: &mut Self, pred: &dyn Fn(&Arc<Endpoint>) -> bool| -> Option<Arc<Endpoint>> {
             match &cluster.config.lb {
                 LbPolicy::RoundRobin => {
+                    // A retry's pick does not move the rotation: otherwise every
+                    // request after a retried one would start on the endpoint
+                    // that just failed.
+                    let mut rr = this.rr;
                     for _ in 0..eps.len() {
-                        this.rr = this.rr.wrapping_add(1);
-                        let e = &eps[this.rr % eps.len()];
+                        rr = rr.wrapping_add(1);
+                        let e = &eps[rr % eps.len()];
                         if pred(e) {
+                            if avoid.is_none() {
+                                this.rr = rr;
+                            }
                             return Some(e.clone());
                         }
                     }
