@@ -68,8 +68,9 @@ fn value_bytes(value: Option<&serde_json::Value>) -> Vec<u8> {
 }
 
 /// The fail policy of a filter: what a trap, a deadline or an out-of-memory does.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+/// Written `closed`, `open`, `reload`, or `{ reload: { base: 100ms, ... } }`.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[serde(rename_all = "snake_case")]
 pub enum FailPolicy {
     /// Answer 503 with a reason (the default; right for security filters).
     #[default]
@@ -126,5 +127,24 @@ impl Default for FilterLimits {
             max_module_bytes: 16 * 1024 * 1024,
             pause_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for FailPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::enums::one_of(
+            d,
+            "a fail policy: `closed`, `open`, `reload` or `{ reload: {...} }`",
+            |name| match name {
+                "closed" => Some(FailPolicy::Closed),
+                "open" => Some(FailPolicy::Open),
+                "reload" => Some(FailPolicy::Reload(ReloadPolicy::default())),
+                _ => None,
+            },
+            |key, map| match key {
+                "reload" => Some(serde_yaml_ng::from_value(map).map(FailPolicy::Reload)),
+                _ => None,
+            },
+        )
     }
 }

@@ -4,6 +4,7 @@
 //! This crate does no network I/O and knows nothing of hyper or wasmtime. It reads
 //! a file when asked to ([`Snapshot::load`]); everything else is pure.
 
+mod enums;
 mod error;
 pub mod filter;
 pub mod model;

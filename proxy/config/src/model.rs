@@ -574,8 +574,9 @@ fn default_dns_refresh() -> Duration {
     Duration::from_secs(5)
 }
 
-/// Load-balancing policy.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+/// Load-balancing policy. Written `round_robin`, `least_request`, `random` or
+/// `{ ring_hash: { header: x-user } }`.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
     /// Round robin over healthy endpoints.
@@ -587,6 +588,25 @@ pub enum LbPolicy {
     Random,
     /// Consistent hashing on a request attribute.
     RingHash(HashOn),
+}
+
+impl<'de> Deserialize<'de> for LbPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::enums::one_of(
+            d,
+            "a load-balancing policy: `round_robin`, `least_request`, `random` or `{ ring_hash: {...} }`",
+            |name| match name {
+                "round_robin" => Some(LbPolicy::RoundRobin),
+                "least_request" => Some(LbPolicy::LeastRequest),
+                "random" => Some(LbPolicy::Random),
+                _ => None,
+            },
+            |key, map| match key {
+                "ring_hash" => Some(serde_yaml_ng::from_value(map).map(LbPolicy::RingHash)),
+                _ => None,
+            },
+        )
+    }
 }
 
 /// What a ring hash hashes.

@@ -14,9 +14,13 @@ pub(crate) fn parse_yaml(text: &str, source_name: &str) -> Result<Config, Config
         let inner = err.into_inner();
         let location = inner.location().map(|l| (l.line(), l.column()));
         let mut reason = inner.to_string();
-        // serde_yaml_ng appends " at line L column C"; we report the location separately.
+        // serde_yaml_ng appends " at line L column C" and may prefix the path;
+        // we report both separately.
         if let Some(idx) = reason.find(" at line ") {
             reason.truncate(idx);
+        }
+        if let Some(rest) = reason.strip_prefix(&format!("{field}: ")) {
+            reason = rest.to_owned();
         }
         ConfigError::Invalid {
             source_name: source_name.to_owned(),

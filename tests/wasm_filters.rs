@@ -1,0 +1,189 @@
+//! End-to-end tests of wasm filters in the `sluice proxy` process: modules built
+//! from source (a filter written against the upstream `proxy-wasm` crate, as
+//! for Envoy, and one written with Sluice's SDK), real backends, real clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{Backend, Sluice, build_wasm, eventually, get, root};
+
+/// The `sink` fixture: a proxy-wasm 0.2.5 filter exercising every host-call family.
+fn sink() -> PathBuf {
+    build_wasm(&root().join("proxy/wasm/tests/fixtures/Cargo.toml"), "wasm32-wasip1", "release").join("sink.wasm")
+}
+
+fn config(backend: std::net::SocketAddr, module: &std::path::Path, filter_config: &str, fail_policy: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "{{admin}}" }}
+workers: 2
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    filters:
+      - name: sink
+        module: {module}
+        config: "{filter_config}"
+        fail_policy: {fail_policy}
+        limits: {{ callback_timeout: 50ms }}
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - match: {{ path: /rewritten }}
+            direct_response: {{ status: 200, body: "rerouted" }}
+          - forward: {{ cluster: backend }}
+clusters:
+  - name: backend
+    endpoints: ["{backend}"]
+"#,
+        module = module.display()
+    )
+}
+
+async fn echo_backend() -> Backend {
+    Backend::start(|req| async move {
+        // The sink's callout allows when the first byte of this answer is even ('0').
+        let body = if req.uri().path() == "/bytes/even" { "0".to_owned() } else { req.uri().path().to_owned() };
+        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        for (k, v) in req.headers() {
+            if let Ok(n) = http::HeaderName::from_bytes(format!("x-echo-{k}").as_bytes()) {
+                r.headers_mut().append(n, v.clone());
+            }
+        }
+        r
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_filter_runs_unmodified() {
+    let backend = echo_backend().await;
+    let proxy = Sluice::start(&config(backend.addr, &sink(), "hello", "closed"));
+    let addr = proxy.addr("main");
+
+    // Local response, and the filter's response phase runs on it.
+    let (status, headers, body) = get(addr, "/hello").await;
+    assert_eq!((status, body.as_str()), (200, "Hello, World!\n"));
+    assert_eq!(headers["x-hello"], "1");
+    assert_eq!(headers["x-config"], "hello");
+
+    // Request header edits reach the upstream; the response gets the plugin config.
+    let (status, headers, _) = get(addr, "/plain").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-echo-x-sink"], "1");
+    assert_eq!(headers["x-config"], "hello");
+
+    // A `:path` rewrite by the filter re-evaluates the route.
+    let (status, _, body) = get(addr, "/rewrite").await;
+    assert_eq!((status, body.as_str()), (200, "rerouted"));
+
+    // An HTTP callout to a configured cluster, then resume.
+    let (status, headers, body) = get(addr, "/callout").await;
+    // The sink appends `!` to response bodies (buffered body rewrite).
+    assert_eq!((status, body.as_str()), (200, "/callout!"));
+    assert_eq!(headers["x-echo-x-callout"], "even");
+
+    // Properties seen by the guest.
+    let (_, headers, _) = get(addr, "/props").await;
+    let props = headers["x-echo-x-props"].to_str().unwrap().to_owned();
+    assert!(props.starts_with("sink|127.0.0.1:"), "{props}");
+
+    // The admin endpoint reports the plugin.
+    let (_, _, filters) = get(proxy.admin, "/filters").await;
+    assert!(filters.contains("\"abi_version\": \"0.2.1\""), "{filters}");
+    assert!(filters.contains("\"state\": \"ok\""), "{filters}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_or_trapping_filter_fails_closed_fast_and_reload_recovers() {
+    let backend = echo_backend().await;
+    let policy = "{ reload: { base: 20ms, max: 200ms } }";
+    let proxy = Sluice::start(&config(backend.addr, &sink(), "x", policy));
+    let addr = proxy.addr("main");
+
+    let t = Instant::now();
+    let (status, headers, _) = get(addr, "/loop").await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-sluice-reason"], "filter_timeout");
+    assert!(t.elapsed() < Duration::from_secs(1), "loop took {:?}", t.elapsed());
+
+    let (status, headers, _) = get(addr, "/panic").await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-sluice-reason"], "filter_trap");
+
+    // After the backoff a fresh VM serves again.
+    eventually(Duration::from_secs(10), || async {
+        let (status, _, _) = get(addr, "/plain").await;
+        (status == 200).then_some(())
+    })
+    .await;
+    let (_, _, metrics) = get(proxy.admin, "/metrics").await;
+    assert!(metrics.contains("sluice_wasm_traps_total"), "{metrics}");
+    let (_, _, filters) = get(proxy.admin, "/filters").await;
+    assert!(filters.contains("sink exploded"), "the trap message names the panic: {filters}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_filter_config_under_load_fails_no_request() {
+    let backend = echo_backend().await;
+    let module = sink();
+    let proxy = Sluice::start(&config(backend.addr, &module, "v1", "closed"));
+    let addr = proxy.addr("main");
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen_v2 = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (stop, seen_v2) = (stop.clone(), seen_v2.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (status, headers, _) = get(addr, "/plain").await;
+                n += 1;
+                match headers.get("x-config").and_then(|v| v.to_str().ok()) {
+                    Some("v1") if status == 200 => {}
+                    Some("v2") if status == 200 => {
+                        seen_v2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => failures.push(status),
+                }
+            }
+            (failures, n)
+        }));
+    }
+    for round in 0..4 {
+        let v = if round % 2 == 0 { "v2" } else { "v1" };
+        proxy.write_config(&config(backend.addr, &module, v, "closed"));
+        proxy.wait_for("config applied");
+    }
+    proxy.write_config(&config(backend.addr, &module, "v2", "closed"));
+    proxy.wait_for("config applied");
+    eventually(Duration::from_secs(5), || {
+        let seen = seen_v2.clone();
+        async move { (seen.load(Ordering::Relaxed) > 0).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in tasks {
+        let (failures, n) = t.await.unwrap();
+        total += n;
+        assert!(failures.is_empty(), "failed requests during the swap: {failures:?}");
+    }
+    assert!(total > 50, "only {total} requests");
+
+    // A module that fails to configure is rejected and the old chain keeps serving.
+    proxy.write_config(&config(backend.addr, &module, "reject", "closed"));
+    let rejected = proxy.wait_for("config rejected; the previous config keeps serving");
+    let err = rejected["fields"]["error"].as_str().unwrap().to_owned();
+    assert!(err.contains("listeners[0].filters[0]") && err.contains("config says reject"), "{err}");
+    let (status, headers, _) = get(addr, "/plain").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-config"], "v2");
+}
