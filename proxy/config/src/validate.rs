@@ -19,7 +19,10 @@ pub(crate) fn parse_yaml(text: &str, source_name: &str) -> Result<Config, Config
         if let Some(idx) = reason.find(" at line ") {
             reason.truncate(idx);
         }
-        if let Some(rest) = reason.strip_prefix(&format!("{field}: ")) {
+        if let Some((prefix, rest)) = reason.split_once(": ")
+            && !prefix.is_empty()
+            && field.starts_with(prefix)
+        {
             reason = rest.to_owned();
         }
         ConfigError::Invalid {
