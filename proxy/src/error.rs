@@ -44,6 +44,8 @@ pub enum ErrorKind {
     CircuitOpen,
     /// The request body is larger than a buffer allows.
     PayloadTooLarge,
+    /// Too many request headers (HTTP/2; HTTP/1.1 is refused by the codec).
+    HeadersTooLarge,
     /// A filter failed (fail closed).
     Filter(FilterErrorKind),
     /// The filter chain's response buffer overflowed.
@@ -92,6 +94,7 @@ impl ProxyError {
             ErrorKind::UpstreamReset | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::Filter(FilterErrorKind::BodyTooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Filter(_) => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ResponseTooLarge => StatusCode::INTERNAL_SERVER_ERROR,
@@ -111,6 +114,7 @@ impl ProxyError {
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::HeadersTooLarge => "headers_too_large",
             ErrorKind::Filter(k) => k.as_str(),
             ErrorKind::ResponseTooLarge => "response_too_large",
             ErrorKind::Draining => "draining",
@@ -135,6 +139,7 @@ impl ProxyError {
             ErrorKind::UpstreamTimeout => "upstream request timeout",
             ErrorKind::CircuitOpen => "upstream overflow",
             ErrorKind::PayloadTooLarge => "payload too large",
+            ErrorKind::HeadersTooLarge => "request header fields too large",
             ErrorKind::Filter(FilterErrorKind::BodyTooLarge) => "payload too large",
             ErrorKind::Filter(_) => "filter failed",
             ErrorKind::ResponseTooLarge => "response too large",

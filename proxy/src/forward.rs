@@ -181,6 +181,11 @@ async fn proxy(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let version = req.version();
     headers::check_framing(req.headers(), version)?;
+    // The HTTP/1.1 codec enforces this itself; HTTP/2 only bounds the bytes.
+    if req.headers().len() > listener.config.limits.max_request_headers {
+        let detail = "too many request headers";
+        return Err(ProxyError::new(Side::Downstream, ErrorKind::HeadersTooLarge, detail));
+    }
     let upgrade = if version != Version::HTTP_2 && headers::is_upgrade(req.headers()) {
         Some(hyper::upgrade::on(&mut req))
     } else {
@@ -651,7 +656,10 @@ async fn forward(
                 ProxyError::upstream(ErrorKind::UpstreamProtocol, format!("retriable status {status}"))
             }
             Ok(Err(e)) => {
-                cluster.record_outcome(&endpoint, Outcome::GatewayError);
+                // A failing request body is the downstream's fault, not the endpoint's.
+                if e.side == Side::Upstream {
+                    cluster.record_outcome(&endpoint, Outcome::GatewayError);
+                }
                 let retriable = retry.is_some_and(|r| match e.kind {
                     ErrorKind::ConnectFailure | ErrorKind::ConnectTimeout => r.retry_connect_failure(),
                     ErrorKind::UpstreamReset | ErrorKind::UpstreamProtocol => r.retry_reset(),
@@ -834,6 +842,11 @@ pub(crate) async fn send_request(
 }
 
 fn upstream_error(e: hyper::Error) -> ProxyError {
+    // The request body we were streaming failed (e.g. a malformed chunk from
+    // downstream): a bad request, not an upstream failure.
+    if e.is_user() && std::error::Error::source(&e).is_some() {
+        return ProxyError::new(Side::Downstream, ErrorKind::BadRequest, format!("request body: {e}"));
+    }
     let kind = if e.is_parse() || e.is_parse_status() {
         ErrorKind::UpstreamProtocol
     } else {

@@ -158,7 +158,7 @@ where
 async fn ring_hash_sticks_by_header() {
     let bs = [Backend::named("a").await, Backend::named("b").await, Backend::named("c").await];
     let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
-    let p = TestProxy::start(&cluster_config(&addrs, "    lb: !ring_hash { header: x-user }")).await;
+    let p = TestProxy::start(&cluster_config(&addrs, "    lb: { ring_hash: { header: x-user } }")).await;
     let mut c = h1_connect(p.addr("main")).await;
     let used = stickiness(&mut c, 30, 4, |k| {
         Request::get("/")
@@ -175,7 +175,7 @@ async fn ring_hash_sticks_by_header() {
 async fn ring_hash_sticks_by_cookie() {
     let bs = [Backend::named("a").await, Backend::named("b").await, Backend::named("c").await];
     let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
-    let p = TestProxy::start(&cluster_config(&addrs, "    lb: !ring_hash { cookie: session }")).await;
+    let p = TestProxy::start(&cluster_config(&addrs, "    lb: { ring_hash: { cookie: session } }")).await;
     let mut c = h1_connect(p.addr("main")).await;
     let used = stickiness(&mut c, 30, 3, |k| {
         // Other cookies change between rounds; only `session` matters.
@@ -194,7 +194,7 @@ async fn ring_hash_sticks_by_cookie() {
 async fn ring_hash_sticks_by_source_ip() {
     let bs = [Backend::named("a").await, Backend::named("b").await, Backend::named("c").await];
     let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
-    let p = TestProxy::start(&cluster_config(&addrs, "    lb: !ring_hash { source_ip: true }")).await;
+    let p = TestProxy::start(&cluster_config(&addrs, "    lb: { ring_hash: { source_ip: true } }")).await;
     let addr = p.addr("main");
     let mut placed: HashMap<u8, String> = HashMap::new();
     for round in 0..3 {

@@ -91,9 +91,10 @@ impl Backend {
                             Ok::<_, Infallible>(handler(Request::from_parts(parts, body)).await)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // Above the proxy's limits, so that the proxy's own limits are what tests see.
+                    b.http1().max_headers(1000);
+                    let _ = b.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
                 });
             }
         });

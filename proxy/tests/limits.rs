@@ -1,0 +1,316 @@
+//! Downstream protection: header size and count limits, the header read timeout
+//! (slowloris) and HTTP/1.1 request-smuggling vectors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `bytes` on a fresh connection; returns what came back and whether the
+/// proxy closed the connection (EOF or reset) within two seconds.
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+fn responses(out: &str) -> usize {
+    out.matches("HTTP/1.1 ").count()
+}
+
+fn config(backend: SocketAddr, limits: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "{{admin}}" }}
+workers: 1
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    limits: {{ {limits} }}
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - forward: {{ cluster: backend }}
+clusters:
+  - {{ name: backend, endpoints: ["{backend}"] }}
+"#
+    )
+}
+
+fn headers_request(n_extra: usize, value_len: usize) -> Vec<u8> {
+    let mut r = String::from("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for i in 0..n_extra {
+        r.push_str(&format!("x-h{i}: {}\r\n", "v".repeat(value_len)));
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_header_limits_answer_431_and_close() {
+    let backend = Backend::status(200).await;
+    let p = TestProxy::start(&config(backend.addr, "")).await;
+    let addr = p.addr("main");
+
+    // One 100 KiB header.
+    let (out, closed) = exchange(addr, &headers_request(1, 100 * 1024)).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert!(closed, "the connection closes after a 431");
+    // 100 headers (host, connection and 98 more) pass; 101 do not.
+    let (out, _) = exchange(addr, &headers_request(98, 8)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{}", &out[..out.len().min(200)]);
+    let (out, closed) = exchange(addr, &headers_request(99, 8)).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert!(closed);
+    assert_eq!(backend.hits(), 1, "only the request within limits reached the upstream");
+    // The proxy is fine.
+    assert_eq!(get(addr, "/").await.0.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_header_limits_refuse_the_stream() {
+    let backend = Backend::status(200).await;
+    let p = TestProxy::start(&config(backend.addr, "")).await;
+    let addr = p.addr("main");
+    let mut c = h2_connect(addr).await;
+
+    let big = Request::get(format!("http://{addr}/"))
+        .header("x-big", "v".repeat(100 * 1024))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    c.ready().await.unwrap();
+    match c.send_request(big).await {
+        Ok(resp) => assert_eq!(resp.status(), 431),
+        Err(e) => assert!(e.to_string().contains("stream error") || e.is_closed(), "{e}"),
+    }
+    let mut many = Request::get(format!("http://{addr}/"));
+    for i in 0..101 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    let c2 = &mut h2_connect(addr).await;
+    c2.ready().await.unwrap();
+    match c2.send_request(many.body(Full::new(Bytes::new())).unwrap()).await {
+        Ok(resp) => assert_eq!(resp.status(), 431),
+        Err(e) => assert!(e.to_string().contains("stream error") || e.is_closed(), "{e}"),
+    }
+    assert_eq!(backend.hits(), 0);
+    let req = Request::get(format!("http://{addr}/")).body(Full::new(Bytes::new())).unwrap();
+    let (parts, _) = send2(&mut h2_connect(addr).await, req).await;
+    assert_eq!(parts.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_read_timeout_stops_slowloris() {
+    let backend = Backend::named("b").await;
+    let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 300ms, idle_timeout: 400ms")).await;
+    let addr = p.addr("main");
+
+    // A client dribbling its head one byte every 50 ms never finishes it.
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let closed_at = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if s.write_all(b"X").await.is_err() {
+            break t.elapsed();
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break t.elapsed(),
+            Ok(Ok(_)) => {
+                // A 408 may come first; the close follows.
+            }
+            Err(_) => {}
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "slowloris connection still open after 5s");
+    };
+    assert!(closed_at >= Duration::from_millis(300), "closed before the timeout: {closed_at:?}");
+    assert!(closed_at < Duration::from_secs(2), "closed late: {closed_at:?}");
+
+    // A connection that sends nothing at all is not covered by the header
+    // timeout (hyper starts it with the first byte); the idle timeout closes it.
+    let t = Instant::now();
+    let (out, closed) = exchange(addr, b"").await;
+    assert!(closed, "an idle new connection stays open past the idle timeout: {out}");
+    assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+    assert_eq!(backend.hits(), 0);
+    // A normal request is unaffected.
+    assert_eq!(get(addr, "/").await.0.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_vectors_are_rejected_and_close_the_connection() {
+    let backend = Backend::named("b").await;
+    let p = TestProxy::start(&config(backend.addr, "")).await;
+    let addr = p.addr("main");
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let vectors: Vec<(&str, String)> = vec![
+        (
+            "duplicate cl (different)",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 37\r\n\r\n{smuggled}"
+            ),
+        ),
+        ("cl list", format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 37, 37\r\n\r\n{smuggled}")),
+        ("cl sign", format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +37\r\n\r\n{smuggled}")),
+        (
+            "te xchunked",
+            format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "te chunked, identity",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "te identity",
+            format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "te twice",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "te space before colon",
+            format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "te vertical tab",
+            format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\x0bchunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "te obs-fold",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "bad chunk size",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "chunk size overflow",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff1\r\nhello\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        ("nul in header", format!("GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n{smuggled}")),
+        ("bare cr", format!("GET / HTTP/1.1\rHost: x\r\n\r\n{smuggled}")),
+        ("obs-fold", format!("GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n{smuggled}")),
+    ];
+    let mut failures = Vec::new();
+    for (name, bytes) in &vectors {
+        let before = backend.hits();
+        let (out, closed) = exchange(addr, bytes.as_bytes()).await;
+        let smuggled_seen = backend.seen.lock().unwrap().iter().any(|s| s.uri.path() == "/smuggled");
+        let ok = out.starts_with("HTTP/1.1 400") && responses(&out) == 1 && closed && !smuggled_seen;
+        if !ok {
+            let first = out.lines().next().unwrap_or("<nothing>").to_owned();
+            failures.push(format!(
+                "{name}: first line {first:?}, {} responses, closed={closed}, upstream requests +{}, smuggled seen={smuggled_seen}",
+                responses(&out),
+                backend.hits() - before
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "smuggling vectors not rejected cleanly:\n{}", failures.join("\n"));
+    assert!(!backend.seen.lock().unwrap().iter().any(|s| s.uri.path() == "/smuggled"));
+    let m = p.metrics().await;
+    assert!(metric(&m, r#"sluice_local_replies_total{reason="bad_request"}"#) >= 1.0);
+    assert_eq!(get(addr, "/").await.0.status, 200);
+}
+
+/// Framings hyper normalizes instead of rejecting, as RFC 9112 allows an
+/// intermediary to: with both `content-length` and `transfer-encoding`, the
+/// length is dropped, the chunked body is forwarded and the connection closes
+/// afterwards; identical duplicate lengths are one length. Either way the
+/// upstream gets one unambiguous request and nothing is smuggled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_is_normalized_never_smuggled() {
+    let backend = Backend::start(|req| async move { http::Response::new(Full::new(req.into_body())) }).await;
+    let p = TestProxy::start(&config(backend.addr, "")).await;
+    let addr = p.addr("main");
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (name, bytes) in [
+        (
+            "cl+te",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "te+cl",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+    ] {
+        let before = backend.hits();
+        let (out, closed) = exchange(addr, bytes.as_bytes()).await;
+        // Either a 400, or the chunked reading (empty body) and then a close.
+        let rejected = out.starts_with("HTTP/1.1 400");
+        let normalized = out.starts_with("HTTP/1.1 200") && backend.hits() == before + 1;
+        assert!(rejected || normalized, "{name}: {out}");
+        assert_eq!(responses(&out), 1, "{name}: {out}");
+        assert!(closed, "{name}: the connection must close after an ambiguous framing");
+        if normalized {
+            let seen = backend.last();
+            assert!(
+                !seen.headers.contains_key("content-length")
+                    || !seen.headers.contains_key("transfer-encoding")
+            );
+            assert_eq!(seen.uri.path(), "/a");
+        }
+    }
+    // Same length twice: one request whose body is the text after the head.
+    let dup = format!(
+        "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 35\r\nContent-Length: 35\r\nConnection: close\r\n\r\n{smuggled}"
+    );
+    assert_eq!(smuggled.len(), 35);
+    let (out, closed) = exchange(addr, dup.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(responses(&out), 1, "{out}");
+    assert!(closed);
+    assert!(!backend.seen.lock().unwrap().iter().any(|s| s.uri.path() == "/smuggled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legitimate_framing_still_works() {
+    let backend = Backend::start(|req| async move { http::Response::new(Full::new(req.into_body())) }).await;
+    let p = TestProxy::start(&config(backend.addr, "")).await;
+    let addr = p.addr("main");
+    // Chunked (any case), then a keep-alive second request on the same connection.
+    let two = "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+               POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nworld";
+    let (out, closed) = exchange(addr, two.as_bytes()).await;
+    assert_eq!(responses(&out), 2, "{out}");
+    assert!(out.contains("hello") && out.contains("world"), "{out}");
+    assert!(closed);
+    let seen: Vec<String> = backend.seen.lock().unwrap().iter().map(|s| s.uri.path().to_owned()).collect();
+    assert_eq!(seen, ["/a", "/b"]);
+}
