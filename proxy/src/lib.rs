@@ -240,7 +240,7 @@ impl Proxy {
             let tls = match &l.tls {
                 None => None,
                 Some(t) => {
-                    let alpn: Vec<&[u8]> = l
+                    let mut alpn: Vec<&[u8]> = l
                         .protocols
                         .iter()
                         .map(|p| match p {
@@ -248,6 +248,9 @@ impl Proxy {
                             sluice_config::HttpProtocol::Http1 => &b"http/1.1"[..],
                         })
                         .collect();
+                    // rustls picks the server's first protocol the client offers:
+                    // prefer h2 whatever the order of `protocols`.
+                    alpn.sort_by_key(|p| *p != b"h2");
                     let snap = self.shared.dataplane.load().snapshot.clone();
                     let tls = tls::server(t, &snap, &alpn, &format!("listeners[{i}].tls"))
                         .map_err(|e| ConfigError::field(src, "", e.to_string()))?;
