@@ -86,6 +86,10 @@ struct Binding {
     id: u64,
     addr: SocketAddr,
     identity: String,
+    /// Duplicates of the workers' sockets: a changed listener on the same address
+    /// takes these over, so connections queued in the kernel are not dropped
+    /// (closing a `SO_REUSEPORT` socket resets its accept queue).
+    sockets: Vec<std::net::TcpListener>,
 }
 
 /// A running proxy.
@@ -260,16 +264,24 @@ impl Proxy {
                     Some(Arc::new(tls))
                 }
             };
-            // Rebinding the same port works thanks to SO_REUSEPORT; with port 0 keep the old port.
+            // With port 0 keep the old port.
             let mut cfg = l.clone();
             if cfg.address.port() == 0
                 && let Some(old) = bindings.get(&l.name)
             {
                 cfg.address = old.addr;
             }
-            let (addr, sockets) = server::bind(&cfg, self.workers.len()).map_err(|source| {
-                StartError::Bind { listener: l.name.clone(), address: l.address, source }
-            })?;
+            let bind_err = |source| StartError::Bind { listener: l.name.clone(), address: l.address, source };
+            // Same address: the new binding takes over the very same sockets.
+            let (addr, sockets) = match bindings.get(&l.name) {
+                Some(old) if old.addr == cfg.address => {
+                    let dups: std::io::Result<Vec<_>> = old.sockets.iter().map(|s| s.try_clone()).collect();
+                    (old.addr, dups.map_err(bind_err)?)
+                }
+                _ => server::bind(&cfg, self.workers.len()).map_err(bind_err)?,
+            };
+            let kept: std::io::Result<Vec<_>> = sockets.iter().map(|s| s.try_clone()).collect();
+            let kept = kept.map_err(bind_err)?;
             let id = NEXT_BINDING.fetch_add(1, Ordering::Relaxed);
             let limit = Arc::new(Semaphore::new(l.max_connections));
             for (w, socket) in self.workers.iter().zip(sockets) {
@@ -282,7 +294,8 @@ impl Proxy {
                     limit: limit.clone(),
                 });
             }
-            if let Some(old) = bindings.insert(l.name.clone(), Binding { id, addr, identity: ident }) {
+            let binding = Binding { id, addr, identity: ident, sockets: kept };
+            if let Some(old) = bindings.insert(l.name.clone(), binding) {
                 self.remove_binding(old.id);
             }
             tracing::info!(listener = %l.name, address = %addr, "listening");
@@ -331,6 +344,11 @@ impl Proxy {
     /// `connection: close`), wait up to `timeout` for in-flight requests, stop.
     pub async fn drain(&self, timeout: Duration) {
         self.shared.draining.store(true, Ordering::Relaxed);
+        // Close our socket duplicates so that, once the workers stop accepting,
+        // new connections are refused.
+        for b in self.bindings.lock().values_mut() {
+            b.sockets.clear();
+        }
         let _ = self.drain_tx.send(Some(timeout));
         let threads: Vec<_> = std::mem::take(&mut *self.threads.lock());
         let _ = tokio::task::spawn_blocking(move || {
