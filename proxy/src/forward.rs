@@ -517,6 +517,22 @@ impl Replay {
     }
 }
 
+/// One retry in flight, counted against the cluster's `max_retries`.
+struct RetrySlot(Arc<ClusterState>);
+
+impl RetrySlot {
+    fn take(cluster: &Arc<ClusterState>) -> Self {
+        cluster.breaker.retries.fetch_add(1, Ordering::Relaxed);
+        RetrySlot(cluster.clone())
+    }
+}
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.0.breaker.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Decrements in-flight counters when the exchange ends.
 struct InFlight {
     cluster: Arc<ClusterState>,
@@ -585,6 +601,8 @@ async fn forward(
     let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut template = Some(template);
     let mut last_endpoint: Option<Arc<Endpoint>> = None;
+    // Held from a retry's admission until its attempt ends (`max_retries`).
+    let mut retry_slot: Option<RetrySlot> = None;
     let mut attempt = 0u32;
 
     let (resp, sender, inflight, upstream_start) = loop {
@@ -632,6 +650,7 @@ async fn forward(
             (None, Some(dl)) => tokio::time::timeout_at(dl, send).await,
             (None, None) => Ok(send.await),
         };
+        drop(retry_slot.take());
         let elapsed = started.elapsed();
         cluster.metrics.latency.observe(elapsed.as_secs_f64());
         // Set when the retry was already admitted (budget and retry breaker).
@@ -656,8 +675,9 @@ async fn forward(
                 ProxyError::upstream(ErrorKind::UpstreamProtocol, format!("retriable status {status}"))
             }
             Ok(Err(e)) => {
-                // A failing request body is the downstream's fault, not the endpoint's.
-                if e.side == Side::Upstream {
+                // A failing request body is the downstream's fault and an open
+                // circuit breaker a local overflow: neither is the endpoint's.
+                if e.side == Side::Upstream && e.kind != ErrorKind::CircuitOpen {
                     cluster.record_outcome(&endpoint, Outcome::GatewayError);
                 }
                 let retriable = retry.is_some_and(|r| match e.kind {
@@ -686,19 +706,17 @@ async fn forward(
         drop(inflight);
         // Retry: budget, retry circuit breaker, backoff.
         let Some(r) = retry else { return Err(err) };
-        let b = &cluster.breaker;
         if !admitted && !admit_retry(cluster, r) {
             return Err(err);
         }
         cluster.metrics.retries.inc();
         tracing::debug!(attempt, error = %err, "retrying upstream request");
-        b.retries.fetch_add(1, Ordering::Relaxed);
+        retry_slot = Some(RetrySlot::take(cluster));
         let wait = crate::retry::backoff(&r.policy.backoff, attempt);
         match deadline {
             Some(dl) => tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(dl)).await,
             None => tokio::time::sleep(wait).await,
         }
-        b.retries.fetch_sub(1, Ordering::Relaxed);
         last_endpoint = Some(endpoint);
     };
     let _ = upstream_start;

@@ -330,7 +330,11 @@ async fn assert_fast_503(addr: SocketAddr, limit: &str) {
 async fn circuit_breaker_max_requests_and_max_connections() {
     for (limit, breaker) in [
         ("requests", "    circuit_breaker: { max_requests: 1 }"),
-        ("connections", "    circuit_breaker: { max_connections: 1 }"),
+        // A local overflow is not the endpoint's fault: outlier detection must not eject it.
+        (
+            "connections",
+            "    circuit_breaker: { max_connections: 1 }\n    outlier_detection: { consecutive_gateway_errors: 1 }",
+        ),
     ] {
         let release = Arc::new(tokio::sync::Notify::new());
         let b = held(release.clone()).await;
@@ -438,4 +442,49 @@ async fn upstream_reset_mid_response_resets_downstream() {
     let (parts, body) = send2(&mut c2, req).await;
     assert_eq!(parts.status, 200);
     assert_eq!(&body[..], b"ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_circuit_breaker_limits_retries_in_flight() {
+    // Each path fails its first attempt at once and holds its retry until released.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r2 = release.clone();
+    let attempts = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, usize>::new()));
+    let b = Backend::start(move |req| {
+        let release = r2.clone();
+        let n = {
+            let mut m = attempts.lock().unwrap();
+            let n = m.entry(req.uri().path().to_owned()).or_default();
+            *n += 1;
+            *n
+        };
+        async move {
+            let mut r = Response::new(Full::new(Bytes::from("x")));
+            if n == 1 {
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            } else {
+                release.notified().await;
+            }
+            r
+        }
+    })
+    .await;
+    let retry = format!(", timeout: 5s, retry: {{ on: [5xx], attempts: 1, {FAST_BACKOFF} }}");
+    let p = TestProxy::start(&config(&[b.addr], &retry, "    circuit_breaker: { max_retries: 1 }")).await;
+    let addr = p.addr("main");
+    let first = tokio::spawn(async move { get(addr, "/one").await.0.status });
+    eventually("the first retry is in flight", Duration::from_secs(5), || async { b.hits() == 2 }).await;
+    // A second request needing a retry while one is in flight: the retry is refused
+    // and the upstream's own answer comes back at once.
+    let t = Instant::now();
+    let (parts, _) = get(addr, "/two").await;
+    assert_eq!(parts.status, 503);
+    assert!(!parts.headers.contains_key("x-sluice-reason"), "the upstream's 503, not a proxy one");
+    assert!(t.elapsed() < Duration::from_millis(500));
+    assert_eq!(b.hits(), 3);
+    release.notify_waiters();
+    assert_eq!(first.await.unwrap(), 200);
+    let m = p.metrics().await;
+    assert_eq!(metric(&m, r#"sluice_upstream_retries_total{cluster="backend"}"#), 1.0);
+    assert_eq!(metric(&m, r#"sluice_upstream_retry_budget_exhausted_total{cluster="backend"}"#), 1.0);
 }
