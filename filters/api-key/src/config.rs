@@ -134,7 +134,12 @@ pub fn digest(secret: &[u8]) -> [u8; 32] {
     Sha256::digest(secret).into()
 }
 
-fn stored(client: &str, clear: Option<&String>, hashed: Option<&String>, at: &str) -> Result<[u8; 32], Error> {
+fn stored(
+    client: &str,
+    clear: Option<&String>,
+    hashed: Option<&String>,
+    at: &str,
+) -> Result<[u8; 32], Error> {
     match (clear, hashed) {
         (Some(k), None) if !k.is_empty() => Ok(digest(k.as_bytes())),
         (None, Some(h)) => unhex(h.trim())
@@ -166,7 +171,12 @@ impl Config {
                 if u.user.contains(':') {
                     return Err(Error::msg(format!("basic.users[{i}]: a user name cannot contain ':'")));
                 }
-                let d = stored(&u.user, u.password.as_ref(), u.password_sha256.as_ref(), &format!("basic.users[{i}]"))?;
+                let d = stored(
+                    &u.user,
+                    u.password.as_ref(),
+                    u.password_sha256.as_ref(),
+                    &format!("basic.users[{i}]"),
+                )?;
                 users.push(Stored { client: u.user.clone(), digest: d, paths: Vec::new() });
             }
         }

@@ -95,7 +95,14 @@ fn wrong_keys_get_401_and_the_key_is_never_echoed() {
 #[test]
 fn keys_limited_to_paths_get_403_elsewhere() {
     let host = host();
-    assert!(host.request().path("/reports/q1").header("x-api-key", "k-reports").send().try_upstream_request().is_some());
+    assert!(
+        host.request()
+            .path("/reports/q1")
+            .header("x-api-key", "k-reports")
+            .send()
+            .try_upstream_request()
+            .is_some()
+    );
     let r = host.request().path("/admin").header("x-api-key", "k-reports").send();
     assert_eq!(r.local_response().status, 403);
     assert!(host.logged(LogLevel::Info, "client reports is not allowed"));
@@ -118,7 +125,10 @@ fn keys_in_shared_data_are_loaded_and_refreshed() {
         .unwrap();
     assert_eq!(host.tick_period(), Some(Duration::from_secs(5)));
     assert_eq!(host.request().header("x-api-key", "k-dyn").send().local_response().status, 401);
-    host.set_shared_data("tenants/api-keys", json!({"keys": [{"client": "dyn", "key": "k-dyn"}]}).to_string());
+    host.set_shared_data(
+        "tenants/api-keys",
+        json!({"keys": [{"client": "dyn", "key": "k-dyn"}]}).to_string(),
+    );
     host.advance(Duration::from_secs(5));
     let r = host.request().header("x-api-key", "k-dyn").send();
     assert_eq!(r.upstream_request().header("x-api-client"), Some("dyn"));
@@ -137,8 +147,15 @@ fn keys_in_shared_data_are_loaded_and_refreshed() {
 fn hostile_credentials_never_panic() {
     let host = host();
     let long = "k".repeat(50_000);
-    for v in ["", " ", "Basic", "Basic ", "Basic !!!", "Basic Og==", "basic \u{0}", "ApiKey ", &long, "\u{1F600}"] {
-        let r = host.request().header("authorization", v).header("x-api-key", v).path(&format!("/?api_key={v}")).send();
+    for v in
+        ["", " ", "Basic", "Basic ", "Basic !!!", "Basic Og==", "basic \u{0}", "ApiKey ", &long, "\u{1F600}"]
+    {
+        let r = host
+            .request()
+            .header("authorization", v)
+            .header("x-api-key", v)
+            .path(&format!("/?api_key={v}"))
+            .send();
         assert!(r.try_local_response().is_some(), "{v:.40}");
     }
 }

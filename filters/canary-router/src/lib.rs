@@ -133,7 +133,9 @@ impl Config {
         for (i, r) in self.rules.iter().enumerate() {
             let kinds = [r.header.is_some(), r.cookie.is_some(), r.query.is_some(), r.weights.is_some()];
             if kinds.iter().filter(|k| **k).count() != 1 {
-                return Err(Error::msg(format!("rules[{i}]: set exactly one of header, cookie, query, weights")));
+                return Err(Error::msg(format!(
+                    "rules[{i}]: set exactly one of header, cookie, query, weights"
+                )));
             }
             match &r.weights {
                 Some(w) => {
@@ -158,7 +160,9 @@ impl Config {
             if let Some(p) = &t.prefix_rewrite
                 && (!p.from.starts_with('/') || !p.to.starts_with('/'))
             {
-                return Err(Error::msg(format!("targets.{name}.prefix_rewrite: from and to must start with /")));
+                return Err(Error::msg(format!(
+                    "targets.{name}.prefix_rewrite: from and to must start with /"
+                )));
             }
         }
         Ok(())
@@ -179,7 +183,11 @@ impl Config {
 
 /// Picks a weighted target for `bucket_key` (or at random without one): targets in
 /// name order, each owning a range of `[0, total)` as wide as its weight.
-pub fn pick_weighted<'a>(weights: &'a BTreeMap<String, u32>, salt: &str, key: Option<&str>) -> Option<&'a str> {
+pub fn pick_weighted<'a>(
+    weights: &'a BTreeMap<String, u32>,
+    salt: &str,
+    key: Option<&str>,
+) -> Option<&'a str> {
     let total: u64 = weights.values().map(|w| u64::from(*w)).sum();
     if total == 0 {
         return None;
@@ -199,8 +207,10 @@ pub fn pick_weighted<'a>(weights: &'a BTreeMap<String, u32>, salt: &str, key: Op
 }
 
 fn metric_name(target: &str) -> String {
-    let clean: String =
-        target.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    let clean: String = target
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect();
     format!("canary_router_selected_{clean}")
 }
 
@@ -329,7 +339,8 @@ mod tests {
     #[test]
     fn weighted_split_follows_the_weights() {
         let w = weights(&[("v1", 90), ("v2", 10)]);
-        let v2 = (0..10_000).filter(|i| pick_weighted(&w, "", Some(&format!("user-{i}"))) == Some("v2")).count();
+        let v2 =
+            (0..10_000).filter(|i| pick_weighted(&w, "", Some(&format!("user-{i}"))) == Some("v2")).count();
         assert!((800..1200).contains(&v2), "{v2}");
         assert_eq!(pick_weighted(&weights(&[("a", 0), ("b", 5)]), "", Some("x")), Some("b"));
         assert_eq!(pick_weighted(&weights(&[("a", 0)]), "", None), None);

@@ -26,7 +26,10 @@ fn host_with(config: Value) -> TestHost {
     TestHost::new::<CanaryRoot>().config(config).unwrap()
 }
 
-fn target_of(host: &TestHost, build: impl FnOnce(sluice_sdk::testing::RequestBuilder) -> sluice_sdk::testing::RequestBuilder) -> Option<String> {
+fn target_of(
+    host: &TestHost,
+    build: impl FnOnce(sluice_sdk::testing::RequestBuilder) -> sluice_sdk::testing::RequestBuilder,
+) -> Option<String> {
     let r = build(host.request()).send();
     r.upstream_request().header("x-sluice-canary").map(str::to_owned)
 }
@@ -38,7 +41,11 @@ fn header_cookie_and_query_rules_pick_their_target() {
     assert_eq!(target_of(&host, |r| r.path("/api/x").header("x-canary", "never")).as_deref(), Some("v1"));
     assert_eq!(target_of(&host, |r| r.path("/web").header("cookie", "a=b; canary=1")).as_deref(), Some("v2"));
     assert_eq!(target_of(&host, |r| r.path("/web?canary")).as_deref(), Some("v2"));
-    assert_eq!(target_of(&host, |r| r.path("/web").header("cookie", "canary=0")).as_deref(), Some("v1"), "default");
+    assert_eq!(
+        target_of(&host, |r| r.path("/web").header("cookie", "canary=0")).as_deref(),
+        Some("v1"),
+        "default"
+    );
     assert_eq!(host.metric("canary_router_selected_v2"), Some(3));
     assert_eq!(host.metric("canary_router_selected_v1"), Some(2));
 }
@@ -65,7 +72,11 @@ fn sticky_weights_keep_each_user_on_one_target() {
         let id = format!("user-{user}");
         let first = target_of(&host, |r| r.path("/api/a").header("x-user-id", &id)).unwrap();
         for _ in 0..3 {
-            assert_eq!(target_of(&host, |r| r.path("/api/b").header("x-user-id", &id)).unwrap(), first, "{id}");
+            assert_eq!(
+                target_of(&host, |r| r.path("/api/b").header("x-user-id", &id)).unwrap(),
+                first,
+                "{id}"
+            );
         }
         if first == "v2" {
             v2_users += 1;
@@ -79,7 +90,8 @@ fn sticky_weights_keep_each_user_on_one_target() {
 
 #[test]
 fn sticky_cookie_and_salt() {
-    let c = json!({"rules": [{"weights": {"a": 50, "b": 50}, "sticky": {"cookie": "session"}, "salt": "s1"}]});
+    let c =
+        json!({"rules": [{"weights": {"a": 50, "b": 50}, "sticky": {"cookie": "session"}, "salt": "s1"}]});
     let host = host_with(c);
     let pick = |s: &str| target_of(&host, |r| r.header("cookie", &format!("session={s}"))).unwrap();
     for s in ["x", "y", "z"] {
@@ -103,7 +115,12 @@ fn clients_cannot_steer_with_the_header_itself() {
 fn hostile_inputs_never_panic() {
     let host = host_with(config());
     for v in ["", ";", "=;=", "canary", "canary=", "\u{0}", "é=é; canary=1é", &"c=".repeat(5000)] {
-        let r = host.request().path(&format!("/api/{v}?{v}&canary={v}%zz")).header("cookie", v).header("x-user-id", v).send();
+        let r = host
+            .request()
+            .path(&format!("/api/{v}?{v}&canary={v}%zz"))
+            .header("cookie", v)
+            .header("x-user-id", v)
+            .send();
         assert!(r.try_upstream_request().is_some(), "{v:.30}");
     }
 }
@@ -112,13 +129,22 @@ fn hostile_inputs_never_panic() {
 fn bad_configs_are_rejected() {
     let cases = [
         (json!({"rules": [{"target": "v2"}]}), "exactly one of header, cookie, query, weights"),
-        (json!({"rules": [{"header": {"name": "a"}, "cookie": {"name": "b"}, "target": "v2"}]}), "exactly one"),
+        (
+            json!({"rules": [{"header": {"name": "a"}, "cookie": {"name": "b"}, "target": "v2"}]}),
+            "exactly one",
+        ),
         (json!({"rules": [{"header": {"name": "a"}}]}), "target is required"),
         (json!({"rules": [{"weights": {"a": 0}}]}), "add up to 0"),
         (json!({"rules": [{"weights": {"a": 1}, "target": "a"}]}), "no target"),
-        (json!({"rules": [{"header": {"name": "a"}, "target": "x", "sticky": {"header": "u"}}]}), "sticky only"),
+        (
+            json!({"rules": [{"header": {"name": "a"}, "target": "x", "sticky": {"header": "u"}}]}),
+            "sticky only",
+        ),
         (json!({"rules": [], "header": ":authority"}), "regular header"),
-        (json!({"rules": [], "targets": {"v2": {"prefix_rewrite": {"from": "a", "to": "/b"}}}}), "targets.v2.prefix_rewrite"),
+        (
+            json!({"rules": [], "targets": {"v2": {"prefix_rewrite": {"from": "a", "to": "/b"}}}}),
+            "targets.v2.prefix_rewrite",
+        ),
         (json!({"rules": [{"weights": {"a": -1}}]}), "rules[0].weights.a"),
     ];
     for (config, needle) in cases {

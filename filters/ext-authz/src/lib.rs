@@ -163,7 +163,11 @@ impl RootContext for ExtAuthzRoot {
             failed_open: Counter::new("ext_authz_failed_open")?,
             latency: Histogram::new("ext_authz_latency_ms")?,
         });
-        sluice_sdk::info!("ext-authz configured: cluster {}, timeout {:?}", config.cluster, config.timeout.get());
+        sluice_sdk::info!(
+            "ext-authz configured: cluster {}, timeout {:?}",
+            config.cluster,
+            config.timeout.get()
+        );
         self.config = Some(Rc::new(config));
         Ok(())
     }
@@ -184,15 +188,17 @@ impl ExtAuthz {
     fn check_call(&self, http: &Http, config: &Config) -> Result<HttpCall, Error> {
         let req = http.request();
         let headers = req.headers().all()?;
-        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
+        let get =
+            |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
         let path = get(":path");
         let method = config.method.clone().unwrap_or_else(|| get(":method"));
-        let mut call = HttpCall::new(config.cluster.as_str(), &method, &format!("{}{}", config.path_prefix, path))
-            .timeout(config.timeout.get())
-            .header("x-forwarded-host", &get(":authority"))
-            .header("x-forwarded-method", &get(":method"))
-            .header("x-forwarded-uri", &path)
-            .header("x-forwarded-proto", &get(":scheme"));
+        let mut call =
+            HttpCall::new(config.cluster.as_str(), &method, &format!("{}{}", config.path_prefix, path))
+                .timeout(config.timeout.get())
+                .header("x-forwarded-host", &get(":authority"))
+                .header("x-forwarded-method", &get(":method"))
+                .header("x-forwarded-uri", &path)
+                .header("x-forwarded-proto", &get(":scheme"));
         if let Some(a) = &config.authority {
             call = call.authority(a);
         }

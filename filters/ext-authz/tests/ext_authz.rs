@@ -60,7 +60,10 @@ fn a_2xx_allows_and_copies_allowed_headers_upstream() {
     let host = host_with(config());
     let r = host.request().path("/a").header("x-user", "spoofed").body("b").send();
     r.answer_http_call(
-        TestResponse::new(204).header("x-user", "alice").header("x-auth-roles", "admin").header("x-other", "no"),
+        TestResponse::new(204)
+            .header("x-user", "alice")
+            .header("x-auth-roles", "admin")
+            .header("x-other", "no"),
     );
     let up = r.upstream_request();
     assert_eq!(up.header_all("x-user"), ["alice"]);

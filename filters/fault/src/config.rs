@@ -97,7 +97,9 @@ impl Abort {
         match (grpc, self.http_status) {
             (Some(g), None) => Some(AbortWith::Grpc(g, self.message())),
             (Some(g), Some(_)) if grpc_request => Some(AbortWith::Grpc(g, self.message())),
-            (_, Some(s)) => Some(AbortWith::Http(s, self.body.clone().unwrap_or_else(|| "fault filter abort\n".into()))),
+            (_, Some(s)) => {
+                Some(AbortWith::Http(s, self.body.clone().unwrap_or_else(|| "fault filter abort\n".into())))
+            }
             (None, None) => None,
         }
     }
@@ -165,12 +167,18 @@ impl Config {
                 if let Some(s) = a.http_status
                     && !(200..600).contains(&s)
                 {
-                    return Err(Error::msg(format!("{}: {s} is not an HTTP status (200-599)", at(".abort.http_status"))));
+                    return Err(Error::msg(format!(
+                        "{}: {s} is not an HTTP status (200-599)",
+                        at(".abort.http_status")
+                    )));
                 }
                 if let Some(g) = a.grpc_status
                     && !(1..=16).contains(&g)
                 {
-                    return Err(Error::msg(format!("{}: {g} is not a gRPC error status (1-16)", at(".abort.grpc_status"))));
+                    return Err(Error::msg(format!(
+                        "{}: {g} is not a gRPC error status (1-16)",
+                        at(".abort.grpc_status")
+                    )));
                 }
             }
         }

@@ -52,13 +52,22 @@ impl RootContext for FaultRoot {
         let period = if config.may_delay() { config.tick.get() } else { Duration::ZERO };
         root.set_tick_period(period)?;
         random::seed(now_nanos());
-        sluice_sdk::info!("fault configured: {} rules, header faults {}", config.rules.len(), config.header_faults.enabled);
+        sluice_sdk::info!(
+            "fault configured: {} rules, header faults {}",
+            config.rules.len(),
+            config.header_faults.enabled
+        );
         self.config = Some(Rc::new(config));
         Ok(())
     }
 
     fn new_http(&mut self, _root: &mut Root) -> Fault {
-        Fault { config: self.config.clone(), pending: self.pending.clone(), metrics: self.metrics, delayed: false }
+        Fault {
+            config: self.config.clone(),
+            pending: self.pending.clone(),
+            metrics: self.metrics,
+            delayed: false,
+        }
     }
 
     fn on_tick(&mut self, root: &mut Root) -> Result<(), Error> {
@@ -164,7 +173,9 @@ impl Fault {
             let pct = header_percent(http, &h.abort_percentage_header)?;
             let picked = match (abort_grpc.and_then(GrpcStatus::from_u32), abort_http) {
                 (Some(g), _) if g != GrpcStatus::Ok => Some(AbortWith::Grpc(g, "fault filter abort".into())),
-                (_, Some(s)) if (200..600).contains(&s) => Some(AbortWith::Http(s, "fault filter abort\n".into())),
+                (_, Some(s)) if (200..600).contains(&s) => {
+                    Some(AbortWith::Http(s, "fault filter abort\n".into()))
+                }
                 _ => None,
             };
             if picked.is_some() && random::chance(pct) {

@@ -186,7 +186,9 @@ impl Config {
                 return Err(Error::msg(format!("{at}: duplicate provider name")));
             }
             if p.from_headers.is_empty() && p.from_params.is_empty() && p.from_cookies.is_empty() {
-                return Err(Error::msg(format!("{at}: no token location (from_headers, from_params, from_cookies)")));
+                return Err(Error::msg(format!(
+                    "{at}: no token location (from_headers, from_params, from_cookies)"
+                )));
             }
             match (&p.jwks, &p.remote_jwks) {
                 (Some(doc), None) => {
@@ -202,7 +204,9 @@ impl Config {
                         return Err(Error::msg(format!("{at}.remote_jwks.path: must start with /")));
                     }
                     if remote.refresh.get().is_zero() || remote.timeout.get().is_zero() {
-                        return Err(Error::msg(format!("{at}.remote_jwks: refresh and timeout must be positive")));
+                        return Err(Error::msg(format!(
+                            "{at}.remote_jwks: refresh and timeout must be positive"
+                        )));
                     }
                     inline.push(None);
                 }
@@ -230,7 +234,9 @@ impl Config {
                 let allowed = if rule.providers.is_empty() {
                     all()
                 } else {
-                    (0..self.providers.len()).filter(|&i| rule.providers.contains(&self.providers[i].name)).collect()
+                    (0..self.providers.len())
+                        .filter(|&i| rule.providers.contains(&self.providers[i].name))
+                        .collect()
                 };
                 return (rule.action, allowed);
             }

@@ -309,7 +309,11 @@ mod tests {
     #[test]
     fn hs256_round_trip_and_tamper() {
         let keys = oct_keys(b"0123456789abcdef0123456789abcdef");
-        let t = hs_token(&json!({"alg": "HS256", "kid": "k1"}), &json!({"sub": "a"}), b"0123456789abcdef0123456789abcdef");
+        let t = hs_token(
+            &json!({"alg": "HS256", "kid": "k1"}),
+            &json!({"sub": "a"}),
+            b"0123456789abcdef0123456789abcdef",
+        );
         let jwt = decode(&t, 8192).unwrap();
         assert_eq!(verify_signature(&jwt, &keys), Ok(()));
         let bad = hs_token(&json!({"alg": "HS256", "kid": "k1"}), &json!({"sub": "a"}), b"other");

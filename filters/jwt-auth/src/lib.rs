@@ -63,7 +63,12 @@ impl RootContext for JwtAuthRoot {
     }
 
     fn new_http(&mut self, _root: &mut Root) -> JwtAuth {
-        JwtAuth { config: self.config.clone(), keys: self.keys.clone(), metrics: self.metrics.clone(), pending: None }
+        JwtAuth {
+            config: self.config.clone(),
+            keys: self.keys.clone(),
+            metrics: self.metrics.clone(),
+            pending: None,
+        }
     }
 
     fn on_tick(&mut self, root: &mut Root) -> Result<(), Error> {
@@ -73,7 +78,12 @@ impl RootContext for JwtAuthRoot {
         Ok(())
     }
 
-    fn on_http_call_response(&mut self, _root: &mut Root, token: Token, response: CalloutResponse) -> Result<(), Error> {
+    fn on_http_call_response(
+        &mut self,
+        _root: &mut Root,
+        token: Token,
+        response: CalloutResponse,
+    ) -> Result<(), Error> {
         if let (Some(config), Some(metrics)) = (&self.config, &self.metrics) {
             let now = sluice_sdk::host::now()?;
             self.keys.borrow_mut().on_fetched(config, metrics, token, &response, now);
@@ -150,11 +160,7 @@ impl JwtAuth {
         }
         let path = http.request().path()?.unwrap_or_default();
         let (path, _) = query::split(&path);
-        sluice_sdk::info!(
-            "jwt-auth: denied {path}: {} (provider {})",
-            error.code(),
-            provider.unwrap_or("-")
-        );
+        sluice_sdk::info!("jwt-auth: denied {path}: {} (provider {})", error.code(), provider.unwrap_or("-"));
         let challenge = match error {
             JwtError::Missing => format!("Bearer realm=\"{}\"", config.realm),
             other => format!(
@@ -204,7 +210,9 @@ impl JwtAuth {
                     let path = req.path()?.unwrap_or_default();
                     match find_token(http, provider, &path)? {
                         Some((_, Source::Header(name))) => http.request().remove_header(&name)?,
-                        Some((_, Source::Param(name))) => http.request().set_path(&query::remove(&path, &name))?,
+                        Some((_, Source::Param(name))) => {
+                            http.request().set_path(&query::remove(&path, &name))?
+                        }
                         Some((_, Source::Cookie)) | None => {}
                     }
                 }
@@ -279,7 +287,12 @@ impl HttpContext for JwtAuth {
         self.check(http, &config, index, &token)
     }
 
-    fn on_http_call_response(&mut self, http: &mut Http, call: Token, response: CalloutResponse) -> Result<Action, Error> {
+    fn on_http_call_response(
+        &mut self,
+        http: &mut Http,
+        call: Token,
+        response: CalloutResponse,
+    ) -> Result<Action, Error> {
         let Some(config) = self.config.clone() else { return Ok(Action::Continue) };
         let Some(pending) = self.pending.take_if(|p| p.call == call) else { return Ok(Action::Pause) };
         if let Some(metrics) = &self.metrics {

@@ -165,14 +165,34 @@ fn invalid_tokens_get_invalid_token_with_a_reason() {
     let host = host();
     let cases = [
         (hs256("hs", &with(claims(), "exp", json!(NOW - 61)), HS_SECRET), "Jwt is expired", "expired"),
-        (hs256("hs", &with(claims(), "nbf", json!(NOW + 61)), HS_SECRET), "Jwt not yet valid", "not_yet_valid"),
-        (hs256("hs", &with(claims(), "aud", json!("web")), HS_SECRET), "Audiences in Jwt are not allowed", "bad_audience"),
-        (hs256("hs", &with(claims(), "iss", json!("https://evil")), HS_SECRET), "Jwt issuer is not configured", "bad_issuer"),
+        (
+            hs256("hs", &with(claims(), "nbf", json!(NOW + 61)), HS_SECRET),
+            "Jwt not yet valid",
+            "not_yet_valid",
+        ),
+        (
+            hs256("hs", &with(claims(), "aud", json!("web")), HS_SECRET),
+            "Audiences in Jwt are not allowed",
+            "bad_audience",
+        ),
+        (
+            hs256("hs", &with(claims(), "iss", json!("https://evil")), HS_SECRET),
+            "Jwt issuer is not configured",
+            "bad_issuer",
+        ),
         (hs256("hs", &claims(), b"another-secret"), "Jwt verification fails", "bad_signature"),
         (es256("es", &claims(), 9), "Jwt verification fails", "bad_signature"),
-        (hs256("nope", &claims(), HS_SECRET), "Jwks doesn't have key to match kid or alg from Jwt", "unknown_kid"),
+        (
+            hs256("nope", &claims(), HS_SECRET),
+            "Jwks doesn't have key to match kid or alg from Jwt",
+            "unknown_kid",
+        ),
         ("not-a-jwt".to_string(), "Jwt is not in the form of Header.Payload.Signature", "malformed"),
-        (format!("{}.{}.", b64(br#"{"alg":"none"}"#), b64(claims().to_string().as_bytes())), "Jwt algorithm is not supported", "unsupported_alg"),
+        (
+            format!("{}.{}.", b64(br#"{"alg":"none"}"#), b64(claims().to_string().as_bytes())),
+            "Jwt algorithm is not supported",
+            "unsupported_alg",
+        ),
     ];
     let mut seen = std::collections::HashMap::new();
     for (token, description, code) in cases {
@@ -222,11 +242,21 @@ fn path_rules_skip_allow_missing_and_require() {
     let host = host();
     assert!(host.request().path("/public/logo.png").send().try_upstream_request().is_some());
     let bad = bearer("garbage");
-    assert!(host.request().path("/public/x").header("authorization", &bad).send().try_upstream_request().is_some());
+    assert!(
+        host.request()
+            .path("/public/x")
+            .header("authorization", &bad)
+            .send()
+            .try_upstream_request()
+            .is_some()
+    );
     assert!(host.request().path("/maybe/x").send().try_upstream_request().is_some());
     assert_eq!(host.metric("jwt_auth_missing_allowed"), Some(1));
     // allow_missing still refuses a bad token.
-    assert_eq!(host.request().path("/maybe/x").header("authorization", &bad).send().local_response().status, 401);
+    assert_eq!(
+        host.request().path("/maybe/x").header("authorization", &bad).send().local_response().status,
+        401
+    );
     assert_eq!(host.request().path("/other").send().local_response().status, 401);
 }
 
@@ -254,7 +284,8 @@ fn forward_keeps_the_token() {
 #[test]
 fn spoofed_claim_headers_are_removed() {
     let host = host();
-    let r = host.request().path("/public/x").header("x-jwt-sub", "admin").header("x-jwt-payload", "e30").send();
+    let r =
+        host.request().path("/public/x").header("x-jwt-sub", "admin").header("x-jwt-payload", "e30").send();
     let up = r.upstream_request();
     assert_eq!(up.header("x-jwt-sub"), None);
     assert_eq!(up.header("x-jwt-payload"), None);
@@ -352,18 +383,28 @@ fn keys_are_refreshed_on_the_timer_and_rotation_is_picked_up() {
     host.answer_http_call(host.http_calls()[0].token, jwks_response(&json!({"keys": [ec_jwk("old", 7)]})));
     let new_token = es256("new", &claims(), 8);
     // Unknown kid: refused, and a refetch is wanted at the next tick.
-    assert_eq!(host.request().header("authorization", &bearer(&new_token)).send().local_response().status, 401);
+    assert_eq!(
+        host.request().header("authorization", &bearer(&new_token)).send().local_response().status,
+        401
+    );
     host.advance(Duration::from_millis(2100));
     let calls = host.http_calls();
     assert_eq!(calls.len(), 1, "refetch after an unknown kid");
-    host.answer_http_call(calls[0].token, jwks_response(&json!({"keys": [ec_jwk("old", 7), ec_jwk("new", 8)]})));
-    assert!(host.request().header("authorization", &bearer(&new_token)).send().try_upstream_request().is_some());
+    host.answer_http_call(
+        calls[0].token,
+        jwks_response(&json!({"keys": [ec_jwk("old", 7), ec_jwk("new", 8)]})),
+    );
+    assert!(
+        host.request().header("authorization", &bearer(&new_token)).send().try_upstream_request().is_some()
+    );
     // The periodic refresh happens after `refresh`, and a failure keeps the old keys.
     host.advance(Duration::from_secs(61));
     let calls = host.http_calls();
     assert_eq!(calls.len(), 1);
     host.answer_http_call(calls[0].token, TestResponse::new(200).body("not json"));
-    assert!(host.request().header("authorization", &bearer(&new_token)).send().try_upstream_request().is_some());
+    assert!(
+        host.request().header("authorization", &bearer(&new_token)).send().try_upstream_request().is_some()
+    );
     assert!(host.logged(LogLevel::Warn, "not a JWKS document"));
 }
 
@@ -379,7 +420,12 @@ fn hostile_authorization_values_never_panic() {
         "Bearer e30.e30.".to_string(),
         format!("Bearer {long}"),
         format!("Bearer {}.{}.{}", b64(b"{\"alg\":\"RS256\"}"), b64(b"{}"), b64(&[0u8; 600])),
-        format!("Bearer {}.{}.{}", b64(b"{\"alg\":\"ES256\"}"), b64(b"{\"iss\":\"https://idp.example\"}"), b64(&[255u8; 64])),
+        format!(
+            "Bearer {}.{}.{}",
+            b64(b"{\"alg\":\"ES256\"}"),
+            b64(b"{\"iss\":\"https://idp.example\"}"),
+            b64(&[255u8; 64])
+        ),
         format!("Bearer {}.{}.x", b64("{\"alg\":\"HS256\",\"kid\":[]}".as_bytes()), b64(&[0xff, 0xfe])),
         "bearer \u{0}\u{1}".to_string(),
         "Bearer \u{1F600}.\u{1F600}.\u{1F600}".to_string(),
@@ -396,12 +442,27 @@ fn bad_configs_are_rejected_with_the_field() {
     let cases = [
         (json!({"providers": []}), "at least one provider"),
         (json!({"providers": [{"name": "a", "issuer": "i"}]}), "exactly one of jwks and remote_jwks"),
-        (json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"keys": []}}]}), "providers[0] (a).jwks: no usable key"),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": {"keys": []}}]}),
+            "providers[0] (a).jwks: no usable key",
+        ),
         (json!({"providers": [{"name": "a", "issuer": "i", "jwks": "{"}]}), "not a JWKS document"),
-        (json!({"providers": [{"name": "a", "issuer": "i", "remote_jwks": {"cluster": "c", "path": "x"}}]}), "must start with /"),
-        (json!({"providers": [{"name": "a", "issuer": "i", "jwks": jwks()}], "rules": [{"match": {"prefix": "/"}, "action": "require", "providers": ["b"]}]}), "unknown provider \"b\""),
-        (json!({"providers": [{"name": "a", "issuer": "i", "jwks": jwks()}], "rules": [{"match": {"prefix": "/"}, "action": "deny"}]}), "unknown variant `deny`"),
-        (json!({"providers": [{"name": "a", "issuer": "i", "jwks": jwks(), "audience": "x"}]}), "unknown field `audience`"),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "remote_jwks": {"cluster": "c", "path": "x"}}]}),
+            "must start with /",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": jwks()}], "rules": [{"match": {"prefix": "/"}, "action": "require", "providers": ["b"]}]}),
+            "unknown provider \"b\"",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": jwks()}], "rules": [{"match": {"prefix": "/"}, "action": "deny"}]}),
+            "unknown variant `deny`",
+        ),
+        (
+            json!({"providers": [{"name": "a", "issuer": "i", "jwks": jwks(), "audience": "x"}]}),
+            "unknown field `audience`",
+        ),
         (json!({"providers": [{"name": "a", "issuer": "i", "jwks": jwks()}], "realm": "a\"b"}), "realm"),
     ];
     for (config, needle) in cases {

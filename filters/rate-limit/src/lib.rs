@@ -172,7 +172,12 @@ impl RootContext for RateLimitRoot {
     }
 
     fn new_http(&mut self, _root: &mut Root) -> RateLimit {
-        RateLimit { config: self.config.clone(), metrics: self.metrics, plugin: self.plugin.clone(), headers: None }
+        RateLimit {
+            config: self.config.clone(),
+            metrics: self.metrics,
+            plugin: self.plugin.clone(),
+            headers: None,
+        }
     }
 }
 
@@ -275,7 +280,10 @@ impl HttpContext for RateLimit {
                 if let Some(m) = self.metrics {
                     m.conflicts.inc()?;
                 }
-                sluice_sdk::warn!("rate-limit: rule {} gave up after {CAS_RETRIES} CAS conflicts; allowing", rule.name);
+                sluice_sdk::warn!(
+                    "rate-limit: rule {} gave up after {CAS_RETRIES} CAS conflicts; allowing",
+                    rule.name
+                );
                 continue;
             };
             let report = Report { limit: rule.requests, remaining: take.remaining, reset: take.reset_secs };

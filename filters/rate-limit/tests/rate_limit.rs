@@ -81,7 +81,9 @@ fn source_ip_ignores_the_port_and_route_keys_use_the_route_name() {
     assert!(host.request().source_address("10.0.0.2:1000").send().try_upstream_request().is_some());
     assert!(host.request().source_address("[::1]:80").send().try_upstream_request().is_some());
 
-    let host = host_with(json!({"rules": [{"name": "r", "key": "route", "requests": 1, "per": "1s", "routes": ["api"]}]}));
+    let host = host_with(
+        json!({"rules": [{"name": "r", "key": "route", "requests": 1, "per": "1s", "routes": ["api"]}]}),
+    );
     let send = |route: &str| host.request().property(&["xds", "route_name"], route).send();
     assert!(send("api").try_upstream_request().is_some());
     assert_eq!(send("api").local_response().status, 429);
@@ -155,9 +157,15 @@ fn bad_configs_are_rejected() {
         (json!({"rules": []}), "at least one rule"),
         (json!({"rules": [{"name": "a", "key": "global", "requests": 0, "per": "1s"}]}), "must be positive"),
         (json!({"rules": [{"name": "a", "key": "global", "requests": 1, "per": 0}]}), "per must be positive"),
-        (json!({"rules": [{"name": "a", "key": "global", "requests": 1, "per": "1s"}, {"name": "a", "key": "route", "requests": 1, "per": "1s"}]}), "unique"),
+        (
+            json!({"rules": [{"name": "a", "key": "global", "requests": 1, "per": "1s"}, {"name": "a", "key": "route", "requests": 1, "per": "1s"}]}),
+            "unique",
+        ),
         (json!({"rules": [{"name": "a", "key": "ip", "requests": 1, "per": "1s"}]}), "unknown variant `ip`"),
-        (json!({"rules": [{"name": "a", "key": "global", "requests": 1, "per": "1s"}], "status": 200}), "not an error status"),
+        (
+            json!({"rules": [{"name": "a", "key": "global", "requests": 1, "per": "1s"}], "status": 200}),
+            "not an error status",
+        ),
     ];
     for (config, needle) in cases {
         let err = TestHost::new::<RateLimitRoot>().config(config.clone()).unwrap_err();
