@@ -168,6 +168,7 @@ impl Proxy {
         let listeners = proxy.shared.dataplane.load().snapshot.config().listeners.clone();
         let src = proxy.shared.dataplane.load().snapshot.source_name().to_owned();
         proxy.reconcile_listeners(&listeners, &src)?;
+        proxy.warm_workers(&proxy.shared.dataplane.load_full()).await;
         Ok(proxy)
     }
 
@@ -200,7 +201,11 @@ impl Proxy {
                 health::spawn_upkeep(c, &self.rt);
             }
         }
-        self.shared.dataplane.store(Arc::new(dp));
+        let dp = Arc::new(dp);
+        // Filters get their per-worker VMs before the switch, so the first requests
+        // on the new config do not pay for them.
+        self.warm_workers(&dp).await;
+        self.shared.dataplane.store(dp);
         drop(old);
         self.generation.store(generation, Ordering::Relaxed);
         self.shared.metrics.generation.set(generation as i64);
@@ -308,6 +313,21 @@ impl Proxy {
             }
         }
         Ok(())
+    }
+
+    async fn warm_workers(&self, dp: &Arc<Dataplane>) {
+        if dp.filters.is_empty() {
+            return;
+        }
+        let mut acks = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if w.send(WorkerCmd::Warm(dp.clone(), tx)).is_ok() {
+                acks.push(rx);
+            }
+        }
+        // A worker stuck on a slow VM start must not hold the reload forever.
+        let _ = tokio::time::timeout(Duration::from_secs(10), futures_util::future::join_all(acks)).await;
     }
 
     fn remove_binding(&self, id: u64) {

@@ -79,6 +79,9 @@ pub enum WorkerCmd {
         /// Binding id.
         binding: u64,
     },
+    /// A new dataplane is about to be in force: prepare its filters' per-worker
+    /// state, then acknowledge.
+    Warm(Arc<crate::dataplane::Dataplane>, tokio::sync::oneshot::Sender<()>),
 }
 
 /// A running worker.
@@ -155,6 +158,12 @@ async fn worker_main(
                         drain: drain.clone(),
                     };
                     tokio::task::spawn_local(accept_loop(listener, ctx, stop_rx));
+                }
+                Some(WorkerCmd::Warm(dp, done)) => {
+                    for (_, f) in &dp.filters {
+                        f.prepare_worker();
+                    }
+                    let _ = done.send(());
                 }
                 Some(WorkerCmd::Remove { binding }) => {
                     if let Some(tx) = accepting.remove(&binding) {

@@ -17,26 +17,7 @@ use http_body_util::Full;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn cluster_config(backends: &[SocketAddr], cluster_extra: &str) -> String {
-    let eps: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - forward: {{ cluster: backend }}
-clusters:
-  - name: backend
-    endpoints: [{}]
-{cluster_extra}
-"#,
-        eps.join(", ")
-    )
+    config_yaml(1, "", "- forward: { cluster: backend }", &backend_cluster(backends, cluster_extra))
 }
 
 /// Which backend answered (its `x-backend` header).
@@ -63,7 +44,7 @@ async fn endpoint_state(p: &TestProxy, addr: SocketAddr) -> serde_json::Value {
 async fn round_robin_spreads_evenly() {
     let bs = [Backend::named("a").await, Backend::named("b").await, Backend::named("c").await];
     let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
-    let p = TestProxy::start(&cluster_config(&addrs, "    lb: round_robin")).await;
+    let p = TestProxy::start(&cluster_config(&addrs, "lb: round_robin")).await;
     let mut c = h1_connect(p.addr("main")).await;
     let mut order = Vec::new();
     for _ in 0..300 {
@@ -76,35 +57,18 @@ async fn round_robin_spreads_evenly() {
     assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
 }
 
-/// A backend named `name` whose requests carrying `x-hold` wait until `release`.
-async fn holding_backend(name: &'static str, release: Arc<tokio::sync::Notify>) -> Backend {
-    Backend::start(move |req| {
-        let release = release.clone();
-        async move {
-            if req.headers().contains_key("x-hold") {
-                release.notified().await;
-            }
-            let mut r = Response::new(Full::new(Bytes::from(name)));
-            r.headers_mut().insert("x-backend", name.parse().unwrap());
-            r
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_request_prefers_the_idle_endpoint() {
     let release = Arc::new(tokio::sync::Notify::new());
-    let a = holding_backend("a", release.clone()).await;
-    let b = holding_backend("b", release.clone()).await;
-    let p = TestProxy::start(&cluster_config(&[a.addr, b.addr], "    lb: least_request")).await;
+    let a = Backend::holding("a", release.clone()).await;
+    let b = Backend::holding("b", release.clone()).await;
+    let p = TestProxy::start(&cluster_config(&[a.addr, b.addr], "lb: least_request")).await;
     let addr = p.addr("main");
 
     // One request stays in flight on one endpoint.
     let held = tokio::spawn(async move {
         let mut c = h1_connect(addr).await;
-        let req = Request::get("/").header("host", "x").header("x-hold", "1").body(Full::default()).unwrap();
-        who(&mut c, req).await
+        who(&mut c, get_req("x", "/hold")).await
     });
     eventually("the held request reaches a backend", WAIT, || async { a.hits() + b.hits() == 1 }).await;
     let busy = if a.hits() == 1 { "a" } else { "b" };
@@ -128,7 +92,7 @@ async fn least_request_prefers_the_idle_endpoint() {
 async fn random_uses_every_endpoint() {
     let a = Backend::named("a").await;
     let b = Backend::named("b").await;
-    let p = TestProxy::start(&cluster_config(&[a.addr, b.addr], "    lb: random")).await;
+    let p = TestProxy::start(&cluster_config(&[a.addr, b.addr], "lb: random")).await;
     let mut c = h1_connect(p.addr("main")).await;
     for _ in 0..200 {
         who(&mut c, get_req("x", "/")).await;
@@ -158,7 +122,7 @@ where
 async fn ring_hash_sticks_by_header() {
     let bs = [Backend::named("a").await, Backend::named("b").await, Backend::named("c").await];
     let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
-    let p = TestProxy::start(&cluster_config(&addrs, "    lb: { ring_hash: { header: x-user } }")).await;
+    let p = TestProxy::start(&cluster_config(&addrs, "lb: { ring_hash: { header: x-user } }")).await;
     let mut c = h1_connect(p.addr("main")).await;
     let used = stickiness(&mut c, 30, 4, |k| {
         Request::get("/")
@@ -175,7 +139,7 @@ async fn ring_hash_sticks_by_header() {
 async fn ring_hash_sticks_by_cookie() {
     let bs = [Backend::named("a").await, Backend::named("b").await, Backend::named("c").await];
     let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
-    let p = TestProxy::start(&cluster_config(&addrs, "    lb: { ring_hash: { cookie: session } }")).await;
+    let p = TestProxy::start(&cluster_config(&addrs, "lb: { ring_hash: { cookie: session } }")).await;
     let mut c = h1_connect(p.addr("main")).await;
     let used = stickiness(&mut c, 30, 3, |k| {
         // Other cookies change between rounds; only `session` matters.
@@ -194,7 +158,7 @@ async fn ring_hash_sticks_by_cookie() {
 async fn ring_hash_sticks_by_source_ip() {
     let bs = [Backend::named("a").await, Backend::named("b").await, Backend::named("c").await];
     let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
-    let p = TestProxy::start(&cluster_config(&addrs, "    lb: { ring_hash: { source_ip: true } }")).await;
+    let p = TestProxy::start(&cluster_config(&addrs, "lb: { ring_hash: { source_ip: true } }")).await;
     let addr = p.addr("main");
     let mut placed: HashMap<u8, String> = HashMap::new();
     for round in 0..3 {
@@ -232,7 +196,7 @@ async fn active_health_checks_remove_and_restore_endpoints() {
     let b_ok = Arc::new(AtomicBool::new(true));
     let a = health_backend("a", a_ok.clone()).await;
     let b = health_backend("b", b_ok.clone()).await;
-    let extra = "    health_check: { path: /health, interval: 50ms, timeout: 1s, unhealthy_threshold: 2, healthy_threshold: 2 }";
+    let extra = "health_check: { path: /health, interval: 50ms, timeout: 1s, unhealthy_threshold: 2, healthy_threshold: 2 }";
     let p = TestProxy::start(&cluster_config(&[a.addr, b.addr], extra)).await;
     let mut c = h1_connect(p.addr("main")).await;
     eventually("health checks run", WAIT, || async { b.seen.lock().unwrap().len() >= 2 }).await;
@@ -302,7 +266,7 @@ async fn outlier_detection_ejects_consecutive_5xx_and_reports_it() {
     let b = flaky_backend("b", never.clone()).await;
     let bad = flaky_backend("bad", failing.clone()).await;
     let extra =
-        "    outlier_detection: { consecutive_5xx: 3, base_ejection_time: 30s, max_ejection_percent: 50 }";
+        "outlier_detection: { consecutive_5xx: 3, base_ejection_time: 30s, max_ejection_percent: 50 }";
     let p = TestProxy::start(&cluster_config(&[a.addr, b.addr, bad.addr], extra)).await;
     let mut c = h1_connect(p.addr("main")).await;
     let mut errors = 0;
@@ -335,7 +299,7 @@ async fn outlier_detection_respects_max_ejection_percent() {
     let d = flaky_backend("d", failing.clone()).await;
     // Four endpoints, all failing, at most 50% ejected: exactly two.
     let extra =
-        "    outlier_detection: { consecutive_5xx: 2, base_ejection_time: 30s, max_ejection_percent: 50 }";
+        "outlier_detection: { consecutive_5xx: 2, base_ejection_time: 30s, max_ejection_percent: 50 }";
     let p = TestProxy::start(&cluster_config(&[a.addr, b.addr, c_.addr, d.addr], extra)).await;
     let mut c = h1_connect(p.addr("main")).await;
     for _ in 0..40 {
@@ -358,7 +322,7 @@ async fn outlier_detection_ejects_unreachable_endpoints_and_lets_them_back() {
     let a = flaky_backend("a", never).await;
     let flaky = flaky_backend("flaky", failing.clone()).await;
     let dead = dead_addr();
-    let extra = "    outlier_detection: { consecutive_5xx: 0, consecutive_gateway_errors: 2, base_ejection_time: 30s, max_ejection_percent: 100 }";
+    let extra = "outlier_detection: { consecutive_5xx: 0, consecutive_gateway_errors: 2, base_ejection_time: 30s, max_ejection_percent: 100 }";
     let p = TestProxy::start(&cluster_config(&[a.addr, dead], extra)).await;
     let mut c = h1_connect(p.addr("main")).await;
     let mut unavailable = 0;
@@ -373,7 +337,7 @@ async fn outlier_detection_ejects_unreachable_endpoints_and_lets_them_back() {
 
     // An ejection expires after base_ejection_time: with a short one, the endpoint comes back.
     let extra =
-        "    outlier_detection: { consecutive_5xx: 2, base_ejection_time: 200ms, max_ejection_percent: 50 }";
+        "outlier_detection: { consecutive_5xx: 2, base_ejection_time: 200ms, max_ejection_percent: 50 }";
     let p = TestProxy::start(&cluster_config(&[a.addr, flaky.addr], extra)).await;
     let mut c = h1_connect(p.addr("main")).await;
     for _ in 0..8 {

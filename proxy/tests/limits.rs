@@ -38,23 +38,8 @@ fn responses(out: &str) -> usize {
 }
 
 fn config(backend: SocketAddr, limits: &str) -> String {
-    format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    limits: {{ {limits} }}
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - forward: {{ cluster: backend }}
-clusters:
-  - {{ name: backend, endpoints: ["{backend}"] }}
-"#
-    )
+    let listener = format!("limits: {{ {limits} }}");
+    config_yaml(1, &listener, "- forward: { cluster: backend }", &backend_cluster(&[backend], ""))
 }
 
 fn headers_request(n_extra: usize, value_len: usize) -> Vec<u8> {

@@ -42,28 +42,14 @@ fn tls_setup() -> TlsSetup {
 }
 
 fn tls_config(t: &TlsSetup, backend: SocketAddr, protocols: &str) -> String {
-    format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 2
-listeners:
-  - name: tls
-    address: 127.0.0.1:0
-    protocols: {protocols}
-    tls:
-      certificates:
-        - {{ cert: "{}", key: "{}", server_names: [a.test] }}
-        - {{ cert: "{}", key: "{}", server_names: [b.test, "*.wild.test"] }}
-    virtual_hosts:
-      - {{ name: all, domains: ["*"], routes: [{{ forward: {{ cluster: backend }} }}] }}
-clusters:
-  - {{ name: backend, endpoints: ["{backend}"] }}
-"#,
+    let listener = format!(
+        "protocols: {protocols}\ntls:\n  certificates:\n    - {{ cert: \"{}\", key: \"{}\", server_names: [a.test] }}\n    - {{ cert: \"{}\", key: \"{}\", server_names: [b.test, \"*.wild.test\"] }}",
         t.a.cert.display(),
         t.a.key.display(),
         t.b.cert.display(),
         t.b.key.display(),
-    )
+    );
+    config_yaml(2, &listener, "- forward: { cluster: backend }", &backend_cluster(&[backend], ""))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +57,7 @@ async fn tls_alpn_negotiates_h2_or_http1() {
     let t = tls_setup();
     let backend = Backend::named("b").await;
     let p = TestProxy::start(&tls_config(&t, backend.addr, "[http1, http2]")).await;
-    let addr = p.addr("tls");
+    let addr = p.addr("main");
     let ca = t.pki.ca_der();
 
     // A client preferring h2 gets h2.
@@ -98,7 +84,7 @@ async fn tls_alpn_negotiates_h2_or_http1() {
         assert_eq!(&body[..], b"b");
     }
     let m = p.metrics().await;
-    assert_eq!(metric(&m, r#"sluice_tls_handshakes_total{side="downstream",name="tls",result="ok"}"#), 3.0);
+    assert_eq!(metric(&m, r#"sluice_tls_handshakes_total{side="downstream",name="main",result="ok"}"#), 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +92,8 @@ async fn tls_http1_only_listener_never_speaks_h2() {
     let t = tls_setup();
     let backend = Backend::named("b").await;
     let p = TestProxy::start(&tls_config(&t, backend.addr, "[http1]")).await;
-    let (stream, alpn, _) = tls_connect(p.addr("tls"), "a.test", t.pki.ca_der(), &[b"h2", b"http/1.1"]).await;
+    let (stream, alpn, _) =
+        tls_connect(p.addr("main"), "a.test", t.pki.ca_der(), &[b"h2", b"http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
     let mut c = h1_handshake(stream).await;
     assert_eq!(send1(&mut c, get_req("a.test", "/")).await.0.status, 200);
@@ -117,7 +104,7 @@ async fn sni_picks_the_certificate() {
     let t = tls_setup();
     let backend = Backend::named("b").await;
     let p = TestProxy::start(&tls_config(&t, backend.addr, "[http1, http2]")).await;
-    let addr = p.addr("tls");
+    let addr = p.addr("main");
     for (sni, want) in
         [("a.test", &t.a.der), ("b.test", &t.b.der), ("x.wild.test", &t.b.der), ("fallback.test", &t.a.der)]
     {
@@ -242,26 +229,9 @@ async fn grpc_backend() -> SocketAddr {
 }
 
 fn grpc_config(backend: SocketAddr) -> String {
-    format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 2
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - match: {{ prefix: /test.Echo/ }}
-            forward: {{ cluster: grpc }}
-          - match: {{ prefix: /slow.Service/ }}
-            forward: {{ cluster: grpc, timeout: 100ms }}
-clusters:
-  - {{ name: grpc, protocol: http2, endpoints: ["{backend}"] }}
-  - {{ name: unused, endpoints: ["127.0.0.1:1"] }}
-"#
-    )
+    let routes = "- { match: { prefix: /test.Echo/ }, forward: { cluster: grpc } }\n- { match: { prefix: /slow.Service/ }, forward: { cluster: grpc, timeout: 100ms } }";
+    let clusters = format!("- {{ name: grpc, protocol: http2, endpoints: [\"{backend}\"] }}");
+    config_yaml(2, "", routes, &clusters)
 }
 
 type GrpcClient = tonic::client::Grpc<tonic::transport::Channel>;

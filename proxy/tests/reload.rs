@@ -16,40 +16,13 @@ use http_body_util::{BodyExt, Full};
 const WAIT: Duration = Duration::from_secs(5);
 
 fn routes_config(routes: &str, backend: SocketAddr, cluster_extra: &str) -> String {
-    format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 2
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-{routes}
-clusters:
-  - name: backend
-    endpoints: ["{backend}"]
-{cluster_extra}
-"#
-    )
+    config_yaml(2, "", routes, &backend_cluster(&[backend], cluster_extra))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_to_new_requests_and_in_flight_ones_finish() {
     let release = Arc::new(tokio::sync::Notify::new());
-    let r2 = release.clone();
-    let backend = Backend::start(move |req| {
-        let release = r2.clone();
-        async move {
-            if req.uri().path() == "/hold" {
-                release.notified().await;
-            }
-            Response::new(Full::new(Bytes::from("from-backend")))
-        }
-    })
-    .await;
+    let backend = Backend::holding("from-backend", release.clone()).await;
     let v1 = r#"          - { match: { path: /v1 }, direct_response: { status: 200, body: one } }
           - { match: { prefix: / }, forward: { cluster: backend } }"#;
     let p = TestProxy::start(&routes_config(v1, backend.addr, "")).await;
@@ -108,11 +81,11 @@ async fn a_bad_config_is_rejected_with_field_and_reason_and_the_old_one_serves()
     // Unparseable YAML and unknown fields say where.
     let err = p.reload("listeners: [ { name: main").await.unwrap_err().to_string();
     assert!(err.contains("test.yaml"), "{err}");
-    let err = p.reload(&routes_config(good, backend.addr, "    colour: blue")).await.unwrap_err().to_string();
+    let err = p.reload(&routes_config(good, backend.addr, "colour: blue")).await.unwrap_err().to_string();
     assert!(err.contains("colour"), "{err}");
     // A config that validates but cannot be built (a missing CA file) is rejected too.
     let err = p
-        .reload(&routes_config(good, backend.addr, "    tls: { ca: /nonexistent/ca.pem }"))
+        .reload(&routes_config(good, backend.addr, "tls: { ca: /nonexistent/ca.pem }"))
         .await
         .unwrap_err()
         .to_string();
@@ -207,25 +180,12 @@ async fn reload_under_load(configs: [String; 2], times: usize) -> (usize, Vec<St
 }
 
 fn load_config(tag: &str, cluster: &str, connect_timeout: &str, limits: &str) -> String {
-    format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 2
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    limits: {{ {limits} }}
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - forward: {{ cluster: {cluster} }}
-            response_headers: {{ set: {{ x-config: {tag} }} }}
-clusters:
-  - {{ name: one, endpoints: ["{{b1}}"], connect_timeout: {connect_timeout} }}
-  - {{ name: two, endpoints: ["{{b2}}"] }}
-"#
-    )
+    let route =
+        format!("- forward: {{ cluster: {cluster} }}\n  response_headers: {{ set: {{ x-config: {tag} }} }}");
+    let clusters = format!(
+        "- {{ name: one, endpoints: [\"{{b1}}\"], connect_timeout: {connect_timeout} }}\n- {{ name: two, endpoints: [\"{{b2}}\"] }}"
+    );
+    config_yaml(2, &format!("limits: {{ {limits} }}"), &route, &clusters)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,17 +224,7 @@ async fn reloading_listener_settings_under_load_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_in_flight_work_and_refuses_new_connections() {
     let release = Arc::new(tokio::sync::Notify::new());
-    let r2 = release.clone();
-    let backend = Backend::start(move |req| {
-        let release = r2.clone();
-        async move {
-            if req.uri().path() == "/hold" {
-                release.notified().await;
-            }
-            Response::new(Full::new(Bytes::from("finished")))
-        }
-    })
-    .await;
+    let backend = Backend::holding("finished", release.clone()).await;
     let p = Arc::new(TestProxy::start(&simple_config(&[backend.addr])).await);
     let addr = p.addr("main");
     assert_eq!(get_text(p.admin(), "/readyz").await.0, 200);

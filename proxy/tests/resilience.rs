@@ -18,26 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// One listener, one route to cluster `backend` with `forward_extra` in its
 /// `forward` map and `cluster_extra` lines in the cluster.
 fn config(backends: &[SocketAddr], forward_extra: &str, cluster_extra: &str) -> String {
-    let eps: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - forward: {{ cluster: backend {forward_extra} }}
-clusters:
-  - name: backend
-    endpoints: [{}]
-{cluster_extra}
-"#,
-        eps.join(", ")
-    )
+    let route = format!("- forward: {{ cluster: backend {forward_extra} }}");
+    config_yaml(1, "", &route, &backend_cluster(backends, cluster_extra))
 }
 
 /// A backend answering `codes[i]` to its i-th request (the last code afterwards),
@@ -303,20 +285,6 @@ async fn retry_budget_limits_retries() {
     assert_eq!(metric(&m, r#"sluice_upstream_retry_budget_exhausted_total{cluster="backend"}"#), 15.0);
 }
 
-/// A backend whose requests wait until `release` (its hits count on arrival).
-async fn held(release: Arc<tokio::sync::Notify>) -> Backend {
-    Backend::start(move |req| {
-        let release = release.clone();
-        async move {
-            if req.uri().path() == "/hold" {
-                release.notified().await;
-            }
-            Response::new(Full::new(Bytes::from("done")))
-        }
-    })
-    .await
-}
-
 async fn assert_fast_503(addr: SocketAddr, limit: &str) {
     let t = Instant::now();
     let (parts, body) = get(addr, "/").await;
@@ -329,15 +297,15 @@ async fn assert_fast_503(addr: SocketAddr, limit: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_breaker_max_requests_and_max_connections() {
     for (limit, breaker) in [
-        ("requests", "    circuit_breaker: { max_requests: 1 }"),
+        ("requests", "circuit_breaker: { max_requests: 1 }"),
         // A local overflow is not the endpoint's fault: outlier detection must not eject it.
         (
             "connections",
-            "    circuit_breaker: { max_connections: 1 }\n    outlier_detection: { consecutive_gateway_errors: 1 }",
+            "circuit_breaker: { max_connections: 1 }\noutlier_detection: { consecutive_gateway_errors: 1 }",
         ),
     ] {
         let release = Arc::new(tokio::sync::Notify::new());
-        let b = held(release.clone()).await;
+        let b = Backend::holding("b", release.clone()).await;
         let p = TestProxy::start(&config(&[b.addr], "", breaker)).await;
         let addr = p.addr("main");
         let first = tokio::spawn(async move { get(addr, "/hold").await.0.status });
@@ -371,7 +339,7 @@ async fn circuit_breaker_max_pending_requests() {
     })
     .await;
     let extra = format!(
-        "    connect_timeout: 400ms\n    circuit_breaker: {{ max_pending_requests: 1 }}\n    tls: {{ ca: \"{}\", sni: localhost }}",
+        "connect_timeout: 400ms\ncircuit_breaker: {{ max_pending_requests: 1 }}\ntls: {{ ca: \"{}\", sni: localhost }}",
         pki.ca_path().display()
     );
     let p = TestProxy::start(&config(&[silent.addr], "", &extra)).await;
@@ -470,7 +438,7 @@ async fn retry_circuit_breaker_limits_retries_in_flight() {
     })
     .await;
     let retry = format!(", timeout: 5s, retry: {{ on: [5xx], attempts: 1, {FAST_BACKOFF} }}");
-    let p = TestProxy::start(&config(&[b.addr], &retry, "    circuit_breaker: { max_retries: 1 }")).await;
+    let p = TestProxy::start(&config(&[b.addr], &retry, "circuit_breaker: { max_retries: 1 }")).await;
     let addr = p.addr("main");
     let first = tokio::spawn(async move { get(addr, "/one").await.0.status });
     eventually("the first retry is in flight", Duration::from_secs(5), || async { b.hits() == 2 }).await;

@@ -126,23 +126,8 @@ fn matching_config() -> String {
         ),
         (r#"match: { prefix: / }"#, "fallback"),
     ];
-    let mut out = String::from(
-        r#"
-admin: { address: "{admin}" }
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-"#,
-    );
-    for (m, name) in routes {
-        out.push_str(&format!("          - {{ {m}, {} }}\n", direct(name)));
-    }
-    out
+    let list: Vec<String> = routes.iter().map(|(m, name)| format!("- {{ {m}, {} }}", direct(name))).collect();
+    config_yaml(1, "", &list.join("\n"), "")
 }
 
 async fn route_of(c: &mut H1, method: &str, path: &str, headers: &[(&str, &str)]) -> String {
@@ -206,26 +191,13 @@ async fn weighted_clusters_split_by_weight() {
     let a = Backend::named("a").await;
     let b = Backend::named("b").await;
     let z = Backend::named("z").await;
-    let yaml = format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - forward:
-              clusters: [{{ name: a, weight: 3 }}, {{ name: b, weight: 1 }}, {{ name: z, weight: 0 }}]
-clusters:
-  - {{ name: a, endpoints: ["{}"] }}
-  - {{ name: b, endpoints: ["{}"] }}
-  - {{ name: z, endpoints: ["{}"] }}
-"#,
+    let route =
+        "- forward: { clusters: [{ name: a, weight: 3 }, { name: b, weight: 1 }, { name: z, weight: 0 }] }";
+    let clusters = format!(
+        "- {{ name: a, endpoints: [\"{}\"] }}\n- {{ name: b, endpoints: [\"{}\"] }}\n- {{ name: z, endpoints: [\"{}\"] }}",
         a.addr, b.addr, z.addr
     );
+    let yaml = config_yaml(1, "", route, &clusters);
     let p = TestProxy::start(&yaml).await;
     let mut c = h1_connect(p.addr("main")).await;
     const N: usize = 400;
@@ -247,29 +219,21 @@ clusters:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_and_direct_responses() {
-    let yaml = r#"
-admin: { address: "{admin}" }
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - match: { prefix: /old/ }
-            redirect: { scheme: https, prefix_rewrite: /new/ }
-          - match: { path: /moved }
-            redirect: { code: 308, host: other.example.com, path: /here, strip_query: true }
-          - match: { path: /temp }
-            redirect: { code: 302, path: /elsewhere }
-          - match: { path: /teapot }
-            direct_response: { status: 418, body: "short and stout", content_type: text/plain }
-            response_headers: { set: { x-brewed: "yes" } }
-          - match: { path: /empty }
-            direct_response: { status: 204 }
+    let routes = r#"
+- match: { prefix: /old/ }
+  redirect: { scheme: https, prefix_rewrite: /new/ }
+- match: { path: /moved }
+  redirect: { code: 308, host: other.example.com, path: /here, strip_query: true }
+- match: { path: /temp }
+  redirect: { code: 302, path: /elsewhere }
+- match: { path: /teapot }
+  direct_response: { status: 418, body: "short and stout", content_type: text/plain }
+  response_headers: { set: { x-brewed: "yes" } }
+- match: { path: /empty }
+  direct_response: { status: 204 }
 "#;
-    let p = TestProxy::start(yaml).await;
+    let yaml = config_yaml(1, "", routes, "");
+    let p = TestProxy::start(&yaml).await;
     let mut c = h1_connect(p.addr("main")).await;
 
     let (parts, _) = send1(&mut c, get_req("www.example.com", "/old/a/b?x=1")).await;
@@ -320,37 +284,24 @@ async fn prefix_and_host_rewrites_and_header_edits() {
         r
     })
     .await;
-    let yaml = format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - match: {{ prefix: /api/v1/ }}
-            forward: {{ cluster: backend, prefix_rewrite: /v1/, host_rewrite: internal.svc:8080 }}
-            request_headers:
-              add: {{ x-req-add: proxy }}
-              set: {{ x-req-set: proxy }}
-              remove: [x-req-remove]
-            response_headers:
-              add: {{ x-resp-add: proxy }}
-              set: {{ x-resp-set: proxy }}
-              remove: [x-internal]
-          - match: {{ path: /login }}
-            forward: {{ cluster: backend, prefix_rewrite: /auth/login }}
-          - match: {{ prefix: /strip }}
-            forward: {{ cluster: backend, prefix_rewrite: / }}
-          - forward: {{ cluster: backend }}
-clusters:
-  - {{ name: backend, endpoints: ["{}"] }}
-"#,
-        backend.addr
-    );
+    let routes = r#"
+- match: { prefix: /api/v1/ }
+  forward: { cluster: backend, prefix_rewrite: /v1/, host_rewrite: internal.svc:8080 }
+  request_headers:
+    add: { x-req-add: proxy }
+    set: { x-req-set: proxy }
+    remove: [x-req-remove]
+  response_headers:
+    add: { x-resp-add: proxy }
+    set: { x-resp-set: proxy }
+    remove: [x-internal]
+- match: { path: /login }
+  forward: { cluster: backend, prefix_rewrite: /auth/login }
+- match: { prefix: /strip }
+  forward: { cluster: backend, prefix_rewrite: / }
+- forward: { cluster: backend }
+"#;
+    let yaml = config_yaml(1, "", routes, &backend_cluster(&[backend.addr], ""));
     let p = TestProxy::start(&yaml).await;
     let mut c = h1_connect(p.addr("main")).await;
 
@@ -388,25 +339,8 @@ clusters:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_are_normalized_before_routing_and_forwarded_normalized() {
     let backend = Backend::named("b").await;
-    let yaml = format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - match: {{ prefix: /admin }}
-            direct_response: {{ status: 403, body: denied }}
-          - forward: {{ cluster: backend }}
-clusters:
-  - {{ name: backend, endpoints: ["{}"] }}
-"#,
-        backend.addr
-    );
+    let routes = "- { match: { prefix: /admin }, direct_response: { status: 403, body: denied } }\n- forward: { cluster: backend }";
+    let yaml = config_yaml(1, "", routes, &backend_cluster(&[backend.addr], ""));
     let p = TestProxy::start(&yaml).await;
     let addr = p.addr("main");
     // Policy sees the normalized path: every spelling of /admin is denied.

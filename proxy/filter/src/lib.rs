@@ -326,6 +326,11 @@ pub trait FilterFactory: Send + Sync {
     /// Live status for the admin endpoint (digest, ABI version, VMs, state, traps,
     /// last error).
     fn status(&self) -> serde_json::Value;
+
+    /// Called on each worker thread when a config naming this filter is applied,
+    /// before requests arrive: a chance to build per-worker state (a wasm VM and its
+    /// root context) off the request path. Failures are the filter's to record.
+    fn prepare_worker(&self) {}
 }
 
 impl fmt::Debug for dyn FilterFactory {

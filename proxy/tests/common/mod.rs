@@ -120,6 +120,23 @@ impl Backend {
         .await
     }
 
+    /// A backend named `name` (as [`Backend::named`] without the echo) whose
+    /// requests to `/hold` wait until `release` is notified.
+    pub async fn holding(name: &'static str, release: Arc<tokio::sync::Notify>) -> Backend {
+        Backend::start(move |req| {
+            let release = release.clone();
+            async move {
+                if req.uri().path() == "/hold" {
+                    release.notified().await;
+                }
+                let mut r = Response::new(Full::new(Bytes::from(name)));
+                r.headers_mut().insert("x-backend", name.parse().unwrap());
+                r
+            }
+        })
+        .await
+    }
+
     /// A backend answering `status` always.
     pub async fn status(code: u16) -> Backend {
         Backend::start(move |_req| async move {
@@ -188,27 +205,44 @@ impl TestProxy {
     }
 }
 
+/// Re-indents a YAML fragment: strips its common leading white space and
+/// surrounding blank lines, then puts `n` spaces before every line.
+pub fn indent(yaml: &str, n: usize) -> String {
+    let lines: Vec<&str> = yaml.trim_matches('\n').lines().collect();
+    let common = lines
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    let pad = " ".repeat(n);
+    lines
+        .iter()
+        .map(|l| if l.trim().is_empty() { String::new() } else { format!("{pad}{}\n", &l[common..]) })
+        .collect()
+}
+
+/// A config: loopback admin, `workers` workers, one listener `main` on port 0
+/// with the `listener` keys, one catch-all virtual host `all` with `routes`
+/// (list items), and `clusters` (list items). Fragments are written unindented.
+pub fn config_yaml(workers: usize, listener: &str, routes: &str, clusters: &str) -> String {
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}\nworkers: {workers}\nlisteners:\n  - name: main\n    address: 127.0.0.1:0\n{}    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n{}clusters:\n{}",
+        indent(listener, 4),
+        indent(routes, 10),
+        if clusters.trim().is_empty() { "  []\n".to_owned() } else { indent(clusters, 2) },
+    )
+}
+
+/// A cluster `backend` over `backends`, with `extra` keys (unindented).
+pub fn backend_cluster(backends: &[SocketAddr], extra: &str) -> String {
+    let eps: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("- name: backend\n  endpoints: [{}]\n{}", eps.join(", "), indent(extra, 2))
+}
+
 /// A minimal config: one listener `main` on port 0 forwarding everything to one cluster.
 pub fn simple_config(backends: &[SocketAddr]) -> String {
-    let eps: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 2
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - forward: {{ cluster: backend }}
-clusters:
-  - name: backend
-    endpoints: [{}]
-"#,
-        eps.join(", ")
-    )
+    config_yaml(2, "", "- forward: { cluster: backend }", &backend_cluster(backends, ""))
 }
 
 /// An HTTP/1.1 client.

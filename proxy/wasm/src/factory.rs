@@ -313,6 +313,12 @@ impl FilterFactory for FactoryInner {
         }
     }
 
+    fn prepare_worker(&self) {
+        // Build this worker's VM now (root context, `on_vm_start`, `on_configure`) so
+        // the first request does not pay for it. A failure is recorded by `ensure`.
+        let _ = self.slot().borrow_mut().ensure(self);
+    }
+
     fn status(&self) -> serde_json::Value {
         let p = &self.plugin;
         let st = p.status.lock();
