@@ -86,22 +86,11 @@ listeners:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_catch_all_unknown_host_is_404() {
-    let yaml = format!(
-        r#"
-admin: {{ address: "{{admin}}" }}
-workers: 1
-listeners:
-  - name: main
-    address: 127.0.0.1:0
-    virtual_hosts:
-      - name: exact
-        domains: ["api.example.com"]
-        routes: [{{ {exact} }}]
-"#,
-        exact = direct("exact"),
-    );
+    let route = format!("- {{ {} }}", direct("exact"));
+    let yaml = config_yaml(1, "", &route, "").replace(r#"domains: ["*"]"#, r#"domains: ["api.example.com"]"#);
     let p = TestProxy::start(&yaml).await;
     let mut c = h1_connect(p.addr("main")).await;
+    assert_eq!(send1(&mut c, get_req("api.example.com", "/")).await.0.status, 200);
     let (parts, _) = send1(&mut c, get_req("evil.example.com", "/")).await;
     assert_eq!(parts.status, 404);
     assert_eq!(parts.headers["x-sluice-reason"], "no_route");
