@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use sluice_config::Snapshot;
 use sluice_proxy::{Proxy, ProxyOptions};
 
+mod filter_cli;
+
 // mimalloc: fewer cycles per allocation than glibc's malloc on the request path.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -42,6 +44,11 @@ enum Command {
         #[arg(long, env = "SLUICE_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
     },
+    /// Write and build filters: `sluice filter new NAME`, `sluice filter build`.
+    Filter {
+        #[command(subcommand)]
+        cmd: filter_cli::FilterCmd,
+    },
 }
 
 fn init_logging(filter: &str, format: &str) {
@@ -60,6 +67,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log, &cli.log_format);
     let result = match cli.command {
         Command::Proxy { config, check, cache_dir } => run_proxy(config, check, cache_dir),
+        Command::Filter { cmd } => filter_cli::run(cmd),
     };
     match result {
         Ok(code) => code,
