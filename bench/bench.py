@@ -12,8 +12,8 @@ Sub-commands:
   measure ...                   warm up, then run one load-generator run while sampling
                                 CPU (proxy, backend, load generator, whole machine) and
                                 RSS; write the raw output and a JSON record
-  report DIR                    print the per-run and summary tables from DIR/raw/*.json
-                                and write DIR/summary.{txt,md,json}
+  report DIR [--pool DIR2 ...]  print the per-run and summary tables from DIR/raw/*.json
+                                (and DIR2's) and write DIR/summary.{txt,md,json}
 
 What is measured and why: on a 2-vCPU box shared by the load generator, the
 backend and the proxy, requests/s mostly says how the CPU was split; the
@@ -497,16 +497,21 @@ def summarize(recs: list[dict], case_order: list[str]) -> dict:
             continue
         groups.setdefault((r["proto"], r["case"]), []).append(r)
     summary: dict = {}
-    for (proto, case), rs in groups.items():
+    for (proto, case), all_rs in groups.items():
+        # Quiet runs only, when there are any: a noisy run's numbers say more about
+        # the neighbours than about the proxy.
+        quiet = [r for r in all_rs if r["other_cpu_pct"] <= NOISY_OTHER_PCT]
+        rs = quiet or all_rs
         s = {k: _med([r.get(k) for r in rs]) for k in (
             "rps", "p50_ms", "p99_ms", "proxy_cpu_pct", "proxy_us_per_req",
             "backend_us_per_req", "loadgen_cpu_pct", "other_cpu_pct",
             "rss_idle_kib", "rss_loaded_kib")}
         s["runs"] = len(rs)
+        s["all_noisy"] = not quiet
         s["rps_min"] = min(r["rps"] for r in rs)
         s["rps_max"] = max(r["rps"] for r in rs)
         s["errors"] = sum(r["errors"] + r["non2xx"] for r in rs)
-        s["other_cpu_max"] = max(r["other_cpu_pct"] for r in rs)
+        s["other_cpu"] = max(r["other_cpu_pct"] for r in rs)
         summary.setdefault(proto, {})[case] = s
     for proto, cases in summary.items():
         d, n = cases.get("direct"), cases.get("nginx")
@@ -522,33 +527,38 @@ def targets(summary: dict) -> list[str]:
     """Sluice's targets from the issue, checked against this run's peers."""
     lines = []
 
-    def check(label: str, ok: bool, detail: str) -> None:
-        lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label}: {detail}")
+    def check(label: str, ok: bool, detail: str, *rows) -> None:
+        noisy = " (noisy: " + ", ".join(n for n, r in rows if r["all_noisy"]) + ")" \
+            if any(r["all_noisy"] for _, r in rows) else ""
+        lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label}: {detail}{noisy}")
 
-    idle = None
+    idle, idle_row = None, None
     for proto in ("h1", "h2"):
         cases = summary.get(proto, {})
         s = cases.get("sluice")
         if not s:
             continue
         name = PROTO_NAME[proto]
-        idle = idle if idle is not None else s["rss_idle_kib"]
+        if idle is None and s["rss_idle_kib"] is not None:
+            idle, idle_row = s["rss_idle_kib"], s
         n, e = cases.get("nginx"), cases.get("envoy")
         if n and s["proxy_us_per_req"] is not None and n["proxy_us_per_req"] is not None:
             check(f"{name}: proxy CPU/request <= nginx",
                   s["proxy_us_per_req"] <= n["proxy_us_per_req"],
-                  f"{s['proxy_us_per_req']:.1f} vs {n['proxy_us_per_req']:.1f} µs")
+                  f"{s['proxy_us_per_req']:.1f} vs {n['proxy_us_per_req']:.1f} µs",
+                  ("sluice", s), ("nginx", n))
         if n:
             check(f"{name}: req/s >= nginx", s["rps"] >= n["rps"],
-                  f"{s['rps']:,.0f} vs {n['rps']:,.0f}")
+                  f"{s['rps']:,.0f} vs {n['rps']:,.0f}", ("sluice", s), ("nginx", n))
         if e:
             check(f"{name}: req/s >= envoy", s["rps"] >= e["rps"],
-                  f"{s['rps']:,.0f} vs {e['rps']:,.0f}")
+                  f"{s['rps']:,.0f} vs {e['rps']:,.0f}", ("sluice", s), ("envoy", e))
         if n and s["p99_ms"] is not None and n["p99_ms"] is not None:
             check(f"{name}: p99 <= nginx", s["p99_ms"] <= n["p99_ms"],
-                  f"{s['p99_ms']:.2f} vs {n['p99_ms']:.2f} ms")
+                  f"{s['p99_ms']:.2f} vs {n['p99_ms']:.2f} ms", ("sluice", s), ("nginx", n))
     if idle is not None:
-        check("idle RSS <= 15 MiB", idle <= 15 * 1024, f"{idle / 1024:.1f} MiB")
+        check("idle RSS <= 15 MiB", idle <= 15 * 1024, f"{idle / 1024:.1f} MiB",
+              ("sluice", idle_row))
     return lines
 
 
@@ -579,7 +589,9 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
             continue
         cases = summary[proto]
         n_runs = max(s["runs"] for s in cases.values())
-        title = f"{PROTO_NAME[proto]}, median of {n_runs} run(s) per case"
+        title = (f"{PROTO_NAME[proto]}: per case, the median of its quiet runs "
+                 f"(other CPU <= {NOISY_OTHER_PCT:.0f} %), or of all its runs (marked *) "
+                 f"when none was quiet; up to {n_runs} run(s) per case")
         out.append(f"**{title}**" if md else title + ":")
         out.append("")
         rows = []
@@ -587,13 +599,14 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
             s = cases[case]
             rss = "—" if s["rss_idle_kib"] is None else \
                 f"{s['rss_idle_kib'] / 1024:.1f} → {s['rss_loaded_kib'] / 1024:.1f}"
-            rows.append([case, _fmt(s["rps"], 0), _fmt(s["p50_ms"], 2), _fmt(s["p99_ms"], 2),
+            rows.append([case + (" *" if s["all_noisy"] else "") + f" ({s['runs']})",
+                         _fmt(s["rps"], 0), _fmt(s["p50_ms"], 2), _fmt(s["p99_ms"], 2),
                          str(s["errors"]), _fmt(s["proxy_cpu_pct"], 0),
                          _fmt(s["proxy_us_per_req"], 1), rss, _fmt(s["backend_us_per_req"], 1),
-                         _fmt(s["other_cpu_max"], 1),
+                         _fmt(s["other_cpu"], 1),
                          _fmt(s["x_direct_rps"], 2), _fmt(s["x_nginx_rps"], 2),
                          _fmt(s["x_nginx_cpu"], 2), _fmt(s["x_nginx_p99"], 2)])
-        out.append(_table(["case", "req/s", "p50 ms", "p99 ms", "errors", "proxy CPU %",
+        out.append(_table(["case (runs)", "req/s", "p50 ms", "p99 ms", "errors", "proxy CPU %",
                            "proxy CPU µs/req", "RSS idle → loaded MiB", "backend µs/req",
                            "other CPU % (max)", "req/s ÷ direct", "req/s ÷ nginx",
                            "CPU/req ÷ nginx", "p99 ÷ nginx"], rows, md))
@@ -612,7 +625,8 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
 
 def cmd_report(a: argparse.Namespace) -> int:
     d = Path(a.dir)
-    recs = [json.loads(p.read_text()) for p in sorted((d / "raw").glob("*.json"))]
+    recs = [json.loads(p.read_text())
+            for src in [d, *map(Path, a.pool)] for p in sorted((src / "raw").glob("*.json"))]
     read = lambda name: (d / name).read_text() if (d / name).exists() else ""
     meta = {
         "header": read("header.txt").rstrip("\n"),
@@ -687,6 +701,8 @@ def main() -> int:
     p = sub.add_parser("report")
     p.add_argument("dir")
     p.add_argument("--cases", default="", help="case order for the tables (comma-separated)")
+    p.add_argument("--pool", action="append", default=[], metavar="DIR",
+                   help="also count the runs of this earlier results dir (same knobs!)")
     p.set_defaults(fn=cmd_report)
 
     a = ap.parse_args()
