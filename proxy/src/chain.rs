@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use sluice_filter::{
     BodyAction, FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, StreamInfo,
 };
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::Mutex;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::error::{ErrorKind, ProxyError, Side};
@@ -184,6 +184,7 @@ impl ChainRun {
     }
 
     /// Streams the request body through `on_request_body` / `on_request_trailers`.
+    /// A body-less request is passed through untouched (no body callbacks, as in Envoy).
     pub fn wrap_request_body(&mut self, body: hyper::body::Incoming) -> ProxyBody {
         self.wrap_body(ProxyBody::incoming(body), true)
     }
@@ -193,71 +194,25 @@ impl ChainRun {
         self.wrap_body(body, false)
     }
 
-    fn wrap_body(&mut self, mut body: ProxyBody, request: bool) -> ProxyBody {
-        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-        let filters = self.filters.clone();
-        let info = self.info.clone();
-        let max = self.max_buffer;
-        let failure = self.failure.clone();
-        tokio::task::spawn_local(async move {
-            let n = filters.lock().await.list.len();
-            let mut bufs: Vec<BytesMut> = vec![BytesMut::new(); n + 1];
-            loop {
-                let frame = body.frame().await;
-                let (data, trailers, eos) = match frame {
-                    None => (None, None, true),
-                    Some(Ok(f)) => match f.into_data() {
-                        Ok(d) => (Some(d), None, body.is_end_stream()),
-                        Err(f) => (None, f.into_trailers().ok(), true),
-                    },
-                    Some(Err(e)) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                if let Some(d) = &data {
-                    let counter = if request { &info.request_body_bytes } else { &info.response_body_bytes };
-                    counter.set(counter.get() + d.len() as u64);
-                    bufs[0].extend_from_slice(d);
-                }
-                let data_eos = eos && trailers.is_none();
-                let out =
-                    match run_body(&filters, &info, &mut bufs, data_eos || trailers.is_some(), request, max)
-                        .await
-                    {
-                        Ok(out) => out,
-                        Err(f) => {
-                            *failure.borrow_mut() = Some(f);
-                            let _ = tx.send(Err("stopped by filter".into())).await;
-                            return;
-                        }
-                    };
-                if !out.is_empty() && tx.send(Ok(Frame::data(out))).await.is_err() {
-                    return;
-                }
-                if let Some(mut t) = trailers {
-                    if let Err(f) = run_trailers(&filters, &info, &mut t, request).await {
-                        *failure.borrow_mut() = Some(f);
-                        let _ = tx.send(Err("stopped by filter".into())).await;
-                        return;
-                    }
-                    {
-                        let mut g = filters.lock().await;
-                        if request {
-                            g.request_trailers = Some(t.clone());
-                        } else {
-                            g.response_trailers = Some(t.clone());
-                        }
-                    }
-                    let _ = tx.send(Ok(Frame::trailers(t))).await;
-                    return;
-                }
-                if eos {
-                    return;
-                }
-            }
-        });
-        ProxyBody::boxed(ChannelBody { rx })
+    fn wrap_body(&mut self, body: ProxyBody, request: bool) -> ProxyBody {
+        if body.is_end_stream() {
+            return body;
+        }
+        ProxyBody::boxed(FilterBody {
+            state: Some(BodyState {
+                inner: body,
+                filters: self.filters.clone(),
+                info: self.info.clone(),
+                bufs: Vec::new(),
+                request,
+                max: self.max_buffer,
+                failure: self.failure.clone(),
+                ended: false,
+                trailers: None,
+            }),
+            running: None,
+            done: false,
+        })
     }
 
     /// Runs `on_log` on every filter, in order.
@@ -363,12 +318,103 @@ async fn run_trailers(
     Ok(())
 }
 
-/// A body fed by a channel.
-struct ChannelBody {
-    rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+/// What a [`FilterBody`] owns between frames.
+struct BodyState {
+    inner: ProxyBody,
+    filters: Rc<Mutex<Filters>>,
+    info: Rc<StreamInfo>,
+    /// One buffer per filter, plus the chain's output.
+    bufs: Vec<BytesMut>,
+    request: bool,
+    max: usize,
+    failure: Rc<RefCell<Option<Failure>>>,
+    /// The end of stream went through the chain: nothing more to produce.
+    ended: bool,
+    /// Trailers to send after the data released with them.
+    trailers: Option<HeaderMap>,
 }
 
-impl Body for ChannelBody {
+/// What one step of the body produced.
+type Step = (BodyState, Result<Option<Frame<Bytes>>, BoxError>);
+
+/// A body that runs the filter chain on each frame as it is polled: no task,
+/// no channel. While a filter is paused the body is simply not ready.
+struct FilterBody {
+    state: Option<BodyState>,
+    running: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Step>>>>,
+    done: bool,
+}
+
+impl BodyState {
+    /// Reads inner frames until the chain lets something out (or the body ends).
+    async fn step(mut self) -> Step {
+        if let Some(t) = self.trailers.take() {
+            return (self, Ok(Some(Frame::trailers(t))));
+        }
+        if self.ended {
+            return (self, Ok(None));
+        }
+        if self.bufs.is_empty() {
+            let n = self.filters.lock().await.list.len();
+            self.bufs = vec![BytesMut::new(); n + 1];
+        }
+        loop {
+            let frame = self.inner.frame().await;
+            let (data, trailers, eos) = match frame {
+                None => (None, None, true),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => (Some(d), None, self.inner.is_end_stream()),
+                    Err(f) => (None, f.into_trailers().ok(), true),
+                },
+                Some(Err(e)) => return (self, Err(e)),
+            };
+            if let Some(d) = &data {
+                let counter =
+                    if self.request { &self.info.request_body_bytes } else { &self.info.response_body_bytes };
+                counter.set(counter.get() + d.len() as u64);
+                self.bufs[0].extend_from_slice(d);
+            }
+            self.ended = eos;
+            let out = match run_body(&self.filters, &self.info, &mut self.bufs, eos, self.request, self.max)
+                .await
+            {
+                Ok(out) => out,
+                Err(f) => {
+                    *self.failure.borrow_mut() = Some(f);
+                    return (self, Err("stopped by filter".into()));
+                }
+            };
+            if let Some(mut t) = trailers {
+                if let Err(f) = run_trailers(&self.filters, &self.info, &mut t, self.request).await {
+                    *self.failure.borrow_mut() = Some(f);
+                    return (self, Err("stopped by filter".into()));
+                }
+                {
+                    let mut g = self.filters.lock().await;
+                    if self.request {
+                        g.request_trailers = Some(t.clone());
+                    } else {
+                        g.response_trailers = Some(t.clone());
+                    }
+                }
+                // Data released at the end goes first; the trailers follow on the next poll.
+                if !out.is_empty() {
+                    self.trailers = Some(t);
+                    return (self, Ok(Some(Frame::data(out))));
+                }
+                return (self, Ok(Some(Frame::trailers(t))));
+            }
+            if !out.is_empty() {
+                return (self, Ok(Some(Frame::data(out))));
+            }
+            if eos {
+                return (self, Ok(None));
+            }
+        }
+    }
+}
+
+impl Body for FilterBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -376,6 +422,36 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx)
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.running.is_none() {
+            let Some(state) = this.state.take() else { return Poll::Ready(None) };
+            this.running = Some(Box::pin(state.step()));
+        }
+        let Some(fut) = this.running.as_mut() else { return Poll::Ready(None) };
+        match fut.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready((state, result)) => {
+                this.running = None;
+                this.state = Some(state);
+                match result {
+                    Ok(Some(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Ok(None) => {
+                        this.done = true;
+                        Poll::Ready(None)
+                    }
+                    Err(e) => {
+                        this.done = true;
+                        Poll::Ready(Some(Err(e)))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, HeaderValue, LOCATION, USER_AGENT};
@@ -118,7 +118,12 @@ struct Completion {
 }
 
 impl Completion {
-    fn new(log: &RequestLog, format: AccessLogFormat, metrics: Option<Arc<RouteMetrics>>, status: u16) -> Self {
+    fn new(
+        log: &RequestLog,
+        format: AccessLogFormat,
+        metrics: Option<Arc<RouteMetrics>>,
+        status: u16,
+    ) -> Self {
         let start = log.start;
         let log = (format != AccessLogFormat::Off).then(|| {
             let mut l = Box::new(log.clone());
@@ -253,8 +258,9 @@ async fn proxy(
         if run.info().take_route_cache_cleared() {
             target.authority = parts.uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
             let p = parts.uri.path();
-            target.path =
-                normalize_path(p).ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?.into_owned();
+            target.path = normalize_path(p)
+                .ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?
+                .into_owned();
             target.query = parts.uri.query().map(str::to_owned);
             let rerouted = router
                 .route(
@@ -400,7 +406,6 @@ pub(crate) struct UpstreamRequest {
     uri: Uri,
     version: Version,
     headers: http::HeaderMap,
-    extensions_upgrade: bool,
 }
 
 impl UpstreamRequest {
@@ -467,13 +472,7 @@ impl UpstreamRequest {
             let uri = Uri::try_from(pq).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?;
             (uri, Version::HTTP_11)
         };
-        Ok(UpstreamRequest {
-            method: parts.method,
-            uri,
-            version,
-            headers: parts.headers,
-            extensions_upgrade: upgrade,
-        })
+        Ok(UpstreamRequest { method: parts.method, uri, version, headers: parts.headers })
     }
 
     fn build(&self, body: ProxyBody) -> Request<ProxyBody> {
@@ -482,7 +481,6 @@ impl UpstreamRequest {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        let _ = self.extensions_upgrade;
         req
     }
 
@@ -605,7 +603,7 @@ async fn forward(
     let mut retry_slot: Option<RetrySlot> = None;
     let mut attempt = 0u32;
 
-    let (resp, sender, inflight, upstream_start) = loop {
+    let (resp, sender, inflight) = loop {
         attempt += 1;
         log.attempts = attempt;
         let breaker = &cluster.config.circuit_breaker;
@@ -669,7 +667,7 @@ async fn forward(
                 // upstream's own answer through (not a proxy-made 502).
                 if !retry_it || !retry.is_some_and(|r| admit_retry(cluster, r)) {
                     log.upstream_us = Some(elapsed.as_micros() as u64);
-                    break (resp, sender, inflight, started);
+                    break (resp, sender, inflight);
                 }
                 admitted = true;
                 ProxyError::upstream(ErrorKind::UpstreamProtocol, format!("retriable status {status}"))
@@ -719,7 +717,6 @@ async fn forward(
         }
         last_endpoint = Some(endpoint);
     };
-    let _ = upstream_start;
 
     let status = resp.status();
     let mut resp = resp;
@@ -901,7 +898,3 @@ pub(crate) fn local_reply(local: LocalResponse, version: Version) -> Response<Pr
     *resp.version_mut() = if version == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     resp
 }
-
-/// Unused-argument guard for durations (keeps clippy quiet on platforms without timers).
-#[allow(dead_code)]
-fn _assert_duration(_: Duration) {}

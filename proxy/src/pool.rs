@@ -77,9 +77,19 @@ impl EndpointPool {
 
     fn take_idle(&self, idle_timeout: Duration) -> Option<http1::SendRequest<ProxyBody>> {
         let mut idle = self.idle.borrow_mut();
-        while let Some(c) = idle.pop() {
-            if c.since.elapsed() < idle_timeout && c.sender.is_ready() {
-                return Some(c.sender);
+        // Most recently used first. A connection whose previous exchange the
+        // connection task has not finished processing is not ready *yet*: keep
+        // it for the next request instead of closing it.
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
+            if c.since.elapsed() >= idle_timeout || c.sender.is_closed() {
+                idle.remove(i);
+                continue;
+            }
+            if c.sender.is_ready() {
+                return Some(idle.remove(i).sender);
             }
         }
         None
