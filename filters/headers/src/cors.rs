@@ -20,9 +20,10 @@ pub struct Cors {
     /// Response headers scripts may read.
     #[serde(default)]
     pub expose_headers: Vec<String>,
-    /// How long browsers may cache a preflight answer.
+    /// How long browsers may cache a preflight answer: a number of **seconds**
+    /// (as in the header), or a string with a unit (`"10m"`).
     #[serde(default)]
-    pub max_age: Option<Dur>,
+    pub max_age: Option<MaxAge>,
     /// Allow cookies and credentials (default false).
     #[serde(default)]
     pub allow_credentials: bool,
@@ -30,6 +31,26 @@ pub struct Cors {
     /// upstream untouched, as Envoy does).
     #[serde(default)]
     pub reject_disallowed_preflight: bool,
+}
+
+/// `max_age`: seconds, or a duration string.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum MaxAge {
+    /// Seconds.
+    Seconds(u64),
+    /// A duration with a unit.
+    Duration(Dur),
+}
+
+impl MaxAge {
+    /// In whole seconds.
+    pub fn secs(self) -> u64 {
+        match self {
+            MaxAge::Seconds(s) => s,
+            MaxAge::Duration(d) => d.get().as_secs(),
+        }
+    }
 }
 
 fn default_methods() -> Vec<String> {
@@ -121,7 +142,7 @@ impl Cors {
             h.push(("access-control-allow-headers".into(), headers));
         }
         if let Some(age) = self.max_age {
-            h.push(("access-control-max-age".into(), age.get().as_secs().to_string()));
+            h.push(("access-control-max-age".into(), age.secs().to_string()));
         }
         if self.allow_credentials {
             h.push(("access-control-allow-credentials".into(), "true".into()));
