@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use base64::Engine as _;
-use sluice_filter_common::{ct_eq, matching, query};
+use sluice_filter_common::{ct_eq, matching, query, strip_prefix_ci};
 use sluice_sdk::metrics::Counter;
 use sluice_sdk::{Action, Error, Http, HttpContext, Root, RootContext, shared};
 
@@ -145,11 +145,6 @@ fn find<'a>(entries: impl Iterator<Item = &'a Stored>, d: &[u8; 32]) -> Option<&
         }
     }
     found
-}
-
-fn strip_prefix_ci<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = value.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &value[prefix.len()..])
 }
 
 /// Splits `authorization: Basic <b64(user:pass)>`.

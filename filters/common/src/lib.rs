@@ -46,6 +46,13 @@ pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// `value` without `prefix`, compared ASCII-case-insensitively (`Bearer `,
+/// `Basic `); `None` when it does not start with it. Never splits a character.
+pub fn strip_prefix_ci<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = value.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &value[prefix.len()..])
+}
+
 /// Lowercase hex of a byte string.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -66,7 +73,8 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
     b.chunks(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
 }
 
-fn nibble(c: u8) -> Option<u8> {
+/// The value of one hex digit.
+pub(crate) fn nibble(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),
@@ -98,6 +106,14 @@ mod tests {
         assert_ne!(fnv1a64(&[b"ab", b"c"]), fnv1a64(&[b"a", b"bc"]));
         // A fixed value: changing the hash would move every sticky user.
         assert_eq!(fnv1a64(&[b"user-1"]), FNV_USER_1);
+    }
+
+    #[test]
+    fn prefixes_are_case_insensitive() {
+        assert_eq!(strip_prefix_ci("bearer abc", "Bearer "), Some("abc"));
+        assert_eq!(strip_prefix_ci("Bear", "Bearer "), None);
+        assert_eq!(strip_prefix_ci("Beaé abc", "Bear"), None);
+        assert_eq!(strip_prefix_ci("x", ""), Some("x"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sluice_filter_common::{cookie, query};
+use sluice_filter_common::{cookie, query, strip_prefix_ci};
 use sluice_sdk::{Action, CalloutResponse, Error, Http, HttpContext, Root, RootContext, Token};
 
 pub use config::Config;
@@ -117,11 +117,6 @@ enum Source {
 
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn strip_prefix_ci<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = value.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &value[prefix.len()..])
 }
 
 fn find_token(http: &Http, p: &Provider, path: &str) -> Result<Option<(String, Source)>, Error> {
