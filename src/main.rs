@@ -123,9 +123,9 @@ fn run_proxy(config: PathBuf, check: bool, cache_dir: Option<PathBuf>) -> anyhow
             };
         }
         // Watch before starting, so an edit made while the proxy starts is not missed.
-        let (_watch, mut updates) = sluice_proxy::source::watch_file(&config).context("cannot watch the config file")?;
-        let proxy = Proxy::start(snapshot, ProxyOptions { registry, loader }).await?;
-        callouts.attach(&proxy);
+        let (_watch, mut updates) =
+            sluice_proxy::source::watch_file(&config).context("cannot watch the config file")?;
+        let proxy = Proxy::start(snapshot, ProxyOptions { registry, loader, callouts: Some(callouts) }).await?;
         let proxy = Arc::new(proxy);
         if let Some(a) = proxy.admin_addr() {
             tracing::info!(address = %a, "admin listening");
@@ -157,7 +157,8 @@ fn run_proxy(config: PathBuf, check: bool, cache_dir: Option<PathBuf>) -> anyhow
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };

@@ -80,6 +80,9 @@ pub struct ProxyOptions {
     pub registry: Registry,
     /// The filter host; without one, configs with filters are rejected.
     pub loader: Option<Arc<dyn FilterLoader>>,
+    /// The callout client given to the filter host, attached to this proxy before
+    /// its filters' worker VMs start (so `on_configure` may call out).
+    pub callouts: Option<Arc<callout::ClusterCallouts>>,
 }
 
 struct Binding {
@@ -168,6 +171,9 @@ impl Proxy {
         let listeners = proxy.shared.dataplane.load().snapshot.config().listeners.clone();
         let src = proxy.shared.dataplane.load().snapshot.source_name().to_owned();
         proxy.reconcile_listeners(&listeners, &src)?;
+        if let Some(c) = &opts.callouts {
+            c.attach(&proxy);
+        }
         proxy.warm_workers(&proxy.shared.dataplane.load_full()).await;
         Ok(proxy)
     }

@@ -103,7 +103,8 @@ mod tests {
     fn matches_the_reference_example() {
         let bytes = encode([("a", "1"), ("b", "22")]);
         let expected: &[u8] = &[
-            2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, b'a', 0, b'1', 0, b'b', 0, b'2', b'2', 0,
+            2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, b'a', 0, b'1', 0, b'b', 0, b'2',
+            b'2', 0,
         ];
         assert_eq!(bytes, expected);
         let back = decode(&bytes).unwrap_or_default();
