@@ -125,7 +125,8 @@ fn run_proxy(config: PathBuf, check: bool, cache_dir: Option<PathBuf>) -> anyhow
         // Watch before starting, so an edit made while the proxy starts is not missed.
         let (_watch, mut updates) =
             sluice_proxy::source::watch_file(&config).context("cannot watch the config file")?;
-        let proxy = Proxy::start(snapshot, ProxyOptions { registry, loader, callouts: Some(callouts) }).await?;
+        let proxy =
+            Proxy::start(snapshot, ProxyOptions { registry, loader, callouts: Some(callouts) }).await?;
         let proxy = Arc::new(proxy);
         if let Some(a) = proxy.admin_addr() {
             tracing::info!(address = %a, "admin listening");

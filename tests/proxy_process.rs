@@ -36,7 +36,11 @@ fn check(yaml: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["proxy", "--check", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["proxy", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
@@ -47,10 +51,17 @@ fn check_accepts_a_valid_file_and_names_the_problems_of_a_bad_one() {
     assert!(ok, "{out}");
     assert!(out.contains(": ok"), "{out}");
 
-    let bad = config("127.0.0.1:9".parse().unwrap()).replace("{admin}", "127.0.0.1:0").replace("cluster: backend", "cluster: nope");
+    let bad = config("127.0.0.1:9".parse().unwrap())
+        .replace("{admin}", "127.0.0.1:0")
+        .replace("cluster: backend", "cluster: nope");
     let (ok, out) = check(&bad);
     assert!(!ok);
-    assert!(out.contains("config.yaml: listeners[0].virtual_hosts[0].routes[0].forward.cluster: unknown cluster `nope`"), "{out}");
+    assert!(
+        out.contains(
+            "config.yaml: listeners[0].virtual_hosts[0].routes[0].forward.cluster: unknown cluster `nope`"
+        ),
+        "{out}"
+    );
 
     let (ok, out) = check("listeners:\n  - name: x\n    address: not-an-address\n");
     assert!(!ok);
@@ -79,7 +90,12 @@ async fn reloads_the_watched_file_and_keeps_the_last_good_config() {
     proxy.write_config(&config(b.addr).replace("cluster: backend", "cluster: missing"));
     let rejected = proxy.wait_for("config rejected; the previous config keeps serving");
     let err = rejected["fields"]["error"].as_str().unwrap().to_owned();
-    assert!(err.contains("config.yaml") && err.contains("forward.cluster") && err.contains("unknown cluster `missing`"), "{err}");
+    assert!(
+        err.contains("config.yaml")
+            && err.contains("forward.cluster")
+            && err.contains("unknown cluster `missing`"),
+        "{err}"
+    );
     assert_eq!(get(addr, "/").await.2, "b");
     let (_, _, metrics) = get(proxy.admin, "/metrics").await;
     assert!(metrics.contains(r#"sluice_config_reloads_total{result="failed"} 1"#), "{metrics}");

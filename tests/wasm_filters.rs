@@ -14,10 +14,16 @@ use support::{Backend, Sluice, build_wasm, eventually, get, root};
 
 /// The `sink` fixture: a proxy-wasm 0.2.5 filter exercising every host-call family.
 fn sink() -> PathBuf {
-    build_wasm(&root().join("proxy/wasm/tests/fixtures/Cargo.toml"), "wasm32-wasip1", "release").join("sink.wasm")
+    build_wasm(&root().join("proxy/wasm/tests/fixtures/Cargo.toml"), "wasm32-wasip1", "release")
+        .join("sink.wasm")
 }
 
-fn config(backend: std::net::SocketAddr, module: &std::path::Path, filter_config: &str, fail_policy: &str) -> String {
+fn config(
+    backend: std::net::SocketAddr,
+    module: &std::path::Path,
+    filter_config: &str,
+    fail_policy: &str,
+) -> String {
     format!(
         r#"
 admin: {{ address: "{{admin}}" }}
@@ -49,7 +55,8 @@ clusters:
 async fn echo_backend() -> Backend {
     Backend::start(|req| async move {
         // The sink's callout allows when the first byte of this answer is even ('0').
-        let body = if req.uri().path() == "/bytes/even" { "0".to_owned() } else { req.uri().path().to_owned() };
+        let body =
+            if req.uri().path() == "/bytes/even" { "0".to_owned() } else { req.uri().path().to_owned() };
         let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
         for (k, v) in req.headers() {
             if let Ok(n) = http::HeaderName::from_bytes(format!("x-echo-{k}").as_bytes()) {
@@ -105,7 +112,8 @@ async fn a_looping_or_trapping_filter_fails_closed_fast_and_reload_recovers() {
     let backend = echo_backend().await;
     let policy = "{ reload: { base: 20ms, max: 200ms } }";
     // One worker, so every request meets the same VM slot.
-    let proxy = Sluice::start(&config(backend.addr, &sink(), "x", policy).replace("workers: 2", "workers: 1"));
+    let proxy =
+        Sluice::start(&config(backend.addr, &sink(), "x", policy).replace("workers: 2", "workers: 1"));
     let addr = proxy.addr("main");
 
     let t = Instant::now();

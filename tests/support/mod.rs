@@ -63,14 +63,23 @@ impl Sluice {
         let keep = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or(serde_json::json!({ "raw": line }));
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or(serde_json::json!({ "raw": line }));
                 keep.lock().unwrap().push(v.clone());
                 if tx.send(v).is_err() {
                     break;
                 }
             }
         });
-        let mut s = Sluice { child, dir, config, admin: "0.0.0.0:0".parse().unwrap(), listeners: HashMap::new(), lines, rx };
+        let mut s = Sluice {
+            child,
+            dir,
+            config,
+            admin: "0.0.0.0:0".parse().unwrap(),
+            listeners: HashMap::new(),
+            lines,
+            rx,
+        };
         let expected = yaml.matches("- name:").count();
         let deadline = Instant::now() + Duration::from_secs(60);
         while s.admin.port() == 0 || s.listeners.is_empty() {
@@ -107,7 +116,9 @@ impl Sluice {
     fn wait_for_blocking(&self, message: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let v = self.next_line(deadline).unwrap_or_else(|| panic!("no `{message}` log; logs: {:?}", self.logs()));
+            let v = self
+                .next_line(deadline)
+                .unwrap_or_else(|| panic!("no `{message}` log; logs: {:?}", self.logs()));
             if v["fields"]["message"].as_str() == Some(message) {
                 return v;
             }
@@ -166,12 +177,23 @@ pub fn build_wasm(manifest: &Path, target: &str, profile: &str) -> PathBuf {
     }
     let target_dir = root().join("target/wasm-fixtures");
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.arg("build").arg("--target").arg(target).arg("--manifest-path").arg(manifest).arg("--target-dir").arg(&target_dir);
+    cmd.arg("build")
+        .arg("--target")
+        .arg(target)
+        .arg("--manifest-path")
+        .arg(manifest)
+        .arg("--target-dir")
+        .arg(&target_dir);
     if profile == "release" {
         cmd.arg("--release");
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "building {}: {}", manifest.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "building {}: {}",
+        manifest.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dir = target_dir.join(target).join(profile);
     map.insert(key, dir.clone());
     dir

@@ -174,10 +174,12 @@ impl TestProxy {
         let dir = tempfile::tempdir().unwrap();
         let yaml = yaml.replace("{admin}", "127.0.0.1:0");
         let snapshot = Snapshot::from_yaml(&yaml, "test.yaml", dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        let proxy =
-            Proxy::start(snapshot, ProxyOptions { registry: prometheus::Registry::new(), loader: None, callouts: None })
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+        let proxy = Proxy::start(
+            snapshot,
+            ProxyOptions { registry: prometheus::Registry::new(), loader: None, callouts: None },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
         TestProxy { proxy, dir }
     }
 
