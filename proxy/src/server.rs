@@ -357,11 +357,13 @@ where
     if draining {
         served.as_mut().graceful_shutdown();
     }
+    let first_request_timeout = cx.config.limits.header_read_timeout.min(idle_timeout);
     loop {
+        let timeout = if activity.used.get() { idle_timeout } else { first_request_timeout };
         let idle = if activity.in_flight.get() > 0 {
-            tokio::time::Instant::now() + idle_timeout
+            tokio::time::Instant::now() + timeout
         } else {
-            activity.idle_deadline(idle_timeout)
+            activity.idle_deadline(timeout)
         };
         tokio::select! {
             r = served.as_mut() => {
@@ -377,8 +379,8 @@ where
                 }
             }
             _ = tokio::time::sleep_until(idle), if !draining => {
-                if activity.in_flight.get() == 0 && activity.last.get().elapsed() >= idle_timeout {
-                    tracing::debug!(listener = %cx.name, "closing idle downstream connection");
+                if activity.in_flight.get() == 0 && activity.last.get().elapsed() >= timeout {
+                    tracing::debug!(listener = %cx.name, used = activity.used.get(), "closing idle downstream connection");
                     served.as_mut().graceful_shutdown();
                     draining = true;
                 }
@@ -391,11 +393,19 @@ where
 struct Activity {
     in_flight: std::cell::Cell<usize>,
     last: std::cell::Cell<std::time::Instant>,
+    /// A request arrived on this connection. Until one does, the connection only
+    /// gets `header_read_timeout` (a silent connection must not hold a slot for
+    /// the whole idle timeout).
+    used: std::cell::Cell<bool>,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity { in_flight: std::cell::Cell::new(0), last: std::cell::Cell::new(std::time::Instant::now()) }
+        Activity {
+            in_flight: std::cell::Cell::new(0),
+            last: std::cell::Cell::new(std::time::Instant::now()),
+            used: std::cell::Cell::new(false),
+        }
     }
 }
 
@@ -403,6 +413,7 @@ struct ActivityGuard(Rc<Activity>);
 
 impl Activity {
     fn begin(self: &Rc<Self>) -> ActivityGuard {
+        self.used.set(true);
         self.in_flight.set(self.in_flight.get() + 1);
         ActivityGuard(self.clone())
     }
