@@ -202,3 +202,23 @@ async fn swapping_filter_config_under_load_fails_no_request() {
     assert_eq!(status, 200);
     assert_eq!(headers["x-config"], "v2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_requests_reuse_upstream_connections() {
+    let backend = echo_backend().await;
+    let proxy = Sluice::start(&config(backend.addr, &sink(), "x", "closed"));
+    let addr = proxy.addr("main");
+    for _ in 0..30 {
+        let (status, _, body) = get(addr, "/plain").await;
+        assert_eq!((status, body.as_str()), (200, "/plain!"));
+    }
+    let (_, _, metrics) = get(proxy.admin, "/metrics").await;
+    let opened: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_upstream_connections_total{cluster=\"backend\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    // Sequential requests on keep-alive connections: at most one upstream connection per worker.
+    assert!(opened <= 2, "{opened} upstream connections for 30 sequential requests");
+}
