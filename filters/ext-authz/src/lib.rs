@@ -1,9 +1,10 @@
 //! Sluice's external authorization filter: asks an HTTP authorization service
 //! (a cluster, a path prefix, a timeout) about each request, sending selected
 //! request headers. A 2xx answer lets the request through (optionally copying
-//! headers from the answer into the upstream request); any other answer denies it
-//! (passing the service's status and body through, or a configured reply); a
-//! timeout or failure follows the failure policy (deny or allow).
+//! headers from the answer into the upstream request); a 1xx, 3xx or 4xx answer
+//! denies it (passing the service's status and body through, or a configured
+//! reply); a 5xx answer, a timeout or a failure follows the failure policy (deny or
+//! allow).
 //!
 //! It does not send request bodies and has no gRPC (`envoy.service.auth.v3`)
 //! client. The configuration is documented in this crate's README.
@@ -85,7 +86,7 @@ impl Default for Deny {
     }
 }
 
-/// The failure policy (timeout, reset, unknown cluster).
+/// The failure policy (5xx answer, timeout, reset, unknown cluster).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Failure {
@@ -268,6 +269,16 @@ impl HttpContext for ExtAuthz {
                     m.allowed.inc()?;
                 }
                 Ok(Action::Continue)
+            }
+            // Hosts report a callout timeout or connect failure as their own 5xx
+            // reply (Sluice: 504/503 with `x-sluice-callout-error`; Envoy: 504
+            // `upstream request timeout`, 503 `no healthy upstream`), and a service
+            // answering 5xx cannot decide either: all follow the failure policy, as
+            // in Envoy's ext_authz.
+            Some(s) if s >= 500 => {
+                let why = response.header("x-sluice-callout-error").unwrap_or("service error");
+                sluice_sdk::warn!("ext-authz: check of {path} failed: status {s} ({why})");
+                self.fail(http, &config)
             }
             Some(s) => {
                 if let Some(m) = self.metrics {

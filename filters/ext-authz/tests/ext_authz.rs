@@ -134,6 +134,32 @@ fn failures_deny_by_default_and_can_fail_open() {
 }
 
 #[test]
+fn a_5xx_answer_follows_the_failure_policy() {
+    // How hosts report a callout timeout: Sluice's synthetic 504, Envoy's local reply.
+    let timeout = || {
+        TestResponse::new(504).header("x-sluice-callout-error", "timeout").body("upstream request timeout")
+    };
+    let host = host_with(config());
+    let r = host.request().path("/a?x=1").send();
+    r.answer_http_call(timeout());
+    assert_eq!(r.local_response().status, 503);
+    assert_eq!(r.local_response().body_text(), "authorization service unavailable\n");
+    assert!(host.logged(LogLevel::Warn, "check of /a failed: status 504 (timeout)"));
+    let r = host.request().send();
+    r.answer_http_call(TestResponse::new(500).body("bug"));
+    assert_eq!(r.local_response().status, 503);
+    assert_eq!((host.metric("ext_authz_failed"), host.metric("ext_authz_denied")), (Some(2), Some(0)));
+
+    let mut c = config();
+    c["failure"] = json!({"allow": true});
+    let open = host_with(c);
+    let r = open.request().header("x-user", "spoofed").send();
+    r.answer_http_call(TestResponse::new(503).header("x-user", "alice"));
+    assert_eq!(r.upstream_request().header("x-user"), None, "a failed check copies nothing upstream");
+    assert_eq!(open.metric("ext_authz_failed_open"), Some(1));
+}
+
+#[test]
 fn skipped_paths_are_not_checked() {
     let host = host_with(config());
     let r = host.request().path("/healthz/live").send();
