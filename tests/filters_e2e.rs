@@ -40,10 +40,11 @@ fn module(filter: &str) -> PathBuf {
                 .output()
                 .unwrap();
             assert!(out.status.success(), "filters/build.sh: {}", String::from_utf8_lossy(&out.stderr));
-            root().join("target/wasm-filters/out")
+            // Cargo's own output (replaced by a link, atomically), not build.sh's
+            // copy in out/, which a concurrent run may be rewriting.
+            root().join("target/wasm-filters/wasm32-wasip1/release")
         };
-        // Off the test's runtime thread: other tests' backends may share nothing
-        // with it, but a blocking wait inside a runtime is still rude.
+        // The build takes a while: let this test's backends keep running meanwhile.
         match tokio::runtime::Handle::try_current() {
             Ok(_) => tokio::task::block_in_place(build),
             Err(_) => build(),
