@@ -186,7 +186,7 @@ async fn fault_aborts_and_delays_by_route_and_header() {
         &json!({
             "rules": [
                 {"name": "abort", "routes": ["aborted"],
-                 "abort": {"http_status": 503, "grpc_status": 14, "body": "injected by test"}},
+                 "abort": {"http_status": 503, "grpc_status": 14, "body": "injected 100%\n"}},
                 {"name": "slow", "routes": ["slow"], "delay": {"fixed": "300ms"}},
             ],
             "header_faults": {"enabled": true, "max_delay": "400ms"},
@@ -213,7 +213,7 @@ async fn fault_aborts_and_delays_by_route_and_header() {
     let r = get(addr, "/abort/x", &[]).await;
     assert_eq!(
         (r.status, r.body.as_str(), r.header("x-fault-injected")),
-        (503, "injected by test", Some("abort")),
+        (503, "injected 100%\n", Some("abort")),
         "{r:?}"
     );
     assert_eq!(echo.hits(), 0);
@@ -224,7 +224,8 @@ async fn fault_aborts_and_delays_by_route_and_header() {
         send_with(&h2, addr, "POST", "/abort/pkg.Svc/Call", &[("content-type", "application/grpc")]).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("grpc-status"), Some("14"), "{r:?}");
-    assert_eq!(r.header("grpc-message"), Some("injected by test"), "{r:?}");
+    // grpc-message is percent-encoded, as the gRPC spec (and Envoy) does.
+    assert_eq!(r.header("grpc-message"), Some("injected 100%25%0A"), "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/grpc"));
     assert_eq!(r.header("x-fault-injected"), Some("abort"));
     assert_eq!(echo.hits(), 0);

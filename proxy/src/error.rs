@@ -180,6 +180,13 @@ pub fn grpc_status_for(status: StatusCode) -> u32 {
     }
 }
 
+/// The `grpc-message` value for a text: percent-encoded as the gRPC spec asks
+/// (control characters, non-ASCII bytes and `%`), as Envoy encodes its local replies.
+pub fn grpc_message(text: &[u8]) -> Option<http::HeaderValue> {
+    const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    http::HeaderValue::try_from(percent_encoding::percent_encode(text, GRPC_MESSAGE).to_string()).ok()
+}
+
 /// Builds the downstream response for an error: the one place errors become HTTP.
 /// gRPC requests get a trailers-only gRPC reply with the mapped `grpc-status`.
 pub fn error_response(err: &ProxyError, grpc: bool) -> http::Response<crate::body::ProxyBody> {
@@ -190,7 +197,7 @@ pub fn error_response(err: &ProxyError, grpc: bool) -> http::Response<crate::bod
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         h.insert("grpc-status", HeaderValue::from(grpc_status_for(status)));
-        if let Ok(v) = HeaderValue::from_str(err.body().trim_end()) {
+        if let Some(v) = grpc_message(err.body().trim_end().as_bytes()) {
             h.insert("grpc-message", v);
         }
         r
@@ -205,4 +212,16 @@ pub fn error_response(err: &ProxyError, grpc: bool) -> http::Response<crate::bod
         resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_message;
+
+    #[test]
+    fn grpc_messages_are_percent_encoded_like_envoy() {
+        assert_eq!(grpc_message(b"no healthy upstream").unwrap(), "no healthy upstream");
+        assert_eq!(grpc_message(b"in jected\n50%").unwrap(), "in jected%0A50%25");
+        assert_eq!(grpc_message("caf\u{e9}\r".as_bytes()).unwrap(), "caf%C3%A9%0D");
+    }
 }

@@ -877,7 +877,7 @@ pub(crate) fn local_reply(local: LocalResponse, version: Version) -> Response<Pr
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         r.headers_mut().insert("grpc-status", HeaderValue::from(code));
         if !local.body.is_empty()
-            && let Ok(v) = HeaderValue::from_bytes(&local.body)
+            && let Some(v) = crate::error::grpc_message(&local.body)
         {
             r.headers_mut().insert("grpc-message", v);
         }
