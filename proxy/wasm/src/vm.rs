@@ -56,7 +56,7 @@ struct Exports {
 /// A live VM.
 pub(crate) struct Vm {
     pub store: Store<VmState>,
-    ex: Exports,
+    ex: Arc<Exports>,
     /// Generation of the worker slot this VM belongs to.
     pub generation: u64,
     pub tick_generation: u64,
@@ -104,10 +104,10 @@ impl Vm {
         let memory = instance.get_memory(&mut store, "memory");
         let alloc = instance.get_typed_func::<i32, i32>(&mut store, module.allocator).ok();
         store.data_mut().memory = memory;
-        store.data_mut().alloc = alloc;
+        store.data_mut().alloc = alloc.map(Arc::new);
         let ex = exports(&instance, &mut store, module.abi)
             .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?;
-        let mut vm = Vm { store, ex, generation, tick_generation: 0 };
+        let mut vm = Vm { store, ex: Arc::new(ex), generation, tick_generation: 0 };
         plugin.vm_created();
         if let Ok(init) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::INITIALIZE) {
             vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
@@ -121,11 +121,12 @@ impl Vm {
             }
         }
         let root = vm.store.data().root_id as i32;
-        let create = vm.ex.on_context_create.clone();
+        let ex = Arc::clone(&vm.ex);
+        let create = &ex.on_context_create;
         vm.call_with(Callback::ContextCreate, root as u32, plugin.start_deadline_ticks, |s| {
             create.call(s, (root, 0))
         })?;
-        if let Some(f) = vm.ex.on_vm_start.clone() {
+        if let Some(f) = ex.on_vm_start.as_ref() {
             let len = plugin.vm_config.len() as i32;
             let ok = vm.call_with(Callback::VmStart, root as u32, plugin.start_deadline_ticks, |s| {
                 f.call(s, (root, len))
@@ -134,7 +135,7 @@ impl Vm {
                 return Err(vm.rejected(Callback::VmStart, "on_vm_start returned false"));
             }
         }
-        if let Some(f) = vm.ex.on_configure.clone() {
+        if let Some(f) = ex.on_configure.as_ref() {
             let len = plugin.plugin_config.len() as i32;
             let ok = vm.call_with(Callback::Configure, root as u32, plugin.start_deadline_ticks, |s| {
                 f.call(s, (root, len))
@@ -196,33 +197,30 @@ impl Vm {
     // === callbacks ===
 
     pub fn context_create(&mut self, id: u32) -> Result<(), VmFailure> {
-        let (f, root) = (self.ex.on_context_create.clone(), self.root_id() as i32);
+        let ex = Arc::clone(&self.ex);
+        let (f, root) = (&ex.on_context_create, self.root_id() as i32);
         self.call(Callback::ContextCreate, id, |s| f.call(s, (id as i32, root)))
     }
 
     pub fn headers(&mut self, callback: Callback, id: u32, n: usize, eos: bool) -> Result<i32, VmFailure> {
+        let ex = Arc::clone(&self.ex);
         let f = match callback {
-            Callback::RequestHeaders => self.ex.on_request_headers.as_ref(),
-            _ => self.ex.on_response_headers.as_ref(),
+            Callback::RequestHeaders => ex.on_request_headers.as_ref(),
+            _ => ex.on_response_headers.as_ref(),
         };
         let (n, eos) = (n as i32, i32::from(eos));
         match f {
             None => Ok(0),
-            Some(HeadersFn::V1(f)) => {
-                let f = f.clone();
-                self.call(callback, id, |s| f.call(s, (id as i32, n)))
-            }
-            Some(HeadersFn::V2(f)) => {
-                let f = f.clone();
-                self.call(callback, id, |s| f.call(s, (id as i32, n, eos)))
-            }
+            Some(HeadersFn::V1(f)) => self.call(callback, id, |s| f.call(s, (id as i32, n))),
+            Some(HeadersFn::V2(f)) => self.call(callback, id, |s| f.call(s, (id as i32, n, eos))),
         }
     }
 
     pub fn body(&mut self, callback: Callback, id: u32, size: usize, eos: bool) -> Result<i32, VmFailure> {
+        let ex = Arc::clone(&self.ex);
         let f = match callback {
-            Callback::RequestBody => self.ex.on_request_body.clone(),
-            _ => self.ex.on_response_body.clone(),
+            Callback::RequestBody => ex.on_request_body.as_ref(),
+            _ => ex.on_response_body.as_ref(),
         };
         let Some(f) = f else { return Ok(0) };
         let size = i32::try_from(size).unwrap_or(i32::MAX);
@@ -230,9 +228,10 @@ impl Vm {
     }
 
     pub fn trailers(&mut self, callback: Callback, id: u32, n: usize) -> Result<i32, VmFailure> {
+        let ex = Arc::clone(&self.ex);
         let f = match callback {
-            Callback::RequestTrailers => self.ex.on_request_trailers.clone(),
-            _ => self.ex.on_response_trailers.clone(),
+            Callback::RequestTrailers => ex.on_request_trailers.as_ref(),
+            _ => ex.on_response_trailers.as_ref(),
         };
         let Some(f) = f else { return Ok(0) };
         self.call(callback, id, |s| f.call(s, (id as i32, n as i32)))
@@ -240,30 +239,33 @@ impl Vm {
 
     /// `on_log`, `on_done` and `on_delete` for a finished HTTP context.
     pub fn finish(&mut self, id: u32, log: bool) -> Result<(), VmFailure> {
-        if log && let Some(f) = self.ex.on_log.clone() {
+        let ex = Arc::clone(&self.ex);
+        if log && let Some(f) = ex.on_log.as_ref() {
             self.call(Callback::Log, id, |s| f.call(s, id as i32))?;
         }
-        if let Some(f) = self.ex.on_done.clone() {
+        if let Some(f) = ex.on_done.as_ref() {
             // Envoy ignores `on_done`'s result for HTTP contexts.
             self.call(Callback::Done, id, |s| f.call(s, id as i32))?;
         }
-        if let Some(f) = self.ex.on_delete.clone() {
+        if let Some(f) = ex.on_delete.as_ref() {
             self.call(Callback::Delete, id, |s| f.call(s, id as i32))?;
         }
         Ok(())
     }
 
     pub fn tick(&mut self) -> Result<(), VmFailure> {
+        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.ex.on_tick.clone() {
+        match ex.on_tick.as_ref() {
             Some(f) => self.call(Callback::Tick, root, |s| f.call(s, root as i32)),
             None => Ok(()),
         }
     }
 
     pub fn queue_ready(&mut self, queue: u32) -> Result<(), VmFailure> {
+        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.ex.on_queue_ready.clone() {
+        match ex.on_queue_ready.as_ref() {
             Some(f) => self.call(Callback::QueueReady, root, |s| f.call(s, (root as i32, queue as i32))),
             None => Ok(()),
         }
@@ -276,8 +278,9 @@ impl Vm {
         body: usize,
         trailers: usize,
     ) -> Result<(), VmFailure> {
+        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.ex.on_http_call_response.clone() {
+        match ex.on_http_call_response.as_ref() {
             Some(f) => self.call(Callback::HttpCallResponse, root, |s| {
                 f.call(s, (root as i32, token as i32, headers as i32, body as i32, trailers as i32))
             }),
@@ -286,8 +289,9 @@ impl Vm {
     }
 
     pub fn grpc_receive(&mut self, token: u32, size: usize) -> Result<(), VmFailure> {
+        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.ex.on_grpc_receive.clone() {
+        match ex.on_grpc_receive.as_ref() {
             Some(f) => self
                 .call(Callback::GrpcReceive, root, |s| f.call(s, (root as i32, token as i32, size as i32))),
             None => Ok(()),
@@ -295,8 +299,9 @@ impl Vm {
     }
 
     pub fn grpc_close(&mut self, token: u32, code: u32) -> Result<(), VmFailure> {
+        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.ex.on_grpc_close.clone() {
+        match ex.on_grpc_close.as_ref() {
             Some(f) => {
                 self.call(Callback::GrpcClose, root, |s| f.call(s, (root as i32, token as i32, code as i32)))
             }
