@@ -569,11 +569,11 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
     if not md:
         out.append("Per run:")
         rows = []
-        for r in sorted(recs, key=lambda r: (r["proto"], order(r["case"]), r["rep"])):
+        for r in sorted(recs, key=lambda r: (r["proto"], order(r["case"]), r["run"])):
             noisy = " *" if r["other_cpu_pct"] > NOISY_OTHER_PCT else ""
             if r.get("invalid"):
                 noisy += " INVALID (not counted): " + r["invalid"]
-            rows.append([f"{r['case']} {r['proto']} #{r['rep']}", _fmt(r["rps"], 0),
+            rows.append([r["run"], _fmt(r["rps"], 0),
                          _fmt(r["p50_ms"], 2), _fmt(r["p99_ms"], 2),
                          str(r["errors"] + r["non2xx"]), _fmt(r["proxy_cpu_pct"], 0),
                          _fmt(r["proxy_us_per_req"], 1), _fmt(r["backend_cpu_pct"], 0),
@@ -625,8 +625,12 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
 
 def cmd_report(a: argparse.Namespace) -> int:
     d = Path(a.dir)
-    recs = [json.loads(p.read_text())
-            for src in [d, *map(Path, a.pool)] for p in sorted((src / "raw").glob("*.json"))]
+    recs = []
+    for k, src in enumerate([d, *map(Path, a.pool)]):
+        for p in sorted((src / "raw").glob("*.json")):
+            r = json.loads(p.read_text())
+            r["run"] = f"{r['case']} {r['proto']} #{r['rep']}" + (f" ({src.name})" if k else "")
+            recs.append(r)
     read = lambda name: (d / name).read_text() if (d / name).exists() else ""
     meta = {
         "header": read("header.txt").rstrip("\n"),
