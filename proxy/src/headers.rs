@@ -176,7 +176,10 @@ pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
         }
         None => {
             let rid = request_id.as_bytes();
-            if rid.len() == 32 && rid.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) && rid.iter().any(|&b| b != b'0') {
+            if rid.len() == 32
+                && rid.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                && rid.iter().any(|&b| b != b'0')
+            {
                 buf[3..35].copy_from_slice(rid);
             } else {
                 hex_into(&mut buf[3..35], fastrand::u128(1..));
