@@ -455,6 +455,7 @@ impl Body for FilterBody {
         // Known as soon as the end went through the chain, so the proxy can return
         // the upstream connection to its pool without waiting for one more poll.
         self.done
-            || (self.running.is_none() && self.state.as_ref().is_some_and(|s| s.ended && s.trailers.is_none()))
+            || (self.running.is_none()
+                && self.state.as_ref().is_some_and(|s| s.ended && s.trailers.is_none()))
     }
 }
