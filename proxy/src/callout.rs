@@ -13,7 +13,8 @@ use sluice_filter::{CalloutClient, CalloutError, CalloutResponse, LocalBoxFuture
 
 use crate::body::{BodyEnd, ProxyBody};
 use crate::cluster::ClusterState;
-use crate::forward::{Shared, pick_endpoint, send_request};
+use crate::forward::Shared;
+use crate::upstream::{pick_endpoint, send_request};
 
 /// The data plane's [`CalloutClient`]. Created before the proxy (the filter host
 /// needs it at construction) and attached to it once it runs.

@@ -25,6 +25,7 @@ pub mod router;
 pub mod server;
 pub mod source;
 pub mod tls;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,0 +1,505 @@
+//! The upstream half of the request path: the upstream request template, the
+//! attempt loop (balancer pick, pool checkout, per-try and route timeouts,
+//! retries with budget and backoff, outlier accounting) and the response's
+//! way back (hop-by-hop strip, header edits, response filters).
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, COOKIE, HOST, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version, request};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use sluice_config::LbPolicy;
+
+use crate::accesslog::RequestLog;
+use crate::body::{BodyEnd, ProxyBody};
+use crate::chain::ChainRun;
+use crate::cluster::{ClusterState, Endpoint, HashKey, Outcome, Picker};
+use crate::dataplane::Dataplane;
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::headers;
+use crate::metrics::RouteMetrics;
+use crate::pool::{self, Conn};
+use crate::router::{CompiledRoute, Forward};
+
+use crate::forward::{Completion, ConnInfo, Target, finish_local};
+
+thread_local! {
+    static PICKER: std::cell::RefCell<Picker> = std::cell::RefCell::new(Picker::default());
+}
+
+/// The upstream request template; cloned for each attempt.
+pub(crate) struct UpstreamRequest {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+}
+
+impl UpstreamRequest {
+    pub(crate) fn prepare(
+        mut parts: request::Parts,
+        conn: &ConnInfo,
+        target: &Target<'_>,
+        fwd: &Forward,
+        cluster: &ClusterState,
+        upgrade: bool,
+        https: bool,
+    ) -> Result<Self, ProxyError> {
+        let h = &mut parts.headers;
+        // Naming `x-request-id` in `connection` must not strip the id the proxy keeps.
+        let request_id_value = h.get(&headers::X_REQUEST_ID).cloned();
+        headers::strip_hop_by_hop(h, upgrade);
+        if let Some(v) = request_id_value {
+            h.insert(headers::X_REQUEST_ID.clone(), v);
+        }
+        target.route.request_edits.apply(h);
+        headers::set_forwarded(h, conn.remote.ip(), https, target.trust_forwarded);
+        let request_id = h.get(&headers::X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        headers::propagate_traceparent(h, &request_id);
+
+        let path = match (&fwd.prefix_rewrite, target.route.matched_prefix()) {
+            (Some(rw), Some(prefix)) => {
+                let rest = target.path.strip_prefix(prefix).unwrap_or(&target.path);
+                let mut p = String::with_capacity(rw.len() + rest.len());
+                p.push_str(rw);
+                if rw.ends_with('/') && rest.starts_with('/') {
+                    p.push_str(&rest[1..]);
+                } else {
+                    p.push_str(rest);
+                }
+                p
+            }
+            _ => target.path.clone(),
+        };
+        let authority = match &fwd.host_rewrite {
+            Some(a) => a.as_str().to_owned(),
+            None => target.authority.clone(),
+        };
+        let pq = match &target.query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let (uri, version) = if cluster.is_h2() {
+            h.remove(HOST);
+            let scheme = if cluster.tls.is_some() { "https" } else { "http" };
+            let authority = if authority.is_empty() { "localhost".to_owned() } else { authority };
+            let uri = Uri::builder()
+                .scheme(scheme)
+                .authority(authority)
+                .path_and_query(pq)
+                .build()
+                .map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))?;
+            (uri, Version::HTTP_2)
+        } else {
+            if !authority.is_empty() {
+                let v = HeaderValue::from_str(&authority)
+                    .map_err(|_| ProxyError::bad_request("invalid authority"))?;
+                h.insert(HOST, v);
+            }
+            let uri = Uri::try_from(pq).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?;
+            (uri, Version::HTTP_11)
+        };
+        Ok(UpstreamRequest { method: parts.method, uri, version, headers: parts.headers })
+    }
+
+    fn build(&self, body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+
+    fn into_request(self, body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// A body that can be sent again on a retry.
+enum Replay {
+    /// Not retriable: streamed once.
+    Once(Option<ProxyBody>),
+    /// Retriable: kept in memory.
+    Bytes(Bytes),
+}
+
+impl Replay {
+    fn take(&mut self) -> Option<ProxyBody> {
+        match self {
+            Replay::Once(b) => b.take(),
+            Replay::Bytes(b) => Some(ProxyBody::full(b.clone())),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Replay::Bytes(_))
+    }
+}
+
+/// One retry in flight, counted against the cluster's `max_retries`.
+struct RetrySlot(Arc<ClusterState>);
+
+impl RetrySlot {
+    fn take(cluster: &Arc<ClusterState>) -> Self {
+        cluster.breaker.retries.fetch_add(1, Ordering::Relaxed);
+        RetrySlot(cluster.clone())
+    }
+}
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.0.breaker.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements in-flight counters when the exchange ends.
+struct InFlight {
+    cluster: Arc<ClusterState>,
+    endpoint: Arc<Endpoint>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
+        self.cluster.breaker.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn forward(
+    template: UpstreamRequest,
+    body: ProxyBody,
+    conn: &Rc<ConnInfo>,
+    dp: &Arc<Dataplane>,
+    fwd: &Forward,
+    cluster: &Arc<ClusterState>,
+    metrics: Arc<RouteMetrics>,
+    route: &Arc<CompiledRoute>,
+    log: &mut RequestLog,
+    mut chain: Option<ChainRun>,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let retry = fwd.retry.as_deref();
+    if let Some(r) = retry {
+        r.budget.deposit();
+    }
+    let idempotent = matches!(
+        template.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    let mut replay = match retry {
+        Some(r)
+            if r.policy.attempts > 0
+                && downstream_upgrade.is_none()
+                && (idempotent || r.policy.retry_non_idempotent) =>
+        {
+            if http_body::Body::is_end_stream(&body) {
+                Replay::Bytes(Bytes::new())
+            } else {
+                let small = template
+                    .headers
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .is_some_and(|n| n <= r.policy.max_body_bytes);
+                if small {
+                    let collected = body.collect().await.map_err(|e| {
+                        ProxyError::new(Side::Downstream, ErrorKind::BadRequest, format!("request body: {e}"))
+                    })?;
+                    Replay::Bytes(collected.to_bytes())
+                } else {
+                    Replay::Once(Some(body))
+                }
+            }
+        }
+        _ => Replay::Once(Some(body)),
+    };
+    let hash = hash_key(cluster, &template.headers, conn.remote);
+    let max_attempts = 1 + retry.map_or(0, |r| r.policy.attempts);
+    let per_try = retry.and_then(|r| r.policy.per_try_timeout);
+    let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut template = Some(template);
+    let mut last_endpoint: Option<Arc<Endpoint>> = None;
+    // Held from a retry's admission until its attempt ends (`max_retries`).
+    let mut retry_slot: Option<RetrySlot> = None;
+    let mut attempt = 0u32;
+
+    let (resp, sender, inflight) = loop {
+        attempt += 1;
+        log.attempts = attempt;
+        let breaker = &cluster.config.circuit_breaker;
+        if cluster.breaker.requests.load(Ordering::Relaxed) >= breaker.max_requests {
+            cluster.metrics.rejected_requests.inc();
+            return Err(ProxyError::upstream(ErrorKind::CircuitOpen, "max_requests reached"));
+        }
+        let endpoint =
+            PICKER.with(|p| p.borrow_mut().pick(cluster, hash, last_endpoint.as_deref())).ok_or_else(
+                || ProxyError::upstream(ErrorKind::NoHealthyUpstream, format!("cluster {}", cluster.name)),
+            )?;
+        log.upstream = Some(endpoint.addr);
+        endpoint.active.fetch_add(1, Ordering::Relaxed);
+        cluster.breaker.requests.fetch_add(1, Ordering::Relaxed);
+        let inflight = InFlight { cluster: cluster.clone(), endpoint: endpoint.clone() };
+        let last_attempt = attempt >= max_attempts || !replay.replayable();
+        let Some(body) = replay.take() else {
+            return Err(ProxyError::new(
+                Side::Internal,
+                ErrorKind::UpstreamReset,
+                "request body already sent",
+            ));
+        };
+        let req = match (last_attempt, template.as_ref()) {
+            (true, _) => match template.take() {
+                Some(t) => t.into_request(body),
+                None => return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request")),
+            },
+            (false, Some(t)) => t.build(body),
+            (false, None) => {
+                return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request"));
+            }
+        };
+        let started = Instant::now();
+        let send = Box::pin(send_request(cluster, &endpoint, req));
+        let result = match (per_try, deadline) {
+            (Some(pt), Some(dl)) => {
+                let until = (tokio::time::Instant::now() + pt).min(dl);
+                tokio::time::timeout_at(until, send).await
+            }
+            (Some(pt), None) => tokio::time::timeout(pt, send).await,
+            (None, Some(dl)) => tokio::time::timeout_at(dl, send).await,
+            (None, None) => Ok(send.await),
+        };
+        drop(retry_slot.take());
+        let elapsed = started.elapsed();
+        cluster.metrics.latency.observe(elapsed.as_secs_f64());
+        // Set when the retry was already admitted (budget and retry breaker).
+        let mut admitted = false;
+        let err = match result {
+            Ok(Ok((resp, sender))) => {
+                let status = resp.status().as_u16();
+                let outcome = match status {
+                    502..=504 => Outcome::GatewayError,
+                    500..=599 => Outcome::ServerError,
+                    _ => Outcome::Success,
+                };
+                cluster.record_outcome(&endpoint, outcome);
+                let retry_it = !last_attempt && retry.is_some_and(|r| r.retry_status(status));
+                // A retry refused by the budget or the retry breaker passes the
+                // upstream's own answer through (not a proxy-made 502).
+                if !retry_it || !retry.is_some_and(|r| admit_retry(cluster, r)) {
+                    log.upstream_us = Some(elapsed.as_micros() as u64);
+                    break (resp, sender, inflight);
+                }
+                admitted = true;
+                ProxyError::upstream(ErrorKind::UpstreamProtocol, format!("retriable status {status}"))
+            }
+            Ok(Err(e)) => {
+                // A failing request body is the downstream's fault and an open
+                // circuit breaker a local overflow: neither is the endpoint's.
+                if e.side == Side::Upstream && e.kind != ErrorKind::CircuitOpen {
+                    cluster.record_outcome(&endpoint, Outcome::GatewayError);
+                }
+                let retriable = retry.is_some_and(|r| match e.kind {
+                    ErrorKind::ConnectFailure | ErrorKind::ConnectTimeout => r.retry_connect_failure(),
+                    ErrorKind::UpstreamReset | ErrorKind::UpstreamProtocol => r.retry_reset(),
+                    _ => false,
+                });
+                if last_attempt || !retriable {
+                    return Err(e);
+                }
+                e
+            }
+            Err(_) => {
+                cluster.record_outcome(&endpoint, Outcome::GatewayError);
+                let timed_out_overall = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                let e = ProxyError::upstream(
+                    ErrorKind::UpstreamTimeout,
+                    format!("upstream {} timed out", endpoint.addr),
+                );
+                if last_attempt || timed_out_overall || !retry.is_some_and(|r| r.retry_reset()) {
+                    return Err(e);
+                }
+                e
+            }
+        };
+        drop(inflight);
+        // Retry: budget, retry circuit breaker, backoff.
+        let Some(r) = retry else { return Err(err) };
+        if !admitted && !admit_retry(cluster, r) {
+            return Err(err);
+        }
+        cluster.metrics.retries.inc();
+        tracing::debug!(attempt, error = %err, "retrying upstream request");
+        retry_slot = Some(RetrySlot::take(cluster));
+        let wait = crate::retry::backoff(&r.policy.backoff, attempt);
+        match deadline {
+            Some(dl) => tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(dl)).await,
+            None => tokio::time::sleep(wait).await,
+        }
+        last_endpoint = Some(endpoint);
+    };
+
+    let status = resp.status();
+    let mut resp = resp;
+    if status == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(down) = downstream_upgrade
+    {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::task::spawn_local(async move {
+            let _keep = inflight;
+            match tokio::try_join!(down, up) {
+                Ok((d, u)) => {
+                    let mut d = TokioIo::new(d);
+                    let mut u = TokioIo::new(u);
+                    let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        parts.version = Version::HTTP_11;
+        log.status = 101;
+        return Ok(finish_local(Response::from_parts(parts, ProxyBody::empty()), log, dp, metrics, None));
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    route.response_edits.apply(&mut parts.headers);
+    parts.version = if log.protocol == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let max_idle = cluster.config.pool.max_idle_per_endpoint;
+    let pool_ret = sender.map(|(pool, s)| {
+        move |end: BodyEnd| {
+            if end == BodyEnd::Complete {
+                pool.put_back(s, max_idle);
+            }
+        }
+    });
+    let mut body = ProxyBody::incoming(body);
+    if let Some(run) = &mut chain {
+        let end_of_stream = http_body::Body::is_end_stream(&body);
+        match run.response_headers(&mut parts, end_of_stream).await {
+            Ok(None) => {}
+            Ok(Some(local)) => {
+                drop(body);
+                let resp = run.local_response(local, log.protocol).await;
+                return Ok(finish_local(resp, log, dp, metrics, chain));
+            }
+            Err(e) => return Err(e),
+        }
+        body = run.wrap_response_body(body);
+    }
+    let status = parts.status.as_u16();
+    log.status = status;
+    let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
+    let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts));
+    let body = body.on_end(move |end, n| {
+        if let Some(f) = pool_ret {
+            f(end);
+        }
+        drop(inflight);
+        if let Some(mut run) = chain {
+            run.log(head.as_ref());
+        }
+        done.done(end, n);
+    });
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Takes a retry from the route's budget and the cluster's retry breaker;
+/// counts a refusal.
+fn admit_retry(cluster: &ClusterState, r: &crate::router::CompiledRetry) -> bool {
+    let ok = cluster.breaker.retries.load(Ordering::Relaxed) < cluster.config.circuit_breaker.max_retries
+        && r.budget.try_withdraw();
+    if !ok {
+        cluster.metrics.retry_budget_exhausted.inc();
+    }
+    ok
+}
+
+fn hash_key(cluster: &ClusterState, h: &http::HeaderMap, remote: SocketAddr) -> Option<HashKey> {
+    let LbPolicy::RingHash(on) = &cluster.config.lb else { return None };
+    if let Some(name) = &on.header {
+        return h.get(name.as_str()).map(|v| HashKey(crate::cluster::hash_bytes(v.as_bytes())));
+    }
+    if let Some(cookie) = &on.cookie {
+        for v in h.get_all(COOKIE) {
+            let Ok(s) = v.to_str() else { continue };
+            for kv in s.split(';') {
+                if let Some((k, val)) = kv.trim().split_once('=')
+                    && k == cookie
+                {
+                    return Some(HashKey(crate::cluster::hash_bytes(val.as_bytes())));
+                }
+            }
+        }
+        return None;
+    }
+    on.source_ip.then(|| HashKey(crate::cluster::hash_bytes(remote.ip().to_string().as_bytes())))
+}
+
+/// Picks an endpoint with this worker's balancer.
+pub(crate) fn pick_endpoint(
+    cluster: &ClusterState,
+    hash: Option<HashKey>,
+    avoid: Option<&Endpoint>,
+) -> Option<Arc<Endpoint>> {
+    PICKER.with(|p| p.borrow_mut().pick(cluster, hash, avoid))
+}
+
+pub(crate) type Sender = Option<(Rc<pool::EndpointPool>, hyper::client::conn::http1::SendRequest<ProxyBody>)>;
+
+/// Sends one attempt; an HTTP/1.1 sender comes back for the pool.
+pub(crate) async fn send_request(
+    cluster: &Arc<ClusterState>,
+    endpoint: &Arc<Endpoint>,
+    req: Request<ProxyBody>,
+) -> Result<(Response<Incoming>, Sender), ProxyError> {
+    let pool = pool::endpoint_pool(cluster, endpoint);
+    match pool::checkout(cluster, endpoint, &pool).await? {
+        Conn::H1(mut s) => match s.try_send_request(req).await {
+            Ok(resp) => Ok((resp, Some((pool, s)))),
+            Err(mut e) => match e.take_message() {
+                // The pooled connection died before the request went out: use a fresh one.
+                Some(req) => match pool::connect(cluster, endpoint).await? {
+                    Conn::H1(mut s) => {
+                        let resp = s.send_request(req).await.map_err(upstream_error)?;
+                        Ok((resp, Some((pool, s))))
+                    }
+                    Conn::H2(mut s) => Ok((s.send_request(req).await.map_err(upstream_error)?, None)),
+                },
+                None => Err(upstream_error(e.into_error())),
+            },
+        },
+        Conn::H2(mut s) => {
+            s.ready().await.map_err(upstream_error)?;
+            Ok((s.send_request(req).await.map_err(upstream_error)?, None))
+        }
+    }
+}
+
+fn upstream_error(e: hyper::Error) -> ProxyError {
+    // The request body we were streaming failed (e.g. a malformed chunk from
+    // downstream): a bad request, not an upstream failure.
+    if e.is_user() && std::error::Error::source(&e).is_some() {
+        return ProxyError::new(Side::Downstream, ErrorKind::BadRequest, format!("request body: {e}"));
+    }
+    let kind = if e.is_parse() || e.is_parse_status() {
+        ErrorKind::UpstreamProtocol
+    } else {
+        ErrorKind::UpstreamReset
+    };
+    ProxyError::upstream(kind, e.to_string())
+}
