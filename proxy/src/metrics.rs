@@ -32,6 +32,8 @@ pub struct Metrics {
     pub connections_total: IntCounterVec,
     /// `sluice_local_replies_total{reason}`: errors and proxy-made answers by reason.
     pub local_replies: IntCounterVec,
+    /// `sluice_downstream_connections_closed_for_abuse_total{listener,reason}`.
+    pub abuse_closes: IntCounterVec,
     /// `sluice_upstream_connections_total{cluster}`.
     pub upstream_connections: IntCounterVec,
     /// `sluice_upstream_connect_failures_total{cluster}`.
@@ -112,6 +114,11 @@ impl Metrics {
                 "sluice_local_replies_total",
                 "Responses made by the proxy (errors, redirects, direct responses) by reason",
                 &["reason"],
+            )?,
+            abuse_closes: counter(
+                "sluice_downstream_connections_closed_for_abuse_total",
+                "Downstream connections closed by a protection (e.g. HTTP/2 rapid reset)",
+                &["listener", "reason"],
             )?,
             upstream_connections: counter(
                 "sluice_upstream_connections_total",

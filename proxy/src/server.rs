@@ -343,9 +343,10 @@ where
     let act = activity.clone();
     let service = service_fn(move |req| {
         let conn = conn.clone();
-        let guard = act.begin();
+        let mut guard = act.begin();
         async move {
             let r = handle(req, conn).await;
+            guard.completed = true;
             drop(guard);
             r
         }
@@ -358,6 +359,7 @@ where
         served.as_mut().graceful_shutdown();
     }
     let first_request_timeout = cx.config.limits.header_read_timeout.min(idle_timeout);
+    let mut abused = false;
     loop {
         let timeout = if activity.used.get() { idle_timeout } else { first_request_timeout };
         let idle = if activity.in_flight.get() > 0 {
@@ -372,6 +374,20 @@ where
                 }
                 return;
             }
+            _ = activity.abuse.notified(), if !abused => {
+                abused = true;
+                draining = true;
+                tracing::warn!(
+                    listener = %cx.name,
+                    streams = activity.streams.get(),
+                    premature_resets = activity.premature.get(),
+                    "closing a connection that resets its requests prematurely (rapid reset)"
+                );
+                cx.shared.metrics.abuse_closes.with_label_values(&[&cx.name, "premature_resets"]).inc();
+                // GOAWAY now; the connection is dropped if it does not wind down promptly.
+                served.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)), if abused => return,
             changed = drain.changed(), if !draining => {
                 if changed.is_err() || drain.borrow().is_some() {
                     draining = true;
@@ -391,6 +407,13 @@ where
 
 /// Request activity on a connection, for the idle timeout.
 struct Activity {
+    /// Requests started on this connection.
+    streams: std::cell::Cell<u64>,
+    /// Requests the client gave up on (reset, went away) within a second of
+    /// starting them, before their response: the HTTP/2 rapid-reset pattern.
+    premature: std::cell::Cell<u64>,
+    /// Signalled when the connection looks abusive.
+    abuse: tokio::sync::Notify,
     in_flight: std::cell::Cell<usize>,
     last: std::cell::Cell<std::time::Instant>,
     /// A request arrived on this connection. Until one does, the connection only
@@ -402,6 +425,9 @@ struct Activity {
 impl Default for Activity {
     fn default() -> Self {
         Activity {
+            streams: std::cell::Cell::new(0),
+            premature: std::cell::Cell::new(0),
+            abuse: tokio::sync::Notify::new(),
             in_flight: std::cell::Cell::new(0),
             last: std::cell::Cell::new(std::time::Instant::now()),
             used: std::cell::Cell::new(false),
@@ -409,13 +435,24 @@ impl Default for Activity {
     }
 }
 
-struct ActivityGuard(Rc<Activity>);
+struct ActivityGuard {
+    activity: Rc<Activity>,
+    started: std::time::Instant,
+    /// The request's handler returned (its response went to hyper).
+    completed: bool,
+}
+
+/// Close a connection once this many of its requests were reset prematurely,
+/// if they are at least half of its requests (Envoy's rapid-reset rule).
+const PREMATURE_RESET_MIN: u64 = 100;
+const PREMATURE_RESET_WINDOW: Duration = Duration::from_secs(1);
 
 impl Activity {
     fn begin(self: &Rc<Self>) -> ActivityGuard {
         self.used.set(true);
+        self.streams.set(self.streams.get() + 1);
         self.in_flight.set(self.in_flight.get() + 1);
-        ActivityGuard(self.clone())
+        ActivityGuard { activity: self.clone(), started: std::time::Instant::now(), completed: false }
     }
 
     fn idle_deadline(&self, timeout: Duration) -> tokio::time::Instant {
@@ -425,7 +462,15 @@ impl Activity {
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        self.0.in_flight.set(self.0.in_flight.get() - 1);
-        self.0.last.set(std::time::Instant::now());
+        let a = &self.activity;
+        a.in_flight.set(a.in_flight.get() - 1);
+        a.last.set(std::time::Instant::now());
+        if !self.completed && self.started.elapsed() < PREMATURE_RESET_WINDOW {
+            let premature = a.premature.get() + 1;
+            a.premature.set(premature);
+            if premature >= PREMATURE_RESET_MIN && premature * 2 > a.streams.get() {
+                a.abuse.notify_one();
+            }
+        }
     }
 }

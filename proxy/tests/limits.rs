@@ -300,3 +300,70 @@ async fn legitimate_framing_still_works() {
     let seen: Vec<String> = backend.seen.lock().unwrap().iter().map(|s| s.uri.path().to_owned()).collect();
     assert_eq!(seen, ["/a", "/b"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_closes_the_connection() {
+    // A slow backend that reports each request it receives.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let backend = Backend::start(move |_req| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let _ = seen_tx.send(());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            http::Response::new(Full::new(Bytes::from("slow")))
+        }
+    })
+    .await;
+    let p = TestProxy::start(&config(backend.addr, "")).await;
+    let addr = p.addr("main");
+
+    // 1. The flood: HEADERS then RST_STREAM as fast as possible.
+    let (mut client, conn) =
+        h2::client::handshake(tokio::net::TcpStream::connect(addr).await.unwrap()).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut sent = 0usize;
+    while sent < 5000 {
+        client = match tokio::time::timeout(Duration::from_secs(2), client.ready()).await {
+            Ok(Ok(c)) => c,
+            _ => break,
+        };
+        let req = Request::get(format!("http://{addr}/r{sent}")).body(()).unwrap();
+        let Ok((_resp, mut stream)) = client.send_request(req, true) else { break };
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+    }
+    assert!(sent < 5000, "the connection survived {sent} reset streams");
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(backend.hits() < 500, "the upstream saw {} of {sent} reset streams", backend.hits());
+
+    // 2. The slow variant: each stream reaches the upstream before it is reset.
+    // Sluice's own rule (Envoy's) closes the connection once most of at least 100
+    // streams were reset within a second of starting.
+    let (mut client, conn) =
+        h2::client::handshake(tokio::net::TcpStream::connect(addr).await.unwrap()).await.unwrap();
+    let conn = tokio::spawn(conn);
+    while seen.try_recv().is_ok() {}
+    let mut reset = 0usize;
+    while reset < 400 {
+        client = match tokio::time::timeout(Duration::from_secs(2), client.ready()).await {
+            Ok(Ok(c)) => c,
+            _ => break,
+        };
+        let req = Request::get(format!("http://{addr}/s{reset}")).body(()).unwrap();
+        let Ok((_resp, mut stream)) = client.send_request(req, true) else { break };
+        if tokio::time::timeout(Duration::from_secs(2), seen.recv()).await.is_err() {
+            break;
+        }
+        stream.send_reset(h2::Reason::CANCEL);
+        reset += 1;
+    }
+    assert!((100..400).contains(&reset), "closed after {reset} premature resets");
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    let m = p.metrics().await;
+    assert!(
+        m.contains("sluice_downstream_connections_closed_for_abuse_total{listener=\"main\",reason=\"premature_resets\"} 1"),
+        "{m}"
+    );
+    // Other clients are unaffected.
+    assert_eq!(get(addr, "/").await.0.status, 200);
+}
