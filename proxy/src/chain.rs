@@ -237,6 +237,17 @@ impl ChainRun {
     }
 }
 
+/// Hands filter `step`'s buffer to the next one: a move when the next buffer is
+/// empty (the common case), an append otherwise.
+fn pass_on(bufs: &mut [BytesMut], step: usize) {
+    if bufs[step + 1].is_empty() {
+        bufs.swap(step, step + 1);
+    } else {
+        let moved = std::mem::take(&mut bufs[step]);
+        bufs[step + 1].extend_from_slice(&moved);
+    }
+}
+
 /// Passes buffered data through the chain; returns what leaves its end.
 async fn run_body(
     filters: &Mutex<Filters>,
@@ -261,8 +272,7 @@ async fn run_body(
         };
         match action.map_err(|e| Failure::Error(action_err(e)))? {
             BodyAction::Continue => {
-                let moved = std::mem::take(&mut bufs[step]);
-                bufs[step + 1].extend_from_slice(&moved);
+                pass_on(bufs, step);
             }
             BodyAction::Buffer if !eos => {
                 if bufs[step].len() > max {
@@ -271,8 +281,7 @@ async fn run_body(
                 return Ok(Bytes::new());
             }
             BodyAction::Buffer => {
-                let moved = std::mem::take(&mut bufs[step]);
-                bufs[step + 1].extend_from_slice(&moved);
+                pass_on(bufs, step);
             }
             BodyAction::Respond(local) => return Err(Failure::Local(local)),
             BodyAction::Reset => {
@@ -368,11 +377,16 @@ impl BodyState {
                 },
                 Some(Err(e)) => return (self, Err(e)),
             };
-            if let Some(d) = &data {
+            if let Some(d) = data {
                 let counter =
                     if self.request { &self.info.request_body_bytes } else { &self.info.response_body_bytes };
                 counter.set(counter.get() + d.len() as u64);
-                self.bufs[0].extend_from_slice(d);
+                if self.bufs[0].is_empty() {
+                    // Take the chunk over without copying when nothing else shares it.
+                    self.bufs[0] = d.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                } else {
+                    self.bufs[0].extend_from_slice(&d);
+                }
             }
             self.ended = eos;
             let out = match run_body(&self.filters, &self.info, &mut self.bufs, eos, self.request, self.max)
