@@ -222,3 +222,55 @@ async fn filtered_requests_reuse_upstream_connections() {
     // Sequential requests on keep-alive connections: at most one upstream connection per worker.
     assert!(opened <= 2, "{opened} upstream connections for 30 sequential requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_shared_data_queues_metrics_and_logs_work_through_the_proxy() {
+    let backend = echo_backend().await;
+    // `tick` in the config makes the sink count three ticks in shared data.
+    let proxy = Sluice::start(&config(backend.addr, &sink(), "tick", "closed"));
+    let addr = proxy.addr("main");
+
+    // Shared data with CAS (a stale CAS is refused), and a queue item.
+    let (status, headers, _) = get(addr, "/shared").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-echo-x-shared"], "v1|Err(CasMismatch)");
+    // The root's on_queue_ready moved the enqueued item into shared data.
+    eventually(Duration::from_secs(5), || async {
+        let (_, headers, _) = get(addr, "/get/last_job").await;
+        (headers.get("x-echo-x-value").is_some_and(|v| v == "job-1")).then_some(())
+    })
+    .await;
+
+    // Ticks on every worker's root context, counted across VMs in shared data.
+    eventually(Duration::from_secs(5), || async {
+        let (_, headers, _) = get(addr, "/get/ticks").await;
+        let n: u32 = headers.get("x-echo-x-value").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+        (n >= 3).then_some(())
+    })
+    .await;
+
+    // Guest metrics are exported with the plugin label.
+    let (_, headers, _) = get(addr, "/metrics").await;
+    assert!(headers.contains_key("x-echo-x-requests"));
+    let (_, _, metrics) = get(proxy.admin, "/metrics").await;
+    assert!(metrics.contains("sluice_wasm_custom_sink_level{plugin=\"sink\"} 42"), "{metrics}");
+    assert!(metrics.contains("sluice_wasm_custom_sink_requests{plugin=\"sink\"}"), "{metrics}");
+
+    // Guest logs reach the proxy's log with the plugin name.
+    let (status, _, _) = get(addr, "/log").await;
+    assert_eq!(status, 200);
+    let line = proxy.wait_for("sink says hi");
+    assert_eq!(line["fields"]["plugin"], "sink", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasm32_unknown_unknown_module_runs_too() {
+    let backend = echo_backend().await;
+    let mini =
+        build_wasm(&root().join("proxy/wasm/tests/fixtures/Cargo.toml"), "wasm32-unknown-unknown", "release")
+            .join("mini.wasm");
+    let proxy = Sluice::start(&config(backend.addr, &mini, "", "closed").replace("name: sink", "name: tiny"));
+    let (status, headers, _) = get(proxy.addr("main"), "/x").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-mini"], "tiny");
+}
