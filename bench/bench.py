@@ -367,8 +367,8 @@ def cmd_measure(a: argparse.Namespace) -> int:
     stem = f"{a.case}-{a.proto}-rep{a.rep}"
     log = str(Path(a.scratch) / f"{stem}.h2load.log") if a.proto == "h2" else None
 
-    build = (lambda s, lg=None: wrk_cmd(a, s)) if a.proto == "h1" else \
-            (lambda s, lg=None: h2load_cmd(a, s, lg))
+    build = (lambda s, lg=None: h2load_cmd(a, s, lg)) if a.proto == "h2" else \
+            (lambda s, lg=None: wrk_cmd(a, s))
     busy_before = wait_quiet(a.quiet_wait, a.quiet_busy) if a.quiet_wait > 0 else None
     if a.warmup > 0:
         _run_timed(build(a.warmup))
@@ -410,7 +410,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
         rss_max[0] = max(rss_max[0], tree_rss_kib(a.proxy_pid))
 
     (raw / f"{stem}.out").write_text(out)
-    parsed = parse_wrk(out) if a.proto == "h1" else parse_h2load(out, log or "")
+    parsed = parse_h2load(out, log or "") if a.proto == "h2" else parse_wrk(out)
     if log:
         try:
             os.unlink(log)
@@ -475,7 +475,9 @@ def _ratio(a, b):
 
 
 NOISY_OTHER_PCT = 10.0
-PROTO_NAME = {"h1": "HTTP/1.1 (wrk)", "h2": "HTTP/2 h2c (h2load)"}
+PROTO_NAME = {"h1": "HTTP/1.1 (wrk)", "h2": "HTTP/2 h2c (h2load)",
+              "lat": "HTTP/1.1, 1 connection (wrk -t1 -c1): unloaded latency"}
+PROTOS = ("h1", "h2", "lat")
 
 
 def _table(headers: list[str], rows: list[list[str]], md: bool) -> str:
@@ -562,6 +564,120 @@ def targets(summary: dict) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------
+# wasm filter cases: <proxy>-<filter><count> against <proxy>
+
+FILTER_CASE = re.compile(r"^(?P<proxy>[a-z0-9]+)-(?P<kind>[a-z]+)(?P<n>\d+)$")
+FILTER_NAME = {"noop": "no-op", "hdr": "header rewrite"}
+
+
+def _slope(points: list[tuple[int, float | None]]) -> float | None:
+    """Least-squares slope of y over n (the cost of one more filter)."""
+    pts = [(n, y) for n, y in points if y is not None]
+    if len(pts) < 2:
+        return None
+    mn = sum(n for n, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    den = sum((n - mn) ** 2 for n, _ in pts)
+    return sum((n - mn) * (y - my) for n, y in pts) / den if den else None
+
+
+def filter_summary(summary: dict) -> dict:
+    """Per protocol, proxy and filter kind: for each filter count N, req/s ÷ the same
+    proxy without filters and the added CPU µs/request, p50 and p99 (µs) per filter,
+    (x(N) - x(0)) / N; and `fit`, the least-squares slope over N = 0 and every N."""
+    found: dict = {}
+    for proto, cases in summary.items():
+        for case, s in cases.items():
+            m = FILTER_CASE.match(case)
+            if m and m["proxy"] in cases:
+                found.setdefault((proto, m["proxy"], m["kind"]), {})[int(m["n"])] = s
+    out: dict = {}
+    kind_order = list(FILTER_NAME)
+    order = lambda k: (k[0], k[1] != "sluice", k[1],
+                       kind_order.index(k[2]) if k[2] in kind_order else len(kind_order), k[2])
+    for (proto, proxy, kind), by_n in sorted(found.items(), key=lambda kv: order(kv[0])):
+        base = summary[proto][proxy]
+        keys = (("cpu_us", "proxy_us_per_req", 1.0), ("p50_us", "p50_ms", 1000.0),
+                ("p99_us", "p99_ms", 1000.0))
+
+        def per_filter(s: dict, n: int, key: str, scale: float) -> float | None:
+            if s[key] is None or base[key] is None:
+                return None
+            return (s[key] - base[key]) * scale / n
+
+        rows = {n: {"rps_ratio": _ratio(s["rps"], base["rps"]),
+                    **{k: per_filter(s, n, key, sc) for k, key, sc in keys},
+                    "noisy": s["all_noisy"] or base["all_noisy"]}
+                for n, s in sorted(by_n.items())}
+        fit: dict = {}
+        for k, key, sc in keys:
+            v = _slope([(0, base[key])] + [(n, s[key]) for n, s in by_n.items()])
+            fit[k] = None if v is None else v * sc
+        fit["noisy"] = any(r["noisy"] for r in rows.values())
+        out.setdefault(proto, {}).setdefault(proxy, {})[kind] = {"rows": rows, "fit": fit}
+    return out
+
+
+def render_filters(fs: dict, md: bool) -> list[str]:
+    out = []
+    for proto in PROTOS:
+        if proto not in fs:
+            continue
+        title = (f"{PROTO_NAME[proto]}: wasm filters, per filter, against the same proxy "
+                 f"without filters ((x(N) - x(0)) / N; fit = least-squares slope over N = 0 and "
+                 f"every N; * = a noisy side)")
+        out += [f"**{title}**" if md else title + ":", ""]
+        rows = []
+        for proxy, kinds in fs[proto].items():
+            for kind, e in kinds.items():
+                for n, r in list(e["rows"].items()) + [("fit", e["fit"])]:
+                    rows.append([proxy, FILTER_NAME.get(kind, kind),
+                                 str(n) + (" *" if r["noisy"] else ""),
+                                 _fmt(r.get("rps_ratio"), 3), _fmt(r["cpu_us"], 2),
+                                 _fmt(r["p50_us"], 1), _fmt(r["p99_us"], 1)])
+        out.append(_table(["proxy", "filter", "filters", "req/s ÷ no filter",
+                           "+CPU µs/req per filter", "+p50 µs per filter",
+                           "+p99 µs per filter"], rows, md))
+        out.append("")
+    return out
+
+
+def filter_targets(fs: dict) -> list[str]:
+    """The issue's wasm targets that this run measures (the others: wasm-startup.sh)."""
+    lines = []
+
+    def check(label: str, value: float | None, ok, detail: str, noisy: bool) -> None:
+        if value is not None:
+            lines.append(f"  [{'PASS' if ok(value) else 'FAIL'}] {label}: {detail}"
+                         + (" (noisy)" if noisy else ""))
+
+    h1, lat = fs.get("h1", {}), fs.get("lat", {})
+    for kind in ("noop", "hdr"):
+        name = FILTER_NAME.get(kind, kind)
+        s, e = h1.get("sluice", {}).get(kind), h1.get("envoy", {}).get(kind)
+        if s:
+            fit = s["fit"]["cpu_us"]
+            env = f"; Envoy+V8 here: {e['fit']['cpu_us']:.2f}" if e and e["fit"]["cpu_us"] is not None else ""
+            check(f"HTTP/1.1: a {name} filter adds <= 1 µs proxy CPU/request", fit,
+                  lambda v: v <= 1.0, f"{_fmt(fit, 2)} µs per filter (fit){env}", s["fit"]["noisy"])
+            r3 = s["rows"].get(3)
+            if r3:
+                env = ""
+                if e and e["rows"].get(3):
+                    env = f"; Envoy+V8 here: {100 * e['rows'][3]['rps_ratio']:.0f} %"
+                check(f"HTTP/1.1: 3 {name} filters keep >= 90 % of no-filter req/s",
+                      r3["rps_ratio"], lambda v: v >= 0.90,
+                      f"{_fmt(100 * r3['rps_ratio'], 1)} %{env}", r3["noisy"])
+        s, e = lat.get("sluice", {}).get(kind), lat.get("envoy", {}).get(kind)
+        if s:
+            fit = s["fit"]["p50_us"]
+            env = f"; Envoy+V8 here: {e['fit']['p50_us']:.1f}" if e and e["fit"]["p50_us"] is not None else ""
+            check(f"1 connection: a {name} filter adds <= 3 µs p50", fit, lambda v: v <= 3.0,
+                  f"{_fmt(fit, 1)} µs per filter (fit){env}", s["fit"]["noisy"])
+    return lines
+
+
 def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: dict,
                   md: bool) -> str:
     out = []
@@ -573,8 +689,9 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
             noisy = " *" if r["other_cpu_pct"] > NOISY_OTHER_PCT else ""
             if r.get("invalid"):
                 noisy += " INVALID (not counted): " + r["invalid"]
+            nd = 3 if r["proto"] == "lat" else 2
             rows.append([r["run"], _fmt(r["rps"], 0),
-                         _fmt(r["p50_ms"], 2), _fmt(r["p99_ms"], 2),
+                         _fmt(r["p50_ms"], nd), _fmt(r["p99_ms"], nd),
                          str(r["errors"] + r["non2xx"]), _fmt(r["proxy_cpu_pct"], 0),
                          _fmt(r["proxy_us_per_req"], 1), _fmt(r["backend_cpu_pct"], 0),
                          _fmt(r["loadgen_cpu_pct"], 0), _fmt(r["other_cpu_pct"], 1) + noisy])
@@ -584,10 +701,11 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
         out.append(f"(CPU % is of one core; {NCPU} cores = {100 * NCPU} %. "
                    f"* = other CPU > {NOISY_OTHER_PCT:.0f} %: noisy run, distrust it.)")
         out.append("")
-    for proto in ("h1", "h2"):
+    for proto in PROTOS:
         if proto not in summary:
             continue
         cases = summary[proto]
+        nd = 3 if proto == "lat" else 2
         n_runs = max(s["runs"] for s in cases.values())
         title = (f"{PROTO_NAME[proto]}: per case, the median of its quiet runs "
                  f"(other CPU <= {NOISY_OTHER_PCT:.0f} %), or of all its runs (marked *) "
@@ -600,7 +718,7 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
             rss = "—" if s["rss_idle_kib"] is None else \
                 f"{s['rss_idle_kib'] / 1024:.1f} → {s['rss_loaded_kib'] / 1024:.1f}"
             rows.append([case + (" *" if s["all_noisy"] else "") + f" ({s['runs']})",
-                         _fmt(s["rps"], 0), _fmt(s["p50_ms"], 2), _fmt(s["p99_ms"], 2),
+                         _fmt(s["rps"], 0), _fmt(s["p50_ms"], nd), _fmt(s["p99_ms"], nd),
                          str(s["errors"]), _fmt(s["proxy_cpu_pct"], 0),
                          _fmt(s["proxy_us_per_req"], 1), rss, _fmt(s["backend_us_per_req"], 1),
                          _fmt(s["other_cpu"], 1),
@@ -611,7 +729,10 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
                            "other CPU % (max)", "req/s ÷ direct", "req/s ÷ nginx",
                            "CPU/req ÷ nginx", "p99 ÷ nginx"], rows, md))
         out.append("")
-    t = targets(summary)
+    fs = filter_summary(summary)
+    if fs:
+        out.extend(render_filters(fs, md))
+    t = targets(summary) + filter_targets(fs)
     if t:
         out.append("Sluice targets (vs this run's peers):")
         out.extend(t)
@@ -644,11 +765,12 @@ def cmd_report(a: argparse.Namespace) -> int:
         print("every run was invalid", file=sys.stderr)
         return 1
     summary = summarize(recs, meta["cases"])
+    filters = filter_summary(summary)
     text = render_report(recs, summary, meta["cases"], meta, md=False)
     md = render_report(recs, summary, meta["cases"], meta, md=True)
     (d / "summary.txt").write_text(meta["header"] + "\n\n" + text + "\n")
     (d / "summary.md").write_text("```\n" + meta["header"] + "\n```\n\n" + md + "\n")
-    (d / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1) + "\n")
+    (d / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary, "filters": filters}, indent=1) + "\n")
     print(text)
     return 0
 
@@ -683,7 +805,7 @@ def main() -> int:
 
     p = sub.add_parser("measure")
     p.add_argument("--case", required=True)
-    p.add_argument("--proto", choices=("h1", "h2"), required=True)
+    p.add_argument("--proto", choices=PROTOS, required=True)
     p.add_argument("--rep", type=int, default=1)
     p.add_argument("--url", required=True)
     p.add_argument("--proxy-pid", type=int, default=0)

@@ -8,8 +8,17 @@
 # loaded, the CPU share of everything else on the box ("other CPU", to flag noisy
 # runs) and the ratios to direct and to nginx. See docs/benchmarks.md.
 #
-#   ./bench/run.sh                      # everything, 1 round
+# Wasm filter cases: Sluice with 1, 3 and 5 proxy-wasm filters (a no-op one and a
+# header-rewriting one, bench/filters/, built here) and Envoy (V8) running the same
+# .wasm files, each filter its own VM; the report adds, per filter kind, the req/s
+# ratio to the same proxy without filters and the added CPU µs/request, p50 and p99
+# per filter, loaded (wrk, CONNS connections) and unloaded (`lat`: 1 connection).
+# Start time, VM start time and RSS per VM: bench/wasm-startup.sh.
+#
+#   ./bench/run.sh                      # everything, 1 round (~7 min on a quiet box)
 #   REPS=3 NICE=-10 ./bench/run.sh      # 3 interleaved rounds, at raised priority
+#   CASES=base ./bench/run.sh           # the peers only (direct, sluice, nginx, haproxy, envoy)
+#   CASES=wasm ./bench/run.sh           # the filter cases and their no-filter baselines
 #   CASES=direct,sluice,nginx PROTOS=h1 DURATION=5 ./bench/run.sh
 #
 # Knobs (environment):
@@ -17,8 +26,15 @@
 #   CONNS=50 THREADS=2     load-generator connections and threads
 #   STREAMS=10             h2load concurrent streams per connection (-m)
 #   REPS=1                 rounds; each round starts every case afresh, cases interleaved
-#   CASES=direct,sluice,nginx,haproxy,envoy   subset/order of the case table below
-#   PROTOS=h1,h2           h1 = wrk HTTP/1.1, h2 = h2load h2c
+#   CASES=all              subset/order of the case table below; the groups `base`
+#                          (direct,sluice,nginx,haproxy,envoy), `wasm` (sluice and
+#                          envoy with and without filters) and `all` (both, each
+#                          proxy's filter cases right after it) expand in place
+#   PROTOS=h1,h2,lat       h1 = wrk HTTP/1.1, h2 = h2load h2c, lat = wrk with 1 thread
+#                          and 1 connection (unloaded latency); each case runs those of
+#                          its own protocols (table column) that are listed here
+#   LAT_DURATION=5 LAT_WARMUP=1   seconds of a `lat` run / of its warm-up
+#   FILTER_PROTOS=h1,lat   the protocols of the filter cases (add h2 for HTTP/2 too)
 #   NICE=                  e.g. -10: renice the whole bench (needs root)
 #   WORKERS=2              proxy workers/threads; BACKEND_WORKERS=2 for the backend nginx
 #   PORT_BASE=18080        ports PORT_BASE..PORT_BASE+9 are used; the run refuses to
@@ -42,7 +58,8 @@ PY=${PYTHON:-python3}
 HELPER="$BENCH_DIR/bench.py"
 
 : "${DURATION:=10}" "${WARMUP:=3}" "${CONNS:=50}" "${THREADS:=2}" "${STREAMS:=10}"
-: "${REPS:=1}" "${CASES:=direct,sluice,nginx,haproxy,envoy}" "${PROTOS:=h1,h2}"
+: "${REPS:=1}" "${CASES:=all}" "${PROTOS:=h1,h2,lat}"
+: "${LAT_DURATION:=5}" "${LAT_WARMUP:=1}" "${FILTER_PROTOS:=h1,lat}"
 : "${NICE:=}" "${WORKERS:=2}" "${BACKEND_WORKERS:=2}" "${PORT_BASE:=18080}"
 : "${INSTALL:=1}" "${SLUICE_BIN:=}" "${ENVOY:=}" "${ENVOY_VENV:=$BENCH_DIR/.cache/envoy-venv}"
 : "${READY_TIMEOUT:=30}" "${STRICT:=0}" "${QUIET_WAIT:=60}" "${QUIET_BUSY:=25}"
@@ -52,7 +69,33 @@ BODY=$'hello from backend\n' # what nginx-backend.conf returns; checked through 
 
 log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
-has_case() { [[ ",$CASES," == *",$1,"* ]]; }
+# Case groups, expanded in place (duplicates dropped, first position kept). The
+# filter cases follow their no-filter baseline, so that within a round they run
+# a few minutes apart at most.
+GROUP_BASE=direct,sluice,nginx,haproxy,envoy
+SLUICE_FILTERS=sluice-noop1,sluice-noop3,sluice-noop5,sluice-hdr1,sluice-hdr3,sluice-hdr5
+ENVOY_FILTERS=envoy-noop1,envoy-hdr1,envoy-hdr3,envoy-hdr5
+GROUP_WASM=sluice,$SLUICE_FILTERS,envoy,$ENVOY_FILTERS
+GROUP_ALL=direct,sluice,$SLUICE_FILTERS,nginx,haproxy,envoy,$ENVOY_FILTERS
+expand_cases() {
+  local c cs=()
+  IFS=',' read -ra cs <<<"$1"
+  for c in "${cs[@]}"; do
+    case $c in
+      base) expand_cases "$GROUP_BASE" ;;
+      wasm) expand_cases "$GROUP_WASM" ;;
+      all) expand_cases "$GROUP_ALL" ;;
+      *) printf '%s\n' "$c" ;;
+    esac
+  done
+}
+mapfile -t _expanded < <(expand_cases "$CASES")
+CASES=""
+for c in "${_expanded[@]}"; do
+  if [[ -n "$c" && ",$CASES," != *",$c,"* ]]; then CASES+="${CASES:+,}$c"; fi
+done
+# has_case sluice: a case named sluice or sluice-<something> is selected.
+has_case() { [[ ",$CASES," == *",$1,"* || ",$CASES," == *",$1-"* ]]; }
 has_proto() { [[ ",$PROTOS," == *",$1,"* ]]; }
 
 # --- ports ------------------------------------------------------------------
@@ -163,7 +206,7 @@ fi
 NGINX_COPY=sb-httpd
 
 # --- the case table ---------------------------------------------------------
-# One line per case:  name | h1 port | h2 port | admin port | start command | ready | sample | vars
+# One line per case:  name | h1 port | h2 port | admin port | start command | ready | sample | protos | vars
 #   start command: split on spaces; {file} renders bench/peers/<file> into the run
 #                  dir (placeholders @NAME@: CASE PORT_H1 PORT_H2 ADMIN_PORT WORKERS
 #                  BACKEND_H1 BACKEND_H2 RUN_DIR) and stands for its path; "-" = nothing
@@ -172,37 +215,74 @@ NGINX_COPY=sb-httpd
 #           h2c requests on the h2 port succeed.
 #   sample: tree = CPU and RSS of the started process and all its descendants
 #           (nginx master + workers); none = no proxy.
+#   protos: the protocols this case runs (h1, h2, lat), of those listed in PROTOS.
 #   vars:   optional NAME=VALUE[,NAME=VALUE...] set while rendering this case's templates
 #           (only there: "$WORKERS" in the command line is the global one);
-#           a template can repeat lines with `#@repeat NAME` ... `#@end` (@I@ = 1..NAME),
-#           e.g. "sluice-wasm3 | ... | {sluice-wasm.yaml} | http | tree | FILTERS=3".
-# To add a case (e.g. Sluice with N wasm filters, or Envoy with the same .wasm files),
-# add a template to bench/peers/, a line here and, if it needs them, two ports.
+#           a template can repeat lines with `#@repeat NAME` ... `#@end` (@I@ = 1..NAME).
+#           FILTER=noop|hdr names the bench filter (@WASM_DIR@/@FILTER@.wasm) and makes
+#           the script build bench/filters/ first.
+# Filter cases are named <proxy>-<filter><count> (the report pairs them with <proxy>).
+# To add a case, add a template to bench/peers/, a line here and, if it needs them, ports.
+SLUICE_CMD="$SLUICE_BIN proxy --cache-dir {RUN_DIR}/sluice-cache --config"
+ENVOY_CMD="$ENVOY --concurrency $WORKERS --disable-hot-restart --log-level warn -c"
 CASE_TABLE=(
-  "direct  | $P_BACKEND_H1 | $P_BACKEND_H2 | -                | -                                                                   | http | none"
-  "sluice  | $P_SLUICE     | $P_SLUICE     | $P_SLUICE_ADMIN  | $SLUICE_BIN proxy --config {sluice.yaml}                            | http | tree"
-  "nginx   | $P_NGINX_H1   | $P_NGINX_H2   | -                | {RUN_DIR}/$NGINX_COPY -e {RUN_DIR}/nginx.stderr.log -c {nginx-proxy.conf} | http | tree"
-  "haproxy | $P_HAPROXY_H1 | $P_HAPROXY_H2 | -                | haproxy -db -f {haproxy.cfg}                                        | http | tree"
-  "envoy   | $P_ENVOY      | $P_ENVOY      | $P_ENVOY_ADMIN   | $ENVOY --concurrency $WORKERS --disable-hot-restart --log-level warn -c {envoy.yaml} | http | tree"
+  "direct  | $P_BACKEND_H1 | $P_BACKEND_H2 | -               | -                                   | http | none | h1,h2"
+  "sluice  | $P_SLUICE     | $P_SLUICE     | $P_SLUICE_ADMIN | $SLUICE_CMD {sluice.yaml}           | http | tree | h1,h2,lat"
+  "nginx   | $P_NGINX_H1   | $P_NGINX_H2   | -               | {RUN_DIR}/$NGINX_COPY -e {RUN_DIR}/nginx.stderr.log -c {nginx-proxy.conf} | http | tree | h1,h2"
+  "haproxy | $P_HAPROXY_H1 | $P_HAPROXY_H2 | -               | haproxy -db -f {haproxy.cfg}        | http | tree | h1,h2"
+  "envoy   | $P_ENVOY      | $P_ENVOY      | $P_ENVOY_ADMIN  | $ENVOY_CMD {envoy.yaml}             | http | tree | h1,h2,lat"
 )
+# The filter cases: one VM per filter and worker in both proxies (Envoy: a vm_id each).
+for kind in noop hdr; do
+  for n in 1 3 5; do
+    CASE_TABLE+=("sluice-$kind$n | $P_SLUICE | $P_SLUICE | $P_SLUICE_ADMIN | $SLUICE_CMD {sluice-wasm.yaml} | http | tree | $FILTER_PROTOS | FILTERS=$n,FILTER=$kind")
+    CASE_TABLE+=("envoy-$kind$n | $P_ENVOY | $P_ENVOY | $P_ENVOY_ADMIN | $ENVOY_CMD {envoy-wasm.yaml} | http | tree | $FILTER_PROTOS | FILTERS=$n,FILTER=$kind")
+  done
+done
 
-declare -A C_H1 C_H2 C_ADMIN C_CMD C_READY C_SAMPLE C_VARS
+declare -A C_H1 C_H2 C_ADMIN C_CMD C_READY C_SAMPLE C_PROTOS C_VARS
 declare -a ORDER=()
 trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; s=${s%"${s##*[![:space:]]}"}; printf '%s' "$s"; }
 for line in "${CASE_TABLE[@]}"; do
-  IFS='|' read -r name h1 h2 admin cmd ready sample vars <<<"$line"
+  IFS='|' read -r name h1 h2 admin cmd ready sample protos vars <<<"$line"
   name=$(trim "$name")
   C_H1[$name]=$(trim "$h1"); C_H2[$name]=$(trim "$h2"); C_ADMIN[$name]=$(trim "$admin")
   C_CMD[$name]=$(trim "$cmd"); C_READY[$name]=$(trim "$ready"); C_SAMPLE[$name]=$(trim "$sample")
-  C_VARS[$name]=$(trim "${vars:--}")
+  C_PROTOS[$name]=$(trim "$protos"); C_VARS[$name]=$(trim "${vars:--}")
 done
 IFS=',' read -ra SELECTED <<<"$CASES"
+NEED_FILTERS=0
 for c in "${SELECTED[@]}"; do
-  [[ -n "${C_H1[$c]:-}" ]] || die "unknown case '$c' in CASES (known: $(printf '%s ' "${!C_H1[@]}"))"
+  [[ -n "${C_H1[$c]:-}" ]] || die "unknown case '$c' in CASES (known: all, base, wasm, $(printf '%s\n' "${!C_H1[@]}" | sort | tr '\n' ' '))"
   ORDER+=("$c")
+  [[ ",${C_VARS[$c]}," != *",FILTER="* ]] || NEED_FILTERS=1
 done
 IFS=',' read -ra PROTO_LIST <<<"$PROTOS"
-for p in "${PROTO_LIST[@]}"; do [[ "$p" == h1 || "$p" == h2 ]] || die "unknown protocol '$p' in PROTOS (h1, h2)"; done
+for p in "${PROTO_LIST[@]}"; do
+  [[ "$p" == h1 || "$p" == h2 || "$p" == lat ]] || die "unknown protocol '$p' in PROTOS (h1, h2, lat)"
+done
+case_protos() { # case_protos CASE: the protocols this case runs, in PROTOS order
+  local p
+  for p in "${PROTO_LIST[@]}"; do
+    [[ ",${C_PROTOS[$1]}," != *",$p,"* ]] || printf '%s\n' "$p"
+  done
+}
+
+# --- the bench filters ---------------------------------------------------------
+# bench/filters/ is its own cargo workspace (upstream proxy-wasm SDK); its own target
+# dir keeps it off the main build's lock. The modules are copied into the run dir as
+# noop.wasm and hdr.wasm, the names the case table uses.
+FILTERS_OUT="${CARGO_TARGET_DIR:-$ROOT/target}/bench-filters"
+if ((NEED_FILTERS)); then
+  log "building the bench filters (bench/filters, wasm32-wasip1; log: $RAW/filters-build.log)"
+  if ! cargo build --release --target wasm32-wasip1 --manifest-path "$BENCH_DIR/filters/Cargo.toml" \
+    --target-dir "$FILTERS_OUT" >"$RAW/filters-build.log" 2>&1; then
+    why="building bench/filters failed: $(grep -m1 -E '^error' "$RAW/filters-build.log" || tail -n1 "$RAW/filters-build.log")"
+    for c in "${ORDER[@]}"; do
+      [[ ",${C_VARS[$c]}," != *",FILTER="* ]] || SKIPPED[$c]=$why
+    done
+  fi
+fi
 
 # --- refuse to start if a port is taken --------------------------------------
 ports=("$P_BACKEND_H1" "$P_BACKEND_H2")
@@ -218,6 +298,15 @@ RUN_DIR=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 chmod 755 "$RUN_DIR"
 export RUN_DIR BACKEND_H1=$P_BACKEND_H1 BACKEND_H2=$P_BACKEND_H2
 cp "$(command -v nginx)" "$RUN_DIR/$NGINX_COPY"
+export WASM_DIR="$RUN_DIR/wasm"
+if ((NEED_FILTERS)); then
+  mkdir -p "$WASM_DIR"
+  for pair in noop:noop hdr:header_rewrite; do
+    src="$FILTERS_OUT/wasm32-wasip1/release/${pair#*:}.wasm"
+    [[ ! -f "$src" ]] || cp "$src" "$WASM_DIR/${pair%%:*}.wasm"
+  done
+  chmod -R a+rX "$WASM_DIR"
+fi
 
 render() { # render TEMPLATE CASE [NAME=VALUE...] -> prints the rendered file's path
   local tmpl=$1 out="$RUN_DIR/$2.$1"
@@ -263,8 +352,14 @@ tool_versions() {
   echo "load generators: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(h2load --version 2>&1 | head -1)"
   echo "peers: $(nginx -v 2>&1 | sed 's/^nginx version: //')$(has_case haproxy && echo ", $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)")$( [[ -n "$ENVOY" ]] && echo ", envoy $("$ENVOY" --version 2>/dev/null | grep -o '/[0-9.]*/' | tr -d / | head -1)")"
   echo "sluice: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
-  echo "knobs: DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS STREAMS=$STREAMS REPS=$REPS QUIET_WAIT=$QUIET_WAIT WORKERS=$WORKERS BACKEND_WORKERS=$BACKEND_WORKERS NICE=${NICE:-0} PROTOS=$PROTOS CASES=$CASES"
-  echo "h1: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency; h2: h2load -t$THREADS -c$CONNS -m$STREAMS -D$DURATION (h2c prior knowledge); upstream is HTTP/1.1 keep-alive for every proxy"
+  echo "knobs: DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS STREAMS=$STREAMS REPS=$REPS QUIET_WAIT=$QUIET_WAIT WORKERS=$WORKERS BACKEND_WORKERS=$BACKEND_WORKERS NICE=${NICE:-0} PROTOS=$PROTOS FILTER_PROTOS=$FILTER_PROTOS LAT_DURATION=$LAT_DURATION CASES=$CASES"
+  echo "h1: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency; h2: h2load -t$THREADS -c$CONNS -m$STREAMS -D$DURATION (h2c prior knowledge); lat: wrk -t1 -c1 -d${LAT_DURATION}s --latency; upstream is HTTP/1.1 keep-alive for every proxy"
+  if ((NEED_FILTERS)); then
+    local f
+    for f in "$WASM_DIR"/*.wasm; do
+      [[ -f "$f" ]] && echo "filter $(basename "$f"): $(stat -c %s "$f") bytes, sha256 $(sha256sum "$f" | cut -c1-12) (bench/filters, proxy-wasm 0.2.5, wasm32-wasip1)"
+    done
+  fi
 }
 tool_versions | tee "$OUT/header.txt" >&2
 
@@ -286,17 +381,23 @@ skip() { # skip CASE REASON
   printf '%s: %s\n' "$1" "$2" >>"$OUT/skipped.txt"
   [[ "$STRICT" != 1 ]] || die "STRICT=1 and case $1 could not run"
 }
-for c in "${!SKIPPED[@]}"; do
-  if has_case "$c"; then skip "$c" "${SKIPPED[$c]}"; fi
+# A proxy that could not be built or installed takes its filter cases with it.
+for c in "${ORDER[@]}"; do
+  why=${SKIPPED[$c]:-${SKIPPED[${c%%-*}]:-}}
+  if [[ -n "$why" ]]; then skip "$c" "$why"; fi
 done
 
 measure() { # measure CASE PROTO REP PROXY_PID RSS_IDLE
-  local c=$1 proto=$2 port
-  [[ "$proto" == h1 ]] && port=${C_H1[$c]} || port=${C_H2[$c]}
+  local c=$1 proto=$2 port load
+  [[ "$proto" == h2 ]] && port=${C_H2[$c]} || port=${C_H1[$c]}
+  if [[ "$proto" == lat ]]; then
+    load=(--duration "$LAT_DURATION" --warmup "$LAT_WARMUP" --conns 1 --threads 1)
+  else
+    load=(--duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" --threads "$THREADS")
+  fi
   "$PY" "$HELPER" measure --case "$c" --proto "$proto" --rep "$3" \
     --url "http://127.0.0.1:$port/" --proxy-pid "$4" --backend-pid "$BACKEND_PID" \
-    --rss-idle "$5" --duration "$DURATION" --warmup "$WARMUP" --conns "$CONNS" \
-    --threads "$THREADS" --streams "$STREAMS" --out-dir "$RAW" --scratch "$RUN_DIR" \
+    --rss-idle "$5" "${load[@]}" --streams "$STREAMS" --out-dir "$RAW" --scratch "$RUN_DIR" \
     --quiet-wait "$QUIET_WAIT" --quiet-busy "$QUIET_BUSY"
 }
 
@@ -323,7 +424,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
         if ((rc == 2)); then
           status=0; wait "$PID" || status=$?
           why="'$(cat "$RUN_DIR/$c.cmd.log")' exited with status $status before serving (${why% })"
-          [[ "$c" != sluice ]] || why+=" — \`sluice proxy --config FILE\` is not implemented yet or rejected the config"
+          [[ "$c" != sluice* ]] || why+=" — \`sluice proxy --config FILE\` is not implemented yet or rejected the config"
         fi
         tailtxt=$(tail -n 3 "$logf" | tr '\n' ' ')
         stop_group "$PID"; forget_pid "$PID"
@@ -333,7 +434,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
       [[ "${C_SAMPLE[$c]}" == none ]] || proxy_pid=$PID
       ((proxy_pid == 0)) || rss_idle=$("$PY" "$HELPER" rss --pid "$proxy_pid")
     fi
-    for proto in "${PROTO_LIST[@]}"; do
+    for proto in $(case_protos "$c"); do
       rc=0
       measure "$c" "$proto" "$rep" "$proxy_pid" "$rss_idle" || rc=$?
       case $rc in
