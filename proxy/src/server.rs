@@ -282,16 +282,12 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
     let local = stream.local_addr().unwrap_or(remote);
     let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let limits = &cx.config.limits;
+    let conn = |tls| {
+        Rc::new(ConnInfo { shared: cx.shared.clone(), listener: cx.name.clone(), remote, local, id, tls })
+    };
     match &cx.tls {
         None => {
-            let conn = Rc::new(ConnInfo {
-                shared: cx.shared.clone(),
-                listener: cx.name.clone(),
-                remote,
-                local,
-                id,
-                tls: None,
-            });
+            let conn = conn(None);
             let b = builder(limits, &cx.config.protocols, None);
             run_http(b, TokioIo::new(stream), conn, cx).await;
         }
@@ -319,15 +315,7 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
             let (_, session) = tls_stream.get_ref();
             // No ALPN means HTTP/1.1.
             let h2 = session.alpn_protocol() == Some(b"h2");
-            let info = crate::tls::tls_info(session);
-            let conn = Rc::new(ConnInfo {
-                shared: cx.shared.clone(),
-                listener: cx.name.clone(),
-                remote,
-                local,
-                id,
-                tls: Some(info),
-            });
+            let conn = conn(Some(crate::tls::tls_info(session)));
             let b = builder(limits, &cx.config.protocols, Some(h2));
             run_http(b, TokioIo::new(tls_stream), conn, cx).await;
         }
