@@ -19,8 +19,10 @@
 //!   eagerly so that a bad module or config is rejected before the config switches.
 //! * **One VM per worker thread per filter**: the factory keeps a
 //!   `ThreadLocal<RefCell<WorkerSlot>>`; a VM is a `Store` + instance + root
-//!   context, created on the worker's first request (`_initialize`,
-//!   `proxy_on_context_create(root, 0)`, `proxy_on_vm_start`, `proxy_on_configure`).
+//!   context, built on each worker when a config naming the filter is applied
+//!   ([`FilterFactory::prepare_worker`], before the switch) or on a later request
+//!   after a failure (`_initialize`, `proxy_on_context_create(root, 0)`,
+//!   `proxy_on_vm_start`, `proxy_on_configure`).
 //!   The VMs are freed when the factory is dropped (hot swap).
 //! * **One HTTP context per request inside the worker's VM**: no `Store` is made per
 //!   request. Request and response heads, bodies and trailers are moved (not
