@@ -367,3 +367,29 @@ async fn http2_rapid_reset_closes_the_connection() {
     // Other clients are unaffected.
     assert_eq!(get(addr, "/").await.0.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_extra_connections_until_a_slot_frees() {
+    let backend = Backend::named("b").await;
+    let yaml = config(backend.addr, "").replace("    limits:", "    max_connections: 2\n    limits:");
+    let p = TestProxy::start(&yaml).await;
+    let addr = p.addr("main");
+    let req = || Request::get("/").header("host", "x").body(Full::new(Bytes::new())).unwrap();
+    let mut c1 = h1_connect(addr).await;
+    let mut c2 = h1_connect(addr).await;
+    assert_eq!(c1.send_request(req()).await.unwrap().status(), 200);
+    assert_eq!(c2.send_request(req()).await.unwrap().status(), 200);
+    // The third connection waits in the backlog: its request is not served...
+    let mut c3 = h1_connect(addr).await;
+    let mut pending = Box::pin(c3.send_request(req()));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut pending).await.is_err(),
+        "served over the limit"
+    );
+    // ...until one of the first two goes away.
+    drop(c1);
+    let resp =
+        tokio::time::timeout(Duration::from_secs(5), pending).await.expect("not served after a slot freed");
+    assert_eq!(resp.unwrap().status(), 200);
+    drop(c2);
+}
