@@ -39,6 +39,7 @@ pub(crate) struct Plugin {
     /// Guest metrics defined so far (id = index + 1).
     pub guest_metrics: Mutex<Vec<(MetricType, String, GuestMetric)>>,
     vms: prometheus::IntGauge,
+    vm_start: prometheus::Histogram,
     fail_open: prometheus::IntCounter,
     status: Mutex<StatusRecord>,
     vm_count: AtomicU64,
@@ -142,8 +143,10 @@ impl WorkerSlot {
             self.generation += 1;
             let span = tracing::debug_span!("wasm_vm_start", plugin = %plugin.name, reloading);
             let _enter = span.enter();
+            let started = Instant::now();
             match Vm::new(&inner.module, plugin.clone(), true, self.generation, false) {
                 Ok(vm) => {
+                    plugin.vm_start.observe(started.elapsed().as_secs_f64());
                     if reloading {
                         plugin.host.metrics.reloads.with_label_values(&[&*plugin.name]).inc();
                         let mut st = plugin.status.lock();
@@ -196,7 +199,7 @@ impl WorkerSlot {
                 if let Some(w) = ctx.waker.take() {
                     w.wake();
                 }
-                self.orphans.push((generation, id, ctx));
+                self.orphans.push((generation, id, *ctx));
             }
         }
         let mut st = plugin.status.lock();
@@ -281,6 +284,7 @@ impl WasmFactory {
             start_deadline_ticks: ticks_for(spec.limits.callback_timeout.max(Duration::from_secs(1)), tick),
             guest_metrics: Mutex::new(Vec::new()),
             vms: host.metrics.vms.with_label_values(&label),
+            vm_start: host.metrics.vm_start.with_label_values(&label),
             fail_open: host.metrics.fail_open.with_label_values(&label),
             status: Mutex::new(StatusRecord::default()),
             vm_count: AtomicU64::new(0),

@@ -167,7 +167,7 @@ fn lost(slot: &WorkerSlot, plugin: &Plugin, callback: Callback) -> FilterError {
 fn find_ctx(slot: &mut WorkerSlot, c: CtxRef) -> Option<&mut HttpCtx> {
     let live = slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation);
     if live {
-        return slot.vm.as_mut().and_then(|vm| vm.store.data_mut().contexts.get_mut(&c.id));
+        return slot.vm.as_mut().and_then(|vm| vm.store.data_mut().contexts.get_mut(&c.id)).map(|b| &mut **b);
     }
     slot.orphans.iter_mut().find(|(g, id, _)| *g == c.generation && *id == c.id).map(|(_, _, ctx)| ctx)
 }
@@ -306,7 +306,7 @@ impl WasmFilter {
         let id = slot.next_ctx_id();
         let Some(vm) = slot.vm.as_mut() else { return Err(lost(slot, &inner.plugin, callback)) };
         let c = CtxRef { id, generation: vm.generation };
-        vm.store.data_mut().contexts.insert(id, HttpCtx::default());
+        vm.store.data_mut().contexts.insert(id, Box::default());
         self.ctx = Some(c);
         if let Err(f) = vm.context_create(id) {
             return Err(slot.fail(inner, f));

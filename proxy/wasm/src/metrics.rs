@@ -18,6 +18,7 @@ pub(crate) struct HostMetrics {
     pub reloads: IntCounterVec,
     pub fail_open: IntCounterVec,
     pub vms: IntGaugeVec,
+    pub vm_start: HistogramVec,
     pub module_cache: IntCounterVec,
     pub callouts: IntCounterVec,
 }
@@ -36,6 +37,17 @@ impl HostMetrics {
         }
         let vms = IntGaugeVec::new(Opts::new("sluice_wasm_vms", "Live wasm VMs, by plugin"), &["plugin"])?;
         registry.register(Box::new(vms.clone()))?;
+        // Off the request path: a worker's VM is built once per filter (and on reload).
+        let vm_start = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_wasm_vm_start_seconds",
+                "Time to build a worker's wasm VM from the compiled module (instantiate, \
+                 _initialize, root context, on_vm_start, on_configure), by plugin",
+            )
+            .buckets(vec![2.5e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1, 1.0]),
+            &["plugin"],
+        )?;
+        registry.register(Box::new(vm_start.clone()))?;
         Ok(HostMetrics {
             loads: counter(registry, "sluice_wasm_loads_total", "Wasm filters loaded", &["plugin"])?,
             load_failures: counter(
@@ -69,6 +81,7 @@ impl HostMetrics {
                 &["plugin"],
             )?,
             vms,
+            vm_start,
             module_cache: counter(
                 registry,
                 "sluice_wasm_module_cache_total",

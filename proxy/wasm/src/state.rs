@@ -240,7 +240,7 @@ pub(crate) struct VmState {
     pub alloc: Option<std::sync::Arc<TypedFunc<i32, i32>>>,
     pub root_id: u32,
     pub frame: CallFrame,
-    pub contexts: IdMap<HttpCtx>,
+    pub contexts: IdMap<Box<HttpCtx>>,
     /// `true` for a worker's VM (may spawn tasks), `false` for the validation VM.
     pub worker: bool,
     pub tick_period: Option<Duration>,
@@ -284,6 +284,6 @@ impl VmState {
     /// The HTTP context host calls currently act on, if the effective context is one.
     pub fn effective_http(&mut self) -> Option<&mut HttpCtx> {
         let id = self.frame.effective;
-        self.contexts.get_mut(&id)
+        self.contexts.get_mut(&id).map(|b| &mut **b)
     }
 }

@@ -316,6 +316,9 @@ fn hot_swap_keeps_in_flight_requests_and_frees_old_vms() {
             new.response_headers(true).await.expect("v2 response");
             assert_eq!(resp_header(&new, "x-config"), "v2");
             assert_eq!(vms(), Some(2.0));
+            // One timed worker VM start per version (the validation VMs are not counted).
+            let starts = metric(&registry, "sluice_wasm_vm_start_seconds_count", r#"plugin="swap""#);
+            assert_eq!(starts, Some(2.0));
             assert!(matches!(pending.await, Ok(HeadersAction::Continue)));
             drop(v2);
             drop(new);
