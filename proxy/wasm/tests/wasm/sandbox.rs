@@ -302,9 +302,10 @@ fn fail_open_skips_the_filter_and_counts() {
 #[test]
 fn fail_reload_builds_a_fresh_vm_after_backoff_with_a_crash_loop_cap() {
     let mut s = spec("reloader");
+    // Backoffs long enough that a stalled CI machine still asks during them.
     s.fail_policy = FailPolicy::Reload(ReloadPolicy {
-        base: Duration::from_millis(30),
-        max: Duration::from_secs(1),
+        base: Duration::from_millis(150),
+        max: Duration::from_secs(2),
         max_consecutive: 2,
     });
     let (host, registry) = host();
@@ -317,13 +318,13 @@ fn fail_reload_builds_a_fresh_vm_after_backoff_with_a_crash_loop_cap() {
         let mut ex = Exchange::new(&factory, "http://a.test/fine");
         assert_eq!(ex.request_headers(true).await.expect_err("backoff").kind, FilterErrorKind::Unavailable);
         // After it: a fresh VM serves.
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let mut ex = Exchange::new(&factory, "http://a.test/fine");
         assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
         ex.log();
         assert_eq!(factory.status()["state"], "ok");
         // Crash loop: trap, reload, trap, reload, trap => failed for good.
-        for wait in [70u64, 130] {
+        for wait in [350u64, 650] {
             let mut ex = Exchange::new(&factory, "http://a.test/boom");
             assert!(ex.request_headers(true).await.is_err());
             tokio::time::sleep(Duration::from_millis(wait)).await;
