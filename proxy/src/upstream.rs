@@ -55,15 +55,17 @@ impl UpstreamRequest {
         let h = &mut parts.headers;
         // Naming `x-request-id` in `connection` must not strip the id the proxy keeps.
         let request_id_value = h.get(&headers::X_REQUEST_ID).cloned();
+        let named_hop_headers = h.contains_key(http::header::CONNECTION);
         headers::strip_hop_by_hop(h, upgrade);
-        if let Some(v) = request_id_value {
-            h.insert(headers::X_REQUEST_ID.clone(), v);
+        if named_hop_headers && let Some(v) = &request_id_value {
+            h.insert(headers::X_REQUEST_ID.clone(), v.clone());
         }
         target.route.request_edits.apply(h);
         headers::set_forwarded(h, conn.remote.ip(), https, target.trust_forwarded);
-        let request_id = h.get(&headers::X_REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        headers::propagate_traceparent(h, &request_id);
+        let request_id = request_id_value.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+        headers::propagate_traceparent(h, request_id);
 
+        let rewritten = fwd.prefix_rewrite.is_some() && target.route.matched_prefix().is_some();
         let path = match (&fwd.prefix_rewrite, target.route.matched_prefix()) {
             (Some(rw), Some(prefix)) => {
                 let rest = target.path.strip_prefix(prefix).unwrap_or(&target.path);
@@ -98,12 +100,22 @@ impl UpstreamRequest {
                 .map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))?;
             (uri, Version::HTTP_2)
         } else {
-            if !authority.is_empty() {
+            let host_matches = h.get(HOST).is_some_and(|v| v.as_bytes() == authority.as_bytes());
+            if !authority.is_empty() && !host_matches {
                 let v = HeaderValue::from_str(&authority)
                     .map_err(|_| ProxyError::bad_request("invalid authority"))?;
                 h.insert(HOST, v);
             }
-            let uri = Uri::try_from(pq).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?;
+            // The common case: the downstream's origin-form URI is already what goes
+            // upstream (no rewrite, normalization changed nothing): no re-parse.
+            let unchanged = !rewritten
+                && parts.uri.scheme().is_none()
+                && parts.uri.path_and_query().is_some_and(|p| p.as_str() == pq);
+            let uri = if unchanged {
+                std::mem::take(&mut parts.uri)
+            } else {
+                Uri::try_from(pq).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?
+            };
             (uri, Version::HTTP_11)
         };
         Ok(UpstreamRequest { method: parts.method, uri, version, headers: parts.headers })
