@@ -191,6 +191,14 @@ fi
 
 mkdir -p "$RAW"
 
+sluice_desc() { # what the sluice binary is: the checkout it was built from, or the given path
+  if [[ -n "$SLUICE_GIVEN" ]]; then
+    echo "$SLUICE_GIVEN (given; built $(stat -c %y "$SLUICE_GIVEN" | cut -d. -f1))"
+  else
+    echo "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
+  fi
+}
+SLUICE_GIVEN=$SLUICE_BIN # described as given, not as the checkout, in the header
 if has_case sluice && [[ -z "$SLUICE_BIN" ]]; then
   log "building sluice (cargo build --release --bin sluice; log: $RAW/sluice-build.log)"
   if (cd "$ROOT" && cargo build --release --bin sluice) >"$RAW/sluice-build.log" 2>&1; then
@@ -351,7 +359,7 @@ tool_versions() {
   echo "date: $(date -Is)   host: $(uname -sr), $(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
   echo "load generators: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(h2load --version 2>&1 | head -1)"
   echo "peers: $(nginx -v 2>&1 | sed 's/^nginx version: //')$(has_case haproxy && echo ", $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)")$( [[ -n "$ENVOY" ]] && echo ", envoy $("$ENVOY" --version 2>/dev/null | grep -o '/[0-9.]*/' | tr -d / | head -1)")"
-  echo "sluice: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
+  echo "sluice: $(sluice_desc)"
   echo "knobs: DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS THREADS=$THREADS STREAMS=$STREAMS REPS=$REPS QUIET_WAIT=$QUIET_WAIT WORKERS=$WORKERS BACKEND_WORKERS=$BACKEND_WORKERS NICE=${NICE:-0} PROTOS=$PROTOS FILTER_PROTOS=$FILTER_PROTOS LAT_DURATION=$LAT_DURATION CASES=$CASES"
   echo "h1: wrk -t$THREADS -c$CONNS -d${DURATION}s --latency; h2: h2load -t$THREADS -c$CONNS -m$STREAMS -D$DURATION (h2c prior knowledge); lat: wrk -t1 -c1 -d${LAT_DURATION}s --latency; upstream is HTTP/1.1 keep-alive for every proxy"
   if ((NEED_FILTERS)); then

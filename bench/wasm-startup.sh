@@ -33,6 +33,14 @@ fi
 OUT="$BENCH_DIR/results/$(date +%F)/$(date +%H%M%S)-startup"
 mkdir -p "$OUT/raw"
 
+sluice_desc() { # what the sluice binary is: the checkout it was built from, or the given path
+  if [[ -n "$SLUICE_GIVEN" ]]; then
+    echo "$SLUICE_GIVEN (given; built $(stat -c %y "$SLUICE_GIVEN" | cut -d. -f1))"
+  else
+    echo "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
+  fi
+}
+SLUICE_GIVEN=$SLUICE_BIN # described as given, not as the checkout, in the header
 if [[ -z "$SLUICE_BIN" ]]; then
   log "building sluice (cargo build --release --bin sluice; log: $OUT/raw/sluice-build.log)"
   (cd "$ROOT" && cargo build --release --bin sluice) >"$OUT/raw/sluice-build.log" 2>&1 ||
@@ -54,7 +62,7 @@ fi
 
 {
   echo "date: $(date -Is)   host: $(uname -sr), $(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1))"
-  echo "sluice: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')${ENVOY:+; envoy $("$ENVOY" --version 2>/dev/null | grep -o '/[0-9.]*/' | tr -d / | head -1)}"
+  echo "sluice: $(sluice_desc)${ENVOY:+; envoy $("$ENVOY" --version 2>/dev/null | grep -o '/[0-9.]*/' | tr -d / | head -1)}"
   echo "modules: noop.wasm $(stat -c %s "$WASM/noop.wasm") bytes, header_rewrite.wasm $(stat -c %s "$WASM/header_rewrite.wasm") bytes; 5 distinct = both with distinct custom sections, alternating"
   echo "knobs: REPS=$REPS RELOADS=$RELOADS WORKERS=$WORKERS REQUESTS=$REQUESTS NICE=${NICE:-0} QUIET_WAIT=$QUIET_WAIT"
 } | tee "$OUT/header.txt" >&2

@@ -472,7 +472,12 @@ def render(res: dict, s: dict, a: argparse.Namespace, md: bool) -> str:
     check("<= 2 MiB RSS per extra VM (5 filters)", (s["kib_per_vm"].get("rss", {}).get(5)), 2048, "KiB")
     check("start with 5 cached modules <= 200 ms", s["start_cached_ms"], 200, "ms")
     out.append("")
-    out.append("Checks: " + "; ".join(res["checks"]))
+    # The same check in every round is said once, with how many rounds it held in.
+    seen: dict[str, int] = {}
+    for c in res["checks"]:
+        what = re.sub(r"^round \d+:? ?", "", c)
+        seen[what] = seen.get(what, 0) + 1
+    out.append("Checks: " + "; ".join(f"{w} ({n} of {a.reps} rounds)" for w, n in seen.items()))
     return "\n".join(out)
 
 
