@@ -85,7 +85,8 @@ pub async fn handle(req: Request<Incoming>, conn: Rc<ConnInfo>) -> Result<Respon
     let mut metrics_slot: Option<Arc<RouteMetrics>> = None;
     // Boxed once so the large request future is never moved.
     // A span per request for `tracing` subscribers that want it (debug level: free when off).
-    let span = tracing::debug_span!("request", listener = %conn.listener, conn = conn.id, method = %req.method());
+    let span =
+        tracing::debug_span!("request", listener = %conn.listener, conn = conn.id, method = %req.method());
     let result = tracing::Instrument::instrument(
         Box::pin(proxy(req, &conn, &dp, &listener, &mut log, &mut metrics_slot)),
         span,
