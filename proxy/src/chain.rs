@@ -35,14 +35,17 @@ pub enum Failure {
 
 /// The final heads handed to `on_log`.
 pub struct LogHead {
-    status: http::StatusCode,
-    headers: HeaderMap,
+    parts: response::Parts,
 }
 
 impl LogHead {
     /// Copies what `on_log` may read from a response head.
     pub fn from_response(p: &response::Parts) -> Self {
-        LogHead { status: p.status, headers: p.headers.clone() }
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = p.status;
+        parts.version = p.version;
+        parts.headers = p.headers.clone();
+        LogHead { parts }
     }
 }
 
@@ -219,15 +222,9 @@ impl ChainRun {
     pub fn log(&mut self, response: Option<&LogHead>) {
         let Ok(mut f) = self.filters.try_lock() else { return };
         let f = &mut *f;
-        let resp_parts = response.map(|r| {
-            let mut p = Response::new(()).into_parts().0;
-            p.status = r.status;
-            p.headers = r.headers.clone();
-            p
-        });
         let view = LogView {
             request: &f.request_head,
-            response: resp_parts.as_ref(),
+            response: response.map(|r| &r.parts),
             request_trailers: f.request_trailers.as_ref(),
             response_trailers: f.response_trailers.as_ref(),
         };

@@ -247,7 +247,7 @@ async fn proxy(
         info.tls = conn.tls.clone();
         *info.route_name.borrow_mut() = Some(route.name.clone());
         let mut run = ChainRun::new(&route.chain, info, listener.config.limits.max_buffered_body_bytes);
-        parts.uri = absolute_uri(https, &target)?;
+        parts.uri = absolute_uri(https, &target, &parts.uri)?;
         parts.headers.remove(HOST);
         let end_of_stream = http_body::Body::is_end_stream(&body);
         if let Some(local) = run.request_headers(&mut parts, end_of_stream).await? {
@@ -325,18 +325,26 @@ async fn proxy(
     }
 }
 
-fn absolute_uri(https: bool, t: &Target<'_>) -> Result<Uri, ProxyError> {
-    let pq = match &t.query {
-        Some(q) => format!("{}?{q}", t.path),
-        None => t.path.clone(),
-    };
+fn absolute_uri(https: bool, t: &Target<'_>, original: &Uri) -> Result<Uri, ProxyError> {
     let authority = if t.authority.is_empty() { "localhost" } else { &t.authority };
-    Uri::builder()
-        .scheme(if https { "https" } else { "http" })
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))
+    let authority: http::uri::Authority =
+        authority.parse().map_err(|e| ProxyError::bad_request(format!("invalid authority: {e}")))?;
+    // Normalization usually changes nothing: keep the parsed path and query as they are.
+    let path_and_query = match original.path_and_query() {
+        Some(pq) if pq.path() == t.path && pq.query() == t.query.as_deref() => pq.clone(),
+        _ => {
+            let pq = match &t.query {
+                Some(q) => format!("{}?{q}", t.path),
+                None => t.path.clone(),
+            };
+            pq.parse().map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))?
+        }
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if https { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP });
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))
 }
 
 fn redirect(r: &Redirect, https: bool, t: &Target<'_>) -> Result<Response<ProxyBody>, ProxyError> {

@@ -108,13 +108,18 @@ impl UpstreamRequest {
             }
             // The common case: the downstream's origin-form URI is already what goes
             // upstream (no rewrite, normalization changed nothing): no re-parse.
-            let unchanged = !rewritten
-                && parts.uri.scheme().is_none()
-                && parts.uri.path_and_query().is_some_and(|p| p.as_str() == pq);
-            let uri = if unchanged {
-                std::mem::take(&mut parts.uri)
-            } else {
-                Uri::try_from(pq).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?
+            let unchanged = !rewritten && parts.uri.path_and_query().is_some_and(|p| p.as_str() == pq);
+            let uri = match (unchanged, parts.uri.scheme().is_none()) {
+                (true, true) => std::mem::take(&mut parts.uri),
+                // Absolute (HTTP/2 downstream, or made so for filters): keep the parsed
+                // path and query, drop scheme and authority.
+                (true, false) => match parts.uri.path_and_query() {
+                    Some(p) => Uri::from(p.clone()),
+                    None => Uri::from_static("/"),
+                },
+                (false, _) => {
+                    Uri::try_from(pq).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?
+                }
             };
             (uri, Version::HTTP_11)
         };
