@@ -24,8 +24,16 @@
 //! # Order
 //!
 //! Request phases run through the chain forward, response phases backward. A
-//! phase's future resolving to `Continue` hands the message to the next filter; a
-//! filter that must wait (for a callout, a timer) simply does not resolve yet.
+//! phase returning `Continue` hands the message to the next filter.
+//!
+//! # Pausing
+//!
+//! Phases are plain calls: a filter that decides at once (the common case) costs
+//! no future, no allocation and no task wakeup. A filter that must wait (for a
+//! callout, a timer) returns `Pause`; the data plane then keeps the chain where
+//! it is and calls [`HttpFilter::poll_resume`] with the same phase's data until it
+//! is ready, as Envoy's filter manager does with `StopIteration` and
+//! `continueDecoding`. [`resume`] is the same as a future.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -34,6 +42,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -43,14 +52,13 @@ use sluice_config::FilterSpec;
 /// A boxed, possibly `!Send`, future.
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
-/// The future a filter callback returns.
-pub type FilterFuture<'a, T> = LocalBoxFuture<'a, Result<T, FilterError>>;
-
 /// What a header or trailer phase decided.
 #[derive(Debug)]
 pub enum HeadersAction {
     /// Hand the (possibly edited) message to the next filter.
     Continue,
+    /// Wait: the data plane calls [`HttpFilter::poll_resume`] until it decides.
+    Pause,
     /// Stop the chain and answer with this response instead.
     Respond(LocalResponse),
     /// Reset the stream (close the downstream connection for HTTP/1.1).
@@ -65,6 +73,8 @@ pub enum BodyAction {
     /// Keep the buffer and call again with more data appended (at most the
     /// listener's `max_buffered_body_bytes`: 413 for a request, 500 for a response).
     Buffer,
+    /// Wait: the data plane calls [`HttpFilter::poll_resume`] until it decides.
+    Pause,
     /// Stop the chain and answer with this response instead (request side, or
     /// response side before the response headers went downstream).
     Respond(LocalResponse),
@@ -261,57 +271,198 @@ pub struct LogView<'a> {
     pub response_trailers: Option<&'a HeaderMap>,
 }
 
+/// The data of the phase a paused filter is in, handed back to
+/// [`HttpFilter::poll_resume`].
+#[derive(Debug)]
+pub enum PhaseData<'a> {
+    /// `on_request_headers`.
+    RequestHeaders(&'a mut request::Parts),
+    /// `on_request_body`.
+    RequestBody(&'a mut BytesMut),
+    /// `on_request_trailers`.
+    RequestTrailers(&'a mut HeaderMap),
+    /// `on_response_headers`.
+    ResponseHeaders(&'a mut response::Parts),
+    /// `on_response_body`.
+    ResponseBody(&'a mut BytesMut),
+    /// `on_response_trailers`.
+    ResponseTrailers(&'a mut HeaderMap),
+}
+
+impl PhaseData<'_> {
+    /// A shorter-lived copy of the same references.
+    pub fn reborrow(&mut self) -> PhaseData<'_> {
+        match self {
+            PhaseData::RequestHeaders(v) => PhaseData::RequestHeaders(v),
+            PhaseData::RequestBody(v) => PhaseData::RequestBody(v),
+            PhaseData::RequestTrailers(v) => PhaseData::RequestTrailers(v),
+            PhaseData::ResponseHeaders(v) => PhaseData::ResponseHeaders(v),
+            PhaseData::ResponseBody(v) => PhaseData::ResponseBody(v),
+            PhaseData::ResponseTrailers(v) => PhaseData::ResponseTrailers(v),
+        }
+    }
+}
+
+/// What a paused phase finally decided.
+#[derive(Debug)]
+pub enum Resumed {
+    /// Go on (for a body phase: forward what is in the buffer now).
+    Continue,
+    /// Body phases: keep the buffer and call again with more data.
+    Buffer,
+    /// Answer with this response instead.
+    Respond(LocalResponse),
+    /// Reset the stream.
+    Reset,
+}
+
 /// One filter's per-request state. Created on a worker for each request that
 /// reaches it; dropped when the request ends (after `on_log`).
+///
+/// Each phase either decides at once or returns `Pause`; while paused, no other
+/// phase of this filter is called, and [`HttpFilter::poll_resume`] is polled (with
+/// that phase's data) until it is ready.
 pub trait HttpFilter {
     /// Request headers arrived. `end_of_stream` means there is no body.
-    fn on_request_headers<'a>(
-        &'a mut self,
-        head: &'a mut request::Parts,
-        info: &'a StreamInfo,
+    fn on_request_headers(
+        &mut self,
+        head: &mut request::Parts,
+        info: &StreamInfo,
         end_of_stream: bool,
-    ) -> FilterFuture<'a, HeadersAction>;
+    ) -> Result<HeadersAction, FilterError>;
 
     /// A request body chunk (or everything buffered so far).
-    fn on_request_body<'a>(
-        &'a mut self,
-        body: &'a mut BytesMut,
-        info: &'a StreamInfo,
+    fn on_request_body(
+        &mut self,
+        body: &mut BytesMut,
+        info: &StreamInfo,
         end_of_stream: bool,
-    ) -> FilterFuture<'a, BodyAction>;
+    ) -> Result<BodyAction, FilterError>;
 
     /// Request trailers arrived.
-    fn on_request_trailers<'a>(
-        &'a mut self,
-        trailers: &'a mut HeaderMap,
-        info: &'a StreamInfo,
-    ) -> FilterFuture<'a, HeadersAction>;
+    fn on_request_trailers(
+        &mut self,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+    ) -> Result<HeadersAction, FilterError>;
 
     /// Response headers arrived from upstream (or from a local response).
-    fn on_response_headers<'a>(
-        &'a mut self,
-        head: &'a mut response::Parts,
-        info: &'a StreamInfo,
+    fn on_response_headers(
+        &mut self,
+        head: &mut response::Parts,
+        info: &StreamInfo,
         end_of_stream: bool,
-    ) -> FilterFuture<'a, HeadersAction>;
+    ) -> Result<HeadersAction, FilterError>;
 
     /// A response body chunk (or everything buffered so far).
-    fn on_response_body<'a>(
-        &'a mut self,
-        body: &'a mut BytesMut,
-        info: &'a StreamInfo,
+    fn on_response_body(
+        &mut self,
+        body: &mut BytesMut,
+        info: &StreamInfo,
         end_of_stream: bool,
-    ) -> FilterFuture<'a, BodyAction>;
+    ) -> Result<BodyAction, FilterError>;
 
     /// Response trailers arrived.
-    fn on_response_trailers<'a>(
-        &'a mut self,
-        trailers: &'a mut HeaderMap,
-        info: &'a StreamInfo,
-    ) -> FilterFuture<'a, HeadersAction>;
+    fn on_response_trailers(
+        &mut self,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+    ) -> Result<HeadersAction, FilterError>;
+
+    /// Polls the phase that returned `Pause`; `data` is that phase's data. A
+    /// filter that is not paused answers an error.
+    fn poll_resume(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: PhaseData<'_>,
+        info: &StreamInfo,
+    ) -> Poll<Result<Resumed, FilterError>>;
 
     /// The request is over (completed, failed or reset): final logging.
     fn on_log(&mut self, view: &LogView<'_>, info: &StreamInfo);
+}
+
+/// Waits for a paused phase's decision (a future over [`HttpFilter::poll_resume`]).
+pub async fn resume<F: HttpFilter + ?Sized>(
+    filter: &mut F,
+    mut data: PhaseData<'_>,
+    info: &StreamInfo,
+) -> Result<Resumed, FilterError> {
+    std::future::poll_fn(|cx| filter.poll_resume(cx, data.reborrow(), info)).await
+}
+
+/// Runs `on_request_headers` to its decision, waiting while it is paused
+/// (`Buffer` counts as `Continue`). For tests and simple drivers.
+pub async fn request_headers<F: HttpFilter + ?Sized>(
+    filter: &mut F,
+    head: &mut request::Parts,
+    info: &StreamInfo,
+    end_of_stream: bool,
+) -> Result<HeadersAction, FilterError> {
+    match filter.on_request_headers(head, info, end_of_stream)? {
+        HeadersAction::Pause => resume(filter, PhaseData::RequestHeaders(head), info).await.map(Into::into),
+        a => Ok(a),
+    }
+}
+
+/// Runs `on_response_headers` to its decision, waiting while it is paused.
+pub async fn response_headers<F: HttpFilter + ?Sized>(
+    filter: &mut F,
+    head: &mut response::Parts,
+    info: &StreamInfo,
+    end_of_stream: bool,
+) -> Result<HeadersAction, FilterError> {
+    match filter.on_response_headers(head, info, end_of_stream)? {
+        HeadersAction::Pause => resume(filter, PhaseData::ResponseHeaders(head), info).await.map(Into::into),
+        a => Ok(a),
+    }
+}
+
+/// Runs `on_request_body` to its decision, waiting while it is paused.
+pub async fn request_body<F: HttpFilter + ?Sized>(
+    filter: &mut F,
+    body: &mut BytesMut,
+    info: &StreamInfo,
+    end_of_stream: bool,
+) -> Result<BodyAction, FilterError> {
+    match filter.on_request_body(body, info, end_of_stream)? {
+        BodyAction::Pause => resume(filter, PhaseData::RequestBody(body), info).await.map(Into::into),
+        a => Ok(a),
+    }
+}
+
+/// Runs `on_response_body` to its decision, waiting while it is paused.
+pub async fn response_body<F: HttpFilter + ?Sized>(
+    filter: &mut F,
+    body: &mut BytesMut,
+    info: &StreamInfo,
+    end_of_stream: bool,
+) -> Result<BodyAction, FilterError> {
+    match filter.on_response_body(body, info, end_of_stream)? {
+        BodyAction::Pause => resume(filter, PhaseData::ResponseBody(body), info).await.map(Into::into),
+        a => Ok(a),
+    }
+}
+
+impl From<Resumed> for HeadersAction {
+    fn from(r: Resumed) -> Self {
+        match r {
+            Resumed::Continue | Resumed::Buffer => HeadersAction::Continue,
+            Resumed::Respond(l) => HeadersAction::Respond(l),
+            Resumed::Reset => HeadersAction::Reset,
+        }
+    }
+}
+
+impl From<Resumed> for BodyAction {
+    fn from(r: Resumed) -> Self {
+        match r {
+            Resumed::Continue => BodyAction::Continue,
+            Resumed::Buffer => BodyAction::Buffer,
+            Resumed::Respond(l) => BodyAction::Respond(l),
+            Resumed::Reset => BodyAction::Reset,
+        }
+    }
 }
 
 /// A loaded filter: shared by all workers, makes the per-request [`HttpFilter`]s.

@@ -78,16 +78,16 @@ fn main() {
                         .body(())
                         .unwrap()
                         .into_parts();
-                    f.on_request_headers(&mut req, &info, true).await.unwrap();
+                    sluice_filter::request_headers(&mut *f, &mut req, &info, true).await.unwrap();
                     let (mut resp, _) = http::Response::builder()
                         .header("content-type", "text/plain")
                         .header("content-length", "19")
                         .body(())
                         .unwrap()
                         .into_parts();
-                    f.on_response_headers(&mut resp, &info, false).await.unwrap();
+                    sluice_filter::response_headers(&mut *f, &mut resp, &info, false).await.unwrap();
                     let mut body = BytesMut::from(&b"hello from backend\n"[..]);
-                    f.on_response_body(&mut body, &info, true).await.unwrap();
+                    sluice_filter::response_body(&mut *f, &mut body, &info, true).await.unwrap();
                     let view = LogView {
                         request: &req,
                         response: Some(&resp),

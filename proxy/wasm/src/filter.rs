@@ -1,9 +1,10 @@
 //! The per-request [`HttpFilter`]: an HTTP context inside this worker's VM.
 //!
 //! Each phase moves its data (head, body, trailers) into the context, calls the
-//! guest, applies what the guest asked for, and — when the guest paused — waits
-//! (up to `pause_timeout`) for a later callback to resume, reply or reset. The
-//! data is moved back when the phase ends, also when the future is dropped.
+//! guest and applies what the guest asked for, all in one plain call. When the
+//! guest paused, the data stays in the context and the phase answers `Pause`;
+//! `poll_resume` then waits (up to `pause_timeout`) for a later callback to
+//! resume, reply or reset, and moves the data back.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -13,8 +14,8 @@ use bytes::BytesMut;
 use http::{HeaderMap, request, response};
 use sluice_config::FailPolicy;
 use sluice_filter::{
-    BodyAction, FilterError, FilterErrorKind, FilterFuture, HeadersAction, HttpFilter, LocalResponse,
-    LogView, StreamInfo,
+    BodyAction, FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData,
+    Resumed, StreamInfo,
 };
 
 use crate::factory::{FactoryInner, Plugin, WorkerSlot};
@@ -81,7 +82,7 @@ phase!(
     req_head,
     empty_request(),
     resume_request,
-    |v| MapView::Request(v).count_and_size().0,
+    |v| MapView::Request(v).count(),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
 );
 phase!(
@@ -114,7 +115,7 @@ phase!(
     resp_head,
     empty_response(),
     resume_response,
-    |v| MapView::Response(v).count_and_size().0,
+    |v| MapView::Response(v).count(),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
 );
 phase!(
@@ -172,43 +173,32 @@ fn find_ctx(slot: &mut WorkerSlot, c: CtxRef) -> Option<&mut HttpCtx> {
     slot.orphans.iter_mut().find(|(g, id, _)| *g == c.generation && *id == c.id).map(|(_, _, ctx)| ctx)
 }
 
-/// A phase's data moved into the context; moved back by `unpark` or on drop.
-struct Parked<'a, P: Phase> {
-    inner: &'a FactoryInner,
-    ctx: Option<CtxRef>,
-    value: &'a mut P::Value,
+/// Moves a phase's data into the context, where host calls read and edit it.
+fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> bool {
+    let Some(ctx) = find_ctx(slot, c) else { return false };
+    P::resumed(&mut ctx.signal);
+    *P::slot(ctx) = Some(std::mem::replace(value, P::placeholder()));
+    true
 }
 
-impl<P: Phase> Parked<'_, P> {
-    fn park(&mut self, slot: &mut WorkerSlot, c: CtxRef) {
-        if let Some(ctx) = find_ctx(slot, c) {
-            P::resumed(&mut ctx.signal);
-            *P::slot(ctx) = Some(std::mem::replace(self.value, P::placeholder()));
-            self.ctx = Some(c);
-        }
+/// Moves a phase's data back from the context (it stays with the caller once
+/// the phase has decided, also when the VM failed meanwhile).
+fn unpark<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value, info: &StreamInfo) {
+    let Some(ctx) = find_ctx(slot, c) else { return };
+    if let Some(v) = P::slot(ctx).take() {
+        *value = v;
     }
-
-    fn unpark(&mut self, info: Option<&StreamInfo>) {
-        let Some(c) = self.ctx.take() else { return };
-        let Ok(mut slot) = self.inner.slot().try_borrow_mut() else { return };
-        if let Some(ctx) = find_ctx(&mut slot, c) {
-            if let Some(v) = P::slot(ctx).take() {
-                *self.value = v;
-            }
-            if P::CALLBACK == Callback::RequestHeaders
-                && std::mem::take(&mut ctx.req_edited)
-                && let Some(info) = info
-            {
-                info.clear_route_cache();
-            }
-        }
+    if P::CALLBACK == Callback::RequestHeaders && std::mem::take(&mut ctx.req_edited) {
+        info.clear_route_cache();
     }
 }
 
-impl<P: Phase> Drop for Parked<'_, P> {
-    fn drop(&mut self) {
-        self.unpark(None);
-    }
+/// A phase the guest paused: its data is parked in the context until it decides
+/// or the pause times out.
+struct Paused {
+    callback: Callback,
+    ctx: CtxRef,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 /// What the guest decided, or `None` when it paused and must be waited for.
@@ -230,21 +220,18 @@ fn decide<P: Phase>(vm: &mut Vm, id: u32, action: i32, eos: bool) -> Option<Step
     None
 }
 
-/// Polls a paused context for the guest's decision.
+/// Looks at a paused context for the guest's decision.
 fn poll_resume<P: Phase>(
-    inner: &FactoryInner,
+    slot: &mut WorkerSlot,
+    plugin: &Plugin,
     c: CtxRef,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Step, FilterError>> {
-    let Ok(mut slot) = inner.slot().try_borrow_mut() else {
-        cx.waker().wake_by_ref();
-        return Poll::Pending;
-    };
     let live = slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation);
     let ctx =
         if live { slot.vm.as_mut().and_then(|vm| vm.store.data_mut().contexts.get_mut(&c.id)) } else { None };
     let Some(ctx) = ctx else {
-        return Poll::Ready(Err(lost(&slot, &inner.plugin, P::CALLBACK)));
+        return Poll::Ready(Err(lost(slot, plugin, P::CALLBACK)));
     };
     if let Some(local) = ctx.signal.local.take() {
         return Poll::Ready(Ok(Step::Respond(local)));
@@ -266,6 +253,8 @@ fn poll_resume<P: Phase>(
 pub(crate) struct WasmFilter {
     inner: Arc<FactoryInner>,
     ctx: Option<CtxRef>,
+    /// The phase waiting for the guest, if any.
+    paused: Option<Paused>,
     /// Fail-open: this request skips the filter from now on.
     bypass: bool,
     /// A failure happened during this request.
@@ -276,7 +265,7 @@ pub(crate) struct WasmFilter {
 
 impl WasmFilter {
     pub fn new(inner: Arc<FactoryInner>) -> WasmFilter {
-        WasmFilter { inner, ctx: None, bypass: false, failed: false, _local: PhantomData }
+        WasmFilter { inner, ctx: None, paused: None, bypass: false, failed: false, _local: PhantomData }
     }
 
     /// Applies the fail policy to a failure of this request.
@@ -314,78 +303,110 @@ impl WasmFilter {
         Ok(c)
     }
 
-    /// Runs one phase.
-    async fn run<P: Phase>(
+    /// Runs one phase: the guest's decision, or `None` when it paused (its
+    /// data then stays parked in the context until [`WasmFilter::poll_phase`]).
+    fn run<P: Phase>(
         &mut self,
         value: &mut P::Value,
         info: &StreamInfo,
         eos: bool,
-    ) -> Result<Step, FilterError> {
+    ) -> Result<Option<Step>, FilterError> {
         if self.bypass {
-            return Ok(Step::Continue);
+            return Ok(Some(Step::Continue));
         }
-        let inner = self.inner.clone();
-        let cell = inner.slot();
-        let arg = P::arg(value);
-        let mut parked = Parked::<P> { inner: &inner, ctx: None, value };
-        let busy = || {
-            inner.plugin.error(
+        let inner = Arc::clone(&self.inner);
+        let Ok(mut guard) = inner.slot().try_borrow_mut() else {
+            return Err(inner.plugin.error(
                 FilterErrorKind::Internal,
                 P::CALLBACK.name(),
                 "worker VM busy (re-entered)".into(),
-            )
+            ));
         };
-        let (c, decided) = {
-            let Ok(mut guard) = cell.try_borrow_mut() else { return Err(busy()) };
-            let slot = &mut *guard;
-            let c = match self.context(slot, P::CALLBACK) {
-                Ok(c) => c,
-                Err(err) => {
-                    drop(guard);
-                    return self.on_failure(err);
-                }
-            };
-            parked.park(slot, c);
-            let Some(vm) = slot.vm.as_mut() else { return Err(busy()) };
-            let decided = match INFO.set(info, || P::invoke(vm, c.id, arg, eos)) {
+        let slot = &mut *guard;
+        let c = match self.context(slot, P::CALLBACK) {
+            Ok(c) => c,
+            Err(err) => {
+                drop(guard);
+                return self.on_failure(err).map(Some);
+            }
+        };
+        let arg = P::arg(value);
+        let parked = park::<P>(slot, c, value);
+        let decided = match slot.vm.as_mut() {
+            None => Err(lost(slot, &inner.plugin, P::CALLBACK)),
+            Some(vm) => match INFO.set(info, || P::invoke(vm, c.id, arg, eos)) {
                 Err(f) => Err(slot.fail(&inner, f)),
                 Ok(action) => {
                     crate::callout::flush(&inner, vm);
                     Ok(decide::<P>(vm, c.id, action, eos))
                 }
-            };
-            (c, decided)
+            },
         };
-        let step = match decided {
-            Err(err) => {
-                parked.unpark(Some(info));
-                return self.on_failure(err);
-            }
-            Ok(Some(step)) => step,
-            Ok(None) => {
+        match decided {
+            Ok(None) if parked => {
                 let timeout = inner.plugin.limits.pause_timeout;
-                let wait = std::future::poll_fn(|cx| poll_resume::<P>(&inner, c, cx));
-                match tokio::time::timeout(timeout, wait).await {
-                    Ok(Ok(step)) => step,
-                    Ok(Err(err)) => {
-                        parked.unpark(Some(info));
-                        return self.on_failure(err);
-                    }
-                    Err(_) => {
-                        parked.unpark(Some(info));
-                        inner.plugin.count_pause_timeout();
-                        let err = inner.plugin.error(
-                            FilterErrorKind::Timeout,
-                            P::CALLBACK.name(),
-                            format!("paused for longer than the {} ms pause_timeout", timeout.as_millis()),
-                        );
-                        return self.on_failure(err);
-                    }
-                }
+                self.paused = Some(Paused {
+                    callback: P::CALLBACK,
+                    ctx: c,
+                    deadline: Box::pin(tokio::time::sleep(timeout)),
+                });
+                Ok(None)
             }
+            Ok(step) => {
+                unpark::<P>(slot, c, value, info);
+                Ok(Some(step.unwrap_or(Step::Continue)))
+            }
+            Err(err) => {
+                unpark::<P>(slot, c, value, info);
+                drop(guard);
+                self.on_failure(err).map(Some)
+            }
+        }
+    }
+
+    /// Polls the paused phase `P` for the guest's decision (or the pause timeout).
+    fn poll_phase<P: Phase>(
+        &mut self,
+        cx: &mut Context<'_>,
+        value: &mut P::Value,
+        info: &StreamInfo,
+    ) -> Poll<Result<Step, FilterError>> {
+        let inner = Arc::clone(&self.inner);
+        let Some(paused) = self.paused.as_mut().filter(|p| p.callback == P::CALLBACK) else {
+            return Poll::Ready(Err(inner.plugin.error(
+                FilterErrorKind::Internal,
+                P::CALLBACK.name(),
+                "resumed a phase that is not paused".into(),
+            )));
         };
-        parked.unpark(Some(info));
-        Ok(step)
+        let c = paused.ctx;
+        let Ok(mut guard) = inner.slot().try_borrow_mut() else {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        };
+        let slot = &mut *guard;
+        let outcome = match poll_resume::<P>(slot, &inner.plugin, c, cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => match paused.deadline.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    inner.plugin.count_pause_timeout();
+                    let timeout = inner.plugin.limits.pause_timeout;
+                    Err(inner.plugin.error(
+                        FilterErrorKind::Timeout,
+                        P::CALLBACK.name(),
+                        format!("paused for longer than the {} ms pause_timeout", timeout.as_millis()),
+                    ))
+                }
+            },
+        };
+        self.paused = None;
+        unpark::<P>(slot, c, value, info);
+        drop(guard);
+        Poll::Ready(match outcome {
+            Ok(step) => Ok(step),
+            Err(err) => self.on_failure(err),
+        })
     }
 
     /// Ends the context: `on_log` (with the final heads when given), `on_done`,
@@ -425,74 +446,102 @@ impl Drop for WasmFilter {
     }
 }
 
-fn headers_action(r: Result<Step, FilterError>) -> Result<HeadersAction, FilterError> {
+fn headers_action(r: Result<Option<Step>, FilterError>) -> Result<HeadersAction, FilterError> {
     Ok(match r? {
-        Step::Continue | Step::Buffer => HeadersAction::Continue,
-        Step::Respond(l) => HeadersAction::Respond(l),
-        Step::Reset => HeadersAction::Reset,
+        None => HeadersAction::Pause,
+        Some(Step::Continue | Step::Buffer) => HeadersAction::Continue,
+        Some(Step::Respond(l)) => HeadersAction::Respond(l),
+        Some(Step::Reset) => HeadersAction::Reset,
     })
 }
 
-fn body_action(r: Result<Step, FilterError>) -> Result<BodyAction, FilterError> {
+fn body_action(r: Result<Option<Step>, FilterError>) -> Result<BodyAction, FilterError> {
     Ok(match r? {
-        Step::Continue => BodyAction::Continue,
-        Step::Buffer => BodyAction::Buffer,
-        Step::Respond(l) => BodyAction::Respond(l),
-        Step::Reset => BodyAction::Reset,
+        None => BodyAction::Pause,
+        Some(Step::Continue) => BodyAction::Continue,
+        Some(Step::Buffer) => BodyAction::Buffer,
+        Some(Step::Respond(l)) => BodyAction::Respond(l),
+        Some(Step::Reset) => BodyAction::Reset,
     })
+}
+
+fn resumed(step: Step) -> Resumed {
+    match step {
+        Step::Continue => Resumed::Continue,
+        Step::Buffer => Resumed::Buffer,
+        Step::Respond(l) => Resumed::Respond(l),
+        Step::Reset => Resumed::Reset,
+    }
 }
 
 impl HttpFilter for WasmFilter {
-    fn on_request_headers<'a>(
-        &'a mut self,
-        head: &'a mut request::Parts,
-        info: &'a StreamInfo,
+    fn on_request_headers(
+        &mut self,
+        head: &mut request::Parts,
+        info: &StreamInfo,
         end_of_stream: bool,
-    ) -> FilterFuture<'a, HeadersAction> {
-        Box::pin(async move { headers_action(self.run::<ReqHeaders>(head, info, end_of_stream).await) })
+    ) -> Result<HeadersAction, FilterError> {
+        headers_action(self.run::<ReqHeaders>(head, info, end_of_stream))
     }
 
-    fn on_request_body<'a>(
-        &'a mut self,
-        body: &'a mut BytesMut,
-        info: &'a StreamInfo,
+    fn on_request_body(
+        &mut self,
+        body: &mut BytesMut,
+        info: &StreamInfo,
         end_of_stream: bool,
-    ) -> FilterFuture<'a, BodyAction> {
-        Box::pin(async move { body_action(self.run::<ReqBody>(body, info, end_of_stream).await) })
+    ) -> Result<BodyAction, FilterError> {
+        body_action(self.run::<ReqBody>(body, info, end_of_stream))
     }
 
-    fn on_request_trailers<'a>(
-        &'a mut self,
-        trailers: &'a mut HeaderMap,
-        info: &'a StreamInfo,
-    ) -> FilterFuture<'a, HeadersAction> {
-        Box::pin(async move { headers_action(self.run::<ReqTrailers>(trailers, info, true).await) })
+    fn on_request_trailers(
+        &mut self,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+    ) -> Result<HeadersAction, FilterError> {
+        headers_action(self.run::<ReqTrailers>(trailers, info, true))
     }
 
-    fn on_response_headers<'a>(
-        &'a mut self,
-        head: &'a mut response::Parts,
-        info: &'a StreamInfo,
+    fn on_response_headers(
+        &mut self,
+        head: &mut response::Parts,
+        info: &StreamInfo,
         end_of_stream: bool,
-    ) -> FilterFuture<'a, HeadersAction> {
-        Box::pin(async move { headers_action(self.run::<RespHeaders>(head, info, end_of_stream).await) })
+    ) -> Result<HeadersAction, FilterError> {
+        headers_action(self.run::<RespHeaders>(head, info, end_of_stream))
     }
 
-    fn on_response_body<'a>(
-        &'a mut self,
-        body: &'a mut BytesMut,
-        info: &'a StreamInfo,
+    fn on_response_body(
+        &mut self,
+        body: &mut BytesMut,
+        info: &StreamInfo,
         end_of_stream: bool,
-    ) -> FilterFuture<'a, BodyAction> {
-        Box::pin(async move { body_action(self.run::<RespBody>(body, info, end_of_stream).await) })
+    ) -> Result<BodyAction, FilterError> {
+        body_action(self.run::<RespBody>(body, info, end_of_stream))
     }
 
-    fn on_response_trailers<'a>(
-        &'a mut self,
-        trailers: &'a mut HeaderMap,
-        info: &'a StreamInfo,
-    ) -> FilterFuture<'a, HeadersAction> {
-        Box::pin(async move { headers_action(self.run::<RespTrailers>(trailers, info, true).await) })
+    fn on_response_trailers(
+        &mut self,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+    ) -> Result<HeadersAction, FilterError> {
+        headers_action(self.run::<RespTrailers>(trailers, info, true))
+    }
+
+    fn poll_resume(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: PhaseData<'_>,
+        info: &StreamInfo,
+    ) -> Poll<Result<Resumed, FilterError>> {
+        let r = match data {
+            PhaseData::RequestHeaders(v) => self.poll_phase::<ReqHeaders>(cx, v, info),
+            PhaseData::RequestBody(v) => self.poll_phase::<ReqBody>(cx, v, info),
+            PhaseData::RequestTrailers(v) => self.poll_phase::<ReqTrailers>(cx, v, info),
+            PhaseData::ResponseHeaders(v) => self.poll_phase::<RespHeaders>(cx, v, info),
+            PhaseData::ResponseBody(v) => self.poll_phase::<RespBody>(cx, v, info),
+            PhaseData::ResponseTrailers(v) => self.poll_phase::<RespTrailers>(cx, v, info),
+        };
+        r.map(|r| r.map(resumed))
     }
 
     fn on_log(&mut self, view: &LogView<'_>, info: &StreamInfo) {
@@ -510,51 +559,59 @@ impl Unavailable {
 }
 
 impl HttpFilter for Unavailable {
-    fn on_request_headers<'a>(
-        &'a mut self,
-        _: &'a mut request::Parts,
-        _: &'a StreamInfo,
+    fn on_request_headers(
+        &mut self,
+        _: &mut request::Parts,
+        _: &StreamInfo,
         _: bool,
-    ) -> FilterFuture<'a, HeadersAction> {
-        Box::pin(async move { Err(self.err("on_request_headers")) })
+    ) -> Result<HeadersAction, FilterError> {
+        Err(self.err("on_request_headers"))
     }
-    fn on_request_body<'a>(
-        &'a mut self,
-        _: &'a mut BytesMut,
-        _: &'a StreamInfo,
+    fn on_request_body(
+        &mut self,
+        _: &mut BytesMut,
+        _: &StreamInfo,
         _: bool,
-    ) -> FilterFuture<'a, BodyAction> {
-        Box::pin(async move { Err(self.err("on_request_body")) })
+    ) -> Result<BodyAction, FilterError> {
+        Err(self.err("on_request_body"))
     }
-    fn on_request_trailers<'a>(
-        &'a mut self,
-        _: &'a mut HeaderMap,
-        _: &'a StreamInfo,
-    ) -> FilterFuture<'a, HeadersAction> {
-        Box::pin(async move { Err(self.err("on_request_trailers")) })
+    fn on_request_trailers(
+        &mut self,
+        _: &mut HeaderMap,
+        _: &StreamInfo,
+    ) -> Result<HeadersAction, FilterError> {
+        Err(self.err("on_request_trailers"))
     }
-    fn on_response_headers<'a>(
-        &'a mut self,
-        _: &'a mut response::Parts,
-        _: &'a StreamInfo,
+    fn on_response_headers(
+        &mut self,
+        _: &mut response::Parts,
+        _: &StreamInfo,
         _: bool,
-    ) -> FilterFuture<'a, HeadersAction> {
-        Box::pin(async move { Err(self.err("on_response_headers")) })
+    ) -> Result<HeadersAction, FilterError> {
+        Err(self.err("on_response_headers"))
     }
-    fn on_response_body<'a>(
-        &'a mut self,
-        _: &'a mut BytesMut,
-        _: &'a StreamInfo,
+    fn on_response_body(
+        &mut self,
+        _: &mut BytesMut,
+        _: &StreamInfo,
         _: bool,
-    ) -> FilterFuture<'a, BodyAction> {
-        Box::pin(async move { Err(self.err("on_response_body")) })
+    ) -> Result<BodyAction, FilterError> {
+        Err(self.err("on_response_body"))
     }
-    fn on_response_trailers<'a>(
-        &'a mut self,
-        _: &'a mut HeaderMap,
-        _: &'a StreamInfo,
-    ) -> FilterFuture<'a, HeadersAction> {
-        Box::pin(async move { Err(self.err("on_response_trailers")) })
+    fn on_response_trailers(
+        &mut self,
+        _: &mut HeaderMap,
+        _: &StreamInfo,
+    ) -> Result<HeadersAction, FilterError> {
+        Err(self.err("on_response_trailers"))
+    }
+    fn poll_resume(
+        &mut self,
+        _: &mut Context<'_>,
+        _: PhaseData<'_>,
+        _: &StreamInfo,
+    ) -> Poll<Result<Resumed, FilterError>> {
+        Poll::Ready(Err(self.err("poll_resume")))
     }
     fn on_log(&mut self, _: &LogView<'_>, _: &StreamInfo) {}
 }

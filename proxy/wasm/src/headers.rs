@@ -37,6 +37,16 @@ impl<'a> MapView<'a> {
         }
     }
 
+    /// Number of entries (what `for_each` visits), without walking the map.
+    pub fn count(self) -> usize {
+        match self {
+            MapView::Request(p) => 4 + p.headers.len(),
+            MapView::Response(p) => 1 + p.headers.len(),
+            MapView::Plain(h) => h.len(),
+            MapView::Empty => 0,
+        }
+    }
+
     /// Number of entries and serialized size (pairs format).
     pub fn count_and_size(self) -> (usize, usize) {
         let (mut n, mut size) = (0usize, 4usize);
@@ -250,5 +260,30 @@ impl MapMut<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_matches_the_entries_visited() {
+        let (mut req, _) = http::Request::get("http://example.com/a?b")
+            .header("x-a", "1")
+            .header("x-a", "2")
+            .header("y", "3")
+            .body(())
+            .unwrap_or_default()
+            .into_parts();
+        req.headers.append("z", HeaderValue::from_static("4"));
+        let view = MapView::Request(&req);
+        assert_eq!(view.count(), view.count_and_size().0);
+        assert_eq!(view.count(), 8);
+        let (resp, _) = http::Response::builder().header("a", "b").body(()).unwrap_or_default().into_parts();
+        let view = MapView::Response(&resp);
+        assert_eq!(view.count(), view.count_and_size().0);
+        let plain = req.headers.clone();
+        assert_eq!(MapView::Plain(&plain).count(), MapView::Plain(&plain).count_and_size().0);
     }
 }

@@ -136,19 +136,19 @@ impl Exchange {
     }
 
     pub async fn request_headers(&mut self, eos: bool) -> Result<HeadersAction, FilterError> {
-        self.filter.on_request_headers(&mut self.req, &self.info, eos).await
+        sluice_filter::request_headers(&mut *self.filter, &mut self.req, &self.info, eos).await
     }
 
     pub async fn request_body(&mut self, body: &mut BytesMut, eos: bool) -> Result<BodyAction, FilterError> {
-        self.filter.on_request_body(body, &self.info, eos).await
+        sluice_filter::request_body(&mut *self.filter, body, &self.info, eos).await
     }
 
     pub async fn response_headers(&mut self, eos: bool) -> Result<HeadersAction, FilterError> {
-        self.filter.on_response_headers(&mut self.resp, &self.info, eos).await
+        sluice_filter::response_headers(&mut *self.filter, &mut self.resp, &self.info, eos).await
     }
 
     pub async fn response_body(&mut self, body: &mut BytesMut, eos: bool) -> Result<BodyAction, FilterError> {
-        self.filter.on_response_body(body, &self.info, eos).await
+        sluice_filter::response_body(&mut *self.filter, body, &self.info, eos).await
     }
 
     pub fn log(&mut self) {

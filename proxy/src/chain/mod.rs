@@ -1,0 +1,273 @@
+//! Running a filter chain for one request: request phases forward, response
+//! phases backward, bodies through per-filter buffers.
+//!
+//! Filter phases are plain calls; a filter that must wait answers `Pause` and
+//! is then polled with [`HttpFilter::poll_resume`] (see `sluice-filter`). The
+//! filters of a request are shared by the request-body task, the handler and the
+//! response-body task behind one [`LocalLock`]: a filter's callbacks never run
+//! concurrently (a wasm VM is single-threaded), but a request body may still
+//! stream while the response arrives (gRPC bidi streams).
+
+mod body;
+mod lock;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::task::Poll;
+
+use http::{HeaderMap, Request, Response, request, response};
+use http_body::Body;
+use sluice_filter::{
+    FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData, StreamInfo,
+};
+
+use crate::body::ProxyBody;
+use crate::error::{ErrorKind, ProxyError, Side};
+use crate::router::Chain;
+
+use lock::LocalLock;
+
+/// Why the chain stopped a body that was already streaming.
+#[derive(Debug)]
+pub enum Failure {
+    /// A filter answered: send this instead of the upstream's response.
+    Local(LocalResponse),
+    /// A filter failed or a buffer overflowed.
+    Error(ProxyError),
+}
+
+/// The final heads handed to `on_log`.
+pub struct LogHead {
+    parts: response::Parts,
+}
+
+impl LogHead {
+    /// Copies what `on_log` may read from a response head.
+    pub fn from_response(p: &response::Parts) -> Self {
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = p.status;
+        parts.version = p.version;
+        parts.headers = p.headers.clone();
+        LogHead { parts }
+    }
+}
+
+struct Filters {
+    list: Vec<Box<dyn HttpFilter>>,
+    request_head: request::Parts,
+    request_trailers: Option<HeaderMap>,
+    response_trailers: Option<HeaderMap>,
+}
+
+/// What the request's tasks share: one allocation per request.
+struct Shared {
+    filters: LocalLock<Filters>,
+    info: StreamInfo,
+    failure: RefCell<Option<Failure>>,
+    max_buffer: usize,
+}
+
+/// One request's run through its filter chain.
+pub struct ChainRun {
+    shared: Rc<Shared>,
+}
+
+fn overflow(request: bool) -> ProxyError {
+    if request {
+        ProxyError::new(
+            Side::Downstream,
+            ErrorKind::PayloadTooLarge,
+            "request body over the filter buffer limit",
+        )
+    } else {
+        ProxyError::new(
+            Side::Internal,
+            ErrorKind::ResponseTooLarge,
+            "response body over the filter buffer limit",
+        )
+    }
+}
+
+fn reset_error() -> ProxyError {
+    ProxyError::new(
+        Side::Internal,
+        ErrorKind::Filter(FilterErrorKind::Unavailable),
+        "filter reset the stream",
+    )
+}
+
+fn action_err(e: FilterError) -> ProxyError {
+    ProxyError::from(e)
+}
+
+/// The lock's value is only borrowed by its holder; failing that is a bug.
+fn busy() -> ProxyError {
+    ProxyError::new(Side::Internal, ErrorKind::Filter(FilterErrorKind::Internal), "filter chain state busy")
+}
+
+/// A header phase's decision: `Some` is a local response.
+fn headers_decision(action: HeadersAction) -> Result<Option<LocalResponse>, ProxyError> {
+    match action {
+        HeadersAction::Continue | HeadersAction::Pause => Ok(None),
+        HeadersAction::Respond(local) => Ok(Some(local)),
+        HeadersAction::Reset => Err(reset_error()),
+    }
+}
+
+impl ChainRun {
+    /// Makes the per-request filters.
+    pub fn new(chain: &Chain, info: StreamInfo, max_buffer: usize) -> Self {
+        let list = chain.iter().map(|f| f.new_filter(&info)).collect();
+        let request_head = Request::new(()).into_parts().0;
+        let filters = Filters { list, request_head, request_trailers: None, response_trailers: None };
+        ChainRun {
+            shared: Rc::new(Shared {
+                filters: LocalLock::new(filters),
+                info,
+                failure: RefCell::new(None),
+                max_buffer,
+            }),
+        }
+    }
+
+    /// The request's stream info.
+    pub fn info(&self) -> &StreamInfo {
+        &self.shared.info
+    }
+
+    /// Takes a failure recorded by a body task.
+    pub fn take_failure(&self) -> Option<Failure> {
+        self.shared.failure.borrow_mut().take()
+    }
+
+    /// Runs `on_request_headers` forward. `Some` is a local response.
+    pub async fn request_headers(
+        &mut self,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
+        let sh = &*self.shared;
+        let held = sh.filters.acquire().await;
+        let n = held.value().ok_or_else(busy)?.list.len();
+        for i in 0..n {
+            let action = {
+                let mut f = held.value().ok_or_else(busy)?;
+                f.list[i].on_request_headers(head, &sh.info, end_of_stream).map_err(action_err)?
+            };
+            let action = match action {
+                HeadersAction::Pause => std::future::poll_fn(|cx| {
+                    let Some(mut f) = held.value() else { return Poll::Ready(Err(busy())) };
+                    f.list[i]
+                        .poll_resume(cx, PhaseData::RequestHeaders(head), &sh.info)
+                        .map(|r| r.map_err(action_err))
+                })
+                .await?
+                .into(),
+                a => a,
+            };
+            if let Some(local) = headers_decision(action)? {
+                return Ok(Some(local));
+            }
+        }
+        let mut f = held.value().ok_or_else(busy)?;
+        f.request_head.method = head.method.clone();
+        f.request_head.uri = head.uri.clone();
+        f.request_head.version = head.version;
+        f.request_head.headers = head.headers.clone();
+        Ok(None)
+    }
+
+    /// Runs `on_response_headers` backward. `Some` is a local response.
+    pub async fn response_headers(
+        &mut self,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+    ) -> Result<Option<LocalResponse>, ProxyError> {
+        let sh = &*self.shared;
+        sh.info.response_code.set(Some(head.status.as_u16()));
+        let held = sh.filters.acquire().await;
+        let n = held.value().ok_or_else(busy)?.list.len();
+        for i in (0..n).rev() {
+            let action = {
+                let mut f = held.value().ok_or_else(busy)?;
+                f.list[i].on_response_headers(head, &sh.info, end_of_stream).map_err(action_err)?
+            };
+            let action = match action {
+                HeadersAction::Pause => std::future::poll_fn(|cx| {
+                    let Some(mut f) = held.value() else { return Poll::Ready(Err(busy())) };
+                    f.list[i]
+                        .poll_resume(cx, PhaseData::ResponseHeaders(head), &sh.info)
+                        .map(|r| r.map_err(action_err))
+                })
+                .await?
+                .into(),
+                a => a,
+            };
+            if let Some(local) = headers_decision(action)? {
+                return Ok(Some(local));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes a local response and runs it through the response filters (as
+    /// Envoy does, the filters see their own local replies).
+    pub async fn local_response(
+        &mut self,
+        local: LocalResponse,
+        version: http::Version,
+    ) -> Response<ProxyBody> {
+        let resp = crate::forward::local_reply(local, version);
+        self.filter_local(resp).await
+    }
+
+    /// Runs the response-header phase over a proxy-made response.
+    pub async fn filter_local(&mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        let eos = body.is_end_stream();
+        match self.response_headers(&mut parts, eos).await {
+            // A second local reply from the response phase replaces the first, once.
+            Ok(Some(local)) => crate::forward::local_reply(local, parts.version),
+            Ok(None) => Response::from_parts(parts, body),
+            Err(e) => crate::error::error_response(&e, false),
+        }
+    }
+
+    /// Streams the request body through `on_request_body` / `on_request_trailers`.
+    /// A body-less request is passed through untouched (no body callbacks, as in Envoy).
+    pub fn wrap_request_body(&mut self, body: hyper::body::Incoming) -> ProxyBody {
+        self.wrap_body(ProxyBody::incoming(body), true)
+    }
+
+    /// Streams the response body through `on_response_body` / `on_response_trailers`.
+    pub fn wrap_response_body(&mut self, body: ProxyBody) -> ProxyBody {
+        self.wrap_body(body, false)
+    }
+
+    fn wrap_body(&mut self, body: ProxyBody, request: bool) -> ProxyBody {
+        if body.is_end_stream() {
+            return body;
+        }
+        ProxyBody::boxed(body::FilterBody::new(body, self.shared.clone(), request))
+    }
+
+    /// Runs `on_log` on every filter, in order.
+    pub fn log(&mut self, response: Option<&LogHead>) {
+        let sh = &*self.shared;
+        let Some(held) = sh.filters.try_hold() else { return };
+        let Some(mut f) = held.value() else { return };
+        let f = &mut *f;
+        let view = LogView {
+            request: &f.request_head,
+            response: response.map(|r| &r.parts),
+            request_trailers: f.request_trailers.as_ref(),
+            response_trailers: f.response_trailers.as_ref(),
+        };
+        for filter in f.list.iter_mut() {
+            filter.on_log(&view, &sh.info);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,203 @@
+//! The chain's body state machine with a native filter that pauses: the body
+//! is not ready while the filter waits, resumes where it stopped, and the
+//! filter lock is free again at the end.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, request, response};
+use http_body::{Body, Frame};
+use sluice_filter::{
+    BodyAction, FilterError, FilterFactory, HeadersAction, HttpFilter, LogView, PhaseData, Resumed,
+    StreamInfo,
+};
+
+use super::ChainRun;
+use crate::body::ProxyBody;
+
+/// A gate the test opens; the filter pauses on it.
+#[derive(Default)]
+struct Gate {
+    open: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+    logs: AtomicUsize,
+}
+
+impl Gate {
+    fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        if let Ok(mut w) = self.waker.lock()
+            && let Some(w) = w.take()
+        {
+            w.wake();
+        }
+    }
+}
+
+struct Pausing(Arc<Gate>);
+
+impl HttpFilter for Pausing {
+    fn on_request_headers(
+        &mut self,
+        _: &mut request::Parts,
+        _: &StreamInfo,
+        _: bool,
+    ) -> Result<HeadersAction, FilterError> {
+        Ok(HeadersAction::Continue)
+    }
+    fn on_request_body(
+        &mut self,
+        _: &mut BytesMut,
+        _: &StreamInfo,
+        _: bool,
+    ) -> Result<BodyAction, FilterError> {
+        Ok(BodyAction::Continue)
+    }
+    fn on_request_trailers(
+        &mut self,
+        _: &mut HeaderMap,
+        _: &StreamInfo,
+    ) -> Result<HeadersAction, FilterError> {
+        Ok(HeadersAction::Continue)
+    }
+    fn on_response_headers(
+        &mut self,
+        _: &mut response::Parts,
+        _: &StreamInfo,
+        _: bool,
+    ) -> Result<HeadersAction, FilterError> {
+        Ok(HeadersAction::Continue)
+    }
+    fn on_response_body(
+        &mut self,
+        _: &mut BytesMut,
+        _: &StreamInfo,
+        _: bool,
+    ) -> Result<BodyAction, FilterError> {
+        self.0.open.store(false, Ordering::SeqCst);
+        Ok(BodyAction::Pause)
+    }
+    fn on_response_trailers(
+        &mut self,
+        _: &mut HeaderMap,
+        _: &StreamInfo,
+    ) -> Result<HeadersAction, FilterError> {
+        self.0.open.store(false, Ordering::SeqCst);
+        Ok(HeadersAction::Pause)
+    }
+    fn poll_resume(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: PhaseData<'_>,
+        _: &StreamInfo,
+    ) -> Poll<Result<Resumed, FilterError>> {
+        if !self.0.open.load(Ordering::SeqCst) {
+            if let Ok(mut w) = self.0.waker.lock() {
+                *w = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        match data {
+            PhaseData::ResponseBody(b) => b.make_ascii_uppercase(),
+            PhaseData::ResponseTrailers(t) => {
+                t.insert("x-gate", HeaderValue::from_static("passed"));
+            }
+            _ => {}
+        }
+        Poll::Ready(Ok(Resumed::Continue))
+    }
+    fn on_log(&mut self, _: &LogView<'_>, _: &StreamInfo) {
+        self.0.logs.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct Factory(Arc<Gate>);
+
+impl FilterFactory for Factory {
+    fn name(&self) -> &str {
+        "gate"
+    }
+    fn new_filter(&self, _: &StreamInfo) -> Box<dyn HttpFilter> {
+        Box::new(Pausing(self.0.clone()))
+    }
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// A body of given frames.
+struct Frames(VecDeque<Frame<Bytes>>);
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(Ok))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn poll(body: &mut ProxyBody) -> Poll<Option<Frame<Bytes>>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    Pin::new(body).poll_frame(&mut cx).map(|f| f.and_then(Result::ok))
+}
+
+#[test]
+fn a_paused_body_filter_resumes_where_it_stopped() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let Ok(rt) = rt else { panic!("runtime") };
+    let gate = Arc::new(Gate::default());
+    let chain: crate::router::Chain =
+        Arc::from(vec![Arc::new(Factory(gate.clone())) as Arc<dyn FilterFactory>]);
+    let info = StreamInfo::new(
+        "id".into(),
+        1,
+        ([127, 0, 0, 1], 1).into(),
+        ([127, 0, 0, 1], 2).into(),
+        "l".into(),
+        http::Version::HTTP_11,
+    );
+    rt.block_on(async {
+        let mut run = ChainRun::new(&chain, info, 1 << 20);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let frames =
+            Frames(VecDeque::from([Frame::data(Bytes::from_static(b"hello")), Frame::trailers(trailers)]));
+        let mut body = run.wrap_response_body(ProxyBody::boxed(frames));
+
+        // The body phase paused: nothing comes out, and other phases must wait.
+        assert!(poll(&mut body).is_pending());
+        assert!(poll(&mut body).is_pending());
+        assert!(!run.shared.filters.try_acquire(), "the paused phase holds the filter lock");
+        gate.open();
+        let Poll::Ready(Some(frame)) = poll(&mut body) else { panic!("data after resume") };
+        assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"HELLO")));
+
+        // The end of the body (an empty last call, as the trailers arrived) and
+        // then the trailers phase pause in turn; the trailers resume with the edit.
+        assert!(poll(&mut body).is_pending());
+        gate.open();
+        assert!(poll(&mut body).is_pending());
+        gate.open();
+        let Poll::Ready(Some(frame)) = poll(&mut body) else { panic!("trailers after resume") };
+        let Ok(t) = frame.into_trailers() else { panic!("expected trailers") };
+        assert_eq!(t.get("x-gate").map(HeaderValue::as_bytes), Some(&b"passed"[..]));
+        assert_eq!(t.get("grpc-status").map(HeaderValue::as_bytes), Some(&b"0"[..]));
+        assert!(matches!(poll(&mut body), Poll::Ready(None)));
+        assert!(body.is_end_stream());
+
+        // The lock is free again: on_log runs.
+        drop(body);
+        run.log(None);
+        assert_eq!(gate.logs.load(Ordering::SeqCst), 1);
+    });
+}
