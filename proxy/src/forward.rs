@@ -49,6 +49,8 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// Connection id.
     pub id: u64,
+    /// The downstream IP as a header value (`x-forwarded-for`), made once.
+    pub remote_ip: http::HeaderValue,
     /// TLS facts, for TLS listeners.
     pub tls: Option<TlsInfo>,
 }
@@ -196,9 +198,8 @@ async fn proxy(
         None
     };
     let (mut parts, body) = req.into_parts();
-    let request_id = headers::request_id(&mut parts.headers);
+    log.request_id = headers::request_id(&mut parts.headers);
     let log_on = dp.snapshot.config().access_log.format != AccessLogFormat::Off;
-    log.request_id.clone_from(&request_id);
     if log_on {
         log.user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
     }
@@ -237,7 +238,7 @@ async fn proxy(
     let mut chain = None;
     if !route.chain.is_empty() {
         let mut info = StreamInfo::new(
-            request_id.clone(),
+            log.request_id.clone(),
             conn.id,
             conn.remote,
             conn.local,

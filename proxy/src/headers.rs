@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Version};
+use smallvec::SmallVec;
 
 use crate::error::ProxyError;
 
@@ -64,23 +65,30 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `keep_upgrade`, `connection: upgrade` and `upgrade` stay. `te: trailers`
 /// stays (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if let Some(conn) = headers.get(CONNECTION).cloned() {
-        let named: Vec<HeaderName> = headers
+    if headers.contains_key(CONNECTION) {
+        // Tokens that name headers removed below anyway (or kept on purpose)
+        // need no lookup: the common `keep-alive` / `close` costs nothing.
+        let implied = |t: &str| {
+            t.is_empty()
+                || t.eq_ignore_ascii_case("keep-alive")
+                || t.eq_ignore_ascii_case("close")
+                || t.eq_ignore_ascii_case("upgrade")
+                || t.eq_ignore_ascii_case("te")
+        };
+        let named: SmallVec<[HeaderName; 4]> = headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && (n == UPGRADE || n.as_str() == "upgrade")))
+            .map(str::trim)
+            .filter(|t| !implied(t))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in named {
-            if n != TE {
-                headers.remove(&n);
-            }
+            headers.remove(&n);
         }
         headers.remove(CONNECTION);
         if keep_upgrade {
-            let _ = conn;
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
     }
@@ -103,8 +111,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Sets `x-forwarded-for` (appending when downstream is trusted) and `x-forwarded-proto`.
-pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, trusted: bool) {
+/// The downstream address as a header value (made once per connection).
+pub fn ip_value(client: IpAddr) -> HeaderValue {
     use std::io::Write as _;
     let mut ipbuf = [0u8; 48];
     let n = {
@@ -112,7 +120,12 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, trust
         let _ = write!(cur, "{client}");
         cur.position() as usize
     };
-    let ip = std::str::from_utf8(&ipbuf[..n]).unwrap_or_default();
+    HeaderValue::from_bytes(&ipbuf[..n]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Sets `x-forwarded-for` (appending when downstream is trusted) and
+/// `x-forwarded-proto`. `ip` is [`ip_value`] of the downstream address.
+pub fn set_forwarded(headers: &mut HeaderMap, ip: &HeaderValue, https: bool, trusted: bool) {
     let value = match headers.get(&X_FORWARDED_FOR) {
         Some(prev) if trusted => {
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
@@ -121,7 +134,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, https: bool, trust
             v.extend_from_slice(ip.as_bytes());
             HeaderValue::from_bytes(&v).ok()
         }
-        _ => HeaderValue::from_str(ip).ok(),
+        _ => Some(ip.clone()),
     };
     if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR.clone(), v);

@@ -283,7 +283,15 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
     let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let limits = &cx.config.limits;
     let conn = |tls| {
-        Rc::new(ConnInfo { shared: cx.shared.clone(), listener: cx.name.clone(), remote, local, id, tls })
+        Rc::new(ConnInfo {
+            shared: cx.shared.clone(),
+            listener: cx.name.clone(),
+            remote,
+            local,
+            id,
+            tls,
+            remote_ip: crate::headers::ip_value(remote.ip()),
+        })
     };
     match &cx.tls {
         None => {

@@ -61,12 +61,12 @@ impl UpstreamRequest {
             h.insert(headers::X_REQUEST_ID.clone(), v.clone());
         }
         target.route.request_edits.apply(h);
-        headers::set_forwarded(h, conn.remote.ip(), https, target.trust_forwarded);
+        headers::set_forwarded(h, &conn.remote_ip, https, target.trust_forwarded);
         let request_id = request_id_value.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
         headers::propagate_traceparent(h, request_id);
 
         let rewritten = fwd.prefix_rewrite.is_some() && target.route.matched_prefix().is_some();
-        let path = match (&fwd.prefix_rewrite, target.route.matched_prefix()) {
+        let path: std::borrow::Cow<'_, str> = match (&fwd.prefix_rewrite, target.route.matched_prefix()) {
             (Some(rw), Some(prefix)) => {
                 let rest = target.path.strip_prefix(prefix).unwrap_or(&target.path);
                 let mut p = String::with_capacity(rw.len() + rest.len());
@@ -76,39 +76,42 @@ impl UpstreamRequest {
                 } else {
                     p.push_str(rest);
                 }
-                p
+                p.into()
             }
-            _ => target.path.clone(),
+            _ => target.path.as_str().into(),
         };
-        let authority = match &fwd.host_rewrite {
-            Some(a) => a.as_str().to_owned(),
-            None => target.authority.clone(),
+        let authority: &str = match &fwd.host_rewrite {
+            Some(a) => a.as_str(),
+            None => &target.authority,
         };
-        let pq = match &target.query {
+        // The upstream path and query, built only when it differs from the
+        // downstream's (a rewrite, or normalization changed it).
+        let same_pq = |p: &http::uri::PathAndQuery| p.path() == path && p.query() == target.query.as_deref();
+        let pq = || match &target.query {
             Some(q) => format!("{path}?{q}"),
-            None => path,
+            None => path.clone().into_owned(),
         };
         let (uri, version) = if cluster.is_h2() {
             h.remove(HOST);
             let scheme = if cluster.tls.is_some() { "https" } else { "http" };
-            let authority = if authority.is_empty() { "localhost".to_owned() } else { authority };
+            let authority = if authority.is_empty() { "localhost" } else { authority };
             let uri = Uri::builder()
                 .scheme(scheme)
                 .authority(authority)
-                .path_and_query(pq)
+                .path_and_query(pq())
                 .build()
                 .map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))?;
             (uri, Version::HTTP_2)
         } else {
             let host_matches = h.get(HOST).is_some_and(|v| v.as_bytes() == authority.as_bytes());
             if !authority.is_empty() && !host_matches {
-                let v = HeaderValue::from_str(&authority)
+                let v = HeaderValue::from_str(authority)
                     .map_err(|_| ProxyError::bad_request("invalid authority"))?;
                 h.insert(HOST, v);
             }
             // The common case: the downstream's origin-form URI is already what goes
             // upstream (no rewrite, normalization changed nothing): no re-parse.
-            let unchanged = !rewritten && parts.uri.path_and_query().is_some_and(|p| p.as_str() == pq);
+            let unchanged = !rewritten && parts.uri.path_and_query().is_some_and(same_pq);
             let uri = match (unchanged, parts.uri.scheme().is_none()) {
                 (true, true) => std::mem::take(&mut parts.uri),
                 // Absolute (HTTP/2 downstream, or made so for filters): keep the parsed
@@ -118,7 +121,7 @@ impl UpstreamRequest {
                     None => Uri::from_static("/"),
                 },
                 (false, _) => {
-                    Uri::try_from(pq).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?
+                    Uri::try_from(pq()).map_err(|e| ProxyError::bad_request(format!("invalid path: {e}")))?
                 }
             };
             (uri, Version::HTTP_11)
