@@ -3,7 +3,7 @@
 //! call frame and classifies failures.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_abi::exports as ex;
 use sluice_filter::FilterErrorKind;
@@ -75,7 +75,8 @@ fn deadline_ticks(budget: Duration, tick: Duration) -> u64 {
 
 impl Vm {
     /// Instantiates and starts a VM: `_initialize` (or `_start`), the root context,
-    /// `on_vm_start` and `on_configure`.
+    /// `on_vm_start` and `on_configure`. For a worker VM, the instantiation proper
+    /// (before any guest code runs) is observed in `sluice_wasm_vm_instantiate_seconds`.
     pub fn new(
         module: &CompiledModule,
         plugin: Arc<Plugin>,
@@ -83,6 +84,7 @@ impl Vm {
         generation: u64,
         capture: bool,
     ) -> Result<Vm, VmFailure> {
+        let started = Instant::now();
         let engine = module.pre.module().engine().clone();
         let mut state = VmState::new(plugin.clone(), worker);
         if capture {
@@ -109,6 +111,9 @@ impl Vm {
             .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?;
         let mut vm = Vm { store, ex: Arc::new(ex), generation, tick_generation: 0 };
         plugin.vm_created();
+        if worker {
+            plugin.vm_instantiate.observe(started.elapsed().as_secs_f64());
+        }
         if let Ok(init) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::INITIALIZE) {
             vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
         } else if let Ok(start) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::START) {

@@ -47,6 +47,25 @@ fn load_err(bytes: &[u8]) -> String {
 }
 
 #[test]
+fn worker_vm_start_observes_instantiate_and_start_time() {
+    let (host, registry) = host();
+    let factory = host.load_bytes(&spec("starter"), &module("", "(i32.const 0)", ""), &[]).expect("load");
+    let count = |name: &str| metric(&registry, name, r#"plugin="starter""#).unwrap_or(0.0);
+    // The validation VM built at load is not timed; the worker VM is.
+    assert_eq!(count("sluice_wasm_vm_instantiate_seconds_count"), 0.0);
+    run(async {
+        factory.prepare_worker();
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
+    });
+    assert_eq!(count("sluice_wasm_vm_instantiate_seconds_count"), 1.0);
+    assert_eq!(count("sluice_wasm_vm_start_seconds_count"), 1.0);
+    let (instantiate, start) =
+        (count("sluice_wasm_vm_instantiate_seconds_sum"), count("sluice_wasm_vm_start_seconds_sum"));
+    assert!(instantiate > 0.0 && instantiate <= start, "instantiate {instantiate} s, start {start} s");
+}
+
+#[test]
 fn trap_fails_closed_and_names_plugin_and_callback() {
     let bytes = module(
         "",
