@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sluice_abi::exports as ex;
 use sluice_filter::FilterErrorKind;
-use wasmtime::{Instance, Store, Trap, TypedFunc};
+use wasmtime::{Extern, Instance, ModuleExport, Store, Trap, TypedFunc, WasmParams, WasmResults};
 
 use crate::factory::Plugin;
 use crate::module::{AbiVersion, CompiledModule};
@@ -103,27 +103,34 @@ impl Vm {
             .pre
             .instantiate(&mut store)
             .map_err(|e| fail(Callback::Initialize, format!("cannot instantiate: {e:#}")))?;
-        let memory = instance.get_memory(&mut store, "memory");
-        let alloc = instance.get_typed_func::<i32, i32>(&mut store, module.allocator).ok();
+        let idx = &module.exports;
+        let memory = instance.get_module_export(&mut store, &idx.memory).and_then(Extern::into_memory);
+        let alloc = typed::<i32, i32>(&instance, &mut store, Some(&idx.allocator)).ok().flatten();
         store.data_mut().memory = memory;
-        store.data_mut().alloc = alloc.map(Arc::new);
-        let ex = exports(&instance, &mut store, module.abi)
+        store.data_mut().alloc = alloc;
+        let init = idx.init.map(|(e, command)| (typed::<(), ()>(&instance, &mut store, Some(&e)), command));
+        let ex = exports(&instance, &mut store, module)
             .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?;
         let mut vm = Vm { store, ex: Arc::new(ex), generation, tick_generation: 0 };
         plugin.vm_created();
         if worker {
             plugin.vm_instantiate.observe(started.elapsed().as_secs_f64());
         }
-        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::INITIALIZE) {
-            vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
-        } else if let Ok(start) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::START) {
-            let r = vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| start.call(s, ()));
-            // A command module's `_start` may end with `proc_exit(0)`.
-            if let Err(f) = r
-                && !f.message.contains("proc_exit(0)")
-            {
-                return Err(f);
+        match init {
+            Some((Ok(Some(init)), false)) => {
+                vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
             }
+            Some((Ok(Some(start)), true)) => {
+                let r =
+                    vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| start.call(s, ()));
+                // A command module's `_start` may end with `proc_exit(0)`.
+                if let Err(f) = r
+                    && !f.message.contains("proc_exit(0)")
+                {
+                    return Err(f);
+                }
+            }
+            _ => {}
         }
         let root = vm.store.data().root_id as i32;
         let ex = Arc::clone(&vm.ex);
@@ -315,42 +322,54 @@ impl Vm {
     }
 }
 
-fn exports(instance: &Instance, store: &mut Store<VmState>, abi: AbiVersion) -> wasmtime::Result<Exports> {
-    fn opt<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
-        instance: &Instance,
-        store: &mut Store<VmState>,
-        name: &str,
-    ) -> wasmtime::Result<Option<TypedFunc<P, R>>> {
-        if instance.get_func(&mut *store, name).is_none() {
-            return Ok(None);
-        }
-        instance.get_typed_func(&mut *store, name).map(Some)
+/// The typed function at `export`, if the module has it.
+fn typed<P: WasmParams, R: WasmResults>(
+    instance: &Instance,
+    store: &mut Store<VmState>,
+    export: Option<&ModuleExport>,
+) -> wasmtime::Result<Option<TypedFunc<P, R>>> {
+    let Some(export) = export else { return Ok(None) };
+    match instance.get_module_export(&mut *store, export).and_then(Extern::into_func) {
+        Some(f) => f.typed(&*store).map(Some),
+        None => Err(wasmtime::Error::msg("export is not a function of this module")),
     }
-    let headers = |store: &mut Store<VmState>, name: &str| -> wasmtime::Result<Option<HeadersFn>> {
-        Ok(if abi == AbiVersion::V0_1_0 {
-            opt(instance, store, name)?.map(HeadersFn::V1)
-        } else {
-            opt(instance, store, name)?.map(HeadersFn::V2)
-        })
-    };
+}
+
+/// Resolves the callbacks at the indices located when the module was compiled.
+fn exports(
+    instance: &Instance,
+    store: &mut Store<VmState>,
+    module: &CompiledModule,
+) -> wasmtime::Result<Exports> {
+    let idx = &module.exports;
+    let headers =
+        |store: &mut Store<VmState>, at: Option<&ModuleExport>| -> wasmtime::Result<Option<HeadersFn>> {
+            Ok(if module.abi == AbiVersion::V0_1_0 {
+                typed(instance, store, at)?.map(HeadersFn::V1)
+            } else {
+                typed(instance, store, at)?.map(HeadersFn::V2)
+            })
+        };
+    let on_context_create = typed(instance, store, Some(&idx.on_context_create))?
+        .ok_or_else(|| wasmtime::Error::msg(format!("missing export `{}`", ex::ON_CONTEXT_CREATE)))?;
     Ok(Exports {
-        on_context_create: instance.get_typed_func(&mut *store, ex::ON_CONTEXT_CREATE)?,
-        on_vm_start: opt(instance, store, ex::ON_VM_START)?,
-        on_configure: opt(instance, store, ex::ON_CONFIGURE)?,
-        on_tick: opt(instance, store, ex::ON_TICK)?,
-        on_queue_ready: opt(instance, store, ex::ON_QUEUE_READY)?,
-        on_done: opt(instance, store, ex::ON_DONE)?,
-        on_log: opt(instance, store, ex::ON_LOG)?,
-        on_delete: opt(instance, store, ex::ON_DELETE)?,
-        on_request_headers: headers(store, ex::ON_REQUEST_HEADERS)?,
-        on_request_body: opt(instance, store, ex::ON_REQUEST_BODY)?,
-        on_request_trailers: opt(instance, store, ex::ON_REQUEST_TRAILERS)?,
-        on_response_headers: headers(store, ex::ON_RESPONSE_HEADERS)?,
-        on_response_body: opt(instance, store, ex::ON_RESPONSE_BODY)?,
-        on_response_trailers: opt(instance, store, ex::ON_RESPONSE_TRAILERS)?,
-        on_http_call_response: opt(instance, store, ex::ON_HTTP_CALL_RESPONSE)?,
-        on_grpc_receive: opt(instance, store, ex::ON_GRPC_RECEIVE)?,
-        on_grpc_close: opt(instance, store, ex::ON_GRPC_CLOSE)?,
+        on_context_create,
+        on_vm_start: typed(instance, store, idx.on_vm_start.as_ref())?,
+        on_configure: typed(instance, store, idx.on_configure.as_ref())?,
+        on_tick: typed(instance, store, idx.on_tick.as_ref())?,
+        on_queue_ready: typed(instance, store, idx.on_queue_ready.as_ref())?,
+        on_done: typed(instance, store, idx.on_done.as_ref())?,
+        on_log: typed(instance, store, idx.on_log.as_ref())?,
+        on_delete: typed(instance, store, idx.on_delete.as_ref())?,
+        on_request_headers: headers(store, idx.on_request_headers.as_ref())?,
+        on_request_body: typed(instance, store, idx.on_request_body.as_ref())?,
+        on_request_trailers: typed(instance, store, idx.on_request_trailers.as_ref())?,
+        on_response_headers: headers(store, idx.on_response_headers.as_ref())?,
+        on_response_body: typed(instance, store, idx.on_response_body.as_ref())?,
+        on_response_trailers: typed(instance, store, idx.on_response_trailers.as_ref())?,
+        on_http_call_response: typed(instance, store, idx.on_http_call_response.as_ref())?,
+        on_grpc_receive: typed(instance, store, idx.on_grpc_receive.as_ref())?,
+        on_grpc_close: typed(instance, store, idx.on_grpc_close.as_ref())?,
     })
 }
 
