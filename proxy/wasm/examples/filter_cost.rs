@@ -2,11 +2,14 @@
 //! network: a VM per filter on this thread, and N requests driven through the
 //! full context lifecycle (create, request headers, response headers, response
 //! body, on_log/on_done/on_delete). Also times worker VM starts from the
-//! compiled (cached) module: `VMS` times (default 200), each VM dropped before the
-//! next (pool slot reused), then `VMS` VMs kept alive (fresh pool slots). For each
-//! it prints the median and mean of the instantiation proper (Store + instance +
-//! exports, from `sluice_wasm_vm_instantiate_seconds`) and of the whole start
-//! (plus `_initialize`, root context, `on_vm_start`, `on_configure`).
+//! compiled (cached) module, `VMS` times (default 200): each is the worker VM of a
+//! new factory, built in the pool slot its validation VM just freed, and dropped
+//! before the next. Once with the default `keep_resident_bytes` (the slot's pages
+//! stay resident) and once with 0 (freed pages released: each VM faults its pages
+//! back in, as a VM in a never-used slot does). It prints the median, mean and p90
+//! of the instantiation proper (Store + instance + exports, from
+//! `sluice_wasm_vm_instantiate_seconds`) and of the whole start (plus
+//! `_initialize`, root context, `on_vm_start`, `on_configure`).
 //!
 //! `cargo run --release -p sluice-wasm --example filter_cost -- MODULE.wasm [N] [VMS]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -58,19 +61,18 @@ fn summary(mut samples: Vec<f64>) -> String {
     )
 }
 
-/// Builds `count` worker VMs, each on a fresh factory of `spec` (the factory's
-/// validation VM is built and dropped before the timed worker VM), dropping each
-/// before the next when `drop_each`. Returns (instantiate, whole start) samples.
+/// Builds `count` worker VMs, each on a new factory of `spec` (the factory's
+/// validation VM is built and dropped before the timed worker VM), each dropped
+/// before the next. Returns (instantiate, whole start) samples in seconds.
 fn vm_starts(
     host: &WasmHost,
     registry: &prometheus::Registry,
     spec: &FilterSpec,
     count: usize,
-    drop_each: bool,
 ) -> (Vec<f64>, Vec<f64>) {
     let here = std::env::current_dir().unwrap();
     let sum = "sluice_wasm_vm_instantiate_seconds_sum";
-    let (mut inst, mut whole, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut inst, mut whole) = (Vec::new(), Vec::new());
     for _ in 0..count {
         let factory = host.load(spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap();
         let before = sample(registry, sum);
@@ -78,9 +80,6 @@ fn vm_starts(
         factory.prepare_worker();
         whole.push(t.elapsed().as_secs_f64());
         inst.push(sample(registry, sum) - before);
-        if !drop_each {
-            kept.push(factory);
-        }
     }
     (inst, whole)
 }
@@ -94,6 +93,9 @@ fn main() {
     let host = WasmHost::new(HostOptions::default(), &registry, Arc::new(NoCallouts)).unwrap();
     let spec: FilterSpec =
         serde_json::from_value(serde_json::json!({ "name": "f", "module": module })).unwrap();
+    let registry0 = prometheus::Registry::new();
+    let options0 = HostOptions { keep_resident_bytes: 0, ..HostOptions::default() };
+    let host0 = WasmHost::new(options0, &registry0, Arc::new(NoCallouts)).unwrap();
     let here = std::env::current_dir().unwrap();
     let t = Instant::now();
     let factory = host.load(&spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap();
@@ -109,8 +111,11 @@ fn main() {
             "first worker VM start (instantiate + _initialize + on_vm_start + on_configure): {:?}",
             t.elapsed()
         );
-        for (what, drop_each) in [("each dropped before the next", true), ("kept alive", false)] {
-            let (inst, whole) = vm_starts(&host, &registry, &spec, vms, drop_each);
+        for (what, host, registry) in [
+            ("default keep_resident_bytes: pages stay resident", &host, &registry),
+            ("keep_resident_bytes 0: freed pages released, faulted back in", &host0, &registry0),
+        ] {
+            let (inst, whole) = vm_starts(host, registry, &spec, vms);
             println!("{vms} worker VMs, {what}:");
             println!("  instantiate (Store + instance + exports): {}", summary(inst));
             println!(
