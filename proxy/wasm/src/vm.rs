@@ -2,7 +2,7 @@
 //! the guest goes through [`Vm::call`], which sets the epoch deadline and the
 //! call frame and classifies failures.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use sluice_abi::exports as ex;
@@ -33,29 +33,43 @@ enum HeadersFn {
     V2(TypedFunc<(i32, i32, i32), i32>),
 }
 
+/// A callback most requests never reach (ticks, queue notifications, callout
+/// responses, trailers): resolved on its first call instead of at instantiation.
+struct Rare<P, R> {
+    at: Option<ModuleExport>,
+    func: OnceLock<Option<TypedFunc<P, R>>>,
+}
+
+impl<P, R> Rare<P, R> {
+    fn new(at: Option<ModuleExport>) -> Rare<P, R> {
+        Rare { at, func: OnceLock::new() }
+    }
+}
+
 struct Exports {
     on_context_create: TypedFunc<(i32, i32), ()>,
     on_vm_start: Option<TypedFunc<(i32, i32), i32>>,
     on_configure: Option<TypedFunc<(i32, i32), i32>>,
-    on_tick: Option<TypedFunc<i32, ()>>,
-    on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
+    on_tick: Rare<i32, ()>,
+    on_queue_ready: Rare<(i32, i32), ()>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_delete: Option<TypedFunc<i32, ()>>,
     on_request_headers: Option<HeadersFn>,
     on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_request_trailers: Option<TypedFunc<(i32, i32), i32>>,
+    on_request_trailers: Rare<(i32, i32), i32>,
     on_response_headers: Option<HeadersFn>,
     on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_response_trailers: Option<TypedFunc<(i32, i32), i32>>,
-    on_http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
-    on_grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
-    on_grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    on_response_trailers: Rare<(i32, i32), i32>,
+    on_http_call_response: Rare<(i32, i32, i32, i32, i32), ()>,
+    on_grpc_receive: Rare<(i32, i32, i32), ()>,
+    on_grpc_close: Rare<(i32, i32, i32), ()>,
 }
 
 /// A live VM.
 pub(crate) struct Vm {
     pub store: Store<VmState>,
+    instance: Instance,
     ex: Arc<Exports>,
     /// Generation of the worker slot this VM belongs to.
     pub generation: u64,
@@ -111,7 +125,7 @@ impl Vm {
         let init = idx.init.map(|(e, command)| (typed::<(), ()>(&instance, &mut store, Some(&e)), command));
         let ex = exports(&instance, &mut store, module)
             .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?;
-        let mut vm = Vm { store, ex: Arc::new(ex), generation, tick_generation: 0 };
+        let mut vm = Vm { store, instance, ex: Arc::new(ex), generation, tick_generation: 0 };
         plugin.vm_created();
         if worker {
             plugin.vm_instantiate.observe(started.elapsed().as_secs_f64());
@@ -242,8 +256,8 @@ impl Vm {
     pub fn trailers(&mut self, callback: Callback, id: u32, n: usize) -> Result<i32, VmFailure> {
         let ex = Arc::clone(&self.ex);
         let f = match callback {
-            Callback::RequestTrailers => ex.on_request_trailers.as_ref(),
-            _ => ex.on_response_trailers.as_ref(),
+            Callback::RequestTrailers => self.rare(callback, &ex.on_request_trailers)?,
+            _ => self.rare(callback, &ex.on_response_trailers)?,
         };
         let Some(f) = f else { return Ok(0) };
         self.call(callback, id, |s| f.call(s, (id as i32, n as i32)))
@@ -265,10 +279,29 @@ impl Vm {
         Ok(())
     }
 
+    /// A [`Rare`] callback, resolved now if this is its first call.
+    fn rare<P: WasmParams, R: WasmResults>(
+        &mut self,
+        callback: Callback,
+        rare: &Rare<P, R>,
+    ) -> Result<Option<TypedFunc<P, R>>, VmFailure> {
+        if let Some(f) = rare.func.get() {
+            return Ok(f.clone());
+        }
+        // Cannot fail for an admitted module (export signatures are checked at load).
+        let f = typed(&self.instance, &mut self.store, rare.at.as_ref()).map_err(|e| VmFailure {
+            kind: FilterErrorKind::Internal,
+            label: "host_error",
+            callback,
+            message: format!("bad export: {e:#}"),
+        })?;
+        Ok(rare.func.get_or_init(|| f).clone())
+    }
+
     pub fn tick(&mut self) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_tick.as_ref() {
+        match self.rare(Callback::Tick, &ex.on_tick)? {
             Some(f) => self.call(Callback::Tick, root, |s| f.call(s, root as i32)),
             None => Ok(()),
         }
@@ -277,7 +310,7 @@ impl Vm {
     pub fn queue_ready(&mut self, queue: u32) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_queue_ready.as_ref() {
+        match self.rare(Callback::QueueReady, &ex.on_queue_ready)? {
             Some(f) => self.call(Callback::QueueReady, root, |s| f.call(s, (root as i32, queue as i32))),
             None => Ok(()),
         }
@@ -292,7 +325,7 @@ impl Vm {
     ) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_http_call_response.as_ref() {
+        match self.rare(Callback::HttpCallResponse, &ex.on_http_call_response)? {
             Some(f) => self.call(Callback::HttpCallResponse, root, |s| {
                 f.call(s, (root as i32, token as i32, headers as i32, body as i32, trailers as i32))
             }),
@@ -303,7 +336,7 @@ impl Vm {
     pub fn grpc_receive(&mut self, token: u32, size: usize) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_grpc_receive.as_ref() {
+        match self.rare(Callback::GrpcReceive, &ex.on_grpc_receive)? {
             Some(f) => self
                 .call(Callback::GrpcReceive, root, |s| f.call(s, (root as i32, token as i32, size as i32))),
             None => Ok(()),
@@ -313,7 +346,7 @@ impl Vm {
     pub fn grpc_close(&mut self, token: u32, code: u32) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_grpc_close.as_ref() {
+        match self.rare(Callback::GrpcClose, &ex.on_grpc_close)? {
             Some(f) => {
                 self.call(Callback::GrpcClose, root, |s| f.call(s, (root as i32, token as i32, code as i32)))
             }
@@ -335,7 +368,8 @@ fn typed<P: WasmParams, R: WasmResults>(
     }
 }
 
-/// Resolves the callbacks at the indices located when the module was compiled.
+/// Resolves the callbacks at the indices located when the module was compiled
+/// (the [`Rare`] ones on their first call).
 fn exports(
     instance: &Instance,
     store: &mut Store<VmState>,
@@ -356,20 +390,20 @@ fn exports(
         on_context_create,
         on_vm_start: typed(instance, store, idx.on_vm_start.as_ref())?,
         on_configure: typed(instance, store, idx.on_configure.as_ref())?,
-        on_tick: typed(instance, store, idx.on_tick.as_ref())?,
-        on_queue_ready: typed(instance, store, idx.on_queue_ready.as_ref())?,
+        on_tick: Rare::new(idx.on_tick),
+        on_queue_ready: Rare::new(idx.on_queue_ready),
         on_done: typed(instance, store, idx.on_done.as_ref())?,
         on_log: typed(instance, store, idx.on_log.as_ref())?,
         on_delete: typed(instance, store, idx.on_delete.as_ref())?,
         on_request_headers: headers(store, idx.on_request_headers.as_ref())?,
         on_request_body: typed(instance, store, idx.on_request_body.as_ref())?,
-        on_request_trailers: typed(instance, store, idx.on_request_trailers.as_ref())?,
+        on_request_trailers: Rare::new(idx.on_request_trailers),
         on_response_headers: headers(store, idx.on_response_headers.as_ref())?,
         on_response_body: typed(instance, store, idx.on_response_body.as_ref())?,
-        on_response_trailers: typed(instance, store, idx.on_response_trailers.as_ref())?,
-        on_http_call_response: typed(instance, store, idx.on_http_call_response.as_ref())?,
-        on_grpc_receive: typed(instance, store, idx.on_grpc_receive.as_ref())?,
-        on_grpc_close: typed(instance, store, idx.on_grpc_close.as_ref())?,
+        on_response_trailers: Rare::new(idx.on_response_trailers),
+        on_http_call_response: Rare::new(idx.on_http_call_response),
+        on_grpc_receive: Rare::new(idx.on_grpc_receive),
+        on_grpc_close: Rare::new(idx.on_grpc_close),
     })
 }
 
