@@ -122,7 +122,12 @@ impl Vm {
         let alloc = typed::<i32, i32>(&instance, &mut store, Some(&idx.allocator)).ok().flatten();
         store.data_mut().memory = memory;
         store.data_mut().alloc = alloc;
-        let init = idx.init.map(|(e, command)| (typed::<(), ()>(&instance, &mut store, Some(&e)), command));
+        let init = match idx.init {
+            Some((at, command)) => typed::<(), ()>(&instance, &mut store, Some(&at))
+                .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?
+                .map(|f| (f, command)),
+            None => None,
+        };
         let ex = exports(&instance, &mut store, module)
             .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?;
         let mut vm = Vm { store, instance, ex: Arc::new(ex), generation, tick_generation: 0 };
@@ -131,10 +136,10 @@ impl Vm {
             plugin.vm_instantiate.observe(started.elapsed().as_secs_f64());
         }
         match init {
-            Some((Ok(Some(init)), false)) => {
+            Some((init, false)) => {
                 vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
             }
-            Some((Ok(Some(start)), true)) => {
+            Some((start, true)) => {
                 let r =
                     vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| start.call(s, ()));
                 // A command module's `_start` may end with `proc_exit(0)`.
@@ -144,7 +149,7 @@ impl Vm {
                     return Err(f);
                 }
             }
-            _ => {}
+            None => {}
         }
         let root = vm.store.data().root_id as i32;
         let ex = Arc::clone(&vm.ex);
