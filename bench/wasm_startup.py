@@ -352,8 +352,8 @@ def run(a: argparse.Namespace) -> dict:
 
         p, _ = timed_start("cold", "compiled")
         p.stop()
-        # Reloads: each builds new factories and W x 5 new VMs from the in-memory modules.
         p, before = timed_start("cached", "disk")
+        # Reloads: each builds new factories and W x 5 new VMs from the in-memory modules.
         for k in range(1, a.reloads + 1):
             sluice_config(cfg, modules, a, extra=f"# reload {rep}.{k}\n")
             deadline = time.monotonic() + a.timeout
