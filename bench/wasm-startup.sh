@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sluice wasm start-up figures: proxy start time with 5 modules cold (empty cache dir)
-# vs cached, VM start time (sluice_wasm_vm_start_seconds) at start and on reload, and
+# vs cached, VM start time (sluice_wasm_vm_start_seconds, and the instantiation proper:
+# sluice_wasm_vm_instantiate_seconds) at start and on reload, and
 # RSS per extra VM; Envoy's start time and RSS with the same modules for reference.
 # See bench/wasm_startup.py for the method and docs/benchmarks.md for results.
 #

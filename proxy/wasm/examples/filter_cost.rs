@@ -1,10 +1,17 @@
 //! Measures what one wasm filter costs per request inside the host, with no
 //! network: a VM per filter on this thread, and N requests driven through the
 //! full context lifecycle (create, request headers, response headers, response
-//! body, on_log/on_done/on_delete). Also times VM instantiation from the
-//! compiled (cached) module.
+//! body, on_log/on_done/on_delete). Also times worker VM starts from the
+//! compiled (cached) module, `VMS` times (default 200): each is the worker VM of a
+//! new factory, built in the pool slot its validation VM just freed, and dropped
+//! before the next. Once with the default `keep_resident_bytes` (the slot's pages
+//! stay resident) and once with 0 (freed pages released: each VM faults its pages
+//! back in, as a VM in a never-used slot does). It prints the median, mean and p90
+//! of the instantiation proper (Store + instance + exports, from
+//! `sluice_wasm_vm_instantiate_seconds`) and of the whole start (plus
+//! `_initialize`, root context, `on_vm_start`, `on_configure`).
 //!
-//! `cargo run --release -p sluice-wasm --example filter_cost -- MODULE.wasm [N]`
+//! `cargo run --release -p sluice-wasm --example filter_cost -- MODULE.wasm [N] [VMS]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -32,14 +39,63 @@ impl CalloutClient for NoCallouts {
     }
 }
 
+/// A sample of `name` (e.g. `…_sum{plugin="f"}`) in the registry's text output.
+fn sample(registry: &prometheus::Registry, name: &str) -> f64 {
+    let mut out = Vec::new();
+    prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let prefix = format!("{name}{{plugin=\"f\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Median and mean, in µs.
+fn summary(mut samples: Vec<f64>) -> String {
+    samples.sort_by(f64::total_cmp);
+    let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    let p90 = samples[samples.len() * 9 / 10];
+    format!(
+        "median {:.2} µs, mean {:.2} µs, p90 {:.2} µs",
+        samples[samples.len() / 2] * 1e6,
+        mean * 1e6,
+        p90 * 1e6
+    )
+}
+
+/// Builds `count` worker VMs, each on a new factory of `spec` (the factory's
+/// validation VM is built and dropped before the timed worker VM), each dropped
+/// before the next. Returns (instantiate, whole start) samples in seconds.
+fn vm_starts(
+    host: &WasmHost,
+    registry: &prometheus::Registry,
+    spec: &FilterSpec,
+    count: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let here = std::env::current_dir().unwrap();
+    let sum = "sluice_wasm_vm_instantiate_seconds_sum";
+    let (mut inst, mut whole) = (Vec::new(), Vec::new());
+    for _ in 0..count {
+        let factory = host.load(spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap();
+        let before = sample(registry, sum);
+        let t = Instant::now();
+        factory.prepare_worker();
+        whole.push(t.elapsed().as_secs_f64());
+        inst.push(sample(registry, sum) - before);
+    }
+    (inst, whole)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let module = args.get(1).expect("usage: filter_cost MODULE.wasm [N]").clone();
+    let module = args.get(1).expect("usage: filter_cost MODULE.wasm [N] [VMS]").clone();
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let vms: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(200);
     let registry = prometheus::Registry::new();
     let host = WasmHost::new(HostOptions::default(), &registry, Arc::new(NoCallouts)).unwrap();
     let spec: FilterSpec =
         serde_json::from_value(serde_json::json!({ "name": "f", "module": module })).unwrap();
+    let registry0 = prometheus::Registry::new();
+    let options0 = HostOptions { keep_resident_bytes: 0, ..HostOptions::default() };
+    let host0 = WasmHost::new(options0, &registry0, Arc::new(NoCallouts)).unwrap();
     let here = std::env::current_dir().unwrap();
     let t = Instant::now();
     let factory = host.load(&spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap();
@@ -52,9 +108,21 @@ fn main() {
         let t = Instant::now();
         factory.prepare_worker();
         println!(
-            "worker VM start (instantiate + _initialize + on_vm_start + on_configure): {:?}",
+            "first worker VM start (instantiate + _initialize + on_vm_start + on_configure): {:?}",
             t.elapsed()
         );
+        for (what, host, registry) in [
+            ("default keep_resident_bytes: pages stay resident", &host, &registry),
+            ("keep_resident_bytes 0: freed pages released, faulted back in", &host0, &registry0),
+        ] {
+            let (inst, whole) = vm_starts(host, registry, &spec, vms);
+            println!("{vms} worker VMs, {what}:");
+            println!("  instantiate (Store + instance + exports): {}", summary(inst));
+            println!(
+                "  whole start (+ _initialize, root context, on_vm_start, on_configure): {}",
+                summary(whole)
+            );
+        }
 
         let remote = "127.0.0.1:40000".parse().unwrap();
         let local_addr = "127.0.0.1:8080".parse().unwrap();

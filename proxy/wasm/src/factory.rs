@@ -40,6 +40,8 @@ pub(crate) struct Plugin {
     pub guest_metrics: Mutex<Vec<(MetricType, String, GuestMetric)>>,
     vms: prometheus::IntGauge,
     vm_start: prometheus::Histogram,
+    /// The instantiation proper of a worker VM (observed by [`Vm::new`]).
+    pub vm_instantiate: prometheus::Histogram,
     fail_open: prometheus::IntCounter,
     status: Mutex<StatusRecord>,
     vm_count: AtomicU64,
@@ -285,6 +287,7 @@ impl WasmFactory {
             guest_metrics: Mutex::new(Vec::new()),
             vms: host.metrics.vms.with_label_values(&label),
             vm_start: host.metrics.vm_start.with_label_values(&label),
+            vm_instantiate: host.metrics.vm_instantiate.with_label_values(&label),
             fail_open: host.metrics.fail_open.with_label_values(&label),
             status: Mutex::new(StatusRecord::default()),
             vm_count: AtomicU64::new(0),

@@ -9,6 +9,10 @@ use prometheus::{
 };
 use sluice_abi::MetricType;
 
+/// Buckets of the VM start histograms (seconds): a VM is built from the
+/// compiled module in microseconds.
+const VM_START_BUCKETS: [f64; 11] = [2.5e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1, 1.0];
+
 /// The host's metrics.
 pub(crate) struct HostMetrics {
     pub loads: IntCounterVec,
@@ -19,6 +23,7 @@ pub(crate) struct HostMetrics {
     pub fail_open: IntCounterVec,
     pub vms: IntGaugeVec,
     pub vm_start: HistogramVec,
+    pub vm_instantiate: HistogramVec,
     pub module_cache: IntCounterVec,
     pub callouts: IntCounterVec,
 }
@@ -38,16 +43,25 @@ impl HostMetrics {
         let vms = IntGaugeVec::new(Opts::new("sluice_wasm_vms", "Live wasm VMs, by plugin"), &["plugin"])?;
         registry.register(Box::new(vms.clone()))?;
         // Off the request path: a worker's VM is built once per filter (and on reload).
-        let vm_start = HistogramVec::new(
-            HistogramOpts::new(
-                "sluice_wasm_vm_start_seconds",
-                "Time to build a worker's wasm VM from the compiled module (instantiate, \
-                 _initialize, root context, on_vm_start, on_configure), by plugin",
-            )
-            .buckets(vec![2.5e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1, 1.0]),
-            &["plugin"],
+        let histogram = |name: &str, help: &str| -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(VM_START_BUCKETS.to_vec()),
+                &["plugin"],
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let vm_start = histogram(
+            "sluice_wasm_vm_start_seconds",
+            "Time to build a worker's wasm VM from the compiled module (instantiate, \
+             _initialize, root context, on_vm_start, on_configure), by plugin",
         )?;
-        registry.register(Box::new(vm_start.clone()))?;
+        let vm_instantiate = histogram(
+            "sluice_wasm_vm_instantiate_seconds",
+            "Time to instantiate a worker's wasm VM from the compiled module before any \
+             guest code runs (Store, instance, exports), by plugin; part of \
+             sluice_wasm_vm_start_seconds",
+        )?;
         Ok(HostMetrics {
             loads: counter(registry, "sluice_wasm_loads_total", "Wasm filters loaded", &["plugin"])?,
             load_failures: counter(
@@ -82,6 +96,7 @@ impl HostMetrics {
             )?,
             vms,
             vm_start,
+            vm_instantiate,
             module_cache: counter(
                 registry,
                 "sluice_wasm_module_cache_total",

@@ -5,7 +5,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 use sluice_abi::{exports as ex, version};
-use wasmtime::{Engine, ExternType, FuncType, InstancePre, Linker, Module, ValType};
+use wasmtime::{Engine, ExternType, FuncType, InstancePre, Linker, Module, ModuleExport, ValType};
 
 use crate::hostcalls::{ENV_IMPORTS, WASI_IMPORTS, WASI_MODULES};
 use crate::state::VmState;
@@ -43,8 +43,66 @@ pub(crate) struct CompiledModule {
     pub digest: String,
     pub abi: AbiVersion,
     pub pre: InstancePre<VmState>,
-    /// The allocator export the guest has (`proxy_on_memory_allocate` or `malloc`).
-    pub allocator: &'static str,
+    /// Where the exports a VM uses are, so that a VM resolves none by name.
+    pub exports: ExportIndices,
+}
+
+/// The exports a VM uses, located once per module (their signatures were checked
+/// at admission). Optional callbacks the module does not export are `None`.
+pub(crate) struct ExportIndices {
+    pub memory: ModuleExport,
+    /// `proxy_on_memory_allocate`, else `malloc`.
+    pub allocator: ModuleExport,
+    /// `_initialize`, else `_start` (`true`: a command module's).
+    pub init: Option<(ModuleExport, bool)>,
+    pub on_context_create: ModuleExport,
+    pub on_vm_start: Option<ModuleExport>,
+    pub on_configure: Option<ModuleExport>,
+    pub on_tick: Option<ModuleExport>,
+    pub on_queue_ready: Option<ModuleExport>,
+    pub on_done: Option<ModuleExport>,
+    pub on_log: Option<ModuleExport>,
+    pub on_delete: Option<ModuleExport>,
+    pub on_request_headers: Option<ModuleExport>,
+    pub on_request_body: Option<ModuleExport>,
+    pub on_request_trailers: Option<ModuleExport>,
+    pub on_response_headers: Option<ModuleExport>,
+    pub on_response_body: Option<ModuleExport>,
+    pub on_response_trailers: Option<ModuleExport>,
+    pub on_http_call_response: Option<ModuleExport>,
+    pub on_grpc_receive: Option<ModuleExport>,
+    pub on_grpc_close: Option<ModuleExport>,
+}
+
+impl ExportIndices {
+    /// Locates the exports of an admitted module ([`check_exports`] passed).
+    fn locate(module: &Module) -> Result<ExportIndices, String> {
+        let at = |name: &str| module.get_export_index(name);
+        let required = |name: &str| at(name).ok_or_else(|| format!("missing export `{name}`"));
+        let init = at(ex::INITIALIZE).map(|e| (e, false)).or_else(|| at(ex::START).map(|e| (e, true)));
+        Ok(ExportIndices {
+            memory: required("memory")?,
+            allocator: at(ex::ON_MEMORY_ALLOCATE).map_or_else(|| required(ex::MALLOC), Ok)?,
+            init,
+            on_context_create: required(ex::ON_CONTEXT_CREATE)?,
+            on_vm_start: at(ex::ON_VM_START),
+            on_configure: at(ex::ON_CONFIGURE),
+            on_tick: at(ex::ON_TICK),
+            on_queue_ready: at(ex::ON_QUEUE_READY),
+            on_done: at(ex::ON_DONE),
+            on_log: at(ex::ON_LOG),
+            on_delete: at(ex::ON_DELETE),
+            on_request_headers: at(ex::ON_REQUEST_HEADERS),
+            on_request_body: at(ex::ON_REQUEST_BODY),
+            on_request_trailers: at(ex::ON_REQUEST_TRAILERS),
+            on_response_headers: at(ex::ON_RESPONSE_HEADERS),
+            on_response_body: at(ex::ON_RESPONSE_BODY),
+            on_response_trailers: at(ex::ON_RESPONSE_TRAILERS),
+            on_http_call_response: at(ex::ON_HTTP_CALL_RESPONSE),
+            on_grpc_receive: at(ex::ON_GRPC_RECEIVE),
+            on_grpc_close: at(ex::ON_GRPC_CLOSE),
+        })
+    }
 }
 
 /// The lowercase hex sha256 of some bytes.
@@ -68,9 +126,10 @@ impl CompiledModule {
         let module = Module::from_binary(engine, bytes).map_err(|e| format!("invalid module: {e:#}"))?;
         let abi = detect_abi(&module)?;
         check_imports(&module)?;
-        let allocator = check_exports(&module, abi)?;
+        check_exports(&module, abi)?;
+        let exports = ExportIndices::locate(&module)?;
         let pre = linker.instantiate_pre(&module).map_err(|e| format!("cannot link module: {e:#}"))?;
-        Ok(CompiledModule { digest: digest.to_string(), abi, pre, allocator })
+        Ok(CompiledModule { digest: digest.to_string(), abi, pre, exports })
     }
 }
 
@@ -177,8 +236,7 @@ fn describe(ty: &FuncType) -> String {
 }
 
 /// Checks the signatures of known exports and that the required ones exist.
-/// Returns the allocator export's name.
-fn check_exports(module: &Module, abi: AbiVersion) -> Result<&'static str, String> {
+fn check_exports(module: &Module, abi: AbiVersion) -> Result<(), String> {
     for export in module.exports() {
         let name = export.name();
         if let Some((params, results)) = expected(name, abi) {
@@ -199,10 +257,8 @@ fn check_exports(module: &Module, abi: AbiVersion) -> Result<&'static str, Strin
     if module.get_export(ex::ON_CONTEXT_CREATE).is_none() {
         return Err(format!("missing export `{}`", ex::ON_CONTEXT_CREATE));
     }
-    if module.get_export(ex::ON_MEMORY_ALLOCATE).is_some() {
-        Ok(ex::ON_MEMORY_ALLOCATE)
-    } else if module.get_export(ex::MALLOC).is_some() {
-        Ok(ex::MALLOC)
+    if module.get_export(ex::ON_MEMORY_ALLOCATE).is_some() || module.get_export(ex::MALLOC).is_some() {
+        Ok(())
     } else {
         Err(format!("missing allocator export (`{}` or `{}`)", ex::ON_MEMORY_ALLOCATE, ex::MALLOC))
     }

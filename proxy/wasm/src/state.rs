@@ -237,7 +237,7 @@ pub(crate) struct VmState {
     pub plugin: Arc<Plugin>,
     pub limiter: Limiter,
     pub memory: Option<Memory>,
-    pub alloc: Option<std::sync::Arc<TypedFunc<i32, i32>>>,
+    pub alloc: Option<TypedFunc<i32, i32>>,
     pub root_id: u32,
     pub frame: CallFrame,
     pub contexts: IdMap<Box<HttpCtx>>,

@@ -2,12 +2,12 @@
 //! the guest goes through [`Vm::call`], which sets the epoch deadline and the
 //! call frame and classifies failures.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use sluice_abi::exports as ex;
 use sluice_filter::FilterErrorKind;
-use wasmtime::{Instance, Store, Trap, TypedFunc};
+use wasmtime::{Extern, Instance, ModuleExport, Store, Trap, TypedFunc, WasmParams, WasmResults};
 
 use crate::factory::Plugin;
 use crate::module::{AbiVersion, CompiledModule};
@@ -33,29 +33,43 @@ enum HeadersFn {
     V2(TypedFunc<(i32, i32, i32), i32>),
 }
 
+/// A callback most requests never reach (ticks, queue notifications, callout
+/// responses, trailers): resolved on its first call instead of at instantiation.
+struct Rare<P, R> {
+    at: Option<ModuleExport>,
+    func: OnceLock<Option<TypedFunc<P, R>>>,
+}
+
+impl<P, R> Rare<P, R> {
+    fn new(at: Option<ModuleExport>) -> Rare<P, R> {
+        Rare { at, func: OnceLock::new() }
+    }
+}
+
 struct Exports {
     on_context_create: TypedFunc<(i32, i32), ()>,
     on_vm_start: Option<TypedFunc<(i32, i32), i32>>,
     on_configure: Option<TypedFunc<(i32, i32), i32>>,
-    on_tick: Option<TypedFunc<i32, ()>>,
-    on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
+    on_tick: Rare<i32, ()>,
+    on_queue_ready: Rare<(i32, i32), ()>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_delete: Option<TypedFunc<i32, ()>>,
     on_request_headers: Option<HeadersFn>,
     on_request_body: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_request_trailers: Option<TypedFunc<(i32, i32), i32>>,
+    on_request_trailers: Rare<(i32, i32), i32>,
     on_response_headers: Option<HeadersFn>,
     on_response_body: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_response_trailers: Option<TypedFunc<(i32, i32), i32>>,
-    on_http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
-    on_grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
-    on_grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    on_response_trailers: Rare<(i32, i32), i32>,
+    on_http_call_response: Rare<(i32, i32, i32, i32, i32), ()>,
+    on_grpc_receive: Rare<(i32, i32, i32), ()>,
+    on_grpc_close: Rare<(i32, i32, i32), ()>,
 }
 
 /// A live VM.
 pub(crate) struct Vm {
     pub store: Store<VmState>,
+    instance: Instance,
     ex: Arc<Exports>,
     /// Generation of the worker slot this VM belongs to.
     pub generation: u64,
@@ -75,7 +89,8 @@ fn deadline_ticks(budget: Duration, tick: Duration) -> u64 {
 
 impl Vm {
     /// Instantiates and starts a VM: `_initialize` (or `_start`), the root context,
-    /// `on_vm_start` and `on_configure`.
+    /// `on_vm_start` and `on_configure`. For a worker VM, the instantiation proper
+    /// (before any guest code runs) is observed in `sluice_wasm_vm_instantiate_seconds`.
     pub fn new(
         module: &CompiledModule,
         plugin: Arc<Plugin>,
@@ -83,6 +98,7 @@ impl Vm {
         generation: u64,
         capture: bool,
     ) -> Result<Vm, VmFailure> {
+        let started = Instant::now();
         let engine = module.pre.module().engine().clone();
         let mut state = VmState::new(plugin.clone(), worker);
         if capture {
@@ -101,24 +117,39 @@ impl Vm {
             .pre
             .instantiate(&mut store)
             .map_err(|e| fail(Callback::Initialize, format!("cannot instantiate: {e:#}")))?;
-        let memory = instance.get_memory(&mut store, "memory");
-        let alloc = instance.get_typed_func::<i32, i32>(&mut store, module.allocator).ok();
+        let idx = &module.exports;
+        let memory = instance.get_module_export(&mut store, &idx.memory).and_then(Extern::into_memory);
+        let alloc = typed::<i32, i32>(&instance, &mut store, Some(&idx.allocator)).ok().flatten();
         store.data_mut().memory = memory;
-        store.data_mut().alloc = alloc.map(Arc::new);
-        let ex = exports(&instance, &mut store, module.abi)
+        store.data_mut().alloc = alloc;
+        let init = match idx.init {
+            Some((at, command)) => typed::<(), ()>(&instance, &mut store, Some(&at))
+                .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?
+                .map(|f| (f, command)),
+            None => None,
+        };
+        let ex = exports(&instance, &mut store, module)
             .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?;
-        let mut vm = Vm { store, ex: Arc::new(ex), generation, tick_generation: 0 };
+        let mut vm = Vm { store, instance, ex: Arc::new(ex), generation, tick_generation: 0 };
         plugin.vm_created();
-        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::INITIALIZE) {
-            vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
-        } else if let Ok(start) = instance.get_typed_func::<(), ()>(&mut vm.store, ex::START) {
-            let r = vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| start.call(s, ()));
-            // A command module's `_start` may end with `proc_exit(0)`.
-            if let Err(f) = r
-                && !f.message.contains("proc_exit(0)")
-            {
-                return Err(f);
+        if worker {
+            plugin.vm_instantiate.observe(started.elapsed().as_secs_f64());
+        }
+        match init {
+            Some((init, false)) => {
+                vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
             }
+            Some((start, true)) => {
+                let r =
+                    vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| start.call(s, ()));
+                // A command module's `_start` may end with `proc_exit(0)`.
+                if let Err(f) = r
+                    && !f.message.contains("proc_exit(0)")
+                {
+                    return Err(f);
+                }
+            }
+            None => {}
         }
         let root = vm.store.data().root_id as i32;
         let ex = Arc::clone(&vm.ex);
@@ -230,8 +261,8 @@ impl Vm {
     pub fn trailers(&mut self, callback: Callback, id: u32, n: usize) -> Result<i32, VmFailure> {
         let ex = Arc::clone(&self.ex);
         let f = match callback {
-            Callback::RequestTrailers => ex.on_request_trailers.as_ref(),
-            _ => ex.on_response_trailers.as_ref(),
+            Callback::RequestTrailers => self.rare(callback, &ex.on_request_trailers)?,
+            _ => self.rare(callback, &ex.on_response_trailers)?,
         };
         let Some(f) = f else { return Ok(0) };
         self.call(callback, id, |s| f.call(s, (id as i32, n as i32)))
@@ -253,10 +284,29 @@ impl Vm {
         Ok(())
     }
 
+    /// A [`Rare`] callback, resolved now if this is its first call.
+    fn rare<P: WasmParams, R: WasmResults>(
+        &mut self,
+        callback: Callback,
+        rare: &Rare<P, R>,
+    ) -> Result<Option<TypedFunc<P, R>>, VmFailure> {
+        if let Some(f) = rare.func.get() {
+            return Ok(f.clone());
+        }
+        // Cannot fail for an admitted module (export signatures are checked at load).
+        let f = typed(&self.instance, &mut self.store, rare.at.as_ref()).map_err(|e| VmFailure {
+            kind: FilterErrorKind::Internal,
+            label: "host_error",
+            callback,
+            message: format!("bad export: {e:#}"),
+        })?;
+        Ok(rare.func.get_or_init(|| f).clone())
+    }
+
     pub fn tick(&mut self) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_tick.as_ref() {
+        match self.rare(Callback::Tick, &ex.on_tick)? {
             Some(f) => self.call(Callback::Tick, root, |s| f.call(s, root as i32)),
             None => Ok(()),
         }
@@ -265,7 +315,7 @@ impl Vm {
     pub fn queue_ready(&mut self, queue: u32) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_queue_ready.as_ref() {
+        match self.rare(Callback::QueueReady, &ex.on_queue_ready)? {
             Some(f) => self.call(Callback::QueueReady, root, |s| f.call(s, (root as i32, queue as i32))),
             None => Ok(()),
         }
@@ -280,7 +330,7 @@ impl Vm {
     ) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_http_call_response.as_ref() {
+        match self.rare(Callback::HttpCallResponse, &ex.on_http_call_response)? {
             Some(f) => self.call(Callback::HttpCallResponse, root, |s| {
                 f.call(s, (root as i32, token as i32, headers as i32, body as i32, trailers as i32))
             }),
@@ -291,7 +341,7 @@ impl Vm {
     pub fn grpc_receive(&mut self, token: u32, size: usize) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_grpc_receive.as_ref() {
+        match self.rare(Callback::GrpcReceive, &ex.on_grpc_receive)? {
             Some(f) => self
                 .call(Callback::GrpcReceive, root, |s| f.call(s, (root as i32, token as i32, size as i32))),
             None => Ok(()),
@@ -301,7 +351,7 @@ impl Vm {
     pub fn grpc_close(&mut self, token: u32, code: u32) -> Result<(), VmFailure> {
         let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match ex.on_grpc_close.as_ref() {
+        match self.rare(Callback::GrpcClose, &ex.on_grpc_close)? {
             Some(f) => {
                 self.call(Callback::GrpcClose, root, |s| f.call(s, (root as i32, token as i32, code as i32)))
             }
@@ -310,42 +360,55 @@ impl Vm {
     }
 }
 
-fn exports(instance: &Instance, store: &mut Store<VmState>, abi: AbiVersion) -> wasmtime::Result<Exports> {
-    fn opt<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
-        instance: &Instance,
-        store: &mut Store<VmState>,
-        name: &str,
-    ) -> wasmtime::Result<Option<TypedFunc<P, R>>> {
-        if instance.get_func(&mut *store, name).is_none() {
-            return Ok(None);
-        }
-        instance.get_typed_func(&mut *store, name).map(Some)
+/// The typed function at `export`, if the module has it.
+fn typed<P: WasmParams, R: WasmResults>(
+    instance: &Instance,
+    store: &mut Store<VmState>,
+    export: Option<&ModuleExport>,
+) -> wasmtime::Result<Option<TypedFunc<P, R>>> {
+    let Some(export) = export else { return Ok(None) };
+    match instance.get_module_export(&mut *store, export).and_then(Extern::into_func) {
+        Some(f) => f.typed(&*store).map(Some),
+        None => Err(wasmtime::Error::msg("export is not a function of this module")),
     }
-    let headers = |store: &mut Store<VmState>, name: &str| -> wasmtime::Result<Option<HeadersFn>> {
-        Ok(if abi == AbiVersion::V0_1_0 {
-            opt(instance, store, name)?.map(HeadersFn::V1)
-        } else {
-            opt(instance, store, name)?.map(HeadersFn::V2)
-        })
-    };
+}
+
+/// Resolves the callbacks at the indices located when the module was compiled
+/// (the [`Rare`] ones on their first call).
+fn exports(
+    instance: &Instance,
+    store: &mut Store<VmState>,
+    module: &CompiledModule,
+) -> wasmtime::Result<Exports> {
+    let idx = &module.exports;
+    let headers =
+        |store: &mut Store<VmState>, at: Option<&ModuleExport>| -> wasmtime::Result<Option<HeadersFn>> {
+            Ok(if module.abi == AbiVersion::V0_1_0 {
+                typed(instance, store, at)?.map(HeadersFn::V1)
+            } else {
+                typed(instance, store, at)?.map(HeadersFn::V2)
+            })
+        };
+    let on_context_create = typed(instance, store, Some(&idx.on_context_create))?
+        .ok_or_else(|| wasmtime::Error::msg(format!("missing export `{}`", ex::ON_CONTEXT_CREATE)))?;
     Ok(Exports {
-        on_context_create: instance.get_typed_func(&mut *store, ex::ON_CONTEXT_CREATE)?,
-        on_vm_start: opt(instance, store, ex::ON_VM_START)?,
-        on_configure: opt(instance, store, ex::ON_CONFIGURE)?,
-        on_tick: opt(instance, store, ex::ON_TICK)?,
-        on_queue_ready: opt(instance, store, ex::ON_QUEUE_READY)?,
-        on_done: opt(instance, store, ex::ON_DONE)?,
-        on_log: opt(instance, store, ex::ON_LOG)?,
-        on_delete: opt(instance, store, ex::ON_DELETE)?,
-        on_request_headers: headers(store, ex::ON_REQUEST_HEADERS)?,
-        on_request_body: opt(instance, store, ex::ON_REQUEST_BODY)?,
-        on_request_trailers: opt(instance, store, ex::ON_REQUEST_TRAILERS)?,
-        on_response_headers: headers(store, ex::ON_RESPONSE_HEADERS)?,
-        on_response_body: opt(instance, store, ex::ON_RESPONSE_BODY)?,
-        on_response_trailers: opt(instance, store, ex::ON_RESPONSE_TRAILERS)?,
-        on_http_call_response: opt(instance, store, ex::ON_HTTP_CALL_RESPONSE)?,
-        on_grpc_receive: opt(instance, store, ex::ON_GRPC_RECEIVE)?,
-        on_grpc_close: opt(instance, store, ex::ON_GRPC_CLOSE)?,
+        on_context_create,
+        on_vm_start: typed(instance, store, idx.on_vm_start.as_ref())?,
+        on_configure: typed(instance, store, idx.on_configure.as_ref())?,
+        on_tick: Rare::new(idx.on_tick),
+        on_queue_ready: Rare::new(idx.on_queue_ready),
+        on_done: typed(instance, store, idx.on_done.as_ref())?,
+        on_log: typed(instance, store, idx.on_log.as_ref())?,
+        on_delete: typed(instance, store, idx.on_delete.as_ref())?,
+        on_request_headers: headers(store, idx.on_request_headers.as_ref())?,
+        on_request_body: typed(instance, store, idx.on_request_body.as_ref())?,
+        on_request_trailers: Rare::new(idx.on_request_trailers),
+        on_response_headers: headers(store, idx.on_response_headers.as_ref())?,
+        on_response_body: typed(instance, store, idx.on_response_body.as_ref())?,
+        on_response_trailers: Rare::new(idx.on_response_trailers),
+        on_http_call_response: Rare::new(idx.on_http_call_response),
+        on_grpc_receive: Rare::new(idx.on_grpc_receive),
+        on_grpc_close: Rare::new(idx.on_grpc_close),
     })
 }
 

@@ -47,6 +47,65 @@ fn load_err(bytes: &[u8]) -> String {
 }
 
 #[test]
+fn worker_vm_start_observes_instantiate_and_start_time() {
+    let (host, registry) = host();
+    let factory = host.load_bytes(&spec("starter"), &module("", "(i32.const 0)", ""), &[]).expect("load");
+    let count = |name: &str| metric(&registry, name, r#"plugin="starter""#).unwrap_or(0.0);
+    // The validation VM built at load is not timed; the worker VM is.
+    assert_eq!(count("sluice_wasm_vm_instantiate_seconds_count"), 0.0);
+    run(async {
+        factory.prepare_worker();
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
+    });
+    assert_eq!(count("sluice_wasm_vm_instantiate_seconds_count"), 1.0);
+    assert_eq!(count("sluice_wasm_vm_start_seconds_count"), 1.0);
+    let (instantiate, start) =
+        (count("sluice_wasm_vm_instantiate_seconds_sum"), count("sluice_wasm_vm_start_seconds_sum"));
+    assert!(instantiate > 0.0 && instantiate <= start, "instantiate {instantiate} s, start {start} s");
+}
+
+/// `on_vm_start` refuses to start unless memory is as the module defines it (2
+/// pages; the data byte 7 at 16; zero at 20 and in the second page), then dirties
+/// all of that and grows memory by a page.
+fn dirtying_module() -> Vec<u8> {
+    let src = r#"(module
+  (memory (export "memory") 2)
+  (data (i32.const 16) "\07")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (if (i32.ne (memory.size) (i32.const 2)) (then (return (i32.const 0))))
+    (if (i32.ne (i32.load8_u (i32.const 16)) (i32.const 7)) (then (return (i32.const 0))))
+    (if (i32.ne (i32.load (i32.const 20)) (i32.const 0)) (then (return (i32.const 0))))
+    (if (i32.ne (i32.load (i32.const 70000)) (i32.const 0)) (then (return (i32.const 0))))
+    (i32.store8 (i32.const 16) (i32.const 9))
+    (i32.store (i32.const 20) (i32.const -1))
+    (i32.store (i32.const 70000) (i32.const -1))
+    (drop (memory.grow (i32.const 1)))
+    (i32.store (i32.const 140000) (i32.const -1))
+    (i32.const 1))
+)"#;
+    wat::parse_str(src).expect("valid wat")
+}
+
+#[test]
+fn a_reused_pool_slot_starts_from_the_module_image() {
+    // Each load builds and drops a validation VM, and each worker VM reuses a freed
+    // slot whose pages were kept resident: none may see what an earlier VM wrote or
+    // the memory it grew.
+    let (host, registry) = host();
+    let bytes = dirtying_module();
+    for _ in 0..3 {
+        let factory = host.load_bytes(&spec("dirty"), &bytes, &[]).expect("load: memory was pristine");
+        run(async { factory.prepare_worker() });
+        assert_eq!(factory.status()["state"], "ok", "{}", factory.status());
+    }
+    assert_eq!(metric(&registry, "sluice_wasm_vm_start_seconds_count", r#"plugin="dirty""#), Some(3.0));
+}
+
+#[test]
 fn trap_fails_closed_and_names_plugin_and_callback() {
     let bytes = module(
         "",
