@@ -34,13 +34,8 @@ fi
 OUT="$BENCH_DIR/results/$(date +%F)/$(date +%H%M%S)-startup"
 mkdir -p "$OUT/raw"
 
-sluice_desc() { # what the sluice binary is: the checkout it was built from, or the given path
-  if [[ -n "$SLUICE_GIVEN" ]]; then
-    echo "$SLUICE_GIVEN (given; built $(stat -c %y "$SLUICE_GIVEN" | cut -d. -f1))"
-  else
-    echo "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
-  fi
-}
+# shellcheck source=bench/common.sh
+source "$BENCH_DIR/common.sh" # sluice_desc
 SLUICE_GIVEN=$SLUICE_BIN # described as given, not as the checkout, in the header
 if [[ -z "$SLUICE_BIN" ]]; then
   log "building sluice (cargo build --release --bin sluice; log: $OUT/raw/sluice-build.log)"

@@ -25,7 +25,7 @@ use crate::body::ProxyBody;
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::router::Chain;
 
-use lock::LocalLock;
+use lock::{Held, LocalLock};
 
 /// Why the chain stopped a body that was already streaming.
 #[derive(Debug)]
@@ -114,6 +114,80 @@ fn headers_decision(action: HeadersAction) -> Result<Option<LocalResponse>, Prox
     }
 }
 
+/// A message head the header phases run over: request heads go through the
+/// chain forward, response heads backward.
+trait Head {
+    const FORWARD: bool;
+    fn call(
+        filter: &mut dyn HttpFilter,
+        head: &mut Self,
+        info: &StreamInfo,
+        eos: bool,
+    ) -> Result<HeadersAction, FilterError>;
+    fn data(&mut self) -> PhaseData<'_>;
+}
+
+impl Head for request::Parts {
+    const FORWARD: bool = true;
+    fn call(
+        f: &mut dyn HttpFilter,
+        h: &mut Self,
+        info: &StreamInfo,
+        eos: bool,
+    ) -> Result<HeadersAction, FilterError> {
+        f.on_request_headers(h, info, eos)
+    }
+    fn data(&mut self) -> PhaseData<'_> {
+        PhaseData::RequestHeaders(self)
+    }
+}
+
+impl Head for response::Parts {
+    const FORWARD: bool = false;
+    fn call(
+        f: &mut dyn HttpFilter,
+        h: &mut Self,
+        info: &StreamInfo,
+        eos: bool,
+    ) -> Result<HeadersAction, FilterError> {
+        f.on_response_headers(h, info, eos)
+    }
+    fn data(&mut self) -> PhaseData<'_> {
+        PhaseData::ResponseHeaders(self)
+    }
+}
+
+/// Runs a header phase over the chain (the lock is held), waiting on a filter
+/// that paused. `Some` is a local response.
+async fn run_heads<H: Head>(
+    sh: &Shared,
+    held: &Held<'_, Filters>,
+    head: &mut H,
+    eos: bool,
+) -> Result<Option<LocalResponse>, ProxyError> {
+    let n = held.value().ok_or_else(busy)?.list.len();
+    for k in 0..n {
+        let i = if H::FORWARD { k } else { n - 1 - k };
+        let action = {
+            let mut f = held.value().ok_or_else(busy)?;
+            H::call(&mut *f.list[i], head, &sh.info, eos).map_err(action_err)?
+        };
+        let action = match action {
+            HeadersAction::Pause => std::future::poll_fn(|cx| {
+                let Some(mut f) = held.value() else { return Poll::Ready(Err(busy())) };
+                f.list[i].poll_resume(cx, head.data(), &sh.info).map(|r| r.map_err(action_err))
+            })
+            .await?
+            .into(),
+            a => a,
+        };
+        if let Some(local) = headers_decision(action)? {
+            return Ok(Some(local));
+        }
+    }
+    Ok(None)
+}
+
 impl ChainRun {
     /// Makes the per-request filters.
     pub fn new(chain: &Chain, info: StreamInfo, max_buffer: usize) -> Self {
@@ -148,26 +222,8 @@ impl ChainRun {
     ) -> Result<Option<LocalResponse>, ProxyError> {
         let sh = &*self.shared;
         let held = sh.filters.acquire().await;
-        let n = held.value().ok_or_else(busy)?.list.len();
-        for i in 0..n {
-            let action = {
-                let mut f = held.value().ok_or_else(busy)?;
-                f.list[i].on_request_headers(head, &sh.info, end_of_stream).map_err(action_err)?
-            };
-            let action = match action {
-                HeadersAction::Pause => std::future::poll_fn(|cx| {
-                    let Some(mut f) = held.value() else { return Poll::Ready(Err(busy())) };
-                    f.list[i]
-                        .poll_resume(cx, PhaseData::RequestHeaders(head), &sh.info)
-                        .map(|r| r.map_err(action_err))
-                })
-                .await?
-                .into(),
-                a => a,
-            };
-            if let Some(local) = headers_decision(action)? {
-                return Ok(Some(local));
-            }
+        if let Some(local) = run_heads(sh, &held, head, end_of_stream).await? {
+            return Ok(Some(local));
         }
         let mut f = held.value().ok_or_else(busy)?;
         f.request_head.method = head.method.clone();
@@ -186,28 +242,7 @@ impl ChainRun {
         let sh = &*self.shared;
         sh.info.response_code.set(Some(head.status.as_u16()));
         let held = sh.filters.acquire().await;
-        let n = held.value().ok_or_else(busy)?.list.len();
-        for i in (0..n).rev() {
-            let action = {
-                let mut f = held.value().ok_or_else(busy)?;
-                f.list[i].on_response_headers(head, &sh.info, end_of_stream).map_err(action_err)?
-            };
-            let action = match action {
-                HeadersAction::Pause => std::future::poll_fn(|cx| {
-                    let Some(mut f) = held.value() else { return Poll::Ready(Err(busy())) };
-                    f.list[i]
-                        .poll_resume(cx, PhaseData::ResponseHeaders(head), &sh.info)
-                        .map(|r| r.map_err(action_err))
-                })
-                .await?
-                .into(),
-                a => a,
-            };
-            if let Some(local) = headers_decision(action)? {
-                return Ok(Some(local));
-            }
-        }
-        Ok(None)
+        run_heads(sh, &held, head, end_of_stream).await
     }
 
     /// Makes a local response and runs it through the response filters (as
