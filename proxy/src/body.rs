@@ -34,6 +34,7 @@ enum Inner {
     Empty,
     Full(Option<Bytes>),
     Incoming(Incoming),
+    H1(crate::h1::H1Body),
     Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>),
 }
 
@@ -60,6 +61,11 @@ impl ProxyBody {
     /// A streamed body from hyper.
     pub fn incoming(body: Incoming) -> Self {
         ProxyBody { inner: Inner::Incoming(body), bytes: 0, finisher: None }
+    }
+
+    /// A response body from Sluice's HTTP/1.1 upstream client.
+    pub fn h1(body: crate::h1::H1Body) -> Self {
+        ProxyBody { inner: Inner::H1(body), bytes: 0, finisher: None }
     }
 
     /// Any other body.
@@ -118,6 +124,7 @@ impl Body for ProxyBody {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
+            Inner::H1(body) => Pin::new(body).poll_frame(cx),
             Inner::Boxed(body) => body.as_mut().poll_frame(cx),
         };
         match &polled {
@@ -141,6 +148,7 @@ impl Body for ProxyBody {
             Inner::Empty => true,
             Inner::Full(b) => b.is_none(),
             Inner::Incoming(b) => b.is_end_stream(),
+            Inner::H1(b) => b.is_end_stream(),
             Inner::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -150,6 +158,7 @@ impl Body for ProxyBody {
             Inner::Empty => SizeHint::with_exact(0),
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Incoming(b) => b.size_hint(),
+            Inner::H1(b) => b.size_hint(),
             Inner::Boxed(b) => b.size_hint(),
         }
     }

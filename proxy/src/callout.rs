@@ -11,7 +11,7 @@ use http::{Request, Uri, Version};
 use http_body_util::BodyExt;
 use sluice_filter::{CalloutClient, CalloutError, CalloutResponse, LocalBoxFuture};
 
-use crate::body::{BodyEnd, ProxyBody};
+use crate::body::ProxyBody;
 use crate::cluster::ClusterState;
 use crate::forward::Shared;
 use crate::upstream::{pick_endpoint, send_request};
@@ -95,14 +95,8 @@ async fn call(cluster: Arc<ClusterState>, request: Request<Bytes>) -> Result<Cal
     endpoint.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let result = send_request(&cluster, &endpoint, req).await;
     endpoint.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    let (resp, sender) = result.map_err(|e| CalloutError::Upstream(e.to_string()))?;
-    let (head, body) = resp.into_parts();
-    let max_idle = cluster.config.pool.max_idle_per_endpoint;
-    let body = ProxyBody::incoming(body).on_end(move |end, _| {
-        if let (BodyEnd::Complete, Some((pool, s))) = (end, sender) {
-            pool.put_back(s, max_idle);
-        }
-    });
+    let answer = result.map_err(|e| CalloutError::Upstream(e.to_string()))?;
+    let (head, body) = answer.response.into_parts();
     let collected = body.collect().await.map_err(|e| CalloutError::Upstream(e.to_string()))?;
     let trailers = collected.trailers().cloned().unwrap_or_default();
     Ok(CalloutResponse { head, body: collected.to_bytes(), trailers })

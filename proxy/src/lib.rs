@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod dataplane;
 pub mod error;
 pub mod forward;
+pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod metrics;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use crate::body::ProxyBody;
 use crate::cluster::{ClusterState, Endpoint};
 use crate::error::{ErrorKind, ProxyError};
+use crate::h1::{H1Conn, Io};
 
 /// Spawns hyper's background tasks on the current worker (`spawn_local`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -46,13 +47,13 @@ pub struct UpstreamTls {
 /// A connection ready to take one request.
 pub enum Conn {
     /// HTTP/1.1: exclusive until the response body ends.
-    H1(http1::SendRequest<ProxyBody>),
+    H1(Box<H1Conn>),
     /// HTTP/2: shared.
     H2(http2::SendRequest<ProxyBody>),
 }
 
 struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
+    conn: Box<H1Conn>,
     since: Instant,
 }
 
@@ -65,38 +66,27 @@ pub struct EndpointPool {
 
 impl EndpointPool {
     /// Returns an HTTP/1.1 connection after its response ended cleanly.
-    pub fn put_back(&self, sender: http1::SendRequest<ProxyBody>, max_idle: usize) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put_back(&self, conn: Box<H1Conn>, max_idle: usize) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() < max_idle {
-            idle.push(Idle { sender, since: Instant::now() });
+            idle.push(Idle { conn, since: Instant::now() });
         }
     }
 
-    fn take_idle(&self, idle_timeout: Duration) -> Option<http1::SendRequest<ProxyBody>> {
+    fn take_idle(&self, idle_timeout: Duration) -> Option<Box<H1Conn>> {
         let mut idle = self.idle.borrow_mut();
-        // Most recently used first. A connection whose previous exchange the
-        // connection task has not finished processing is not ready *yet*: keep
-        // it for the next request instead of closing it.
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            let c = &idle[i];
-            if c.since.elapsed() >= idle_timeout || c.sender.is_closed() {
-                idle.remove(i);
-                continue;
-            }
-            if c.sender.is_ready() {
-                return Some(idle.remove(i).sender);
+        // Most recently used first; a connection the upstream closed (or
+        // that has stray bytes) is dropped.
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() < idle_timeout && !c.conn.idle_unusable() {
+                return Some(c.conn);
             }
         }
         None
     }
 
     fn reap(&self, idle_timeout: Duration) {
-        self.idle.borrow_mut().retain(|c| c.since.elapsed() < idle_timeout && !c.sender.is_closed());
+        self.idle.borrow_mut().retain(|c| c.since.elapsed() < idle_timeout && !c.conn.idle_unusable());
     }
 }
 
@@ -144,7 +134,14 @@ pub async fn checkout(
 }
 
 /// Opens a new connection, honouring the connection and pending-request limits.
+///
+/// Boxed: connecting (TCP, TLS, the HTTP/2 handshake) is the cold path, and its
+/// large state would otherwise be part of every request's future.
 pub async fn connect(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Conn, ProxyError> {
+    Box::pin(connect_new(cluster, ep)).await
+}
+
+async fn connect_new(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Conn, ProxyError> {
     let limits = &cluster.config.circuit_breaker;
     let b = &cluster.breaker;
     if b.connections.load(Ordering::Relaxed) >= limits.max_connections {
@@ -184,7 +181,7 @@ async fn handshake(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Co
     let tcp = TcpStream::connect(ep.addr).await.map_err(connect_err)?;
     let _ = tcp.set_nodelay(true);
     match &cluster.tls {
-        None => establish(cluster, ep, TokioIo::new(tcp)).await,
+        None => establish(cluster, ep, Io::Tcp(tcp)).await,
         Some(tls) => {
             let name = match &tls.server_name {
                 Some(n) => n.clone(),
@@ -201,19 +198,12 @@ async fn handshake(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Co
                     format!("tls handshake with {}: {e}", ep.addr),
                 )
             })?;
-            establish(cluster, ep, TokioIo::new(stream)).await
+            establish(cluster, ep, Io::Tls(Box::new(stream))).await
         }
     }
 }
 
-async fn establish<T>(
-    cluster: &Arc<ClusterState>,
-    ep: &Arc<Endpoint>,
-    io: TokioIo<T>,
-) -> Result<Conn, ProxyError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+async fn establish(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>, io: Io) -> Result<Conn, ProxyError> {
     let hs_err = |e: hyper::Error| {
         ProxyError::upstream(ErrorKind::ConnectFailure, format!("http handshake with {}: {e}", ep.addr))
     };
@@ -224,7 +214,7 @@ where
             .initial_stream_window_size(1024 * 1024)
             .initial_connection_window_size(4 * 1024 * 1024)
             .keep_alive_interval(Duration::from_secs(30))
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(hs_err)?;
         let addr = ep.addr;
@@ -236,20 +226,12 @@ where
         });
         Ok(Conn::H2(sender))
     } else {
-        let (sender, conn) = http1::Builder::new().handshake(io).await.map_err(hs_err)?;
-        let addr = ep.addr;
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
-            }
-            drop(counter);
-        });
-        Ok(Conn::H1(sender))
+        Ok(Conn::H1(H1Conn::new(io, ep.addr, counter)))
     }
 }
 
 /// Counts an open upstream connection for the circuit breaker.
-struct ConnCounter(Arc<ClusterState>);
+pub(crate) struct ConnCounter(Arc<ClusterState>);
 
 impl ConnCounter {
     fn new(c: Arc<ClusterState>) -> Self {

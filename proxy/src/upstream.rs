@@ -13,16 +13,16 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, COOKIE, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version, request};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sluice_config::LbPolicy;
 
 use crate::accesslog::RequestLog;
-use crate::body::{BodyEnd, ProxyBody};
+use crate::body::ProxyBody;
 use crate::chain::ChainRun;
 use crate::cluster::{ClusterState, Endpoint, HashKey, Outcome, Picker};
 use crate::dataplane::Dataplane;
 use crate::error::{ErrorKind, ProxyError, Side};
+use crate::h1;
 use crate::headers;
 use crate::metrics::RouteMetrics;
 use crate::pool::{self, Conn};
@@ -257,7 +257,7 @@ pub(crate) async fn forward(
     let mut retry_slot: Option<RetrySlot> = None;
     let mut attempt = 0u32;
 
-    let (resp, sender, inflight) = loop {
+    let (answer, inflight) = loop {
         attempt += 1;
         log.attempts = attempt;
         let breaker = &cluster.config.circuit_breaker;
@@ -308,8 +308,8 @@ pub(crate) async fn forward(
         // Set when the retry was already admitted (budget and retry breaker).
         let mut admitted = false;
         let err = match result {
-            Ok(Ok((resp, sender))) => {
-                let status = resp.status().as_u16();
+            Ok(Ok(answer)) => {
+                let status = answer.response.status().as_u16();
                 let outcome = match status {
                     502..=504 => Outcome::GatewayError,
                     500..=599 => Outcome::ServerError,
@@ -321,7 +321,7 @@ pub(crate) async fn forward(
                 // upstream's own answer through (not a proxy-made 502).
                 if !retry_it || !retry.is_some_and(|r| admit_retry(cluster, r)) {
                     log.upstream_us = Some(elapsed.as_micros() as u64);
-                    break (resp, sender, inflight);
+                    break (answer, inflight);
                 }
                 admitted = true;
                 ProxyError::upstream(ErrorKind::UpstreamProtocol, format!("retriable status {status}"))
@@ -372,19 +372,28 @@ pub(crate) async fn forward(
         last_endpoint = Some(endpoint);
     };
 
+    let h1::Answer { response: resp, upgraded } = answer;
     let status = resp.status();
-    let mut resp = resp;
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(down) = downstream_upgrade
     {
-        let up = hyper::upgrade::on(&mut resp);
+        let Some((mut up, early)) = upgraded else {
+            return Err(ProxyError::upstream(
+                ErrorKind::UpstreamProtocol,
+                "101 without an upgradable connection",
+            ));
+        };
         tokio::task::spawn_local(async move {
             let _keep = inflight;
-            match tokio::try_join!(down, up) {
-                Ok((d, u)) => {
+            match down.await {
+                Ok(d) => {
                     let mut d = TokioIo::new(d);
-                    let mut u = TokioIo::new(u);
-                    let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                    // Bytes the upstream sent right after its 101 go first.
+                    if !early.is_empty() && tokio::io::AsyncWriteExt::write_all(&mut d, &early).await.is_err()
+                    {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut d, &mut up).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -399,15 +408,7 @@ pub(crate) async fn forward(
     headers::strip_hop_by_hop(&mut parts.headers, false);
     route.response_edits.apply(&mut parts.headers);
     parts.version = if log.protocol == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let max_idle = cluster.config.pool.max_idle_per_endpoint;
-    let pool_ret = sender.map(|(pool, s)| {
-        move |end: BodyEnd| {
-            if end == BodyEnd::Complete {
-                pool.put_back(s, max_idle);
-            }
-        }
-    });
-    let mut body = ProxyBody::incoming(body);
+    let mut body = body;
     if let Some(run) = &mut chain {
         let end_of_stream = http_body::Body::is_end_stream(&body);
         match run.response_headers(&mut parts, end_of_stream).await {
@@ -426,9 +427,6 @@ pub(crate) async fn forward(
     let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
     let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts));
     let body = body.on_end(move |end, n| {
-        if let Some(f) = pool_ret {
-            f(end);
-        }
         drop(inflight);
         if let Some(mut run) = chain {
             run.log(head.as_ref());
@@ -479,33 +477,39 @@ pub(crate) fn pick_endpoint(
     PICKER.with(|p| p.borrow_mut().pick(cluster, hash, avoid))
 }
 
-pub(crate) type Sender = Option<(Rc<pool::EndpointPool>, hyper::client::conn::http1::SendRequest<ProxyBody>)>;
-
-/// Sends one attempt; an HTTP/1.1 sender comes back for the pool.
+/// Sends one attempt and waits for the response head. An HTTP/1.1 response
+/// body returns its connection to the pool when it completes.
 pub(crate) async fn send_request(
     cluster: &Arc<ClusterState>,
     endpoint: &Arc<Endpoint>,
     req: Request<ProxyBody>,
-) -> Result<(Response<Incoming>, Sender), ProxyError> {
+) -> Result<h1::Answer, ProxyError> {
     let pool = pool::endpoint_pool(cluster, endpoint);
     match pool::checkout(cluster, endpoint, &pool).await? {
-        Conn::H1(mut s) => match s.try_send_request(req).await {
-            Ok(resp) => Ok((resp, Some((pool, s)))),
-            Err(mut e) => match e.take_message() {
-                // The pooled connection died before the request went out: use a fresh one.
-                Some(req) => match pool::connect(cluster, endpoint).await? {
-                    Conn::H1(mut s) => {
-                        let resp = s.send_request(req).await.map_err(upstream_error)?;
-                        Ok((resp, Some((pool, s))))
+        Conn::H1(conn) => {
+            let (parts, body) = req.into_parts();
+            let mut ex = h1::Exchange::start(conn, &parts, body);
+            let head = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
+                Ok(head) => head,
+                // The pooled connection was closed by the upstream while idle:
+                // send the request again on a fresh one.
+                Err(e) if ex.can_resend() => {
+                    tracing::debug!(upstream = %endpoint.addr, error = %e, "stale pooled connection; resending");
+                    match pool::connect(cluster, endpoint).await? {
+                        Conn::H1(fresh) => ex.resend_on(fresh),
+                        Conn::H2(_) => return Err(e),
                     }
-                    Conn::H2(mut s) => Ok((s.send_request(req).await.map_err(upstream_error)?, None)),
-                },
-                None => Err(upstream_error(e.into_error())),
-            },
-        },
+                    std::future::poll_fn(|cx| ex.poll_head(cx)).await?
+                }
+                Err(e) => return Err(e),
+            };
+            let home = Some((pool, cluster.config.pool.max_idle_per_endpoint));
+            Ok(ex.into_answer(head, home))
+        }
         Conn::H2(mut s) => {
             s.ready().await.map_err(upstream_error)?;
-            Ok((s.send_request(req).await.map_err(upstream_error)?, None))
+            let resp = s.send_request(req).await.map_err(upstream_error)?;
+            Ok(h1::Answer { response: resp.map(ProxyBody::incoming), upgraded: None })
         }
     }
 }

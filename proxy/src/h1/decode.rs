@@ -1,0 +1,371 @@
+//! The response side of an HTTP/1.1 exchange: the head (httparse, header
+//! values shared with the read buffer, not copied) and the body decoder
+//! (content-length, chunked with trailers, or until close), per RFC 9112 §6.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, StatusCode, Version, response};
+use smallvec::SmallVec;
+
+use crate::error::{ErrorKind, ProxyError};
+
+/// The largest response head (and trailer section) accepted.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// The most response header fields accepted.
+const MAX_HEADERS: usize = 128;
+/// The longest chunk-size line accepted (extensions included).
+const MAX_CHUNK_LINE: usize = 4096;
+
+fn protocol(detail: impl Into<String>) -> ProxyError {
+    ProxyError::upstream(ErrorKind::UpstreamProtocol, detail)
+}
+
+/// A parsed response head.
+pub(crate) struct Head {
+    pub parts: response::Parts,
+    pub decoder: Decoder,
+    /// The connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+/// Parses a response head from the front of `buf`, consuming it;
+/// `Ok(None)` means more bytes are needed.
+pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, ProxyError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut slots);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
+        Ok(_) => return Err(protocol(format!("response head larger than {MAX_HEAD} bytes"))),
+        Err(e) => return Err(protocol(format!("invalid response head: {e}"))),
+    };
+    let status = StatusCode::from_u16(r.code.unwrap_or(0)).map_err(|_| protocol("invalid status code"))?;
+    let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    // Offsets of names and values in `buf`, so the values can share its memory.
+    let base = buf.as_ptr() as usize;
+    let spans: SmallVec<[(usize, usize, usize, usize); 24]> = r
+        .headers
+        .iter()
+        .map(|h| {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            (n, n + h.name.len(), v, v + h.value.len())
+        })
+        .collect();
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (ns, ne, vs, ve) in spans {
+        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| protocol("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| protocol("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let (decoder, keep_alive) = framing(method, status, version, &mut headers)?;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Head { parts, decoder, keep_alive }))
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The body framing of a response (RFC 9112 §6.3) and whether the
+/// connection stays open after it.
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    version: Version,
+    headers: &mut HeaderMap,
+) -> Result<(Decoder, bool), ProxyError> {
+    let mut keep_alive = if headers.contains_key(CONNECTION) {
+        if version == Version::HTTP_11 {
+            !has_token(headers, &CONNECTION, "close")
+        } else {
+            has_token(headers, &CONNECTION, "keep-alive")
+        }
+    } else {
+        version == Version::HTTP_11
+    };
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Decoder::Done, keep_alive));
+    }
+    if let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+        let chunked = te
+            .to_str()
+            .ok()
+            .and_then(|s| s.rsplit(',').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+        if headers.contains_key(CONTENT_LENGTH) {
+            // Both: transfer-encoding wins and the connection is not reused.
+            headers.remove(CONTENT_LENGTH);
+            keep_alive = false;
+        }
+        if chunked {
+            return Ok((Decoder::Chunked(Chunk::Size), keep_alive));
+        }
+        return Ok((Decoder::Eof, false));
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        for part in v.to_str().map_err(|_| protocol("invalid content-length"))?.split(',') {
+            let n: u64 = part.trim().parse().map_err(|_| protocol("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(protocol("conflicting content-length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Decoder::Done, keep_alive),
+        Some(n) => (Decoder::Length(n), keep_alive),
+        None => (Decoder::Eof, false),
+    })
+}
+
+/// Where the body decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decoder {
+    /// This many bytes left.
+    Length(u64),
+    /// Chunked, in this state.
+    Chunked(Chunk),
+    /// Until the upstream closes.
+    Eof,
+    /// The body is complete.
+    Done,
+}
+
+/// The state of the chunked decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    Size,
+    Data(u64),
+    Crlf,
+    Trailers,
+}
+
+/// What one decode step produced.
+#[derive(Debug)]
+pub(crate) enum Step {
+    Data(Bytes),
+    Trailers(HeaderMap),
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+impl Decoder {
+    /// Whether the body is complete.
+    pub(crate) fn is_done(&self) -> bool {
+        *self == Decoder::Done
+    }
+
+    /// Decodes from the front of `buf`. Data frames share `buf`'s memory.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, ProxyError> {
+        loop {
+            match self {
+                Decoder::Done => return Ok(Step::End),
+                Decoder::Eof => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = (*left).min(buf.len() as u64);
+                    *left -= take;
+                    if *left == 0 {
+                        *self = Decoder::Done;
+                    }
+                    return Ok(Step::Data(buf.split_to(take as usize).freeze()));
+                }
+                Decoder::Chunked(Chunk::Size) => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buf.advance(used);
+                        *self = Decoder::Chunked(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) });
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() <= MAX_CHUNK_LINE => return Ok(Step::More),
+                    _ => return Err(protocol("invalid chunk size line")),
+                },
+                Decoder::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = (*left).min(buf.len() as u64);
+                    *left -= take;
+                    if *left == 0 {
+                        *self = Decoder::Chunked(Chunk::Crlf);
+                    }
+                    return Ok(Step::Data(buf.split_to(take as usize).freeze()));
+                }
+                Decoder::Chunked(Chunk::Crlf) => {
+                    if buf.len() < 2 {
+                        return Ok(Step::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(protocol("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = Decoder::Chunked(Chunk::Size);
+                }
+                Decoder::Chunked(Chunk::Trailers) => return self.trailers(buf),
+            }
+        }
+    }
+
+    fn trailers(&mut self, buf: &mut BytesMut) -> Result<Step, ProxyError> {
+        if buf.len() < 2 {
+            return Ok(Step::More);
+        }
+        if buf.starts_with(b"\r\n") {
+            buf.advance(2);
+            *self = Decoder::Done;
+            return Ok(Step::End);
+        }
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (used, map) = match httparse::parse_headers(buf, &mut slots) {
+            Ok(httparse::Status::Complete((used, fields))) => {
+                let mut map = HeaderMap::with_capacity(fields.len());
+                for f in fields.iter() {
+                    let name = HeaderName::from_bytes(f.name.as_bytes())
+                        .map_err(|_| protocol("invalid trailer name"))?;
+                    let value =
+                        HeaderValue::from_bytes(f.value).map_err(|_| protocol("invalid trailer value"))?;
+                    map.append(name, value);
+                }
+                (used, map)
+            }
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(Step::More),
+            _ => return Err(protocol("invalid trailer section")),
+        };
+        buf.advance(used);
+        *self = Decoder::Done;
+        Ok(Step::Trailers(map))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(s: &str, method: &Method) -> (Head, BytesMut) {
+        let mut b = BytesMut::from(s);
+        let h = parse_head(&mut b, method).unwrap().unwrap();
+        (h, b)
+    }
+
+    fn drain(d: &mut Decoder, buf: &mut BytesMut) -> (Vec<u8>, Option<HeaderMap>, bool) {
+        let mut data = Vec::new();
+        let mut trailers = None;
+        loop {
+            match d.decode(buf).unwrap() {
+                Step::Data(b) => data.extend_from_slice(&b),
+                Step::Trailers(t) => trailers = Some(t),
+                Step::End => return (data, trailers, true),
+                Step::More => return (data, trailers, false),
+            }
+        }
+    }
+
+    #[test]
+    fn content_length_body_and_leftover() {
+        let (h, mut rest) = head("HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: b\r\n\r\nabcX", &Method::GET);
+        assert_eq!(h.parts.status, 200);
+        assert_eq!(h.parts.headers["x-a"], "b");
+        assert!(h.keep_alive);
+        let mut d = h.decoder;
+        assert_eq!(d.decode(&mut rest).unwrap().data(), Some(&b"abc"[..]));
+        assert!(d.is_done());
+        assert_eq!(&rest[..], b"X");
+    }
+
+    #[test]
+    fn partial_head_needs_more() {
+        let partial = "HTTP/1.1 200 OK\r\ncontent-le";
+        let mut b = BytesMut::from(partial);
+        assert!(parse_head(&mut b, &Method::GET).unwrap().is_none());
+        assert_eq!(&b[..], partial.as_bytes());
+    }
+
+    #[test]
+    fn chunked_split_at_every_byte_with_trailers() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\ngrpc-status: 0\r\n\r\n";
+        for cut in 0..wire.len() {
+            let mut d = Decoder::Chunked(Chunk::Size);
+            let mut buf = BytesMut::from(&wire[..cut]);
+            let (mut data, t1, end1) = drain(&mut d, &mut buf);
+            assert!(!end1 || cut == wire.len());
+            buf.extend_from_slice(&wire[cut..]);
+            let (more, t2, end2) = drain(&mut d, &mut buf);
+            data.extend_from_slice(&more);
+            assert!(end2, "cut {cut}");
+            assert_eq!(data, b"hello world");
+            let t = t1.or(t2).unwrap();
+            assert_eq!(t["grpc-status"], "0");
+        }
+    }
+
+    #[test]
+    fn framing_rules() {
+        let (h, _) = head("HTTP/1.1 204 No Content\r\n\r\n", &Method::GET);
+        assert!(h.decoder.is_done());
+        let (h, _) = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", &Method::HEAD);
+        assert!(h.decoder.is_done());
+        let (h, _) = head("HTTP/1.1 200 OK\r\n\r\n", &Method::GET);
+        assert_eq!(h.decoder, Decoder::Eof);
+        assert!(!h.keep_alive);
+        let (h, _) = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", &Method::GET);
+        assert!(!h.keep_alive);
+        let (h, _) = head("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n", &Method::GET);
+        assert!(!h.keep_alive);
+        let (h, _) =
+            head("HTTP/1.1 200 OK\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n", &Method::GET);
+        assert_eq!(h.decoder, Decoder::Chunked(Chunk::Size));
+        assert!(!h.keep_alive);
+        assert!(!h.parts.headers.contains_key(CONTENT_LENGTH));
+        let mut b = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n");
+        assert!(parse_head(&mut b, &Method::GET).is_err());
+    }
+
+    #[test]
+    fn bad_chunks_are_protocol_errors() {
+        for wire in [&b"zz\r\n"[..], b"3\r\nabcXY", b"ffffffffffffffffff\r\n"] {
+            let mut d = Decoder::Chunked(Chunk::Size);
+            let mut buf = BytesMut::from(wire);
+            let mut failed = false;
+            for _ in 0..4 {
+                match d.decode(&mut buf) {
+                    Err(_) => failed = true,
+                    Ok(Step::More) => break,
+                    Ok(_) => continue,
+                }
+                break;
+            }
+            assert!(failed, "{wire:?}");
+        }
+    }
+
+    impl Step {
+        fn data(&self) -> Option<&[u8]> {
+            match self {
+                Step::Data(b) => Some(b),
+                _ => None,
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The request side of an HTTP/1.1 exchange: the head, the body framing and
+//! the writer that streams the body (vectored writes, no copy of body data).
+
+use std::io::{self, IoSlice, Write as _};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, request};
+use http_body::Body;
+use smallvec::SmallVec;
+use tokio::io::AsyncWrite;
+
+use super::io::Io;
+use crate::body::ProxyBody;
+use crate::error::{ErrorKind, ProxyError, Side};
+
+/// How the request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body.
+    None,
+    /// `content-length`: this many bytes still to send.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+}
+
+/// Encodes the request head into `out` (cleared first) and picks the body
+/// framing, with hyper's client rules: no body → no framing; a
+/// `content-length` the sender set is kept; a body of known size gets one;
+/// otherwise chunked, except GET/HEAD/CONNECT, which send no body.
+pub(crate) fn encode_head(parts: &request::Parts, body: &ProxyBody, out: &mut Vec<u8>) -> Framing {
+    let h = &parts.headers;
+    let (framing, add_length) = if body.is_end_stream() {
+        (Framing::None, None)
+    } else if let Some(n) = content_length(h) {
+        (Framing::Length(n), None)
+    } else if let Some(n) = body.size_hint().exact() {
+        (Framing::Length(n), Some(n))
+    } else if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
+        (Framing::None, None)
+    } else {
+        (Framing::Chunked, None)
+    };
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in h {
+        // Framing is ours to set; a stale `content-length` goes with it.
+        if name == TRANSFER_ENCODING
+            || (name == CONTENT_LENGTH && (add_length.is_some() || framing == Framing::Chunked))
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match (framing, add_length) {
+        (Framing::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        (_, Some(n)) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// The single `content-length` of a request, if it has a valid one.
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    let mut all = h.get_all(CONTENT_LENGTH).iter();
+    let first = all.next()?;
+    let n = std::str::from_utf8(first.as_bytes()).ok()?.trim().parse().ok()?;
+    all.all(|v| v == first).then_some(n)
+}
+
+/// A piece of output waiting for the socket.
+enum Piece {
+    Data(Bytes),
+    Static(&'static [u8]),
+    /// A chunk-size line.
+    Size([u8; 18], u8),
+    /// The last chunk with its trailers.
+    Owned(Vec<u8>),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Data(b) => b,
+            Piece::Static(s) => s,
+            Piece::Size(b, n) => &b[..*n as usize],
+            Piece::Owned(v) => v,
+        }
+    }
+
+    fn size_line(len: usize) -> Piece {
+        let mut b = [0u8; 18];
+        let n = {
+            let mut cur = io::Cursor::new(&mut b[..]);
+            let _ = write!(cur, "{len:x}\r\n");
+            cur.position() as u8
+        };
+        Piece::Size(b, n)
+    }
+}
+
+/// Streams the request head and body to the upstream.
+pub(crate) struct Writer {
+    head_pos: usize,
+    body: Option<ProxyBody>,
+    framing: Framing,
+    /// Allocated only for requests with a body.
+    pieces: Vec<Piece>,
+    /// Index of the first piece not fully written, and bytes of it written.
+    next: usize,
+    offset: usize,
+    /// A body frame was taken: the request can no longer be sent again.
+    pub(crate) touched: bool,
+    /// Everything, head and body, went out.
+    pub(crate) done: bool,
+}
+
+fn write_err(e: io::Error) -> ProxyError {
+    ProxyError::upstream(ErrorKind::UpstreamReset, format!("writing request: {e}"))
+}
+
+impl Writer {
+    pub(crate) fn new(body: ProxyBody, framing: Framing) -> Self {
+        let body = if framing == Framing::None { None } else { Some(body) };
+        Writer {
+            head_pos: 0,
+            body,
+            framing,
+            pieces: Vec::new(),
+            next: 0,
+            offset: 0,
+            touched: false,
+            done: false,
+        }
+    }
+
+    /// How the body is framed.
+    pub(crate) fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// Takes the untouched body back (to send the request on another connection).
+    pub(crate) fn take_body(&mut self) -> Option<ProxyBody> {
+        if self.touched { None } else { self.body.take() }
+    }
+
+    /// Writes what is pending and pulls body frames until the body ends
+    /// (`Ready(Ok)`), the socket or the body is not ready (`Pending`), or
+    /// something fails.
+    pub(crate) fn poll(
+        &mut self,
+        io: &mut Io,
+        head: &[u8],
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), ProxyError>> {
+        loop {
+            ready!(self.poll_write_pending(io, head, cx)).map_err(write_err)?;
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            let Some(body) = self.body.as_mut() else {
+                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(write_err)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            };
+            let frame = match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                None => None,
+                Some(Ok(f)) => Some(f),
+                Some(Err(e)) => {
+                    self.body = None;
+                    return Poll::Ready(Err(ProxyError::new(
+                        Side::Downstream,
+                        ErrorKind::BadRequest,
+                        format!("request body: {e}"),
+                    )));
+                }
+            };
+            self.touched = true;
+            let mut end = frame.is_none();
+            match frame.map(|f| f.into_data()) {
+                None => {}
+                Some(Ok(data)) => {
+                    end = body.is_end_stream();
+                    if !data.is_empty() {
+                        self.push_data(data)?;
+                    }
+                }
+                Some(Err(frame)) => {
+                    end = true;
+                    if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), self.framing) {
+                        let mut v = b"0\r\n".to_vec();
+                        for (name, value) in &trailers {
+                            v.extend_from_slice(name.as_str().as_bytes());
+                            v.extend_from_slice(b": ");
+                            v.extend_from_slice(value.as_bytes());
+                            v.extend_from_slice(b"\r\n");
+                        }
+                        v.extend_from_slice(b"\r\n");
+                        self.pieces.push(Piece::Owned(v));
+                        self.framing = Framing::None;
+                    }
+                }
+            }
+            if end {
+                self.body = None;
+                match self.framing {
+                    Framing::Chunked => self.pieces.push(Piece::Static(b"0\r\n\r\n")),
+                    Framing::Length(n) if n > 0 => {
+                        return Poll::Ready(Err(ProxyError::new(
+                            Side::Internal,
+                            ErrorKind::UpstreamReset,
+                            format!("request body ended {n} bytes short of its content-length"),
+                        )));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn push_data(&mut self, data: Bytes) -> Result<(), ProxyError> {
+        match &mut self.framing {
+            Framing::Length(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return Err(ProxyError::new(
+                        Side::Internal,
+                        ErrorKind::UpstreamReset,
+                        "request body longer than its content-length",
+                    ));
+                }
+                *left -= n;
+                self.pieces.push(Piece::Data(data));
+            }
+            Framing::Chunked => {
+                self.pieces.push(Piece::size_line(data.len()));
+                self.pieces.push(Piece::Data(data));
+                self.pieces.push(Piece::Static(b"\r\n"));
+            }
+            Framing::None => {}
+        }
+        Ok(())
+    }
+
+    fn poll_write_pending(&mut self, io: &mut Io, head: &[u8], cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.head_pos >= head.len() && self.next >= self.pieces.len() {
+                self.pieces.clear();
+                self.next = 0;
+                self.offset = 0;
+                return Poll::Ready(Ok(()));
+            }
+            let mut slices: SmallVec<[IoSlice<'_>; 5]> = SmallVec::new();
+            if self.head_pos < head.len() {
+                slices.push(IoSlice::new(&head[self.head_pos..]));
+            }
+            for (i, p) in self.pieces.iter().enumerate().skip(self.next) {
+                let b = p.bytes();
+                slices.push(IoSlice::new(if i == self.next { &b[self.offset..] } else { b }));
+            }
+            let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+            drop(slices);
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let h = (head.len() - self.head_pos).min(n);
+            self.head_pos += h;
+            n -= h;
+            while n > 0 {
+                let left = self.pieces[self.next].bytes().len() - self.offset;
+                if n >= left {
+                    n -= left;
+                    self.next += 1;
+                    self.offset = 0;
+                } else {
+                    self.offset += n;
+                    n = 0;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn head_of(req: Request<ProxyBody>) -> (String, Framing) {
+        let (parts, body) = req.into_parts();
+        let mut out = Vec::new();
+        let f = encode_head(&parts, &body, &mut out);
+        (String::from_utf8(out).unwrap(), f)
+    }
+
+    #[test]
+    fn bodyless_get() {
+        let req = Request::get("/a?b=1").header("host", "x").body(ProxyBody::empty()).unwrap();
+        let (h, f) = head_of(req);
+        assert_eq!(h, "GET /a?b=1 HTTP/1.1\r\nhost: x\r\n\r\n");
+        assert_eq!(f, Framing::None);
+    }
+
+    #[test]
+    fn known_length_gets_content_length() {
+        let req = Request::post("/").body(ProxyBody::full("hello")).unwrap();
+        let (h, f) = head_of(req);
+        assert_eq!(h, "POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(f, Framing::Length(5));
+    }
+
+    #[test]
+    fn sender_content_length_is_kept_and_transfer_encoding_dropped() {
+        let req = Request::post("/")
+            .header("content-length", "5")
+            .header("transfer-encoding", "gzip")
+            .body(ProxyBody::full("hello"))
+            .unwrap();
+        let (h, f) = head_of(req);
+        assert_eq!(h, "POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(f, Framing::Length(5));
+    }
+
+    #[test]
+    fn size_line() {
+        assert_eq!(Piece::size_line(0x1a2b).bytes(), b"1a2b\r\n");
+        assert_eq!(Piece::size_line(usize::MAX).bytes().len(), 18);
+    }
+}
