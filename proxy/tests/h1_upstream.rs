@@ -1,0 +1,170 @@
+//! Sluice's own HTTP/1.1 upstream client, end to end against raw TCP
+//! upstreams that speak exactly the bytes each case needs: connection reuse,
+//! a pooled connection the upstream drops, `1xx` heads, bodies read until
+//! close, chunked trailers, and a full-duplex exchange.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(backend: SocketAddr) -> String {
+    simple_config(&[backend])
+}
+
+/// A keep-alive upstream answering every request on a connection with `ok`.
+async fn keep_alive_backend() -> RawBackend {
+    RawBackend::start(|mut s| async move {
+        loop {
+            let head = read_head(&mut s).await;
+            if head.is_empty() {
+                return;
+            }
+            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let b = keep_alive_backend().await;
+    let p = TestProxy::start(&config(b.addr)).await;
+    let mut c = h1_connect(p.addr("main")).await;
+    for _ in 0..5 {
+        let (parts, body) = send1(&mut c, get_req("x", "/")).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(b.accepted(), 1, "the pooled connection carries every request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_drops_is_replaced_without_an_error() {
+    // Each connection answers its first request, then closes on the second
+    // without a byte of response: the race of an upstream's idle timeout.
+    let b = RawBackend::start(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        read_head(&mut s).await;
+    })
+    .await;
+    let p = TestProxy::start(&config(b.addr)).await;
+    let mut c = h1_connect(p.addr("main")).await;
+    for i in 1..=3 {
+        let (parts, body) = send1(&mut c, get_req("x", "/")).await;
+        assert_eq!(parts.status, 200, "request {i}");
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(b.accepted(), 3, "requests 2 and 3 were sent again on fresh connections");
+    let m = p.metrics().await;
+    assert_eq!(metric(&m, r#"sluice_local_replies_total{reason="upstream_reset"}"#), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn informational_heads_are_skipped() {
+    let b = RawBackend::start(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\ndone")
+            .await;
+        read_head(&mut s).await;
+    })
+    .await;
+    let p = TestProxy::start(&config(b.addr)).await;
+    let (parts, body) = get(p.addr("main"), "/").await;
+    assert_eq!(parts.status, 201);
+    assert_eq!(body, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_delimited_by_close_is_read_to_the_end_and_the_connection_not_reused() {
+    let b = RawBackend::start(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil ").await;
+        let _ = s.write_all(b"the end").await;
+    })
+    .await;
+    let p = TestProxy::start(&config(b.addr)).await;
+    for _ in 0..2 {
+        let (parts, body) = get(p.addr("main"), "/").await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(body, "until the end");
+    }
+    assert_eq!(b.accepted(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_trailers_reach_an_h2_downstream() {
+    let b = RawBackend::start(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n")
+            .await;
+        read_head(&mut s).await;
+    })
+    .await;
+    let p = TestProxy::start(&config(b.addr)).await;
+    let addr = p.addr("main");
+    let req = Request::get(format!("http://{addr}/")).body(Full::new(Bytes::new())).unwrap();
+    let resp = h2_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-checksum"], "abc");
+    assert_eq!(collected.to_bytes(), "hello world");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchange_is_full_duplex() {
+    // The upstream answers at once, then echoes each request chunk as it comes:
+    // the downstream reads the echo of one chunk before it sends the next.
+    let b = RawBackend::start(|mut s| async move {
+        let head = read_head(&mut s).await;
+        assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
+        // The request body's chunked framing is the response's: echo the bytes.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.ends_with(b"0\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+    })
+    .await;
+    let p = TestProxy::start(&config(b.addr)).await;
+    let tcp = tokio::net::TcpStream::connect(p.addr("main")).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::post("http://x/echo").body(()).unwrap();
+    let (resp, mut up) = client.send_request(req, false).unwrap();
+    up.send_data(Bytes::from_static(b"ping1"), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut down = resp.into_body();
+    for (i, next) in ["ping2", "ping3"].into_iter().enumerate() {
+        let chunk = down.data().await.unwrap().unwrap();
+        let _ = down.flow_control().release_capacity(chunk.len());
+        assert_eq!(chunk, format!("ping{}", i + 1), "echo arrives before the next chunk is sent");
+        up.send_data(Bytes::from(next), false).unwrap();
+    }
+    let chunk = down.data().await.unwrap().unwrap();
+    assert_eq!(chunk, "ping3");
+    up.send_data(Bytes::new(), true).unwrap();
+    // The end (h2 may deliver it as an empty DATA frame with END_STREAM).
+    while let Some(rest) = down.data().await {
+        assert_eq!(rest.unwrap(), "", "nothing after the echo");
+    }
+}
