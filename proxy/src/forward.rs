@@ -252,7 +252,7 @@ async fn proxy(
         parts.headers.remove(HOST);
         let end_of_stream = http_body::Body::is_end_stream(&body);
         if let Some(local) = run.request_headers(&mut parts, end_of_stream).await? {
-            let resp = run.local_response(local, version).await;
+            let resp = Box::pin(run.local_response(local, version)).await;
             return Ok(finish_local(resp, log, dp, route.local_metrics.clone(), Some(run)));
         }
         if run.info().take_route_cache_cleared() {
@@ -289,11 +289,11 @@ async fn proxy(
                 resp.headers_mut().insert(CONTENT_TYPE, ct.clone());
             }
             route.response_edits.apply(resp.headers_mut());
-            Ok(finish_filtered_local(resp, log, dp, route.local_metrics.clone(), chain).await)
+            Ok(Box::pin(finish_filtered_local(resp, log, dp, route.local_metrics.clone(), chain)).await)
         }
         RouteAction::Redirect(r) => {
             let resp = redirect(r, https, &target)?;
-            Ok(finish_filtered_local(resp, log, dp, route.local_metrics.clone(), chain).await)
+            Ok(Box::pin(finish_filtered_local(resp, log, dp, route.local_metrics.clone(), chain)).await)
         }
         RouteAction::Forward(fwd) => {
             let t = fwd.pick();

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -334,7 +335,6 @@ async fn run_http<T>(b: auto::Builder<LocalExec>, io: TokioIo<T>, conn: Rc<ConnI
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let idle_timeout = cx.config.limits.idle_timeout;
     let activity = Rc::new(Activity::default());
     let act = activity.clone();
     let service = service_fn(move |req| {
@@ -349,10 +349,75 @@ where
     });
     let served = b.serve_connection_with_upgrades(io, service);
     tokio::pin!(served);
+    // Timers and signals live in a watcher task, so waking the connection for
+    // its requests polls hyper and nothing else (no timer re-arm, no Notify
+    // registrations per wakeup).
+    let control = Rc::new(Control::default());
+    if cx.drain.borrow().is_some() {
+        control.shutdown.set(true);
+    }
+    let watcher = tokio::task::spawn_local(watch_connection(activity, control.clone(), cx.clone()));
+    let mut shutdown_sent = false;
+    let result = std::future::poll_fn(|task| {
+        if control.close.get() {
+            return Poll::Ready(None);
+        }
+        if control.shutdown.get() && !shutdown_sent {
+            shutdown_sent = true;
+            served.as_mut().graceful_shutdown();
+        }
+        match served.as_mut().poll(task) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending => {
+                control.park(task.waker());
+                Poll::Pending
+            }
+        }
+    })
+    .await;
+    watcher.abort();
+    if let Some(Err(e)) = result {
+        tracing::debug!(listener = %cx.name, error = %e, "downstream connection error");
+    }
+}
+
+/// What a connection's watcher asks of its connection task.
+#[derive(Default)]
+struct Control {
+    /// Stop taking requests: GOAWAY / `connection: close`, finish in-flight ones.
+    shutdown: std::cell::Cell<bool>,
+    /// Drop the connection now.
+    close: std::cell::Cell<bool>,
+    waker: std::cell::RefCell<Option<Waker>>,
+}
+
+impl Control {
+    fn park(&self, waker: &Waker) {
+        let mut w = self.waker.borrow_mut();
+        if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *w = Some(waker.clone());
+        }
+    }
+
+    fn signal(&self, close: bool) {
+        if close {
+            self.close.set(true);
+        } else {
+            self.shutdown.set(true);
+        }
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// Watches one connection: drain, the idle timeout, rapid-reset abuse.
+async fn watch_connection(activity: Rc<Activity>, control: Rc<Control>, cx: Rc<AcceptCtx>) {
+    let idle_timeout = cx.config.limits.idle_timeout;
     let mut drain = cx.drain.clone();
     let mut draining = drain.borrow().is_some();
     if draining {
-        served.as_mut().graceful_shutdown();
+        control.signal(false);
     }
     let first_request_timeout = cx.config.limits.header_read_timeout.min(idle_timeout);
     let mut abused = false;
@@ -364,12 +429,6 @@ where
             activity.idle_deadline(timeout)
         };
         tokio::select! {
-            r = served.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(listener = %cx.name, error = %e, "downstream connection error");
-                }
-                return;
-            }
             _ = activity.abuse.notified(), if !abused => {
                 abused = true;
                 draining = true;
@@ -381,19 +440,22 @@ where
                 );
                 cx.shared.metrics.abuse_closes.with_label_values(&[&cx.name, "premature_resets"]).inc();
                 // GOAWAY now; the connection is dropped if it does not wind down promptly.
-                served.as_mut().graceful_shutdown();
+                control.signal(false);
             }
-            _ = tokio::time::sleep(Duration::from_secs(1)), if abused => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)), if abused => {
+                control.signal(true);
+                return;
+            }
             changed = drain.changed(), if !draining => {
                 if changed.is_err() || drain.borrow().is_some() {
                     draining = true;
-                    served.as_mut().graceful_shutdown();
+                    control.signal(false);
                 }
             }
             _ = tokio::time::sleep_until(idle), if !draining => {
                 if activity.in_flight.get() == 0 && activity.last.get().elapsed() >= timeout {
                     tracing::debug!(listener = %cx.name, used = activity.used.get(), "closing idle downstream connection");
-                    served.as_mut().graceful_shutdown();
+                    control.signal(false);
                     draining = true;
                 }
             }

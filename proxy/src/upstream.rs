@@ -236,7 +236,8 @@ pub(crate) async fn forward(
                     .and_then(|s| s.parse::<usize>().ok())
                     .is_some_and(|n| n <= r.policy.max_body_bytes);
                 if small {
-                    let collected = body.collect().await.map_err(|e| {
+                    // Boxed: rare, and large; kept out of every request's future.
+                    let collected = Box::pin(body.collect()).await.map_err(|e| {
                         ProxyError::new(Side::Downstream, ErrorKind::BadRequest, format!("request body: {e}"))
                     })?;
                     Replay::Bytes(collected.to_bytes())
@@ -415,7 +416,7 @@ pub(crate) async fn forward(
             Ok(None) => {}
             Ok(Some(local)) => {
                 drop(body);
-                let resp = run.local_response(local, log.protocol).await;
+                let resp = Box::pin(run.local_response(local, log.protocol)).await;
                 return Ok(finish_local(resp, log, dp, metrics, chain));
             }
             Err(e) => return Err(e),

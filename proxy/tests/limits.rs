@@ -105,6 +105,31 @@ async fn http2_header_limits_refuse_the_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let backend = Backend::named("b").await;
+    let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 5s, idle_timeout: 400ms")).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr("main")).await.unwrap();
+    let t = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    // Read the response, then wait for the proxy to close the idle connection.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return t.elapsed(),
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the idle connection is still open after 5s");
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
+    assert!(closed >= Duration::from_millis(400), "closed before the idle timeout: {closed:?}");
+    assert!(closed < Duration::from_secs(3), "closed late: {closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_read_timeout_stops_slowloris() {
     let backend = Backend::named("b").await;
     let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 300ms, idle_timeout: 5s")).await;
