@@ -249,6 +249,39 @@ fn poll_resume<P: Phase>(
     Poll::Pending
 }
 
+/// This request's context (`ctx`), made on its first phase.
+fn context(
+    ctx: &mut Option<CtxRef>,
+    inner: &FactoryInner,
+    slot: &mut WorkerSlot,
+    callback: Callback,
+) -> Result<CtxRef, FilterError> {
+    if let Some(c) = *ctx {
+        if slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation) {
+            return Ok(c);
+        }
+        return Err(lost(slot, &inner.plugin, callback));
+    }
+    slot.ensure(inner)?;
+    let id = slot.next_ctx_id();
+    let Some(vm) = slot.vm.as_mut() else { return Err(lost(slot, &inner.plugin, callback)) };
+    let c = CtxRef { id, generation: vm.generation };
+    vm.store.data_mut().new_context(id);
+    *ctx = Some(c);
+    if let Err(f) = vm.context_create(id) {
+        return Err(slot.fail(inner, f));
+    }
+    Ok(c)
+}
+
+/// Why a phase did not reach the guest's decision.
+enum Failed {
+    /// The worker's VM is in use (a bug): an error, the fail policy aside.
+    Busy(FilterError),
+    /// The VM or the context failed: the fail policy decides.
+    Policy(FilterError),
+}
+
 /// The per-request filter.
 pub(crate) struct WasmFilter {
     inner: Arc<FactoryInner>,
@@ -282,27 +315,6 @@ impl WasmFilter {
         }
     }
 
-    /// This request's context, made on its first phase.
-    fn context(&mut self, slot: &mut WorkerSlot, callback: Callback) -> Result<CtxRef, FilterError> {
-        let inner = &*self.inner;
-        if let Some(c) = self.ctx {
-            if slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation) {
-                return Ok(c);
-            }
-            return Err(lost(slot, &inner.plugin, callback));
-        }
-        slot.ensure(inner)?;
-        let id = slot.next_ctx_id();
-        let Some(vm) = slot.vm.as_mut() else { return Err(lost(slot, &inner.plugin, callback)) };
-        let c = CtxRef { id, generation: vm.generation };
-        vm.store.data_mut().contexts.insert(id, Box::default());
-        self.ctx = Some(c);
-        if let Err(f) = vm.context_create(id) {
-            return Err(slot.fail(inner, f));
-        }
-        Ok(c)
-    }
-
     /// Runs one phase: the guest's decision, or `None` when it paused (its
     /// data then stays parked in the context until [`WasmFilter::poll_phase`]).
     fn run<P: Phase>(
@@ -314,30 +326,39 @@ impl WasmFilter {
         if self.bypass {
             return Ok(Some(Step::Continue));
         }
-        let inner = Arc::clone(&self.inner);
+        match self.run_guest::<P>(value, info, eos) {
+            Ok(step) => Ok(step),
+            Err(Failed::Busy(err)) => Err(err),
+            Err(Failed::Policy(err)) => self.on_failure(err).map(Some),
+        }
+    }
+
+    /// [`WasmFilter::run`] past the bypass check; borrows the factory (no
+    /// reference count per phase).
+    fn run_guest<P: Phase>(
+        &mut self,
+        value: &mut P::Value,
+        info: &StreamInfo,
+        eos: bool,
+    ) -> Result<Option<Step>, Failed> {
+        let inner = &*self.inner;
         let Ok(mut guard) = inner.slot().try_borrow_mut() else {
-            return Err(inner.plugin.error(
+            return Err(Failed::Busy(inner.plugin.error(
                 FilterErrorKind::Internal,
                 P::CALLBACK.name(),
                 "worker VM busy (re-entered)".into(),
-            ));
+            )));
         };
         let slot = &mut *guard;
-        let c = match self.context(slot, P::CALLBACK) {
-            Ok(c) => c,
-            Err(err) => {
-                drop(guard);
-                return self.on_failure(err).map(Some);
-            }
-        };
+        let c = context(&mut self.ctx, inner, slot, P::CALLBACK).map_err(Failed::Policy)?;
         let arg = P::arg(value);
         let parked = park::<P>(slot, c, value);
         let decided = match slot.vm.as_mut() {
             None => Err(lost(slot, &inner.plugin, P::CALLBACK)),
             Some(vm) => match INFO.set(info, || P::invoke(vm, c.id, arg, eos)) {
-                Err(f) => Err(slot.fail(&inner, f)),
+                Err(f) => Err(slot.fail(inner, f)),
                 Ok(action) => {
-                    crate::callout::flush(&inner, vm);
+                    crate::callout::flush(inner, vm);
                     Ok(decide::<P>(vm, c.id, action, eos))
                 }
             },
@@ -358,8 +379,7 @@ impl WasmFilter {
             }
             Err(err) => {
                 unpark::<P>(slot, c, value, info);
-                drop(guard);
-                self.on_failure(err).map(Some)
+                Err(Failed::Policy(err))
             }
         }
     }
@@ -413,7 +433,7 @@ impl WasmFilter {
     /// `on_delete`.
     fn finish(&mut self, view: Option<(&LogView<'_>, &StreamInfo)>) {
         let Some(c) = self.ctx.take() else { return };
-        let inner = self.inner.clone();
+        let inner = &*self.inner;
         let Ok(mut guard) = inner.slot().try_borrow_mut() else {
             tracing::warn!(plugin = %inner.plugin.name, "worker VM busy at request end; context leaked");
             return;
@@ -425,16 +445,16 @@ impl WasmFilter {
             Some((view, info)) => LogScope::enter(view, info, || vm.finish(c.id, true)),
             None => vm.finish(c.id, true),
         };
-        vm.store.data_mut().contexts.remove(&c.id);
+        vm.store.data_mut().release_context(c.id);
         match result {
             Ok(()) => {
-                crate::callout::flush(&inner, vm);
+                crate::callout::flush(inner, vm);
                 if !self.failed {
                     slot.request_succeeded();
                 }
             }
             Err(f) => {
-                slot.fail(&inner, f);
+                slot.fail(inner, f);
             }
         }
     }

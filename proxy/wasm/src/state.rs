@@ -232,6 +232,9 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Released HTTP contexts a VM keeps for reuse.
+const MAX_SPARE_CONTEXTS: usize = 64;
+
 /// The data of a VM's `Store`.
 pub(crate) struct VmState {
     pub plugin: Arc<Plugin>,
@@ -241,6 +244,8 @@ pub(crate) struct VmState {
     pub root_id: u32,
     pub frame: CallFrame,
     pub contexts: IdMap<Box<HttpCtx>>,
+    /// Released contexts' allocations, reused by [`VmState::new_context`].
+    spare_contexts: Vec<Box<HttpCtx>>,
     /// `true` for a worker's VM (may spawn tasks), `false` for the validation VM.
     pub worker: bool,
     pub tick_period: Option<Duration>,
@@ -268,6 +273,7 @@ impl VmState {
             root_id: 1,
             frame: CallFrame { callback: Callback::None, ctx: 0, effective: 0 },
             contexts: IdMap::default(),
+            spare_contexts: Vec::new(),
             worker,
             tick_period: None,
             callout: None,
@@ -278,6 +284,22 @@ impl VmState {
             log: LogState::default(),
             mailbox: None,
             root_properties: Vec::new(),
+        }
+    }
+
+    /// Makes HTTP context `id`, reusing a released context's allocation.
+    pub fn new_context(&mut self, id: u32) {
+        let ctx = self.spare_contexts.pop().unwrap_or_default();
+        self.contexts.insert(id, ctx);
+    }
+
+    /// Drops HTTP context `id`, keeping its allocation for a later request.
+    pub fn release_context(&mut self, id: u32) {
+        if let Some(mut ctx) = self.contexts.remove(&id)
+            && self.spare_contexts.len() < MAX_SPARE_CONTEXTS
+        {
+            *ctx = HttpCtx::default();
+            self.spare_contexts.push(ctx);
         }
     }
 
