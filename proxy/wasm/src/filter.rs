@@ -21,7 +21,7 @@ use sluice_filter::{
 use crate::factory::{FactoryInner, Plugin, WorkerSlot};
 use crate::headers::MapView;
 use crate::properties::{INFO, LogScope};
-use crate::state::{Callback, HttpCtx, Signal};
+use crate::state::{Callback, HttpCtx, Parked, Signal};
 use crate::vm::{Vm, VmFailure};
 
 /// One kind of phase: where its data lives in the context and how the guest is called.
@@ -29,7 +29,10 @@ trait Phase {
     type Value;
     const CALLBACK: Callback;
     const BODY: bool = false;
-    fn slot(ctx: &mut HttpCtx) -> &mut Option<Self::Value>;
+    /// Parks the phase's data in the context.
+    fn park(ctx: &mut HttpCtx, value: Self::Value);
+    /// Takes the phase's data back, if it is still parked.
+    fn unpark(ctx: &mut HttpCtx) -> Option<Self::Value>;
     fn placeholder() -> Self::Value;
     /// Takes this phase's resume flag.
     fn resumed(sig: &mut Signal) -> bool;
@@ -47,14 +50,23 @@ fn empty_response() -> response::Parts {
 }
 
 macro_rules! phase {
-    ($name:ident, $value:ty, $cb:expr, $body:expr, $field:ident, $placeholder:expr, $flag:ident, $arg:expr, $invoke:expr) => {
+    ($name:ident, $value:ty, $cb:expr, $body:expr, $variant:ident, $placeholder:expr, $flag:ident, $arg:expr, $invoke:expr) => {
         struct $name;
         impl Phase for $name {
             type Value = $value;
             const CALLBACK: Callback = $cb;
             const BODY: bool = $body;
-            fn slot(ctx: &mut HttpCtx) -> &mut Option<$value> {
-                &mut ctx.$field
+            fn park(ctx: &mut HttpCtx, value: $value) {
+                ctx.parked = Parked::$variant(value);
+            }
+            fn unpark(ctx: &mut HttpCtx) -> Option<$value> {
+                match std::mem::take(&mut ctx.parked) {
+                    Parked::$variant(v) => Some(v),
+                    other => {
+                        ctx.parked = other;
+                        None
+                    }
+                }
             }
             fn placeholder() -> $value {
                 $placeholder
@@ -79,7 +91,7 @@ phase!(
     request::Parts,
     Callback::RequestHeaders,
     false,
-    req_head,
+    ReqHead,
     empty_request(),
     resume_request,
     |v| MapView::Request(v).count(),
@@ -90,7 +102,7 @@ phase!(
     BytesMut,
     Callback::RequestBody,
     true,
-    req_body,
+    ReqBody,
     BytesMut::new(),
     resume_request,
     |v| v.len(),
@@ -101,7 +113,7 @@ phase!(
     HeaderMap,
     Callback::RequestTrailers,
     false,
-    req_trailers,
+    ReqTrailers,
     HeaderMap::new(),
     resume_request,
     |v| v.len(),
@@ -112,7 +124,7 @@ phase!(
     response::Parts,
     Callback::ResponseHeaders,
     false,
-    resp_head,
+    RespHead,
     empty_response(),
     resume_response,
     |v| MapView::Response(v).count(),
@@ -123,7 +135,7 @@ phase!(
     BytesMut,
     Callback::ResponseBody,
     true,
-    resp_body,
+    RespBody,
     BytesMut::new(),
     resume_response,
     |v| v.len(),
@@ -134,7 +146,7 @@ phase!(
     HeaderMap,
     Callback::ResponseTrailers,
     false,
-    resp_trailers,
+    RespTrailers,
     HeaderMap::new(),
     resume_response,
     |v| v.len(),
@@ -177,7 +189,7 @@ fn find_ctx(slot: &mut WorkerSlot, c: CtxRef) -> Option<&mut HttpCtx> {
 fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> bool {
     let Some(ctx) = find_ctx(slot, c) else { return false };
     P::resumed(&mut ctx.signal);
-    *P::slot(ctx) = Some(std::mem::replace(value, P::placeholder()));
+    P::park(ctx, std::mem::replace(value, P::placeholder()));
     true
 }
 
@@ -185,7 +197,7 @@ fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> boo
 /// the phase has decided, also when the VM failed meanwhile).
 fn unpark<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value, info: &StreamInfo) {
     let Some(ctx) = find_ctx(slot, c) else { return };
-    if let Some(v) = P::slot(ctx).take() {
+    if let Some(v) = P::unpark(ctx) {
         *value = v;
     }
     if P::CALLBACK == Callback::RequestHeaders && std::mem::take(&mut ctx.req_edited) {
@@ -205,7 +217,7 @@ struct Paused {
 fn decide<P: Phase>(vm: &mut Vm, id: u32, action: i32, eos: bool) -> Option<Step> {
     let ctx = vm.store.data_mut().contexts.get_mut(&id)?;
     if let Some(local) = ctx.signal.local.take() {
-        return Some(Step::Respond(local));
+        return Some(Step::Respond(*local));
     }
     if std::mem::take(&mut ctx.signal.reset) {
         return Some(Step::Reset);
@@ -234,7 +246,7 @@ fn poll_resume<P: Phase>(
         return Poll::Ready(Err(lost(slot, plugin, P::CALLBACK)));
     };
     if let Some(local) = ctx.signal.local.take() {
-        return Poll::Ready(Ok(Step::Respond(local)));
+        return Poll::Ready(Ok(Step::Respond(*local)));
     }
     if std::mem::take(&mut ctx.signal.reset) {
         return Poll::Ready(Ok(Step::Reset));

@@ -316,7 +316,7 @@ fn call<R>(
     ctx: u32,
     f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<R>,
 ) -> Result<R, VmFailure> {
-    let ticks = store.data().plugin.deadline_ticks;
+    let ticks = store.data().deadline_ticks;
     call_in(store, callback, ctx, ticks, f)
 }
 
