@@ -285,7 +285,9 @@ pub(crate) struct VmState {
     pub root_id: u32,
     pub frame: CallFrame,
     pub contexts: IdMap<Box<HttpCtx>>,
-    /// Released contexts' allocations, reused by [`VmState::new_context`].
+    /// Released contexts' allocations, reused by [`VmState::new_context`]
+    /// (boxed: they move into `contexts` as they are).
+    #[allow(clippy::vec_box)]
     spare_contexts: Vec<Box<HttpCtx>>,
     /// `true` for a worker's VM (may spawn tasks), `false` for the validation VM.
     pub worker: bool,
