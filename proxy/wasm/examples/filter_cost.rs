@@ -11,6 +11,12 @@
 //! `sluice_wasm_vm_instantiate_seconds`) and of the whole start (plus
 //! `_initialize`, root context, `on_vm_start`, `on_configure`).
 //!
+//! The request loop runs `FILTERS` filters (environment, default 1; each its own
+//! plugin and VM, as in `bench/run.sh`) and, with `POLLUTE=BYTES`, reads that
+//! many bytes of other memory between requests, as a proxy's network work
+//! evicts the VMs' state from the caches. The loop is also timed without the
+//! filters, and the difference is printed per filter.
+//!
 //! `cargo run --release -p sluice-wasm --example filter_cost -- MODULE.wasm [N] [VMS]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -100,13 +106,25 @@ fn main() {
     let t = Instant::now();
     let factory = host.load(&spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap();
     println!("load (compile or cache, admit, one VM configured): {:?}", t.elapsed());
+    let env =
+        |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (count, pollute) = (env("FILTERS", 1).max(1), env("POLLUTE", 0));
+    let mut chain = vec![factory.clone()];
+    for i in 2..=count {
+        let spec: FilterSpec =
+            serde_json::from_value(serde_json::json!({ "name": format!("f{i}"), "module": module })).unwrap();
+        chain.push(host.load(&spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap());
+    }
+    let other = vec![1u64; pollute / 8];
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         // VM instantiation on this worker, from the compiled module.
         let t = Instant::now();
-        factory.prepare_worker();
+        for f in &chain {
+            f.prepare_worker();
+        }
         println!(
             "first worker VM start (instantiate + _initialize + on_vm_start + on_configure): {:?}",
             t.elapsed()
@@ -126,11 +144,11 @@ fn main() {
 
         let remote = "127.0.0.1:40000".parse().unwrap();
         let local_addr = "127.0.0.1:8080".parse().unwrap();
-        let run = |count: usize| {
-            let factory = factory.clone();
+        let run = |requests: usize, filter: bool| {
+            let (chain, other) = (&chain, &other);
             async move {
                 let t = Instant::now();
-                for i in 0..count {
+                for i in 0..requests {
                     let info = StreamInfo::new(
                         format!("{i}"),
                         1,
@@ -139,39 +157,61 @@ fn main() {
                         "l".into(),
                         http::Version::HTTP_11,
                     );
-                    let mut f = factory.new_filter(&info);
+                    let mut filters: Vec<_> =
+                        if filter { chain.iter().map(|f| f.new_filter(&info)).collect() } else { Vec::new() };
                     let (mut req, _) = http::Request::get("http://example.com/path")
                         .header("x-tenant", "acme")
                         .header("user-agent", "bench")
                         .body(())
                         .unwrap()
                         .into_parts();
-                    sluice_filter::request_headers(&mut *f, &mut req, &info, true).await.unwrap();
+                    for f in filters.iter_mut() {
+                        sluice_filter::request_headers(&mut **f, &mut req, &info, true).await.unwrap();
+                    }
                     let (mut resp, _) = http::Response::builder()
                         .header("content-type", "text/plain")
                         .header("content-length", "19")
                         .body(())
                         .unwrap()
                         .into_parts();
-                    sluice_filter::response_headers(&mut *f, &mut resp, &info, false).await.unwrap();
+                    for f in filters.iter_mut() {
+                        sluice_filter::response_headers(&mut **f, &mut resp, &info, false).await.unwrap();
+                    }
                     let mut body = BytesMut::from(&b"hello from backend\n"[..]);
-                    sluice_filter::response_body(&mut *f, &mut body, &info, true).await.unwrap();
+                    for f in filters.iter_mut() {
+                        sluice_filter::response_body(&mut **f, &mut body, &info, true).await.unwrap();
+                    }
                     let view = LogView {
                         request: &req,
                         response: Some(&resp),
                         request_trailers: None,
                         response_trailers: None,
                     };
-                    f.on_log(&view, &info);
+                    for f in filters.iter_mut() {
+                        f.on_log(&view, &info);
+                    }
+                    std::hint::black_box(&body);
+                    drop(filters);
+                    std::hint::black_box(other.iter().sum::<u64>());
                 }
                 t.elapsed()
             }
         };
-        run(n / 10).await; // warm-up
-        let elapsed = run(n).await;
+        run(n / 10, true).await; // warm-up
+        run(n / 10, false).await;
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            with.push(run(n / 5, true).await.as_secs_f64() * 5e6 / n as f64);
+            without.push(run(n / 5, false).await.as_secs_f64() * 5e6 / n as f64);
+        }
+        let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        let (w, wo) = (best(&with), best(&without));
         println!(
-            "per request through one filter: {:.3} µs ({n} requests)",
-            elapsed.as_secs_f64() * 1e6 / n as f64
+            "per request through {count} filter(s): {w:.3} µs ({n} requests, best of 5 rounds, {pollute} bytes read between requests)"
+        );
+        println!(
+            "  the same loop without the filters: {wo:.3} µs; per filter: {:.3} µs",
+            (w - wo) / count as f64
         );
     });
 }

@@ -21,7 +21,7 @@ use sluice_filter::{
 use crate::factory::{FactoryInner, Plugin, WorkerSlot};
 use crate::headers::MapView;
 use crate::properties::{INFO, LogScope};
-use crate::state::{Callback, HttpCtx, Signal};
+use crate::state::{Callback, HttpCtx, Parked, Signal};
 use crate::vm::{Vm, VmFailure};
 
 /// One kind of phase: where its data lives in the context and how the guest is called.
@@ -29,7 +29,10 @@ trait Phase {
     type Value;
     const CALLBACK: Callback;
     const BODY: bool = false;
-    fn slot(ctx: &mut HttpCtx) -> &mut Option<Self::Value>;
+    /// Parks the phase's data in the context.
+    fn park(ctx: &mut HttpCtx, value: Self::Value);
+    /// Takes the phase's data back, if it is still parked.
+    fn unpark(ctx: &mut HttpCtx) -> Option<Self::Value>;
     fn placeholder() -> Self::Value;
     /// Takes this phase's resume flag.
     fn resumed(sig: &mut Signal) -> bool;
@@ -47,14 +50,23 @@ fn empty_response() -> response::Parts {
 }
 
 macro_rules! phase {
-    ($name:ident, $value:ty, $cb:expr, $body:expr, $field:ident, $placeholder:expr, $flag:ident, $arg:expr, $invoke:expr) => {
+    ($name:ident, $value:ty, $cb:expr, $body:expr, $variant:ident, $placeholder:expr, $flag:ident, $arg:expr, $invoke:expr) => {
         struct $name;
         impl Phase for $name {
             type Value = $value;
             const CALLBACK: Callback = $cb;
             const BODY: bool = $body;
-            fn slot(ctx: &mut HttpCtx) -> &mut Option<$value> {
-                &mut ctx.$field
+            fn park(ctx: &mut HttpCtx, value: $value) {
+                ctx.parked = Parked::$variant(value);
+            }
+            fn unpark(ctx: &mut HttpCtx) -> Option<$value> {
+                match std::mem::take(&mut ctx.parked) {
+                    Parked::$variant(v) => Some(v),
+                    other => {
+                        ctx.parked = other;
+                        None
+                    }
+                }
             }
             fn placeholder() -> $value {
                 $placeholder
@@ -79,7 +91,7 @@ phase!(
     request::Parts,
     Callback::RequestHeaders,
     false,
-    req_head,
+    ReqHead,
     empty_request(),
     resume_request,
     |v| MapView::Request(v).count(),
@@ -90,7 +102,7 @@ phase!(
     BytesMut,
     Callback::RequestBody,
     true,
-    req_body,
+    ReqBody,
     BytesMut::new(),
     resume_request,
     |v| v.len(),
@@ -101,7 +113,7 @@ phase!(
     HeaderMap,
     Callback::RequestTrailers,
     false,
-    req_trailers,
+    ReqTrailers,
     HeaderMap::new(),
     resume_request,
     |v| v.len(),
@@ -112,7 +124,7 @@ phase!(
     response::Parts,
     Callback::ResponseHeaders,
     false,
-    resp_head,
+    RespHead,
     empty_response(),
     resume_response,
     |v| MapView::Response(v).count(),
@@ -123,7 +135,7 @@ phase!(
     BytesMut,
     Callback::ResponseBody,
     true,
-    resp_body,
+    RespBody,
     BytesMut::new(),
     resume_response,
     |v| v.len(),
@@ -134,7 +146,7 @@ phase!(
     HeaderMap,
     Callback::ResponseTrailers,
     false,
-    resp_trailers,
+    RespTrailers,
     HeaderMap::new(),
     resume_response,
     |v| v.len(),
@@ -177,7 +189,7 @@ fn find_ctx(slot: &mut WorkerSlot, c: CtxRef) -> Option<&mut HttpCtx> {
 fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> bool {
     let Some(ctx) = find_ctx(slot, c) else { return false };
     P::resumed(&mut ctx.signal);
-    *P::slot(ctx) = Some(std::mem::replace(value, P::placeholder()));
+    P::park(ctx, std::mem::replace(value, P::placeholder()));
     true
 }
 
@@ -185,7 +197,7 @@ fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> boo
 /// the phase has decided, also when the VM failed meanwhile).
 fn unpark<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value, info: &StreamInfo) {
     let Some(ctx) = find_ctx(slot, c) else { return };
-    if let Some(v) = P::slot(ctx).take() {
+    if let Some(v) = P::unpark(ctx) {
         *value = v;
     }
     if P::CALLBACK == Callback::RequestHeaders && std::mem::take(&mut ctx.req_edited) {
@@ -205,7 +217,7 @@ struct Paused {
 fn decide<P: Phase>(vm: &mut Vm, id: u32, action: i32, eos: bool) -> Option<Step> {
     let ctx = vm.store.data_mut().contexts.get_mut(&id)?;
     if let Some(local) = ctx.signal.local.take() {
-        return Some(Step::Respond(local));
+        return Some(Step::Respond(*local));
     }
     if std::mem::take(&mut ctx.signal.reset) {
         return Some(Step::Reset);
@@ -234,7 +246,7 @@ fn poll_resume<P: Phase>(
         return Poll::Ready(Err(lost(slot, plugin, P::CALLBACK)));
     };
     if let Some(local) = ctx.signal.local.take() {
-        return Poll::Ready(Ok(Step::Respond(local)));
+        return Poll::Ready(Ok(Step::Respond(*local)));
     }
     if std::mem::take(&mut ctx.signal.reset) {
         return Poll::Ready(Ok(Step::Reset));
@@ -247,6 +259,39 @@ fn poll_resume<P: Phase>(
         _ => ctx.waker = Some(cx.waker().clone()),
     }
     Poll::Pending
+}
+
+/// This request's context (`ctx`), made on its first phase.
+fn context(
+    ctx: &mut Option<CtxRef>,
+    inner: &FactoryInner,
+    slot: &mut WorkerSlot,
+    callback: Callback,
+) -> Result<CtxRef, FilterError> {
+    if let Some(c) = *ctx {
+        if slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation) {
+            return Ok(c);
+        }
+        return Err(lost(slot, &inner.plugin, callback));
+    }
+    slot.ensure(inner)?;
+    let id = slot.next_ctx_id();
+    let Some(vm) = slot.vm.as_mut() else { return Err(lost(slot, &inner.plugin, callback)) };
+    let c = CtxRef { id, generation: vm.generation };
+    vm.store.data_mut().new_context(id);
+    *ctx = Some(c);
+    if let Err(f) = vm.context_create(id) {
+        return Err(slot.fail(inner, f));
+    }
+    Ok(c)
+}
+
+/// Why a phase did not reach the guest's decision.
+enum Failed {
+    /// The worker's VM is in use (a bug): an error, the fail policy aside.
+    Busy(FilterError),
+    /// The VM or the context failed: the fail policy decides.
+    Policy(FilterError),
 }
 
 /// The per-request filter.
@@ -282,27 +327,6 @@ impl WasmFilter {
         }
     }
 
-    /// This request's context, made on its first phase.
-    fn context(&mut self, slot: &mut WorkerSlot, callback: Callback) -> Result<CtxRef, FilterError> {
-        let inner = &*self.inner;
-        if let Some(c) = self.ctx {
-            if slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation) {
-                return Ok(c);
-            }
-            return Err(lost(slot, &inner.plugin, callback));
-        }
-        slot.ensure(inner)?;
-        let id = slot.next_ctx_id();
-        let Some(vm) = slot.vm.as_mut() else { return Err(lost(slot, &inner.plugin, callback)) };
-        let c = CtxRef { id, generation: vm.generation };
-        vm.store.data_mut().contexts.insert(id, Box::default());
-        self.ctx = Some(c);
-        if let Err(f) = vm.context_create(id) {
-            return Err(slot.fail(inner, f));
-        }
-        Ok(c)
-    }
-
     /// Runs one phase: the guest's decision, or `None` when it paused (its
     /// data then stays parked in the context until [`WasmFilter::poll_phase`]).
     fn run<P: Phase>(
@@ -314,30 +338,39 @@ impl WasmFilter {
         if self.bypass {
             return Ok(Some(Step::Continue));
         }
-        let inner = Arc::clone(&self.inner);
+        match self.run_guest::<P>(value, info, eos) {
+            Ok(step) => Ok(step),
+            Err(Failed::Busy(err)) => Err(err),
+            Err(Failed::Policy(err)) => self.on_failure(err).map(Some),
+        }
+    }
+
+    /// [`WasmFilter::run`] past the bypass check; borrows the factory (no
+    /// reference count per phase).
+    fn run_guest<P: Phase>(
+        &mut self,
+        value: &mut P::Value,
+        info: &StreamInfo,
+        eos: bool,
+    ) -> Result<Option<Step>, Failed> {
+        let inner = &*self.inner;
         let Ok(mut guard) = inner.slot().try_borrow_mut() else {
-            return Err(inner.plugin.error(
+            return Err(Failed::Busy(inner.plugin.error(
                 FilterErrorKind::Internal,
                 P::CALLBACK.name(),
                 "worker VM busy (re-entered)".into(),
-            ));
+            )));
         };
         let slot = &mut *guard;
-        let c = match self.context(slot, P::CALLBACK) {
-            Ok(c) => c,
-            Err(err) => {
-                drop(guard);
-                return self.on_failure(err).map(Some);
-            }
-        };
+        let c = context(&mut self.ctx, inner, slot, P::CALLBACK).map_err(Failed::Policy)?;
         let arg = P::arg(value);
         let parked = park::<P>(slot, c, value);
         let decided = match slot.vm.as_mut() {
             None => Err(lost(slot, &inner.plugin, P::CALLBACK)),
             Some(vm) => match INFO.set(info, || P::invoke(vm, c.id, arg, eos)) {
-                Err(f) => Err(slot.fail(&inner, f)),
+                Err(f) => Err(slot.fail(inner, f)),
                 Ok(action) => {
-                    crate::callout::flush(&inner, vm);
+                    crate::callout::flush(inner, vm);
                     Ok(decide::<P>(vm, c.id, action, eos))
                 }
             },
@@ -358,8 +391,7 @@ impl WasmFilter {
             }
             Err(err) => {
                 unpark::<P>(slot, c, value, info);
-                drop(guard);
-                self.on_failure(err).map(Some)
+                Err(Failed::Policy(err))
             }
         }
     }
@@ -413,7 +445,7 @@ impl WasmFilter {
     /// `on_delete`.
     fn finish(&mut self, view: Option<(&LogView<'_>, &StreamInfo)>) {
         let Some(c) = self.ctx.take() else { return };
-        let inner = self.inner.clone();
+        let inner = &*self.inner;
         let Ok(mut guard) = inner.slot().try_borrow_mut() else {
             tracing::warn!(plugin = %inner.plugin.name, "worker VM busy at request end; context leaked");
             return;
@@ -425,16 +457,16 @@ impl WasmFilter {
             Some((view, info)) => LogScope::enter(view, info, || vm.finish(c.id, true)),
             None => vm.finish(c.id, true),
         };
-        vm.store.data_mut().contexts.remove(&c.id);
+        vm.store.data_mut().release_context(c.id);
         match result {
             Ok(()) => {
-                crate::callout::flush(&inner, vm);
+                crate::callout::flush(inner, vm);
                 if !self.failed {
                     slot.request_succeeded();
                 }
             }
             Err(f) => {
-                slot.fail(&inner, f);
+                slot.fail(inner, f);
             }
         }
     }

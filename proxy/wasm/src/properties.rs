@@ -98,7 +98,7 @@ fn segments(path: &[u8]) -> Vec<&str> {
 /// in, its headers phase) or the final one in `on_log`.
 fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Option<R> {
     let ctx = state.contexts.get(&state.frame.effective)?;
-    if let Some(p) = &ctx.req_head {
+    if let Some(p) = ctx.req_head() {
         return Some(f(p));
     }
     if state.frame.callback == Callback::Log && LOG_REQUEST.is_set() {
@@ -109,7 +109,7 @@ fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Opt
 
 fn with_response<R>(state: &VmState, f: impl FnOnce(&response::Parts) -> R) -> Option<R> {
     let ctx = state.contexts.get(&state.frame.effective)?;
-    if let Some(p) = &ctx.resp_head {
+    if let Some(p) = ctx.resp_head() {
         return Some(f(p));
     }
     if state.frame.callback == Callback::Log && LOG_RESPONSE.is_set() {

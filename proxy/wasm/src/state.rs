@@ -85,18 +85,56 @@ pub(crate) struct Signal {
     pub resume_request: bool,
     pub resume_response: bool,
     pub reset: bool,
-    pub local: Option<LocalResponse>,
+    /// Boxed: rare, and the context stays small.
+    pub local: Option<Box<LocalResponse>>,
+}
+
+/// The data of the phase a context is in (or paused in). The filter lock of a
+/// request lets one phase of a filter run at a time, so one slot is enough; a
+/// context stays a few cache lines, which it touches on every request.
+#[derive(Default)]
+pub(crate) enum Parked {
+    #[default]
+    None,
+    ReqHead(request::Parts),
+    ReqBody(BytesMut),
+    ReqTrailers(HeaderMap),
+    RespHead(response::Parts),
+    RespBody(BytesMut),
+    RespTrailers(HeaderMap),
+}
+
+macro_rules! parked_access {
+    ($get:ident, $get_mut:ident, $variant:ident, $ty:ty) => {
+        pub fn $get(&self) -> Option<&$ty> {
+            match &self.parked {
+                Parked::$variant(v) => Some(v),
+                _ => None,
+            }
+        }
+        pub fn $get_mut(&mut self) -> Option<&mut $ty> {
+            match &mut self.parked {
+                Parked::$variant(v) => Some(v),
+                _ => None,
+            }
+        }
+    };
+}
+
+impl HttpCtx {
+    parked_access!(req_head, req_head_mut, ReqHead, request::Parts);
+    parked_access!(req_body, req_body_mut, ReqBody, BytesMut);
+    parked_access!(req_trailers, req_trailers_mut, ReqTrailers, HeaderMap);
+    parked_access!(resp_head, resp_head_mut, RespHead, response::Parts);
+    parked_access!(resp_body, resp_body_mut, RespBody, BytesMut);
+    parked_access!(resp_trailers, resp_trailers_mut, RespTrailers, HeaderMap);
 }
 
 /// One HTTP request's context inside a VM.
 #[derive(Default)]
 pub(crate) struct HttpCtx {
-    pub req_head: Option<request::Parts>,
-    pub req_body: Option<BytesMut>,
-    pub req_trailers: Option<HeaderMap>,
-    pub resp_head: Option<response::Parts>,
-    pub resp_body: Option<BytesMut>,
-    pub resp_trailers: Option<HeaderMap>,
+    /// The current phase's head, body or trailers, readable and writable by host calls.
+    pub parked: Parked,
     /// The guest edited request headers or pseudo-headers: clear the route cache.
     pub req_edited: bool,
     pub signal: Signal,
@@ -232,15 +270,25 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Released HTTP contexts a VM keeps for reuse.
+const MAX_SPARE_CONTEXTS: usize = 64;
+
 /// The data of a VM's `Store`.
 pub(crate) struct VmState {
     pub plugin: Arc<Plugin>,
+    /// The plugin's callback deadline in epoch ticks, kept here so a call reads
+    /// no more than the store's own state.
+    pub deadline_ticks: u64,
     pub limiter: Limiter,
     pub memory: Option<Memory>,
     pub alloc: Option<TypedFunc<i32, i32>>,
     pub root_id: u32,
     pub frame: CallFrame,
     pub contexts: IdMap<Box<HttpCtx>>,
+    /// Released contexts' allocations, reused by [`VmState::new_context`]
+    /// (boxed: they move into `contexts` as they are).
+    #[allow(clippy::vec_box)]
+    spare_contexts: Vec<Box<HttpCtx>>,
     /// `true` for a worker's VM (may spawn tasks), `false` for the validation VM.
     pub worker: bool,
     pub tick_period: Option<Duration>,
@@ -261,6 +309,7 @@ impl VmState {
     pub fn new(plugin: Arc<Plugin>, worker: bool) -> VmState {
         let memory_bytes = usize::try_from(plugin.limits.memory_bytes).unwrap_or(usize::MAX);
         VmState {
+            deadline_ticks: plugin.deadline_ticks,
             plugin,
             limiter: Limiter { memory_bytes, oom: false },
             memory: None,
@@ -268,6 +317,7 @@ impl VmState {
             root_id: 1,
             frame: CallFrame { callback: Callback::None, ctx: 0, effective: 0 },
             contexts: IdMap::default(),
+            spare_contexts: Vec::new(),
             worker,
             tick_period: None,
             callout: None,
@@ -278,6 +328,22 @@ impl VmState {
             log: LogState::default(),
             mailbox: None,
             root_properties: Vec::new(),
+        }
+    }
+
+    /// Makes HTTP context `id`, reusing a released context's allocation.
+    pub fn new_context(&mut self, id: u32) {
+        let ctx = self.spare_contexts.pop().unwrap_or_default();
+        self.contexts.insert(id, ctx);
+    }
+
+    /// Drops HTTP context `id`, keeping its allocation for a later request.
+    pub fn release_context(&mut self, id: u32) {
+        if let Some(mut ctx) = self.contexts.remove(&id)
+            && self.spare_contexts.len() < MAX_SPARE_CONTEXTS
+        {
+            *ctx = HttpCtx::default();
+            self.spare_contexts.push(ctx);
         }
     }
 

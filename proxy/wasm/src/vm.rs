@@ -70,7 +70,9 @@ struct Exports {
 pub(crate) struct Vm {
     pub store: Store<VmState>,
     instance: Instance,
-    ex: Arc<Exports>,
+    /// Owned (not behind an `Arc`): a call borrows it beside `store`, so the
+    /// request path touches no reference count.
+    ex: Exports,
     /// Generation of the worker slot this VM belongs to.
     pub generation: u64,
     pub tick_generation: u64,
@@ -130,18 +132,21 @@ impl Vm {
         };
         let ex = exports(&instance, &mut store, module)
             .map_err(|e| fail(Callback::Initialize, format!("bad exports: {e:#}")))?;
-        let mut vm = Vm { store, instance, ex: Arc::new(ex), generation, tick_generation: 0 };
+        let mut vm = Vm { store, instance, ex, generation, tick_generation: 0 };
         plugin.vm_created();
         if worker {
             plugin.vm_instantiate.observe(started.elapsed().as_secs_f64());
         }
         match init {
             Some((init, false)) => {
-                vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| init.call(s, ()))?;
+                call_in(&mut vm.store, Callback::Initialize, 0, plugin.start_deadline_ticks, |s| {
+                    init.call(s, ())
+                })?;
             }
             Some((start, true)) => {
-                let r =
-                    vm.call_with(Callback::Initialize, 0, plugin.start_deadline_ticks, |s| start.call(s, ()));
+                let r = call_in(&mut vm.store, Callback::Initialize, 0, plugin.start_deadline_ticks, |s| {
+                    start.call(s, ())
+                });
                 // A command module's `_start` may end with `proc_exit(0)`.
                 if let Err(f) = r
                     && !f.message.contains("proc_exit(0)")
@@ -152,25 +157,21 @@ impl Vm {
             None => {}
         }
         let root = vm.store.data().root_id as i32;
-        let ex = Arc::clone(&vm.ex);
-        let create = &ex.on_context_create;
-        vm.call_with(Callback::ContextCreate, root as u32, plugin.start_deadline_ticks, |s| {
-            create.call(s, (root, 0))
-        })?;
-        if let Some(f) = ex.on_vm_start.as_ref() {
+        let ticks = plugin.start_deadline_ticks;
+        let create = &vm.ex.on_context_create;
+        call_in(&mut vm.store, Callback::ContextCreate, root as u32, ticks, |s| create.call(s, (root, 0)))?;
+        if let Some(f) = vm.ex.on_vm_start.as_ref() {
             let len = plugin.vm_config.len() as i32;
-            let ok = vm.call_with(Callback::VmStart, root as u32, plugin.start_deadline_ticks, |s| {
-                f.call(s, (root, len))
-            })?;
+            let ok =
+                call_in(&mut vm.store, Callback::VmStart, root as u32, ticks, |s| f.call(s, (root, len)))?;
             if ok == 0 {
                 return Err(vm.rejected(Callback::VmStart, "on_vm_start returned false"));
             }
         }
-        if let Some(f) = ex.on_configure.as_ref() {
+        if let Some(f) = vm.ex.on_configure.as_ref() {
             let len = plugin.plugin_config.len() as i32;
-            let ok = vm.call_with(Callback::Configure, root as u32, plugin.start_deadline_ticks, |s| {
-                f.call(s, (root, len))
-            })?;
+            let ok =
+                call_in(&mut vm.store, Callback::Configure, root as u32, ticks, |s| f.call(s, (root, len)))?;
             if ok == 0 {
                 return Err(vm.rejected(Callback::Configure, "on_configure returned false"));
             }
@@ -193,130 +194,77 @@ impl Vm {
         self.store.data().root_id
     }
 
-    /// Runs one guest callback under the plugin's callback deadline.
-    pub fn call<R>(
-        &mut self,
-        callback: Callback,
-        ctx: u32,
-        f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<R>,
-    ) -> Result<R, VmFailure> {
-        let ticks = self.store.data().plugin.deadline_ticks;
-        self.call_with(callback, ctx, ticks, f)
-    }
-
-    fn call_with<R>(
-        &mut self,
-        callback: Callback,
-        ctx: u32,
-        ticks: u64,
-        f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<R>,
-    ) -> Result<R, VmFailure> {
-        self.store.set_epoch_deadline(ticks);
-        {
-            let st = self.store.data_mut();
-            st.frame = CallFrame { callback, ctx, effective: ctx };
-            st.log.last_fatal = None;
-            st.limiter.oom = false;
-        }
-        let result = f(&mut self.store);
-        let st = self.store.data_mut();
-        st.frame = CallFrame { callback: Callback::None, ctx: 0, effective: 0 };
-        crate::wasi::flush_lines(st);
-        result.map_err(|e| classify(self.store.data(), callback, e))
-    }
-
     // === callbacks ===
 
     pub fn context_create(&mut self, id: u32) -> Result<(), VmFailure> {
-        let ex = Arc::clone(&self.ex);
-        let (f, root) = (&ex.on_context_create, self.root_id() as i32);
-        self.call(Callback::ContextCreate, id, |s| f.call(s, (id as i32, root)))
+        let (f, root) = (&self.ex.on_context_create, self.store.data().root_id as i32);
+        call(&mut self.store, Callback::ContextCreate, id, |s| f.call(s, (id as i32, root)))
     }
 
     pub fn headers(&mut self, callback: Callback, id: u32, n: usize, eos: bool) -> Result<i32, VmFailure> {
-        let ex = Arc::clone(&self.ex);
         let f = match callback {
-            Callback::RequestHeaders => ex.on_request_headers.as_ref(),
-            _ => ex.on_response_headers.as_ref(),
+            Callback::RequestHeaders => self.ex.on_request_headers.as_ref(),
+            _ => self.ex.on_response_headers.as_ref(),
         };
         let (n, eos) = (n as i32, i32::from(eos));
+        let store = &mut self.store;
         match f {
             None => Ok(0),
-            Some(HeadersFn::V1(f)) => self.call(callback, id, |s| f.call(s, (id as i32, n))),
-            Some(HeadersFn::V2(f)) => self.call(callback, id, |s| f.call(s, (id as i32, n, eos))),
+            Some(HeadersFn::V1(f)) => call(store, callback, id, |s| f.call(s, (id as i32, n))),
+            Some(HeadersFn::V2(f)) => call(store, callback, id, |s| f.call(s, (id as i32, n, eos))),
         }
     }
 
     pub fn body(&mut self, callback: Callback, id: u32, size: usize, eos: bool) -> Result<i32, VmFailure> {
-        let ex = Arc::clone(&self.ex);
         let f = match callback {
-            Callback::RequestBody => ex.on_request_body.as_ref(),
-            _ => ex.on_response_body.as_ref(),
+            Callback::RequestBody => self.ex.on_request_body.as_ref(),
+            _ => self.ex.on_response_body.as_ref(),
         };
         let Some(f) = f else { return Ok(0) };
         let size = i32::try_from(size).unwrap_or(i32::MAX);
-        self.call(callback, id, |s| f.call(s, (id as i32, size, i32::from(eos))))
+        call(&mut self.store, callback, id, |s| f.call(s, (id as i32, size, i32::from(eos))))
     }
 
     pub fn trailers(&mut self, callback: Callback, id: u32, n: usize) -> Result<i32, VmFailure> {
-        let ex = Arc::clone(&self.ex);
+        let (instance, store) = (&self.instance, &mut self.store);
         let f = match callback {
-            Callback::RequestTrailers => self.rare(callback, &ex.on_request_trailers)?,
-            _ => self.rare(callback, &ex.on_response_trailers)?,
+            Callback::RequestTrailers => rare(instance, store, callback, &self.ex.on_request_trailers)?,
+            _ => rare(instance, store, callback, &self.ex.on_response_trailers)?,
         };
         let Some(f) = f else { return Ok(0) };
-        self.call(callback, id, |s| f.call(s, (id as i32, n as i32)))
+        call(store, callback, id, |s| f.call(s, (id as i32, n as i32)))
     }
 
     /// `on_log`, `on_done` and `on_delete` for a finished HTTP context.
     pub fn finish(&mut self, id: u32, log: bool) -> Result<(), VmFailure> {
-        let ex = Arc::clone(&self.ex);
+        let (ex, store) = (&self.ex, &mut self.store);
         if log && let Some(f) = ex.on_log.as_ref() {
-            self.call(Callback::Log, id, |s| f.call(s, id as i32))?;
+            call(store, Callback::Log, id, |s| f.call(s, id as i32))?;
         }
         if let Some(f) = ex.on_done.as_ref() {
             // Envoy ignores `on_done`'s result for HTTP contexts.
-            self.call(Callback::Done, id, |s| f.call(s, id as i32))?;
+            call(store, Callback::Done, id, |s| f.call(s, id as i32))?;
         }
         if let Some(f) = ex.on_delete.as_ref() {
-            self.call(Callback::Delete, id, |s| f.call(s, id as i32))?;
+            call(store, Callback::Delete, id, |s| f.call(s, id as i32))?;
         }
         Ok(())
     }
 
-    /// A [`Rare`] callback, resolved now if this is its first call.
-    fn rare<P: WasmParams, R: WasmResults>(
-        &mut self,
-        callback: Callback,
-        rare: &Rare<P, R>,
-    ) -> Result<Option<TypedFunc<P, R>>, VmFailure> {
-        if let Some(f) = rare.func.get() {
-            return Ok(f.clone());
-        }
-        // Cannot fail for an admitted module (export signatures are checked at load).
-        let f = typed(&self.instance, &mut self.store, rare.at.as_ref()).map_err(|e| VmFailure {
-            kind: FilterErrorKind::Internal,
-            label: "host_error",
-            callback,
-            message: format!("bad export: {e:#}"),
-        })?;
-        Ok(rare.func.get_or_init(|| f).clone())
-    }
-
     pub fn tick(&mut self) -> Result<(), VmFailure> {
-        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.rare(Callback::Tick, &ex.on_tick)? {
-            Some(f) => self.call(Callback::Tick, root, |s| f.call(s, root as i32)),
+        let (instance, store) = (&self.instance, &mut self.store);
+        match rare(instance, store, Callback::Tick, &self.ex.on_tick)? {
+            Some(f) => call(store, Callback::Tick, root, |s| f.call(s, root as i32)),
             None => Ok(()),
         }
     }
 
     pub fn queue_ready(&mut self, queue: u32) -> Result<(), VmFailure> {
-        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.rare(Callback::QueueReady, &ex.on_queue_ready)? {
-            Some(f) => self.call(Callback::QueueReady, root, |s| f.call(s, (root as i32, queue as i32))),
+        let (instance, store) = (&self.instance, &mut self.store);
+        match rare(instance, store, Callback::QueueReady, &self.ex.on_queue_ready)? {
+            Some(f) => call(store, Callback::QueueReady, root, |s| f.call(s, (root as i32, queue as i32))),
             None => Ok(()),
         }
     }
@@ -328,10 +276,10 @@ impl Vm {
         body: usize,
         trailers: usize,
     ) -> Result<(), VmFailure> {
-        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.rare(Callback::HttpCallResponse, &ex.on_http_call_response)? {
-            Some(f) => self.call(Callback::HttpCallResponse, root, |s| {
+        let (instance, store) = (&self.instance, &mut self.store);
+        match rare(instance, store, Callback::HttpCallResponse, &self.ex.on_http_call_response)? {
+            Some(f) => call(store, Callback::HttpCallResponse, root, |s| {
                 f.call(s, (root as i32, token as i32, headers as i32, body as i32, trailers as i32))
             }),
             None => Ok(()),
@@ -339,25 +287,79 @@ impl Vm {
     }
 
     pub fn grpc_receive(&mut self, token: u32, size: usize) -> Result<(), VmFailure> {
-        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.rare(Callback::GrpcReceive, &ex.on_grpc_receive)? {
-            Some(f) => self
-                .call(Callback::GrpcReceive, root, |s| f.call(s, (root as i32, token as i32, size as i32))),
+        let (instance, store) = (&self.instance, &mut self.store);
+        match rare(instance, store, Callback::GrpcReceive, &self.ex.on_grpc_receive)? {
+            Some(f) => call(store, Callback::GrpcReceive, root, |s| {
+                f.call(s, (root as i32, token as i32, size as i32))
+            }),
             None => Ok(()),
         }
     }
 
     pub fn grpc_close(&mut self, token: u32, code: u32) -> Result<(), VmFailure> {
-        let ex = Arc::clone(&self.ex);
         let root = self.root_id();
-        match self.rare(Callback::GrpcClose, &ex.on_grpc_close)? {
-            Some(f) => {
-                self.call(Callback::GrpcClose, root, |s| f.call(s, (root as i32, token as i32, code as i32)))
-            }
+        let (instance, store) = (&self.instance, &mut self.store);
+        match rare(instance, store, Callback::GrpcClose, &self.ex.on_grpc_close)? {
+            Some(f) => call(store, Callback::GrpcClose, root, |s| {
+                f.call(s, (root as i32, token as i32, code as i32))
+            }),
             None => Ok(()),
         }
     }
+}
+
+/// Runs one guest callback under the plugin's callback deadline.
+fn call<R>(
+    store: &mut Store<VmState>,
+    callback: Callback,
+    ctx: u32,
+    f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<R>,
+) -> Result<R, VmFailure> {
+    let ticks = store.data().deadline_ticks;
+    call_in(store, callback, ctx, ticks, f)
+}
+
+/// Runs one guest callback with a deadline of `ticks` epochs from now.
+fn call_in<R>(
+    store: &mut Store<VmState>,
+    callback: Callback,
+    ctx: u32,
+    ticks: u64,
+    f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<R>,
+) -> Result<R, VmFailure> {
+    store.set_epoch_deadline(ticks);
+    {
+        let st = store.data_mut();
+        st.frame = CallFrame { callback, ctx, effective: ctx };
+        st.log.last_fatal = None;
+        st.limiter.oom = false;
+    }
+    let result = f(store);
+    let st = store.data_mut();
+    st.frame = CallFrame { callback: Callback::None, ctx: 0, effective: 0 };
+    crate::wasi::flush_lines(st);
+    result.map_err(|e| classify(store.data(), callback, e))
+}
+
+/// A [`Rare`] callback, resolved now if this is its first call.
+fn rare<P: WasmParams, R: WasmResults>(
+    instance: &Instance,
+    store: &mut Store<VmState>,
+    callback: Callback,
+    rare: &Rare<P, R>,
+) -> Result<Option<TypedFunc<P, R>>, VmFailure> {
+    if let Some(f) = rare.func.get() {
+        return Ok(f.clone());
+    }
+    // Cannot fail for an admitted module (export signatures are checked at load).
+    let f = typed(instance, store, rare.at.as_ref()).map_err(|e| VmFailure {
+        kind: FilterErrorKind::Internal,
+        label: "host_error",
+        callback,
+        message: format!("bad export: {e:#}"),
+    })?;
+    Ok(rare.func.get_or_init(|| f).clone())
 }
 
 /// The typed function at `export`, if the module has it.

@@ -26,10 +26,10 @@ fn with_map<R>(st: &VmState, map: i32, f: impl FnOnce(MapView<'_>) -> R) -> Resu
         }
         MapType::GrpcReceiveInitialMetadata => callout.map(|r| MapView::Plain(&r.head.headers)),
         _ => st.contexts.get(&st.frame.effective).and_then(|ctx| match map {
-            MapType::HttpRequestHeaders => ctx.req_head.as_ref().map(MapView::Request),
-            MapType::HttpRequestTrailers => ctx.req_trailers.as_ref().map(MapView::Plain),
-            MapType::HttpResponseHeaders => ctx.resp_head.as_ref().map(MapView::Response),
-            _ => ctx.resp_trailers.as_ref().map(MapView::Plain),
+            MapType::HttpRequestHeaders => ctx.req_head().map(MapView::Request),
+            MapType::HttpRequestTrailers => ctx.req_trailers().map(MapView::Plain),
+            MapType::HttpResponseHeaders => ctx.resp_head().map(MapView::Response),
+            _ => ctx.resp_trailers().map(MapView::Plain),
         }),
     };
     if let Some(view) = view {
@@ -55,18 +55,18 @@ fn with_map_mut<R>(
         return Err(Status::BadArgument);
     };
     let (result, edited) = match kind {
-        MapType::HttpRequestHeaders if ctx.req_head.is_some() => {
-            let head = ctx.req_head.as_mut().ok_or(Status::BadArgument)?;
+        MapType::HttpRequestHeaders if ctx.req_head().is_some() => {
+            let head = ctx.req_head_mut().ok_or(Status::BadArgument)?;
             (f(&mut MapMut::Request(head)), true)
         }
-        MapType::HttpRequestTrailers if ctx.req_trailers.is_some() => {
-            (f(&mut MapMut::Plain(ctx.req_trailers.as_mut().ok_or(Status::BadArgument)?)), false)
+        MapType::HttpRequestTrailers if ctx.req_trailers().is_some() => {
+            (f(&mut MapMut::Plain(ctx.req_trailers_mut().ok_or(Status::BadArgument)?)), false)
         }
-        MapType::HttpResponseHeaders if ctx.resp_head.is_some() => {
-            (f(&mut MapMut::Response(ctx.resp_head.as_mut().ok_or(Status::BadArgument)?)), false)
+        MapType::HttpResponseHeaders if ctx.resp_head().is_some() => {
+            (f(&mut MapMut::Response(ctx.resp_head_mut().ok_or(Status::BadArgument)?)), false)
         }
-        MapType::HttpResponseTrailers if ctx.resp_trailers.is_some() => {
-            (f(&mut MapMut::Plain(ctx.resp_trailers.as_mut().ok_or(Status::BadArgument)?)), false)
+        MapType::HttpResponseTrailers if ctx.resp_trailers().is_some() => {
+            (f(&mut MapMut::Plain(ctx.resp_trailers_mut().ok_or(Status::BadArgument)?)), false)
         }
         _ => {
             tracing::warn!(plugin = %plugin.name, callback = callback.name(), map, "header map is not writable in this callback");
@@ -185,8 +185,8 @@ fn buffer(st: &VmState, t: i32) -> Result<&[u8], Status> {
     let t = BufferType::from_u32(t as u32).ok_or(Status::BadArgument)?;
     let ctx = st.contexts.get(&st.frame.effective);
     let found: Option<&[u8]> = match t {
-        BufferType::HttpRequestBody => ctx.and_then(|c| c.req_body.as_deref()),
-        BufferType::HttpResponseBody => ctx.and_then(|c| c.resp_body.as_deref()),
+        BufferType::HttpRequestBody => ctx.and_then(|c| c.req_body().map(|b| &b[..])),
+        BufferType::HttpResponseBody => ctx.and_then(|c| c.resp_body().map(|b| &b[..])),
         BufferType::HttpCallResponseBody => {
             st.callout.as_ref().and_then(|c| c.response.as_ref()).map(|r| &r.body[..])
         }
@@ -276,8 +276,8 @@ pub(super) fn set_buffer_bytes(
     let kind = BufferType::from_u32(t as u32).ok_or(Status::BadArgument)?;
     let Some(ctx) = st.effective_http() else { return Err(Status::NotFound.into()) };
     let buf = match kind {
-        BufferType::HttpRequestBody => ctx.req_body.as_mut(),
-        BufferType::HttpResponseBody => ctx.resp_body.as_mut(),
+        BufferType::HttpRequestBody => ctx.req_body_mut(),
+        BufferType::HttpResponseBody => ctx.resp_body_mut(),
         _ => return Err(Status::BadArgument.into()),
     };
     let buf = buf.ok_or(Status::NotFound)?;

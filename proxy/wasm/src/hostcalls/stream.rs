@@ -90,7 +90,7 @@ pub(super) fn send_local_response(
         tracing::warn!(plugin = %plugin.name, callback = callback.name(), "local response after the request ended; ignored");
         return Ok(());
     }
-    ctx.signal.local = Some(LocalResponse { status, headers: hdrs, body, grpc_status, details });
+    ctx.signal.local = Some(Box::new(LocalResponse { status, headers: hdrs, body, grpc_status, details }));
     st.deferred.push(Deferred::Wake(id));
     Ok(())
 }
