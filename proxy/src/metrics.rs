@@ -40,6 +40,8 @@ pub struct Metrics {
     pub upstream_connect_failures: IntCounterVec,
     /// `sluice_upstream_retries_total{cluster}`.
     pub retries: IntCounterVec,
+    /// `sluice_upstream_stale_connection_resends_total{cluster}`.
+    pub stale_resends: IntCounterVec,
     /// `sluice_upstream_retry_budget_exhausted_total{cluster}`.
     pub retry_budget_exhausted: IntCounterVec,
     /// `sluice_circuit_breaker_rejections_total{cluster,limit}`.
@@ -131,6 +133,11 @@ impl Metrics {
                 &["cluster"],
             )?,
             retries: counter("sluice_upstream_retries_total", "Retried upstream attempts", &["cluster"])?,
+            stale_resends: counter(
+                "sluice_upstream_stale_connection_resends_total",
+                "Requests sent again on a fresh connection because a pooled HTTP/1.1 connection closed before answering",
+                &["cluster"],
+            )?,
             retry_budget_exhausted: counter(
                 "sluice_upstream_retry_budget_exhausted_total",
                 "Retries refused by the retry budget or the retry circuit breaker",

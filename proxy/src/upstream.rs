@@ -496,6 +496,7 @@ pub(crate) async fn send_request(
                 // send the request again on a fresh one.
                 Err(e) if ex.can_resend() => {
                     tracing::debug!(upstream = %endpoint.addr, error = %e, "stale pooled connection; resending");
+                    cluster.metrics.stale_resends.inc();
                     match pool::connect(cluster, endpoint).await? {
                         Conn::H1(fresh) => ex.resend_on(fresh),
                         Conn::H2(_) => return Err(e),

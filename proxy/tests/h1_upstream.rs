@@ -67,6 +67,7 @@ async fn a_pooled_connection_the_upstream_drops_is_replaced_without_an_error() {
     assert_eq!(b.accepted(), 3, "requests 2 and 3 were sent again on fresh connections");
     let m = p.metrics().await;
     assert_eq!(metric(&m, r#"sluice_local_replies_total{reason="upstream_reset"}"#), 0.0);
+    assert_eq!(metric(&m, r#"sluice_upstream_stale_connection_resends_total{cluster="backend"}"#), 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

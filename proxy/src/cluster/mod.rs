@@ -103,6 +103,8 @@ pub struct ClusterMetrics {
     pub connect_failures: IntCounter,
     /// Retries.
     pub retries: IntCounter,
+    /// Requests resent because a pooled connection had gone stale.
+    pub stale_resends: IntCounter,
     /// Retries refused by the budget.
     pub retry_budget_exhausted: IntCounter,
     /// Rejections by limit.
@@ -159,6 +161,7 @@ impl ClusterState {
             connections: metrics.upstream_connections.with_label_values(&[&name]),
             connect_failures: metrics.upstream_connect_failures.with_label_values(&[&name]),
             retries: metrics.retries.with_label_values(&[&name]),
+            stale_resends: metrics.stale_resends.with_label_values(&[&name]),
             retry_budget_exhausted: metrics.retry_budget_exhausted.with_label_values(&[&name]),
             rejected_connections: metrics.circuit_rejections.with_label_values(&[&name, "connections"]),
             rejected_pending: metrics.circuit_rejections.with_label_values(&[&name, "pending"]),
