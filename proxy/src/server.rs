@@ -415,6 +415,7 @@ impl Control {
 async fn watch_connection(activity: Rc<Activity>, control: Rc<Control>, cx: Rc<AcceptCtx>) {
     let idle_timeout = cx.config.limits.idle_timeout;
     let mut drain = cx.drain.clone();
+    // Checked again here (not only in `run_http`): a drain may have begun since.
     let mut draining = drain.borrow().is_some();
     if draining {
         control.signal(false);

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, request};
 use http_body::Body;
 use smallvec::SmallVec;
@@ -56,10 +56,7 @@ pub(crate) fn encode_head(parts: &request::Parts, body: &ProxyBody, out: &mut Ve
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value);
     }
     match (framing, add_length) {
         (Framing::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -70,6 +67,14 @@ pub(crate) fn encode_head(parts: &request::Parts, body: &ProxyBody, out: &mut Ve
     }
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// Writes one `name: value` line (head or trailer section).
+fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The single `content-length` of a request, if it has a valid one.
@@ -202,10 +207,7 @@ impl Writer {
                     if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), self.framing) {
                         let mut v = b"0\r\n".to_vec();
                         for (name, value) in &trailers {
-                            v.extend_from_slice(name.as_str().as_bytes());
-                            v.extend_from_slice(b": ");
-                            v.extend_from_slice(value.as_bytes());
-                            v.extend_from_slice(b"\r\n");
+                            put_field(&mut v, name, value);
                         }
                         v.extend_from_slice(b"\r\n");
                         self.pieces.push(Piece::Owned(v));
