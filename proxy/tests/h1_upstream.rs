@@ -47,6 +47,56 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     assert_eq!(b.accepted(), 1, "the pooled connection carries every request");
 }
 
+/// Sends `n` GETs at once over two h2c connections and checks each is a 200.
+async fn burst(addr: SocketAddr, n: usize) {
+    let conns = [h2_connect(addr).await, h2_connect(addr).await];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let mut c = conns[i % 2].clone();
+        let req = Request::get(format!("http://x/{i}")).body(Full::new(Bytes::new())).unwrap();
+        tasks.spawn(async move { send2(&mut c, req).await.0.status });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_a_burst_opened_are_reused_by_the_next_burst() {
+    // Every request waits at the backend until all `N` of its burst have
+    // arrived, so each burst needs `N` upstream connections at once. With
+    // the default pool every one of them is kept and the second burst opens
+    // none (a cap below `N` would close some and reopen them).
+    const N: usize = 200;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(N));
+    let b = RawBackend::start(move |mut s| {
+        let barrier = barrier.clone();
+        async move {
+            loop {
+                if read_head(&mut s).await.is_empty() {
+                    return;
+                }
+                barrier.wait().await;
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let yaml = config_yaml(1, "", "- forward: { cluster: backend }", &backend_cluster(&[b.addr], ""));
+    let p = TestProxy::start(&yaml).await;
+    let within = std::time::Duration::from_secs(60);
+    for round in 1..=2 {
+        tokio::time::timeout(within, burst(p.addr("main"), N)).await.unwrap_or_else(|_| {
+            panic!("burst {round} did not complete: {} upstream connections", b.accepted())
+        });
+    }
+    assert_eq!(b.accepted(), N, "the second burst reused the first burst's connections");
+    let m = p.metrics().await;
+    assert_eq!(metric(&m, r#"sluice_upstream_connections_total{cluster="backend"}"#), N as f64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_upstream_drops_is_replaced_without_an_error() {
     // Each connection answers its first request, then closes on the second

@@ -628,7 +628,10 @@ pub struct HashOn {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Pool {
-    /// Idle connections kept per endpoint and worker.
+    /// Idle connections kept per endpoint and worker. The default matches
+    /// the circuit breaker's `max_connections`, as Envoy keeps every
+    /// connection until its idle timeout: a lower cap closes connections a
+    /// burst opened only to reopen them on the next burst.
     pub max_idle_per_endpoint: usize,
     /// Close idle connections after this long.
     #[serde(with = "humantime_serde")]
@@ -637,7 +640,7 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        Pool { max_idle_per_endpoint: 128, idle_timeout: Duration::from_secs(60) }
+        Pool { max_idle_per_endpoint: 1024, idle_timeout: Duration::from_secs(60) }
     }
 }
 
