@@ -75,7 +75,8 @@ pub async fn handle(req: Request<Incoming>, conn: Rc<ConnInfo>) -> Result<Respon
         attempts: 0,
         status: 0,
         reason: None,
-        start_wall: SystemTime::now(),
+        // Only the access log prints wall-clock time.
+        start_wall: if format == AccessLogFormat::Off { SystemTime::UNIX_EPOCH } else { SystemTime::now() },
         start,
         upstream_us: None,
         user_agent: None,

@@ -24,29 +24,40 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// `content-length` and `transfer-encoding`, several `content-length`s, or a
 /// `transfer-encoding` other than a single `chunked`.
 pub fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), ProxyError> {
-    let mut cl = headers.get_all(CONTENT_LENGTH).iter();
-    let first_cl = cl.next();
-    if cl.next().is_some() {
+    // One pass over the fields instead of a lookup per name.
+    let (mut cl, mut te): (Option<&HeaderValue>, Option<&HeaderValue>) = (None, None);
+    let (mut cls, mut tes, mut connection) = (0usize, 0usize, false);
+    for (name, value) in headers {
+        if name == CONTENT_LENGTH {
+            cls += 1;
+            cl = Some(value);
+        } else if name == TRANSFER_ENCODING {
+            tes += 1;
+            te = Some(value);
+        } else if name == CONNECTION {
+            connection = true;
+        }
+    }
+    if cls > 1 {
         return Err(ProxyError::bad_request("several content-length headers"));
     }
-    if let Some(v) = first_cl
+    if let Some(v) = cl
         && (v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit))
     {
         return Err(ProxyError::bad_request("invalid content-length"));
     }
-    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
-    if let Some(v) = te.next() {
+    if let Some(v) = te {
         if version == Version::HTTP_2 {
             return Err(ProxyError::bad_request("transfer-encoding in an HTTP/2 request"));
         }
-        if first_cl.is_some() {
+        if cl.is_some() {
             return Err(ProxyError::bad_request("both content-length and transfer-encoding"));
         }
-        if te.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+        if tes > 1 || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Err(ProxyError::bad_request("transfer-encoding other than chunked"));
         }
     }
-    if version == Version::HTTP_2 && headers.contains_key(CONNECTION) {
+    if version == Version::HTTP_2 && connection {
         return Err(ProxyError::bad_request("connection header in an HTTP/2 request"));
     }
     Ok(())
@@ -61,11 +72,38 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
+/// Which hop-by-hop headers a message carries (bits below).
+const HOP_CONNECTION: u8 = 1;
+const HOP_KEEP_ALIVE: u8 = 2;
+const HOP_PROXY_CONNECTION: u8 = 4;
+const HOP_TRANSFER_ENCODING: u8 = 8;
+const HOP_UPGRADE: u8 = 16;
+const HOP_TE: u8 = 32;
+
+fn hop_bit(name: &HeaderName) -> u8 {
+    match name.as_str() {
+        "connection" => HOP_CONNECTION,
+        "keep-alive" => HOP_KEEP_ALIVE,
+        "proxy-connection" => HOP_PROXY_CONNECTION,
+        "transfer-encoding" => HOP_TRANSFER_ENCODING,
+        "upgrade" => HOP_UPGRADE,
+        "te" => HOP_TE,
+        _ => 0,
+    }
+}
+
 /// Removes hop-by-hop headers (and those named by `connection`). With
 /// `keep_upgrade`, `connection: upgrade` and `upgrade` stay. `te: trailers`
 /// stays (gRPC needs it).
+///
+/// One pass over the names finds which are present, so a message without
+/// hop-by-hop headers (most HTTP/2 ones) costs no hash lookup.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if headers.contains_key(CONNECTION) {
+    let found = headers.keys().fold(0u8, |acc, n| acc | hop_bit(n));
+    if found == 0 {
+        return;
+    }
+    if found & HOP_CONNECTION != 0 {
         // Tokens that name headers removed below anyway (or kept on purpose)
         // need no lookup: the common `keep-alive` / `close` costs nothing.
         let implied = |t: &str| {
@@ -75,36 +113,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 || t.eq_ignore_ascii_case("upgrade")
                 || t.eq_ignore_ascii_case("te")
         };
-        let named: SmallVec<[HeaderName; 4]> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|t| !implied(t))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(&n);
+        let mut named: SmallVec<[HeaderName; 2]> = SmallVec::new();
+        for t in headers.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|s| s.split(','))
+        {
+            let t = t.trim();
+            if !implied(t)
+                && let Ok(n) = HeaderName::from_bytes(t.as_bytes())
+            {
+                named.push(n);
+            }
+        }
+        for n in &named {
+            headers.remove(n);
         }
         headers.remove(CONNECTION);
         if keep_upgrade {
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
     }
-    if headers.contains_key(&KEEP_ALIVE) {
+    if found & HOP_KEEP_ALIVE != 0 {
         headers.remove(&KEEP_ALIVE);
     }
-    if headers.contains_key(&PROXY_CONNECTION) {
+    if found & HOP_PROXY_CONNECTION != 0 {
         headers.remove(&PROXY_CONNECTION);
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if found & HOP_TRANSFER_ENCODING != 0 {
         headers.remove(TRANSFER_ENCODING);
     }
-    if !keep_upgrade && headers.contains_key(UPGRADE) {
+    if found & HOP_UPGRADE != 0 && !keep_upgrade {
         headers.remove(UPGRADE);
     }
-    if let Some(te) = headers.get(TE)
+    if found & HOP_TE != 0
+        && let Some(te) = headers.get(TE)
         && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
     {
         headers.remove(TE);
@@ -161,8 +201,8 @@ pub fn request_id(headers: &mut HeaderMap) -> String {
     if let Ok(v) = HeaderValue::from_bytes(&buf) {
         headers.insert(X_REQUEST_ID.clone(), v);
     }
-    // The buffer is ASCII hex.
-    buf.iter().map(|&b| b as char).collect()
+    // The buffer is ASCII hex, so this never falls back.
+    std::str::from_utf8(&buf).map(str::to_owned).unwrap_or_default()
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -255,6 +295,48 @@ mod tests {
         assert!(!h.contains_key("keep-alive"));
         assert_eq!(h.get(TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn strip_keeps_upgrade_only_when_asked_and_drops_te_other_than_trailers() {
+        let mk = || {
+            let mut h = HeaderMap::new();
+            h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(TE, HeaderValue::from_static("gzip"));
+            h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+            h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            h.insert("x-keep", HeaderValue::from_static("1"));
+            h
+        };
+        let mut h = mk();
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(CONNECTION).map(|v| v.as_bytes()), Some(&b"upgrade"[..]));
+        assert!(h.contains_key(UPGRADE));
+        let mut h = mk();
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"]);
+        // Nothing hop-by-hop: untouched.
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn framing_rejects_connection_in_http2_and_bad_lengths() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close"));
+        assert!(check_framing(&h, Version::HTTP_2).is_err());
+        assert!(check_framing(&h, Version::HTTP_11).is_ok());
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("-1"));
+        assert!(check_framing(&h, Version::HTTP_11).is_err());
+        let mut h = HeaderMap::new();
+        h.append(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.append(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert!(check_framing(&h, Version::HTTP_11).is_err());
     }
 
     #[test]

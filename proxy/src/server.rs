@@ -523,8 +523,9 @@ impl Drop for ActivityGuard {
     fn drop(&mut self) {
         let a = &self.activity;
         a.in_flight.set(a.in_flight.get() - 1);
-        a.last.set(std::time::Instant::now());
-        if !self.completed && self.started.elapsed() < PREMATURE_RESET_WINDOW {
+        let now = std::time::Instant::now();
+        a.last.set(now);
+        if !self.completed && now.saturating_duration_since(self.started) < PREMATURE_RESET_WINDOW {
             let premature = a.premature.get() + 1;
             a.premature.set(premature);
             if premature >= PREMATURE_RESET_MIN && premature * 2 > a.streams.get() {

@@ -251,7 +251,9 @@ pub(crate) async fn forward(
     let hash = hash_key(cluster, &template.headers, conn.remote);
     let max_attempts = 1 + retry.map_or(0, |r| r.policy.attempts);
     let per_try = retry.and_then(|r| r.policy.per_try_timeout);
-    let deadline = fwd.timeout.map(|t| tokio::time::Instant::now() + t);
+    // One clock read serves the deadline and the first attempt's start.
+    let mut now = Some(Instant::now());
+    let deadline = fwd.timeout.zip(now).map(|(t, n)| tokio::time::Instant::from_std(n + t));
     let mut template = Some(template);
     let mut last_endpoint: Option<Arc<Endpoint>> = None;
     // Held from a retry's admission until its attempt ends (`max_retries`).
@@ -292,7 +294,7 @@ pub(crate) async fn forward(
                 return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request"));
             }
         };
-        let started = Instant::now();
+        let started = now.take().unwrap_or_else(Instant::now);
         let send = Box::pin(send_request(cluster, &endpoint, req));
         let result = match (per_try, deadline) {
             (Some(pt), Some(dl)) => {
