@@ -34,8 +34,8 @@ pub(super) struct FilterBody {
     inner: ProxyBody,
     shared: Rc<Shared>,
     request: bool,
-    /// One buffer per filter, plus the chain's output.
-    bufs: Vec<BytesMut>,
+    /// One buffer per filter, plus the chain's output (inline for short chains).
+    bufs: smallvec::SmallVec<[BytesMut; 4]>,
     run: Option<Run>,
     /// Holding the filter lock (a frame is in the chain).
     held: bool,
@@ -59,7 +59,7 @@ impl FilterBody {
             inner,
             shared,
             request,
-            bufs: Vec::new(),
+            bufs: smallvec::SmallVec::new(),
             run: None,
             held: false,
             ended: false,

@@ -53,7 +53,8 @@ impl LogHead {
 }
 
 struct Filters {
-    list: Vec<Box<dyn HttpFilter>>,
+    /// Inline up to four filters: no allocation for the list itself.
+    list: smallvec::SmallVec<[Box<dyn HttpFilter>; 4]>,
     request_head: request::Parts,
     request_trailers: Option<HeaderMap>,
     response_trailers: Option<HeaderMap>,
