@@ -295,7 +295,7 @@ pub(crate) async fn forward(
             }
         };
         let started = now.take().unwrap_or_else(Instant::now);
-        let send = Box::pin(send_request(cluster, &endpoint, req));
+        let send = send_request(cluster, &endpoint, req);
         let result = match (per_try, deadline) {
             (Some(pt), Some(dl)) => {
                 let until = (tokio::time::Instant::now() + pt).min(dl);
