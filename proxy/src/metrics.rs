@@ -42,6 +42,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// `sluice_upstream_stale_connection_resends_total{cluster}`.
     pub stale_resends: IntCounterVec,
+    /// `sluice_upstream_pool_overflow_total{cluster}`.
+    pub pool_overflow: IntCounterVec,
     /// `sluice_upstream_retry_budget_exhausted_total{cluster}`.
     pub retry_budget_exhausted: IntCounterVec,
     /// `sluice_circuit_breaker_rejections_total{cluster,limit}`.
@@ -136,6 +138,11 @@ impl Metrics {
             stale_resends: counter(
                 "sluice_upstream_stale_connection_resends_total",
                 "Requests sent again on a fresh connection because a pooled HTTP/1.1 connection closed before answering",
+                &["cluster"],
+            )?,
+            pool_overflow: counter(
+                "sluice_upstream_pool_overflow_total",
+                "Reusable HTTP/1.1 connections closed because the worker's pool already held max_idle_per_endpoint idle ones",
                 &["cluster"],
             )?,
             retry_budget_exhausted: counter(

@@ -58,18 +58,31 @@ struct Idle {
 }
 
 /// One endpoint's connections on this worker.
-#[derive(Default)]
 pub struct EndpointPool {
     idle: RefCell<Vec<Idle>>,
     h2: RefCell<Option<http2::SendRequest<ProxyBody>>>,
+    /// The cluster's `sluice_upstream_pool_overflow_total`.
+    overflow: prometheus::IntCounter,
 }
 
 impl EndpointPool {
-    /// Returns an HTTP/1.1 connection after its response ended cleanly.
+    fn new(cluster: &ClusterState) -> Self {
+        EndpointPool {
+            idle: RefCell::default(),
+            h2: RefCell::default(),
+            overflow: cluster.metrics.pool_overflow.clone(),
+        }
+    }
+
+    /// Returns an HTTP/1.1 connection after its response ended cleanly. A
+    /// full pool closes it, and counts that: a steady rate means
+    /// `max_idle_per_endpoint` is below the concurrency the upstream sees.
     pub fn put_back(&self, conn: Box<H1Conn>, max_idle: usize) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() < max_idle {
             idle.push(Idle { conn, since: Instant::now() });
+        } else {
+            self.overflow.inc();
         }
     }
 
@@ -96,7 +109,12 @@ thread_local! {
 
 /// This worker's pool for an endpoint of a cluster.
 pub fn endpoint_pool(cluster: &ClusterState, ep: &Endpoint) -> Rc<EndpointPool> {
-    POOLS.with(|p| p.borrow_mut().entry((cluster.id, ep.addr)).or_default().clone())
+    POOLS.with(|p| {
+        p.borrow_mut()
+            .entry((cluster.id, ep.addr))
+            .or_insert_with(|| Rc::new(EndpointPool::new(cluster)))
+            .clone()
+    })
 }
 
 /// Drops idle connections past their timeout, and pools of clusters that are gone.

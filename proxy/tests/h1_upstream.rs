@@ -61,15 +61,11 @@ async fn burst(addr: SocketAddr, n: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_a_burst_opened_are_reused_by_the_next_burst() {
-    // Every request waits at the backend until all `N` of its burst have
-    // arrived, so each burst needs `N` upstream connections at once. With
-    // the default pool every one of them is kept and the second burst opens
-    // none (a cap below `N` would close some and reopen them).
-    const N: usize = 200;
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(N));
-    let b = RawBackend::start(move |mut s| {
+/// A backend where every request waits until `n` requests are waiting, so a
+/// burst of `n` needs `n` connections at once.
+async fn barrier_backend(n: usize) -> RawBackend {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    RawBackend::start(move |mut s| {
         let barrier = barrier.clone();
         async move {
             loop {
@@ -83,18 +79,44 @@ async fn connections_a_burst_opened_are_reused_by_the_next_burst() {
             }
         }
     })
-    .await;
-    let yaml = config_yaml(1, "", "- forward: { cluster: backend }", &backend_cluster(&[b.addr], ""));
+    .await
+}
+
+/// Two bursts of `n` against a one-worker proxy with `pool` settings.
+async fn two_bursts(n: usize, pool: &str) -> (RawBackend, String) {
+    let b = barrier_backend(n).await;
+    let yaml = config_yaml(1, "", "- forward: { cluster: backend }", &backend_cluster(&[b.addr], pool));
     let p = TestProxy::start(&yaml).await;
     let within = std::time::Duration::from_secs(60);
     for round in 1..=2 {
-        tokio::time::timeout(within, burst(p.addr("main"), N)).await.unwrap_or_else(|_| {
+        tokio::time::timeout(within, burst(p.addr("main"), n)).await.unwrap_or_else(|_| {
             panic!("burst {round} did not complete: {} upstream connections", b.accepted())
         });
     }
-    assert_eq!(b.accepted(), N, "the second burst reused the first burst's connections");
     let m = p.metrics().await;
+    (b, m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_a_burst_opened_are_reused_by_the_next_burst() {
+    // With the default pool every connection of the first burst is kept and
+    // the second burst opens none (a cap below `N` would close some and
+    // reopen them).
+    const N: usize = 200;
+    let (b, m) = two_bursts(N, "").await;
+    assert_eq!(b.accepted(), N, "the second burst reused the first burst's connections");
     assert_eq!(metric(&m, r#"sluice_upstream_connections_total{cluster="backend"}"#), N as f64);
+    assert_eq!(metric(&m, r#"sluice_upstream_pool_overflow_total{cluster="backend"}"#), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_idle_pool_closes_and_counts_the_connections_it_cannot_keep() {
+    // Cap 2, bursts of 5: each burst ends with 3 connections closed (counted)
+    // and the next burst opens 3 again.
+    let (b, m) = two_bursts(5, "pool: { max_idle_per_endpoint: 2 }").await;
+    assert_eq!(b.accepted(), 8);
+    assert_eq!(metric(&m, r#"sluice_upstream_connections_total{cluster="backend"}"#), 8.0);
+    assert_eq!(metric(&m, r#"sluice_upstream_pool_overflow_total{cluster="backend"}"#), 6.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,8 @@ pub struct ClusterMetrics {
     pub retries: IntCounter,
     /// Requests resent because a pooled connection had gone stale.
     pub stale_resends: IntCounter,
+    /// Reusable connections closed because the idle pool was full.
+    pub pool_overflow: IntCounter,
     /// Retries refused by the budget.
     pub retry_budget_exhausted: IntCounter,
     /// Rejections by limit.
@@ -162,6 +164,7 @@ impl ClusterState {
             connect_failures: metrics.upstream_connect_failures.with_label_values(&[&name]),
             retries: metrics.retries.with_label_values(&[&name]),
             stale_resends: metrics.stale_resends.with_label_values(&[&name]),
+            pool_overflow: metrics.pool_overflow.with_label_values(&[&name]),
             retry_budget_exhausted: metrics.retry_budget_exhausted.with_label_values(&[&name]),
             rejected_connections: metrics.circuit_rejections.with_label_values(&[&name, "connections"]),
             rejected_pending: metrics.circuit_rejections.with_label_values(&[&name, "pending"]),
