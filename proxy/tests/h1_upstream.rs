@@ -142,6 +142,55 @@ async fn a_pooled_connection_the_upstream_drops_is_replaced_without_an_error() {
     assert_eq!(metric(&m, r#"sluice_upstream_stale_connection_resends_total{cluster="backend"}"#), 2.0);
 }
 
+/// A backend that never answers and reports, per connection, when the proxy
+/// closed it (read returned EOF after the request head).
+async fn silent_backend() -> (RawBackend, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let b = RawBackend::start(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            read_head(&mut s).await;
+            let mut buf = [0u8; 64];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    (b, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downstream_that_goes_away_mid_request_cancels_the_upstream_exchange() {
+    // As in Envoy and nginx (proxy_ignore_client_abort off): a client that
+    // disconnects while its request waits frees the upstream connection at
+    // once instead of leaving it busy until the upstream answers.
+    let (b, mut closed) = silent_backend().await;
+    let p = TestProxy::start(&config(b.addr)).await;
+    let within = std::time::Duration::from_secs(10);
+
+    // HTTP/1.1: the client closes its connection.
+    let mut s = tokio::net::TcpStream::connect(p.addr("main")).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    eventually("the upstream saw the request", within, || async { b.accepted() == 1 }).await;
+    drop(s);
+    tokio::time::timeout(within, closed.recv()).await.expect("upstream closed after the HTTP/1.1 client left");
+
+    // HTTP/2: the client resets the stream (dropping the response future).
+    let mut c = h2_connect(p.addr("main")).await;
+    c.ready().await.unwrap();
+    let req = Request::get("http://x/slow").body(Full::new(Bytes::new())).unwrap();
+    let pending = tokio::spawn(c.send_request(req));
+    eventually("the upstream saw the second request", within, || async { b.accepted() == 2 }).await;
+    pending.abort();
+    tokio::time::timeout(within, closed.recv()).await.expect("upstream closed after the HTTP/2 stream reset");
+    // The HTTP/2 connection itself stays usable.
+    assert!(c.ready().await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn informational_heads_are_skipped() {
     let b = RawBackend::start(|mut s| async move {
