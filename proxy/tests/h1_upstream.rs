@@ -177,7 +177,9 @@ async fn a_downstream_that_goes_away_mid_request_cancels_the_upstream_exchange()
     s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
     eventually("the upstream saw the request", within, || async { b.accepted() == 1 }).await;
     drop(s);
-    tokio::time::timeout(within, closed.recv()).await.expect("upstream closed after the HTTP/1.1 client left");
+    tokio::time::timeout(within, closed.recv())
+        .await
+        .expect("upstream closed after the HTTP/1.1 client left");
 
     // HTTP/2: the client resets the stream (dropping the response future).
     let mut c = h2_connect(p.addr("main")).await;
