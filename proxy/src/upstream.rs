@@ -252,8 +252,8 @@ pub(crate) async fn forward(
     let max_attempts = 1 + retry.map_or(0, |r| r.policy.attempts);
     let per_try = retry.and_then(|r| r.policy.per_try_timeout);
     // One clock read serves the deadline and the first attempt's start.
-    let mut now = Some(Instant::now());
-    let deadline = fwd.timeout.zip(now).map(|(t, n)| tokio::time::Instant::from_std(n + t));
+    let first_start = Instant::now();
+    let deadline = fwd.timeout.map(|t| tokio::time::Instant::from_std(first_start + t));
     let mut template = Some(template);
     let mut last_endpoint: Option<Arc<Endpoint>> = None;
     // Held from a retry's admission until its attempt ends (`max_retries`).
@@ -294,7 +294,7 @@ pub(crate) async fn forward(
                 return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request"));
             }
         };
-        let started = now.take().unwrap_or_else(Instant::now);
+        let started = if attempt == 1 { first_start } else { Instant::now() };
         let send = send_request(cluster, &endpoint, req);
         let result = match (per_try, deadline) {
             (Some(pt), Some(dl)) => {
