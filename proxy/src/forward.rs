@@ -51,8 +51,8 @@ pub struct ConnInfo {
     pub id: u64,
     /// The downstream IP as a header value (`x-forwarded-for`), made once.
     pub remote_ip: http::HeaderValue,
-    /// TLS facts, for TLS listeners.
-    pub tls: Option<TlsInfo>,
+    /// TLS facts, for TLS listeners (shared by the connection's requests).
+    pub tls: Option<Arc<TlsInfo>>,
 }
 
 /// Handles one downstream request. Never fails: errors become responses.
@@ -137,7 +137,7 @@ impl Completion {
 
     pub(crate) fn done(self, end: BodyEnd, bytes: u64) {
         if let Some(m) = &self.metrics {
-            m.record(self.status, self.start.elapsed().as_secs_f64());
+            m.record(self.status, self.start.elapsed());
         }
         if let Some(l) = self.log {
             l.emit(self.format, bytes, end == BodyEnd::Complete);
@@ -250,11 +250,18 @@ async fn proxy(
         *info.route_name.borrow_mut() = Some(route.name.clone());
         let mut run = ChainRun::new(&route.chain, info, listener.config.limits.max_buffered_body_bytes);
         parts.uri = absolute_uri(https, &target, &parts.uri)?;
-        parts.headers.remove(HOST);
+        let host = parts.headers.remove(HOST);
         let end_of_stream = http_body::Body::is_end_stream(&body);
         if let Some(local) = run.request_headers(&mut parts, end_of_stream).await? {
             let resp = Box::pin(run.local_response(local, version)).await;
             return Ok(finish_local(resp, log, dp, route.local_metrics.clone(), Some(run)));
+        }
+        // Filters edit the authority, never `host`: put the downstream's value
+        // back when the authority is unchanged, so it is not made again upstream.
+        if let Some(h) = host
+            && parts.uri.authority().is_some_and(|a| a.as_str().as_bytes() == h.as_bytes())
+        {
+            parts.headers.insert(HOST, h);
         }
         if run.info().take_route_cache_cleared() {
             target.authority = parts.uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();

@@ -127,6 +127,8 @@ impl Proxy {
             .config()
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        // Before the routes resolve their per-worker metrics.
+        crate::metrics::sharded::set_workers(workers_n);
         let dp = build(snapshot, 1, None, opts.loader.clone(), metrics.clone()).await?;
         let rt = tokio::runtime::Handle::current();
         for c in dp.clusters.values() {

@@ -101,6 +101,7 @@ pub fn spawn_worker(
 ) -> std::io::Result<WorkerHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
     let thread = std::thread::Builder::new().name(format!("sluice-worker-{index}")).spawn(move || {
+        crate::metrics::sharded::enter_worker(index);
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
@@ -324,7 +325,7 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
             let (_, session) = tls_stream.get_ref();
             // No ALPN means HTTP/1.1.
             let h2 = session.alpn_protocol() == Some(b"h2");
-            let conn = conn(Some(crate::tls::tls_info(session)));
+            let conn = conn(Some(Arc::new(crate::tls::tls_info(session))));
             let b = builder(limits, &cx.config.protocols, Some(h2));
             run_http(b, TokioIo::new(tls_stream), conn, cx).await;
         }

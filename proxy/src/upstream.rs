@@ -307,7 +307,7 @@ pub(crate) async fn forward(
         };
         drop(retry_slot.take());
         let elapsed = started.elapsed();
-        cluster.metrics.latency.observe(elapsed.as_secs_f64());
+        cluster.metrics.latency.observe(elapsed);
         // Set when the retry was already admitted (budget and retry breaker).
         let mut admitted = false;
         let err = match result {

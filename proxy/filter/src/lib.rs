@@ -195,8 +195,8 @@ pub struct StreamInfo {
     pub downstream_remote: SocketAddr,
     /// Local address the downstream connected to.
     pub downstream_local: SocketAddr,
-    /// Downstream TLS, if any.
-    pub tls: Option<TlsInfo>,
+    /// Downstream TLS, if any (shared with the connection: not copied per request).
+    pub tls: Option<Arc<TlsInfo>>,
     /// Listener name.
     pub listener_name: Arc<str>,
     /// Request protocol.

@@ -120,7 +120,7 @@ pub struct ClusterMetrics {
     /// Ejected now.
     pub ejected: IntGauge,
     /// Upstream latency.
-    pub latency: prometheus::Histogram,
+    pub latency: Arc<crate::metrics::Latency>,
 }
 
 /// A cluster, shared by all workers. Kept across reloads when its config is unchanged,

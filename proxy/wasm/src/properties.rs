@@ -165,7 +165,7 @@ pub(crate) fn get(state: &VmState, path: &[u8], out: &mut Vec<u8>) -> bool {
 }
 
 fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut Vec<u8>) -> bool {
-    let tls = info.tls.as_ref();
+    let tls = info.tls.as_deref();
     match segs {
         ["source", "address"] => addr(out, info.downstream_remote),
         ["source", "port"] => int(out, i64::from(info.downstream_remote.port())),

@@ -1,19 +1,18 @@
 //! Prometheus metrics of the data plane.
 //!
 //! Label lookups hash and lock, so the request path never does them: routes and
-//! clusters resolve their metric handles once, when a config is compiled.
+//! clusters resolve their metric handles once, when a config is compiled. What
+//! every request records (its count by status class and its latencies) is kept
+//! per worker ([`sharded`]); the rest are prometheus' own types.
+
+pub mod sharded;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-/// Latency buckets in seconds, from 50 µs to 30 s.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0,
-];
+pub use sharded::{ClassCounter, ClassCounterVec, Latency, LatencyVec};
 
 /// All data-plane metric families.
 #[derive(Clone)]
@@ -21,11 +20,11 @@ pub struct Metrics {
     /// The registry everything is registered in (filters register here too).
     pub registry: Registry,
     /// `sluice_requests_total{listener,route,cluster,class}`.
-    pub requests: IntCounterVec,
+    pub requests: ClassCounterVec,
     /// `sluice_downstream_request_duration_seconds{listener,route}`.
-    pub downstream_latency: HistogramVec,
+    pub downstream_latency: LatencyVec,
     /// `sluice_upstream_request_duration_seconds{cluster}`.
-    pub upstream_latency: HistogramVec,
+    pub upstream_latency: LatencyVec,
     /// `sluice_downstream_connections_active{listener}`.
     pub connections_active: IntGaugeVec,
     /// `sluice_downstream_connections_total{listener}`.
@@ -77,29 +76,29 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let histogram = |name: &str,
-                         help: &str,
-                         labels: &[&str]|
-         -> Result<HistogramVec, prometheus::Error> {
-            let h =
-                HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)?;
+        let latency = |name: &str, help: &str, labels: &[&str]| -> Result<LatencyVec, prometheus::Error> {
+            let h = LatencyVec::new(name, help, labels)?;
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
         let generation = IntGauge::new("sluice_config_generation", "Generation of the config in force")?;
         registry.register(Box::new(generation.clone()))?;
         let m = Metrics {
-            requests: counter(
-                "sluice_requests_total",
-                "Downstream requests by listener, route, cluster and status class",
-                &["listener", "route", "cluster", "class"],
-            )?,
-            downstream_latency: histogram(
+            requests: {
+                let c = ClassCounterVec::new(
+                    "sluice_requests_total",
+                    "Downstream requests by listener, route, cluster and status class",
+                    &["listener", "route", "cluster", "class"],
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            downstream_latency: latency(
                 "sluice_downstream_request_duration_seconds",
                 "Time from request headers to the end of the response, downstream",
                 &["listener", "route"],
             )?,
-            upstream_latency: histogram(
+            upstream_latency: latency(
                 "sluice_upstream_request_duration_seconds",
                 "Time from sending the request upstream to its response headers",
                 &["cluster"],
@@ -182,9 +181,8 @@ impl Metrics {
 
     /// Resolves the per-route request handles.
     pub fn route_handles(&self, listener: &str, route: &str, cluster: &str) -> Arc<RouteMetrics> {
-        let class = |c: &str| self.requests.with_label_values(&[listener, route, cluster, c]);
         Arc::new(RouteMetrics {
-            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            by_class: self.requests.with_label_values(&[listener, route, cluster]),
             latency: self.downstream_latency.with_label_values(&[listener, route]),
         })
     }
@@ -192,15 +190,14 @@ impl Metrics {
 
 /// Pre-resolved request metrics of one (listener, route, cluster).
 pub struct RouteMetrics {
-    by_class: [IntCounter; 5],
-    latency: Histogram,
+    by_class: Arc<ClassCounter>,
+    latency: Arc<Latency>,
 }
 
 impl RouteMetrics {
     /// Counts a finished request.
-    pub fn record(&self, status: u16, seconds: f64) {
-        let idx = (status / 100).clamp(1, 5) as usize - 1;
-        self.by_class[idx].inc();
-        self.latency.observe(seconds);
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        self.by_class.inc(status);
+        self.latency.observe(elapsed);
     }
 }
