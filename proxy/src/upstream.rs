@@ -295,15 +295,18 @@ pub(crate) async fn forward(
             }
         };
         let started = if attempt == 1 { first_start } else { Instant::now() };
-        let send = send_request(cluster, &endpoint, req);
-        let result = match (per_try, deadline) {
-            (Some(pt), Some(dl)) => {
-                let until = (tokio::time::Instant::now() + pt).min(dl);
-                tokio::time::timeout_at(until, send).await
+        let until = match (per_try, deadline) {
+            (Some(pt), dl) => {
+                let t = tokio::time::Instant::now() + pt;
+                Some(dl.map_or(t, |dl| t.min(dl)))
             }
-            (Some(pt), None) => tokio::time::timeout(pt, send).await,
-            (None, Some(dl)) => tokio::time::timeout_at(dl, send).await,
-            (None, None) => Ok(send.await),
+            (None, dl) => dl,
+        };
+        // The exchange's future is made where it is awaited, in one of two
+        // shapes: every other shape would be one more copy of its state.
+        let result = match until {
+            Some(t) => tokio::time::timeout_at(t, send_request(cluster, &endpoint, req)).await,
+            None => Ok(send_request(cluster, &endpoint, req).await),
         };
         drop(retry_slot.take());
         let elapsed = started.elapsed();
