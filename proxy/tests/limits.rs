@@ -169,6 +169,95 @@ async fn header_read_timeout_stops_slowloris() {
     assert_eq!(get(addr, "/").await.0.status, 200);
 }
 
+/// Reads one response with a `content-length` body from a raw stream.
+async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed mid-response: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_dribbling_its_next_head_is_cut_after_header_read_timeout() {
+    let backend = Backend::named("b").await;
+    let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 300ms, idle_timeout: 5s")).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr("main")).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+    // The second request's head comes one byte every 50 ms and never ends.
+    let t = Instant::now();
+    s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let closed_at = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if s.write_all(b"X").await.is_err() {
+            break t.elapsed();
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break t.elapsed(),
+            _ => {}
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the dribbling connection is still open after 5s");
+    };
+    assert!(closed_at >= Duration::from_millis(300), "closed before the timeout: {closed_at:?}");
+    assert!(closed_at < Duration::from_secs(2), "closed late: {closed_at:?}");
+    assert_eq!(backend.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_streaming_longer_than_header_read_timeout_is_not_cut() {
+    // The upstream sends its body in 10 chunks, 100 ms apart: 1 s in all.
+    let backend = RawBackend::start(|mut s| async move {
+        read_head(&mut s).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
+        for i in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(format!("2\r\n{i}.\r\n").as_bytes()).await.unwrap();
+        }
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+        // Keep the upstream connection open: the proxy may pool it.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 300ms, idle_timeout: 300ms")).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr("main")).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let got_all = tokio::time::timeout(Duration::from_secs(5), async {
+        while !out.ends_with(b"0\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false);
+    let text = String::from_utf8_lossy(&out);
+    assert!(got_all, "the response was cut: {text}");
+    for i in 0..10 {
+        assert!(text.contains(&format!("{i}.")), "chunk {i} missing: {text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_vectors_are_rejected_and_close_the_connection() {
     let backend = Backend::named("b").await;
