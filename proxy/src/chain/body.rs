@@ -194,9 +194,9 @@ impl FilterBody {
         let Some(run) = self.run.take() else { return Poll::Ready(Ok(Out::Nothing)) };
         let Some(t) = run.trailers else { return Poll::Ready(Ok(Out::Nothing)) };
         if request {
-            g.request_trailers = Some(t.clone());
+            g.request_trailers = Some(Box::new(t.clone()));
         } else {
-            g.response_trailers = Some(t.clone());
+            g.response_trailers = Some(Box::new(t.clone()));
         }
         // Data released at the end goes first; the trailers follow on the next poll.
         if !run.out.is_empty() {

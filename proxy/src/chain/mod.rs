@@ -56,8 +56,10 @@ struct Filters {
     /// Inline up to four filters: no allocation for the list itself.
     list: smallvec::SmallVec<[Box<dyn HttpFilter>; 4]>,
     request_head: request::Parts,
-    request_trailers: Option<HeaderMap>,
-    response_trailers: Option<HeaderMap>,
+    /// Boxed: trailers are rare, and inline they would push the per-request
+    /// state past glibc's thread cache (1,032 bytes) into malloc's slow path.
+    request_trailers: Option<Box<HeaderMap>>,
+    response_trailers: Option<Box<HeaderMap>>,
 }
 
 /// What the request's tasks share: one allocation per request.
@@ -296,8 +298,8 @@ impl ChainRun {
         let view = LogView {
             request: &f.request_head,
             response: response.map(|r| &r.parts),
-            request_trailers: f.request_trailers.as_ref(),
-            response_trailers: f.response_trailers.as_ref(),
+            request_trailers: f.request_trailers.as_deref(),
+            response_trailers: f.response_trailers.as_deref(),
         };
         for filter in f.list.iter_mut() {
             filter.on_log(&view, &sh.info);
