@@ -35,6 +35,7 @@ enum Inner {
     Full(Option<Bytes>),
     Incoming(Incoming),
     H1(crate::h1::H1Body),
+    Downstream(crate::h1::DownstreamBody),
     Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>),
 }
 
@@ -66,6 +67,11 @@ impl ProxyBody {
     /// A response body from Sluice's HTTP/1.1 upstream client.
     pub fn h1(body: crate::h1::H1Body) -> Self {
         ProxyBody { inner: Inner::H1(body), bytes: 0, finisher: None }
+    }
+
+    /// A request body from Sluice's HTTP/1.1 server.
+    pub fn downstream(body: crate::h1::DownstreamBody) -> Self {
+        ProxyBody { inner: Inner::Downstream(body), bytes: 0, finisher: None }
     }
 
     /// Any other body.
@@ -125,6 +131,7 @@ impl Body for ProxyBody {
                 Poll::Pending => Poll::Pending,
             },
             Inner::H1(body) => Pin::new(body).poll_frame(cx),
+            Inner::Downstream(body) => Pin::new(body).poll_frame(cx),
             Inner::Boxed(body) => body.as_mut().poll_frame(cx),
         };
         match &polled {
@@ -149,6 +156,7 @@ impl Body for ProxyBody {
             Inner::Full(b) => b.is_none(),
             Inner::Incoming(b) => b.is_end_stream(),
             Inner::H1(b) => b.is_end_stream(),
+            Inner::Downstream(b) => b.is_end_stream(),
             Inner::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -159,6 +167,7 @@ impl Body for ProxyBody {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Incoming(b) => b.size_hint(),
             Inner::H1(b) => b.size_hint(),
+            Inner::Downstream(b) => b.size_hint(),
             Inner::Boxed(b) => b.size_hint(),
         }
     }

@@ -10,7 +10,6 @@ use std::time::{Instant, SystemTime};
 
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION, USER_AGENT};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use sluice_config::{AccessLogFormat, Redirect};
 use sluice_filter::{LocalResponse, StreamInfo, TlsInfo};
 
@@ -56,7 +55,7 @@ pub struct ConnInfo {
 }
 
 /// Handles one downstream request. Never fails: errors become responses.
-pub async fn handle(req: Request<Incoming>, conn: Rc<ConnInfo>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(req: Request<ProxyBody>, conn: Rc<ConnInfo>) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
     let dp = conn.shared.dataplane.load_full();
     let grpc = is_grpc(req.headers());
@@ -86,15 +85,14 @@ pub async fn handle(req: Request<Incoming>, conn: Rc<ConnInfo>) -> Result<Respon
         return Ok(finish_error(&err, grpc, &conn.shared.metrics, format, log, None));
     };
     let mut metrics_slot: Option<Arc<RouteMetrics>> = None;
-    // Boxed once so the large request future is never moved.
     // A span per request for `tracing` subscribers that want it (debug level: free when off).
+    // Not boxed: the HTTP/1.1 driver pins this future in the connection's task
+    // (allocated once per connection); HTTP/2 boxes it once per stream.
     let span =
         tracing::debug_span!("request", listener = %conn.listener, conn = conn.id, method = %req.method());
-    let result = tracing::Instrument::instrument(
-        Box::pin(proxy(req, &conn, &dp, &listener, &mut log, &mut metrics_slot)),
-        span,
-    )
-    .await;
+    let result =
+        tracing::Instrument::instrument(proxy(req, &conn, &dp, &listener, &mut log, &mut metrics_slot), span)
+            .await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => finish_error(&err, grpc, &conn.shared.metrics, format, log, metrics_slot),
@@ -179,7 +177,7 @@ pub(crate) struct Target<'a> {
 }
 
 async fn proxy(
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
     conn: &Rc<ConnInfo>,
     dp: &Arc<Dataplane>,
     listener: &Arc<ListenerRuntime>,
@@ -193,11 +191,8 @@ async fn proxy(
         let detail = "too many request headers";
         return Err(ProxyError::new(Side::Downstream, ErrorKind::HeadersTooLarge, detail));
     }
-    let upgrade = if version != Version::HTTP_2 && headers::is_upgrade(req.headers()) {
-        Some(hyper::upgrade::on(&mut req))
-    } else {
-        None
-    };
+    // Set by the HTTP/1.1 codec on a request asking for an upgrade.
+    let upgrade = req.extensions_mut().remove::<crate::server::OnUpgrade>().and_then(|u| u.take());
     let (mut parts, body) = req.into_parts();
     log.request_id = headers::request_id(&mut parts.headers);
     let log_on = dp.snapshot.config().access_log.format != AccessLogFormat::Off;
@@ -314,7 +309,7 @@ async fn proxy(
                 UpstreamRequest::prepare(parts, conn, &target, fwd, &t.cluster, upgrade.is_some(), https)?;
             let body = match &mut chain {
                 Some(run) => run.wrap_request_body(body),
-                None => ProxyBody::incoming(body),
+                None => body,
             };
             forward(
                 upstream_req,

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, COOKIE, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version, request};
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use sluice_config::LbPolicy;
 
 use crate::accesslog::RequestLog;
@@ -210,7 +209,7 @@ pub(crate) async fn forward(
     route: &Arc<CompiledRoute>,
     log: &mut RequestLog,
     mut chain: Option<ChainRun>,
-    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    downstream_upgrade: Option<tokio::sync::oneshot::Receiver<crate::server::Upgraded>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let retry = fwd.retry.as_deref();
     if let Some(r) = retry {
@@ -392,16 +391,18 @@ pub(crate) async fn forward(
         tokio::task::spawn_local(async move {
             let _keep = inflight;
             match down.await {
-                Ok(d) => {
-                    let mut d = TokioIo::new(d);
-                    // Bytes the upstream sent right after its 101 go first.
-                    if !early.is_empty() && tokio::io::AsyncWriteExt::write_all(&mut d, &early).await.is_err()
-                    {
+                Ok((mut d, from_client)) => {
+                    use tokio::io::AsyncWriteExt;
+                    // Bytes either side sent right after the head go first.
+                    if !early.is_empty() && d.write_all(&early).await.is_err() {
+                        return;
+                    }
+                    if !from_client.is_empty() && up.write_all(&from_client).await.is_err() {
                         return;
                     }
                     let _ = tokio::io::copy_bidirectional(&mut d, &mut up).await;
                 }
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                Err(e) => tracing::debug!(error = %e, "upgrade failed: the 101 never reached the client"),
             }
         });
         let (mut parts, _) = resp.into_parts();

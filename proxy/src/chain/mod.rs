@@ -273,8 +273,8 @@ impl ChainRun {
 
     /// Streams the request body through `on_request_body` / `on_request_trailers`.
     /// A body-less request is passed through untouched (no body callbacks, as in Envoy).
-    pub fn wrap_request_body(&mut self, body: hyper::body::Incoming) -> ProxyBody {
-        self.wrap_body(ProxyBody::incoming(body), true)
+    pub fn wrap_request_body(&mut self, body: ProxyBody) -> ProxyBody {
+        self.wrap_body(body, true)
     }
 
     /// Streams the response body through `on_response_body` / `on_response_trailers`.

@@ -43,25 +43,9 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         };
     let status = StatusCode::from_u16(r.code.unwrap_or(0)).map_err(|_| protocol("invalid status code"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    // Offsets of names and values in `buf`, so the values can share its memory.
-    let base = buf.as_ptr() as usize;
-    let spans: SmallVec<[(usize, usize, usize, usize); 24]> = r
-        .headers
-        .iter()
-        .map(|h| {
-            let n = h.name.as_ptr() as usize - base;
-            let v = h.value.as_ptr() as usize - base;
-            (n, n + h.name.len(), v, v + h.value.len())
-        })
-        .collect();
+    let spans = field_spans(r.headers, buf.as_ptr() as usize);
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (ns, ne, vs, ve) in spans {
-        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| protocol("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-            .map_err(|_| protocol("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let mut headers = header_map(&head, spans, 0).map_err(protocol)?;
     let (decoder, keep_alive) = framing(method, status, version, &mut headers)?;
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
@@ -70,7 +54,35 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
     Ok(Some(Head { parts, decoder, keep_alive }))
 }
 
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+/// Where each field's name and value are in the parsed buffer (offsets from
+/// `base`, its start), so the values can share its memory once it is frozen.
+pub(crate) type Spans = SmallVec<[(usize, usize, usize, usize); 24]>;
+
+pub(crate) fn field_spans(fields: &[httparse::Header<'_>], base: usize) -> Spans {
+    fields
+        .iter()
+        .map(|h| {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            (n, n + h.name.len(), v, v + h.value.len())
+        })
+        .collect()
+}
+
+/// The header map of a head, its values slices of `head`, with room for
+/// `spare` more fields.
+pub(crate) fn header_map(head: &Bytes, spans: Spans, spare: usize) -> Result<HeaderMap, &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + spare);
+    for (ns, ne, vs, ve) in spans {
+        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| "invalid header value")?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// Whether a comma-separated field has `token` (case-insensitive).
+pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

@@ -70,7 +70,7 @@ pub(crate) fn encode_head(parts: &request::Parts, body: &ProxyBody, out: &mut Ve
 }
 
 /// Writes one `name: value` line (head or trailer section).
-fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
@@ -86,7 +86,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 /// A piece of output waiting for the socket.
-enum Piece {
+pub(crate) enum Piece {
     Data(Bytes),
     Static(&'static [u8]),
     /// A chunk-size line.
@@ -96,7 +96,7 @@ enum Piece {
 }
 
 impl Piece {
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Piece::Data(b) => b,
             Piece::Static(s) => s,
@@ -105,7 +105,7 @@ impl Piece {
         }
     }
 
-    fn size_line(len: usize) -> Piece {
+    pub(crate) fn size_line(len: usize) -> Piece {
         let mut b = [0u8; 18];
         let n = {
             let mut cur = io::Cursor::new(&mut b[..]);
@@ -116,16 +116,70 @@ impl Piece {
     }
 }
 
+/// Output waiting for the socket, behind a head: the pieces, and how far the
+/// first unwritten one got.
+#[derive(Default)]
+pub(crate) struct Pieces {
+    list: Vec<Piece>,
+    next: usize,
+    offset: usize,
+}
+
+impl Pieces {
+    pub(crate) fn push(&mut self, p: Piece) {
+        self.list.push(p);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.next >= self.list.len()
+    }
+
+    /// Forgets everything (keeping the allocation).
+    pub(crate) fn clear(&mut self) {
+        self.list.clear();
+        self.next = 0;
+        self.offset = 0;
+    }
+
+    /// The unwritten bytes: what is left of `head`, then the pieces.
+    pub(crate) fn slices<'a>(&'a self, head: &'a [u8]) -> SmallVec<[IoSlice<'a>; 8]> {
+        let mut slices = SmallVec::new();
+        if !head.is_empty() {
+            slices.push(IoSlice::new(head));
+        }
+        for (i, p) in self.list.iter().enumerate().skip(self.next) {
+            let b = p.bytes();
+            slices.push(IoSlice::new(if i == self.next { &b[self.offset..] } else { b }));
+        }
+        slices
+    }
+
+    /// Marks `n` bytes of pieces written.
+    pub(crate) fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let left = self.list[self.next].bytes().len() - self.offset;
+            if n >= left {
+                n -= left;
+                self.next += 1;
+                self.offset = 0;
+            } else {
+                self.offset += n;
+                n = 0;
+            }
+        }
+        if self.is_empty() {
+            self.clear();
+        }
+    }
+}
+
 /// Streams the request head and body to the upstream.
 pub(crate) struct Writer {
     head_pos: usize,
     body: Option<ProxyBody>,
     framing: Framing,
     /// Allocated only for requests with a body.
-    pieces: Vec<Piece>,
-    /// Index of the first piece not fully written, and bytes of it written.
-    next: usize,
-    offset: usize,
+    pieces: Pieces,
     /// A body frame was taken: the request can no longer be sent again.
     pub(crate) touched: bool,
     /// Everything, head and body, went out.
@@ -139,16 +193,7 @@ fn write_err(e: io::Error) -> ProxyError {
 impl Writer {
     pub(crate) fn new(body: ProxyBody, framing: Framing) -> Self {
         let body = if framing == Framing::None { None } else { Some(body) };
-        Writer {
-            head_pos: 0,
-            body,
-            framing,
-            pieces: Vec::new(),
-            next: 0,
-            offset: 0,
-            touched: false,
-            done: false,
-        }
+        Writer { head_pos: 0, body, framing, pieces: Pieces::default(), touched: false, done: false }
     }
 
     /// How the body is framed.
@@ -258,39 +303,20 @@ impl Writer {
 
     fn poll_write_pending(&mut self, io: &mut Io, head: &[u8], cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if self.head_pos >= head.len() && self.next >= self.pieces.len() {
+            let head_left = &head[self.head_pos.min(head.len())..];
+            if head_left.is_empty() && self.pieces.is_empty() {
                 self.pieces.clear();
-                self.next = 0;
-                self.offset = 0;
                 return Poll::Ready(Ok(()));
             }
-            let mut slices: SmallVec<[IoSlice<'_>; 5]> = SmallVec::new();
-            if self.head_pos < head.len() {
-                slices.push(IoSlice::new(&head[self.head_pos..]));
-            }
-            for (i, p) in self.pieces.iter().enumerate().skip(self.next) {
-                let b = p.bytes();
-                slices.push(IoSlice::new(if i == self.next { &b[self.offset..] } else { b }));
-            }
-            let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+            let h = head_left.len();
+            let slices = self.pieces.slices(head_left);
+            let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
             drop(slices);
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            let h = (head.len() - self.head_pos).min(n);
-            self.head_pos += h;
-            n -= h;
-            while n > 0 {
-                let left = self.pieces[self.next].bytes().len() - self.offset;
-                if n >= left {
-                    n -= left;
-                    self.next += 1;
-                    self.offset = 0;
-                } else {
-                    self.offset += n;
-                    n = 0;
-                }
-            }
+            self.head_pos += h.min(n);
+            self.pieces.advance(n - h.min(n));
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The upstream byte stream: plain TCP or rustls over TCP, without a box.
+//! A connection's byte stream: plain TCP or rustls over TCP (either side),
+//! without a box on the cleartext path.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -7,12 +8,14 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// An upstream connection's transport.
+/// A connection's transport.
 pub enum Io {
     /// Cleartext.
     Tcp(TcpStream),
-    /// TLS (boxed: rustls' state is large and rarely used on the fast path).
+    /// TLS to an upstream (boxed: rustls' state is large).
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// TLS from a downstream.
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 impl Io {
@@ -20,6 +23,7 @@ impl Io {
         match self {
             Io::Tcp(s) => s,
             Io::Tls(s) => s.get_ref().0,
+            Io::TlsServer(s) => s.get_ref().0,
         }
     }
 
@@ -37,6 +41,7 @@ impl AsyncRead for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::TlsServer(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -46,6 +51,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::TlsServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -57,6 +63,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Io::TlsServer(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -64,6 +71,7 @@ impl AsyncWrite for Io {
         match self {
             Io::Tcp(s) => s.is_write_vectored(),
             Io::Tls(s) => s.is_write_vectored(),
+            Io::TlsServer(s) => s.is_write_vectored(),
         }
     }
 
@@ -71,6 +79,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::TlsServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -78,6 +87,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::TlsServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -1,4 +1,8 @@
-//! Sluice's own HTTP/1.1 upstream client, driven on the request's task.
+//! Sluice's own HTTP/1.1 codec: the upstream client (this file), and the
+//! downstream server's request and response halves ([`request`],
+//! [`response`]; the connection driver is `server::h1`).
+//!
+//! The client is driven on the request's task.
 //!
 //! hyper's client runs each connection as a separate task and talks to it
 //! over channels (a request mpsc, a response oneshot, a body channel). Here
@@ -15,6 +19,8 @@
 mod decode;
 mod encode;
 mod io;
+pub(crate) mod request;
+pub(crate) mod response;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,10 +28,11 @@ use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use http::{Method, Response, request};
+use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
 
 pub use io::Io;
+pub use request::DownstreamBody;
 
 use self::decode::{Decoder, Head, Step};
 use self::encode::Writer;
@@ -104,7 +111,7 @@ pub(crate) struct Exchange {
 
 impl Exchange {
     /// Encodes the request head and sets up the body writer.
-    pub(crate) fn start(mut conn: Box<H1Conn>, parts: &request::Parts, body: ProxyBody) -> Self {
+    pub(crate) fn start(mut conn: Box<H1Conn>, parts: &http::request::Parts, body: ProxyBody) -> Self {
         let framing = encode::encode_head(parts, &body, &mut conn.head);
         Exchange {
             conn,

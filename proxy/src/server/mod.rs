@@ -10,18 +10,28 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use sluice_config::{HttpProtocol, Limits, Listener};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use self::conn::{Activity, Control, watch_connection};
+use self::prefixed::Prefixed;
+use crate::body::ProxyBody;
 use crate::forward::{ConnInfo, Shared, handle};
+use crate::h1::Io;
 use crate::pool::LocalExec;
+
+mod conn;
+pub(crate) mod h1;
+mod prefixed;
+
+pub use h1::{OnUpgrade, Upgraded};
 
 /// How a listener accepts: its sockets (one per worker) and its TLS acceptor.
 pub struct BoundListener {
@@ -251,28 +261,9 @@ async fn accept_loop(listener: TcpListener, cx: AcceptCtx, mut stop: watch::Rece
     }
 }
 
-fn builder(limits: &Limits, protocols: &[HttpProtocol], h2_only: Option<bool>) -> auto::Builder<LocalExec> {
-    let mut b = auto::Builder::new(LocalExec);
-    let h1 = protocols.contains(&HttpProtocol::Http1);
-    let h2 = protocols.contains(&HttpProtocol::Http2);
-    match h2_only {
-        Some(true) => b = b.http2_only(),
-        Some(false) => b = b.http1_only(),
-        None if h1 && !h2 => b = b.http1_only(),
-        None if h2 && !h1 => b = b.http2_only(),
-        None => {}
-    }
-    // No header-read timer in hyper: it boxes, arms and cancels one around every
-    // request (~0.5 µs of a ~15 µs request). The connection's watcher enforces
-    // the same limit lazily (`watch_connection`).
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None::<Duration>)
-        .max_headers(limits.max_request_headers)
-        .max_buf_size(limits.max_request_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+fn h2_builder(limits: &Limits) -> http2::Builder<LocalExec> {
+    let mut b = http2::Builder::new(LocalExec);
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .initial_stream_window_size(limits.h2_stream_window)
         .initial_connection_window_size(limits.h2_connection_window)
@@ -298,12 +289,12 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
             remote_ip: crate::headers::ip_value(remote.ip()),
         })
     };
-    match &cx.tls {
-        None => {
-            let conn = conn(None);
-            let b = builder(limits, &cx.config.protocols, None);
-            run_http(b, TokioIo::new(stream), conn, cx).await;
-        }
+    let protocols = &cx.config.protocols;
+    let h1 = protocols.contains(&HttpProtocol::Http1);
+    let h2 = protocols.contains(&HttpProtocol::Http2);
+    let (io, conn, h2_now) = match &cx.tls {
+        // Cleartext: HTTP/1.1, or HTTP/2 with prior knowledge (the preface says which).
+        None => (Io::Tcp(stream), conn(None), !h1),
         Some(tls) => {
             let accepted =
                 tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(stream)).await;
@@ -326,45 +317,57 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
                 m.handshake_ok(sluice_tls::Side::Downstream, &cx.name);
             }
             let (_, session) = tls_stream.get_ref();
-            // No ALPN means HTTP/1.1.
-            let h2 = session.alpn_protocol() == Some(b"h2");
+            // ALPN decides; no ALPN means HTTP/1.1.
+            let alpn_h2 = session.alpn_protocol() == Some(b"h2");
             let conn = conn(Some(Arc::new(crate::tls::tls_info(session))));
-            let b = builder(limits, &cx.config.protocols, Some(h2));
-            run_http(b, TokioIo::new(tls_stream), conn, cx).await;
+            (Io::TlsServer(Box::new(tls_stream)), conn, alpn_h2)
         }
-    }
-}
-
-async fn run_http<T>(b: auto::Builder<LocalExec>, io: TokioIo<T>, conn: Rc<ConnInfo>, cx: &Rc<AcceptCtx>)
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let activity = Rc::new(Activity::default());
-    let act = activity.clone();
-    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let conn = conn.clone();
-        if req.version() == http::Version::HTTP_2 {
-            act.h2.set(true);
-        }
-        let mut guard = act.begin();
-        async move {
-            let r = handle(req, conn).await;
-            guard.completed = true;
-            // The request stays active until its response body ends, so the
-            // header-read and idle timeouts never cut a response that streams.
-            r.map(|resp| resp.map(|body| body.on_end(move |_, _| drop(guard))))
-        }
-    });
-    let served = b.serve_connection_with_upgrades(io, service);
-    tokio::pin!(served);
+    };
     // Timers and signals live in a watcher task, so waking the connection for
-    // its requests polls hyper and nothing else (no timer re-arm, no Notify
-    // registrations per wakeup).
+    // its requests polls the codec and nothing else (no timer re-arm, no
+    // Notify registrations per wakeup).
+    let activity = Rc::new(Activity::default());
     let control = Rc::new(Control::default());
     if cx.drain.borrow().is_some() {
         control.shutdown.set(true);
     }
-    let watcher = tokio::task::spawn_local(watch_connection(activity, control.clone(), cx.clone()));
+    let watcher = tokio::task::spawn_local(watch_connection(activity.clone(), control.clone(), cx.clone()));
+    let h2_io = if h2_now {
+        Some((io, bytes::BytesMut::new()))
+    } else {
+        let h2c = h2 && cx.tls.is_none();
+        h1::serve(io, conn.clone(), cx, &activity, &control, h2c).await
+    };
+    if let Some((io, read)) = h2_io {
+        activity.h2.set(true);
+        run_h2(Prefixed::new(read.freeze(), io), conn, cx, &activity, &control).await;
+    }
+    watcher.abort();
+}
+
+async fn run_h2<T>(
+    io: T,
+    conn: Rc<ConnInfo>,
+    cx: &Rc<AcceptCtx>,
+    activity: &Rc<Activity>,
+    control: &Rc<Control>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let act = activity.clone();
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let conn = conn.clone();
+        let mut guard = act.begin();
+        async move {
+            let r = handle(req.map(ProxyBody::incoming), conn).await;
+            guard.completed = true;
+            // The request stays active until its response body ends, so the
+            // idle timeout never cuts a response that streams.
+            r.map(|resp| resp.map(|body| body.on_end(move |_, _| drop(guard))))
+        }
+    });
+    let served = h2_builder(&cx.config.limits).serve_connection(TokioIo::new(io), service);
+    tokio::pin!(served);
     let mut shutdown_sent = false;
     let result = std::future::poll_fn(|task| {
         if control.close.get() {
@@ -383,176 +386,7 @@ where
         }
     })
     .await;
-    watcher.abort();
     if let Some(Err(e)) = result {
         tracing::debug!(listener = %cx.name, error = %e, "downstream connection error");
-    }
-}
-
-/// What a connection's watcher asks of its connection task.
-#[derive(Default)]
-struct Control {
-    /// Stop taking requests: GOAWAY / `connection: close`, finish in-flight ones.
-    shutdown: std::cell::Cell<bool>,
-    /// Drop the connection now.
-    close: std::cell::Cell<bool>,
-    waker: std::cell::RefCell<Option<Waker>>,
-}
-
-impl Control {
-    fn park(&self, waker: &Waker) {
-        let mut w = self.waker.borrow_mut();
-        if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *w = Some(waker.clone());
-        }
-    }
-
-    fn signal(&self, close: bool) {
-        if close {
-            self.close.set(true);
-        } else {
-            self.shutdown.set(true);
-        }
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-}
-
-/// Watches one connection: drain, the idle timeout, rapid-reset abuse.
-async fn watch_connection(activity: Rc<Activity>, control: Rc<Control>, cx: Rc<AcceptCtx>) {
-    let idle_timeout = cx.config.limits.idle_timeout;
-    let mut drain = cx.drain.clone();
-    // Checked again here (not only in `run_http`): a drain may have begun since.
-    let mut draining = drain.borrow().is_some();
-    if draining {
-        control.signal(false);
-    }
-    // HTTP/1.1 (and a connection that has sent no request yet) must deliver a
-    // whole request head within `header_read_timeout` of the previous response's
-    // end (or of connecting), as hyper's own header timer had it; HTTP/2 gets the
-    // idle timeout once it is in use.
-    let head_timeout = cx.config.limits.header_read_timeout.min(idle_timeout);
-    let mut abused = false;
-    loop {
-        let h2 = activity.h2.get();
-        let timeout = if h2 { idle_timeout } else { head_timeout };
-        let idle = if activity.in_flight.get() > 0 {
-            tokio::time::Instant::now() + timeout
-        } else {
-            activity.idle_deadline(timeout)
-        };
-        tokio::select! {
-            _ = activity.abuse.notified(), if !abused => {
-                abused = true;
-                draining = true;
-                tracing::warn!(
-                    listener = %cx.name,
-                    streams = activity.streams.get(),
-                    premature_resets = activity.premature.get(),
-                    "closing a connection that resets its requests prematurely (rapid reset)"
-                );
-                cx.shared.metrics.abuse_closes.with_label_values(&[&cx.name, "premature_resets"]).inc();
-                // GOAWAY now; the connection is dropped if it does not wind down promptly.
-                control.signal(false);
-            }
-            _ = tokio::time::sleep(Duration::from_secs(1)), if abused => {
-                control.signal(true);
-                return;
-            }
-            changed = drain.changed(), if !draining => {
-                if changed.is_err() || drain.borrow().is_some() {
-                    draining = true;
-                    control.signal(false);
-                }
-            }
-            _ = tokio::time::sleep_until(idle), if !draining => {
-                if activity.in_flight.get() == 0 && activity.last.get().elapsed() >= timeout {
-                    tracing::debug!(listener = %cx.name, used = activity.used.get(), "closing idle downstream connection");
-                    if h2 {
-                        // GOAWAY: nothing is in flight.
-                        control.signal(false);
-                        draining = true;
-                    } else {
-                        // Nothing in flight, perhaps half a request head: drop it
-                        // (a graceful close would wait for that head).
-                        control.signal(true);
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Request activity on a connection, for the idle timeout.
-struct Activity {
-    /// Requests started on this connection.
-    streams: std::cell::Cell<u64>,
-    /// Requests the client gave up on (reset, went away) within a second of
-    /// starting them, before their response: the HTTP/2 rapid-reset pattern.
-    premature: std::cell::Cell<u64>,
-    /// Signalled when the connection looks abusive.
-    abuse: tokio::sync::Notify,
-    in_flight: std::cell::Cell<usize>,
-    last: std::cell::Cell<std::time::Instant>,
-    /// A request arrived on this connection.
-    used: std::cell::Cell<bool>,
-    /// The connection speaks HTTP/2 (known from its first request).
-    h2: std::cell::Cell<bool>,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity {
-            streams: std::cell::Cell::new(0),
-            premature: std::cell::Cell::new(0),
-            abuse: tokio::sync::Notify::new(),
-            in_flight: std::cell::Cell::new(0),
-            last: std::cell::Cell::new(std::time::Instant::now()),
-            used: std::cell::Cell::new(false),
-            h2: std::cell::Cell::new(false),
-        }
-    }
-}
-
-struct ActivityGuard {
-    activity: Rc<Activity>,
-    started: std::time::Instant,
-    /// The request's handler returned (its response went to hyper).
-    completed: bool,
-}
-
-/// Close a connection once this many of its requests were reset prematurely,
-/// if they are at least half of its requests (Envoy's rapid-reset rule).
-const PREMATURE_RESET_MIN: u64 = 100;
-const PREMATURE_RESET_WINDOW: Duration = Duration::from_secs(1);
-
-impl Activity {
-    fn begin(self: &Rc<Self>) -> ActivityGuard {
-        self.used.set(true);
-        self.streams.set(self.streams.get() + 1);
-        self.in_flight.set(self.in_flight.get() + 1);
-        ActivityGuard { activity: self.clone(), started: std::time::Instant::now(), completed: false }
-    }
-
-    fn idle_deadline(&self, timeout: Duration) -> tokio::time::Instant {
-        tokio::time::Instant::from_std(self.last.get() + timeout)
-    }
-}
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        let a = &self.activity;
-        a.in_flight.set(a.in_flight.get() - 1);
-        let now = std::time::Instant::now();
-        a.last.set(now);
-        if !self.completed && now.saturating_duration_since(self.started) < PREMATURE_RESET_WINDOW {
-            let premature = a.premature.get() + 1;
-            a.premature.set(premature);
-            if premature >= PREMATURE_RESET_MIN && premature * 2 > a.streams.get() {
-                a.abuse.notify_one();
-            }
-        }
     }
 }

@@ -1,0 +1,316 @@
+//! The response side of a downstream HTTP/1.1 exchange: the head with its
+//! framing (RFC 9112 §6) and the writer that streams the body behind it,
+//! gathering the head and the frames that are ready into one vectored write.
+
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, HeaderValue, TRANSFER_ENCODING};
+use http::{StatusCode, response};
+use http_body::Body;
+use tokio::io::AsyncWrite;
+
+use super::encode::{Piece, Pieces, put_field};
+use super::request::Core;
+use crate::body::ProxyBody;
+use crate::error::{ErrorKind, ProxyError, Side};
+
+/// Bytes gathered from the body before they are written.
+const GATHER: usize = 64 * 1024;
+
+/// How the response body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    None,
+    /// `content-length`: this many bytes still to send.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, unknown length).
+    Close,
+}
+
+/// What the request says about its response.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Asked {
+    pub head: bool,
+    pub http10: bool,
+}
+
+/// Encodes the response head into `out` (cleared first). Returns the body
+/// framing and whether the connection stays open (`keep_alive` in, as far
+/// as the request and the connection allow).
+pub(crate) fn encode_head(
+    parts: &response::Parts,
+    body: &ProxyBody,
+    asked: Asked,
+    mut keep_alive: bool,
+    out: &mut Vec<u8>,
+) -> (Framing, bool) {
+    let h = &parts.headers;
+    let status = parts.status;
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    if super::decode::has_token(h, &CONNECTION, "close") {
+        keep_alive = false;
+    }
+    let bodiless =
+        status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let (framing, add_length) = if bodiless || asked.head {
+        (Framing::None, None)
+    } else if let Some(n) = content_length(h) {
+        (Framing::Length(n), None)
+    } else if let Some(n) = body.size_hint().exact() {
+        (Framing::Length(n), Some(n))
+    } else if asked.http10 {
+        keep_alive = false;
+        (Framing::Close, None)
+    } else {
+        (Framing::Chunked, None)
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in h {
+        // Framing and persistence are ours to say (a 101 keeps its `connection: upgrade`).
+        if name == TRANSFER_ENCODING
+            || (name == CONNECTION && !upgrade)
+            || (name == CONTENT_LENGTH
+                && (add_length.is_some() || bodiless && status != StatusCode::NOT_MODIFIED))
+        {
+            continue;
+        }
+        put_field(out, name, value);
+    }
+    if !h.contains_key(DATE) {
+        put_field(out, &DATE, &http_date());
+    }
+    match (framing, add_length) {
+        (Framing::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        (_, Some(n)) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        _ => {}
+    }
+    if !upgrade {
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if asked.http10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    (framing, keep_alive)
+}
+
+/// The single valid `content-length` of a response, if it has one.
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    let mut all = h.get_all(CONTENT_LENGTH).iter();
+    let first = all.next()?;
+    let n = std::str::from_utf8(first.as_bytes()).ok()?.trim().parse().ok()?;
+    all.all(|v| v == first).then_some(n)
+}
+
+/// `date`, formatted once per second per thread.
+fn http_date() -> HeaderValue {
+    thread_local! {
+        static CACHE: RefCell<(u64, HeaderValue)> = const { RefCell::new((0, HeaderValue::from_static(""))) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let v =
+                HeaderValue::from_str(&httpdate::fmt_http_date(now)).unwrap_or(HeaderValue::from_static(""));
+            *c = (secs, v);
+        }
+        c.1.clone()
+    })
+}
+
+fn write_failed(e: std::io::Error) -> ProxyError {
+    ProxyError::new(Side::Downstream, ErrorKind::BadRequest, format!("writing the response: {e}"))
+}
+
+fn gone() -> ProxyError {
+    ProxyError::new(Side::Internal, ErrorKind::BadRequest, "the connection was handed over")
+}
+
+/// Streams one response's head and body to the downstream.
+pub(crate) struct ResponseWriter {
+    body: Option<ProxyBody>,
+    framing: Framing,
+    trailers_ok: bool,
+    head_pos: usize,
+    pieces: Pieces,
+    /// Bytes in `pieces` not yet written.
+    queued: usize,
+    /// The body ended as its framing says (else the connection must close).
+    pub complete: bool,
+}
+
+impl ResponseWriter {
+    /// A writer whose buffers are reused by every response of a connection.
+    pub(crate) fn new() -> Self {
+        ResponseWriter {
+            body: None,
+            framing: Framing::None,
+            trailers_ok: false,
+            head_pos: 0,
+            pieces: Pieces::default(),
+            queued: 0,
+            complete: true,
+        }
+    }
+
+    /// Starts the next response.
+    pub(crate) fn start(&mut self, body: ProxyBody, framing: Framing, trailers_ok: bool) {
+        // A body the framing does not carry is dropped here (HEAD, 204, 304).
+        self.body = (framing != Framing::None && !body.is_end_stream()).then_some(body);
+        self.complete = self.body.is_none() && !matches!(framing, Framing::Length(n) if n > 0);
+        self.framing = framing;
+        self.trailers_ok = trailers_ok;
+        self.head_pos = 0;
+        self.pieces.clear();
+        self.queued = 0;
+        if self.body.is_none() && framing == Framing::Chunked {
+            self.push(Piece::Static(b"0\r\n\r\n"));
+        }
+    }
+
+    fn push(&mut self, p: Piece) {
+        self.queued += p.bytes().len();
+        self.pieces.push(p);
+    }
+
+    /// Writes the head and the body until the body ends (`Ready(Ok)`), or
+    /// fails. Holds the connection's core only while writing, never while
+    /// polling the body (which may read the request body from it).
+    pub(crate) fn poll(
+        &mut self,
+        head: &[u8],
+        core: &RefCell<Core>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), ProxyError>> {
+        loop {
+            let mut body_pending = false;
+            if self.queued < GATHER
+                && let Some(body) = self.body.as_mut()
+            {
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let end = body.is_end_stream();
+                        match frame.into_data() {
+                            Ok(data) => self.push_data(data)?,
+                            Err(frame) => {
+                                if let (Ok(t), Framing::Chunked, true) =
+                                    (frame.into_trailers(), self.framing, self.trailers_ok)
+                                {
+                                    let mut v = b"0\r\n".to_vec();
+                                    for (name, value) in &t {
+                                        put_field(&mut v, name, value);
+                                    }
+                                    v.extend_from_slice(b"\r\n");
+                                    self.push(Piece::Owned(v));
+                                    self.framing = Framing::None;
+                                }
+                            }
+                        }
+                        if end {
+                            self.end();
+                        }
+                        continue;
+                    }
+                    Poll::Ready(None) => {
+                        self.end();
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        self.body = None;
+                        return Poll::Ready(Err(ProxyError::new(
+                            Side::Upstream,
+                            ErrorKind::UpstreamReset,
+                            format!("response body: {e}"),
+                        )));
+                    }
+                    Poll::Pending => body_pending = true,
+                }
+            }
+            let head_left = head.len() - self.head_pos;
+            if head_left == 0 && self.queued == 0 {
+                if body_pending {
+                    return Poll::Pending;
+                }
+                let mut c = core.try_borrow_mut().map_err(|_| gone())?;
+                let io = c.io.as_mut().ok_or_else(gone)?;
+                ready!(Pin::new(io).poll_flush(cx)).map_err(write_failed)?;
+                return Poll::Ready(Ok(()));
+            }
+            let mut c = core.try_borrow_mut().map_err(|_| gone())?;
+            let io = c.io.as_mut().ok_or_else(gone)?;
+            let slices = self.pieces.slices(&head[self.head_pos..]);
+            let n = match Pin::new(io).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(write_failed(std::io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(write_failed(e))),
+                Poll::Pending => return Poll::Pending,
+            };
+            drop(slices);
+            drop(c);
+            let h = n.min(head_left);
+            self.head_pos += h;
+            self.queued -= n - h;
+            self.pieces.advance(n - h);
+        }
+    }
+
+    fn push_data(&mut self, data: Bytes) -> Result<(), ProxyError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.framing {
+            Framing::Length(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return Err(ProxyError::new(
+                        Side::Upstream,
+                        ErrorKind::UpstreamProtocol,
+                        "response body longer than its content-length",
+                    ));
+                }
+                *left -= n;
+                self.push(Piece::Data(data));
+            }
+            Framing::Chunked => {
+                self.push(Piece::size_line(data.len()));
+                self.push(Piece::Data(data));
+                self.push(Piece::Static(b"\r\n"));
+            }
+            Framing::Close => self.push(Piece::Data(data)),
+            Framing::None => {}
+        }
+        Ok(())
+    }
+
+    fn end(&mut self) {
+        self.body = None;
+        match self.framing {
+            Framing::Chunked => {
+                self.push(Piece::Static(b"0\r\n\r\n"));
+                self.complete = true;
+            }
+            Framing::Length(n) => self.complete = n == 0,
+            Framing::None | Framing::Close => self.complete = true,
+        }
+    }
+}
