@@ -129,6 +129,24 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     assert!(closed < Duration::from_secs(3), "closed late: {closed:?}");
 }
 
+/// Sends one byte every 50 ms (a head that never ends) until the proxy
+/// closes the connection; returns when, counted from `t`.
+async fn dribble_until_closed(s: &mut tokio::net::TcpStream, t: Instant) -> Duration {
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if s.write_all(b"X").await.is_err() {
+            return t.elapsed();
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return t.elapsed(),
+            // A 408 may come first; the close follows.
+            _ => {}
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the dribbling connection is still open after 5s");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_read_timeout_stops_slowloris() {
     let backend = Backend::named("b").await;
@@ -139,21 +157,7 @@ async fn header_read_timeout_stops_slowloris() {
     let t = Instant::now();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-    let closed_at = loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if s.write_all(b"X").await.is_err() {
-            break t.elapsed();
-        }
-        let mut buf = [0u8; 512];
-        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break t.elapsed(),
-            Ok(Ok(_)) => {
-                // A 408 may come first; the close follows.
-            }
-            Err(_) => {}
-        }
-        assert!(t.elapsed() < Duration::from_secs(5), "slowloris connection still open after 5s");
-    };
+    let closed_at = dribble_until_closed(&mut s, t).await;
     assert!(closed_at >= Duration::from_millis(300), "closed before the timeout: {closed_at:?}");
     assert!(closed_at < Duration::from_secs(2), "closed late: {closed_at:?}");
 
@@ -203,18 +207,7 @@ async fn a_keep_alive_connection_dribbling_its_next_head_is_cut_after_header_rea
     // The second request's head comes one byte every 50 ms and never ends.
     let t = Instant::now();
     s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-    let closed_at = loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if s.write_all(b"X").await.is_err() {
-            break t.elapsed();
-        }
-        let mut buf = [0u8; 512];
-        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break t.elapsed(),
-            _ => {}
-        }
-        assert!(t.elapsed() < Duration::from_secs(5), "the dribbling connection is still open after 5s");
-    };
+    let closed_at = dribble_until_closed(&mut s, t).await;
     assert!(closed_at >= Duration::from_millis(300), "closed before the timeout: {closed_at:?}");
     assert!(closed_at < Duration::from_secs(2), "closed late: {closed_at:?}");
     assert_eq!(backend.hits(), 1);

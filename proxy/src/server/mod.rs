@@ -358,8 +358,11 @@ async fn run_h2<T>(
     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let conn = conn.clone();
         let mut guard = act.begin();
+        // Boxed: hyper moves each stream's future into a task of its own, and a
+        // box is one allocation against several copies of the large future.
+        let fut = Box::pin(handle(req.map(ProxyBody::incoming), conn));
         async move {
-            let r = handle(req.map(ProxyBody::incoming), conn).await;
+            let r = fut.await;
             guard.completed = true;
             // The request stays active until its response body ends, so the
             // idle timeout never cuts a response that streams.
