@@ -16,7 +16,7 @@ use super::io::Io;
 use crate::body::ProxyBody;
 use crate::error::{ErrorKind, ProxyError, Side};
 
-/// How the request body is framed on the wire.
+/// How a body is framed on the wire (requests and responses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Framing {
     /// No body.
@@ -25,6 +25,8 @@ pub(crate) enum Framing {
     Length(u64),
     /// `transfer-encoding: chunked`.
     Chunked,
+    /// Until the connection closes (responses to HTTP/1.0 clients only).
+    Close,
 }
 
 /// Encodes the request head into `out` (cleared first) and picks the body
@@ -77,8 +79,8 @@ pub(crate) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValu
     out.extend_from_slice(b"\r\n");
 }
 
-/// The single `content-length` of a request, if it has a valid one.
-fn content_length(h: &HeaderMap) -> Option<u64> {
+/// The single valid `content-length` of a head, if it has one.
+pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     let mut all = h.get_all(CONTENT_LENGTH).iter();
     let first = all.next()?;
     let n = std::str::from_utf8(first.as_bytes()).ok()?.trim().parse().ok()?;
@@ -86,7 +88,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 /// A piece of output waiting for the socket.
-pub(crate) enum Piece {
+enum Piece {
     Data(Bytes),
     Static(&'static [u8]),
     /// A chunk-size line.
@@ -96,7 +98,7 @@ pub(crate) enum Piece {
 }
 
 impl Piece {
-    pub(crate) fn bytes(&self) -> &[u8] {
+    fn bytes(&self) -> &[u8] {
         match self {
             Piece::Data(b) => b,
             Piece::Static(s) => s,
@@ -105,7 +107,7 @@ impl Piece {
         }
     }
 
-    pub(crate) fn size_line(len: usize) -> Piece {
+    fn size_line(len: usize) -> Piece {
         let mut b = [0u8; 18];
         let n = {
             let mut cur = io::Cursor::new(&mut b[..]);
@@ -123,11 +125,60 @@ pub(crate) struct Pieces {
     list: Vec<Piece>,
     next: usize,
     offset: usize,
+    /// Bytes not yet written.
+    queued: usize,
 }
 
 impl Pieces {
-    pub(crate) fn push(&mut self, p: Piece) {
+    fn push(&mut self, p: Piece) {
+        self.queued += p.bytes().len();
         self.list.push(p);
+    }
+
+    /// Bytes not yet written.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Queues a body chunk as `framing` says; `false` if it overruns the
+    /// `content-length` (nothing is queued then).
+    pub(crate) fn push_framed(&mut self, framing: &mut Framing, data: Bytes) -> bool {
+        if data.is_empty() {
+            return true;
+        }
+        match framing {
+            Framing::Length(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return false;
+                }
+                *left -= n;
+                self.push(Piece::Data(data));
+            }
+            Framing::Chunked => {
+                self.push(Piece::size_line(data.len()));
+                self.push(Piece::Data(data));
+                self.push(Piece::Static(b"\r\n"));
+            }
+            Framing::Close => self.push(Piece::Data(data)),
+            Framing::None => {}
+        }
+        true
+    }
+
+    /// Queues the last chunk of a chunked body, with its trailer section.
+    pub(crate) fn push_last_chunk(&mut self, trailers: Option<&HeaderMap>) {
+        match trailers {
+            None => self.push(Piece::Static(b"0\r\n\r\n")),
+            Some(t) => {
+                let mut v = b"0\r\n".to_vec();
+                for (name, value) in t {
+                    put_field(&mut v, name, value);
+                }
+                v.extend_from_slice(b"\r\n");
+                self.push(Piece::Owned(v));
+            }
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -139,6 +190,7 @@ impl Pieces {
         self.list.clear();
         self.next = 0;
         self.offset = 0;
+        self.queued = 0;
     }
 
     /// The unwritten bytes: what is left of `head`, then the pieces.
@@ -156,6 +208,7 @@ impl Pieces {
 
     /// Marks `n` bytes of pieces written.
     pub(crate) fn advance(&mut self, mut n: usize) {
+        self.queued -= n;
         while n > 0 {
             let left = self.list[self.next].bytes().len() - self.offset;
             if n >= left {
@@ -243,19 +296,12 @@ impl Writer {
                 None => {}
                 Some(Ok(data)) => {
                     end = body.is_end_stream();
-                    if !data.is_empty() {
-                        self.push_data(data)?;
-                    }
+                    self.push_data(data)?;
                 }
                 Some(Err(frame)) => {
                     end = true;
                     if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), self.framing) {
-                        let mut v = b"0\r\n".to_vec();
-                        for (name, value) in &trailers {
-                            put_field(&mut v, name, value);
-                        }
-                        v.extend_from_slice(b"\r\n");
-                        self.pieces.push(Piece::Owned(v));
+                        self.pieces.push_last_chunk(Some(&trailers));
                         self.framing = Framing::None;
                     }
                 }
@@ -263,7 +309,7 @@ impl Writer {
             if end {
                 self.body = None;
                 match self.framing {
-                    Framing::Chunked => self.pieces.push(Piece::Static(b"0\r\n\r\n")),
+                    Framing::Chunked => self.pieces.push_last_chunk(None),
                     Framing::Length(n) if n > 0 => {
                         return Poll::Ready(Err(ProxyError::new(
                             Side::Internal,
@@ -278,27 +324,14 @@ impl Writer {
     }
 
     fn push_data(&mut self, data: Bytes) -> Result<(), ProxyError> {
-        match &mut self.framing {
-            Framing::Length(left) => {
-                let n = data.len() as u64;
-                if n > *left {
-                    return Err(ProxyError::new(
-                        Side::Internal,
-                        ErrorKind::UpstreamReset,
-                        "request body longer than its content-length",
-                    ));
-                }
-                *left -= n;
-                self.pieces.push(Piece::Data(data));
-            }
-            Framing::Chunked => {
-                self.pieces.push(Piece::size_line(data.len()));
-                self.pieces.push(Piece::Data(data));
-                self.pieces.push(Piece::Static(b"\r\n"));
-            }
-            Framing::None => {}
+        if self.pieces.push_framed(&mut self.framing, data) {
+            return Ok(());
         }
-        Ok(())
+        Err(ProxyError::new(
+            Side::Internal,
+            ErrorKind::UpstreamReset,
+            "request body longer than its content-length",
+        ))
     }
 
     fn poll_write_pending(&mut self, io: &mut Io, head: &[u8], cx: &mut Context<'_>) -> Poll<io::Result<()>> {

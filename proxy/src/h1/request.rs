@@ -195,6 +195,25 @@ impl Core {
         Poll::Ready(Some(Err(Box::new(e))))
     }
 
+    /// Starts the next request on the connection: its body's framing and
+    /// whether a `100 Continue` is owed. Returns the request's generation.
+    pub(crate) fn next_request(&mut self, decoder: Decoder, expect_continue: bool) -> u64 {
+        self.generation += 1;
+        self.decoder = decoder;
+        self.continue_at = (expect_continue && !decoder.is_done()).then_some(0);
+        self.generation
+    }
+
+    /// Reads more into the buffer (at least `want / 4` bytes of room, else
+    /// `want` more); `Ok(0)` at EOF or once the connection was handed over.
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
+        let Some(io) = self.io.as_mut() else { return Poll::Ready(Ok(0)) };
+        if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
+            self.rbuf.reserve(want);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.rbuf)
+    }
+
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<bytes::Bytes>, BoxError>>> {
         let Some(io) = self.io.as_mut() else { return Poll::Ready(None) };
         while let Some(at) = self.continue_at {
@@ -223,10 +242,7 @@ impl Core {
                 Step::End => return Poll::Ready(None),
                 Step::More => {}
             }
-            if self.rbuf.capacity() - self.rbuf.len() < READ_BODY / 4 {
-                self.rbuf.reserve(READ_BODY);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut self.rbuf) {
+            match self.poll_fill(cx, READ_BODY) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => return self.fail(bad("the client closed the connection mid-body")),
                 Poll::Ready(Ok(_)) => {}
@@ -245,14 +261,11 @@ pub struct DownstreamBody {
 }
 
 impl DownstreamBody {
-    pub(crate) fn new(core: Rc<RefCell<Core>>) -> Self {
-        let (generation, length) = {
-            let c = core.borrow();
-            let length = match c.decoder {
-                Decoder::Length(n) => Some(n),
-                _ => None,
-            };
-            (c.generation, length)
+    /// The body of request `generation` (see [`Core::next_request`]), framed by `decoder`.
+    pub(crate) fn new(core: Rc<RefCell<Core>>, generation: u64, decoder: Decoder) -> Self {
+        let length = match decoder {
+            Decoder::Length(n) => Some(n),
+            _ => None,
         };
         DownstreamBody { core, generation, length }
     }

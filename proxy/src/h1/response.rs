@@ -14,26 +14,13 @@ use http::{StatusCode, response};
 use http_body::Body;
 use tokio::io::AsyncWrite;
 
-use super::encode::{Piece, Pieces, put_field};
+use super::encode::{Framing, Pieces, content_length, put_field};
 use super::request::Core;
 use crate::body::ProxyBody;
 use crate::error::{ErrorKind, ProxyError, Side};
 
 /// Bytes gathered from the body before they are written.
 const GATHER: usize = 64 * 1024;
-
-/// How the response body is framed on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
-    /// No body (HEAD, 1xx, 204, 304).
-    None,
-    /// `content-length`: this many bytes still to send.
-    Length(u64),
-    /// `transfer-encoding: chunked`.
-    Chunked,
-    /// Until the connection closes (an HTTP/1.0 client, unknown length).
-    Close,
-}
 
 /// What the request says about its response.
 #[derive(Debug, Clone, Copy)]
@@ -110,14 +97,6 @@ pub(crate) fn encode_head(
     (framing, keep_alive)
 }
 
-/// The single valid `content-length` of a response, if it has one.
-fn content_length(h: &http::HeaderMap) -> Option<u64> {
-    let mut all = h.get_all(CONTENT_LENGTH).iter();
-    let first = all.next()?;
-    let n = std::str::from_utf8(first.as_bytes()).ok()?.trim().parse().ok()?;
-    all.all(|v| v == first).then_some(n)
-}
-
 /// `date`, formatted once per second per thread.
 fn http_date() -> HeaderValue {
     thread_local! {
@@ -151,8 +130,6 @@ pub(crate) struct ResponseWriter {
     trailers_ok: bool,
     head_pos: usize,
     pieces: Pieces,
-    /// Bytes in `pieces` not yet written.
-    queued: usize,
     /// The body ended as its framing says (else the connection must close).
     pub complete: bool,
 }
@@ -166,7 +143,6 @@ impl ResponseWriter {
             trailers_ok: false,
             head_pos: 0,
             pieces: Pieces::default(),
-            queued: 0,
             complete: true,
         }
     }
@@ -180,15 +156,9 @@ impl ResponseWriter {
         self.trailers_ok = trailers_ok;
         self.head_pos = 0;
         self.pieces.clear();
-        self.queued = 0;
         if self.body.is_none() && framing == Framing::Chunked {
-            self.push(Piece::Static(b"0\r\n\r\n"));
+            self.pieces.push_last_chunk(None);
         }
-    }
-
-    fn push(&mut self, p: Piece) {
-        self.queued += p.bytes().len();
-        self.pieces.push(p);
     }
 
     /// Writes the head and the body until the body ends (`Ready(Ok)`), or
@@ -202,7 +172,7 @@ impl ResponseWriter {
     ) -> Poll<Result<(), ProxyError>> {
         loop {
             let mut body_pending = false;
-            if self.queued < GATHER
+            if self.pieces.queued() < GATHER
                 && let Some(body) = self.body.as_mut()
             {
                 match Pin::new(&mut *body).poll_frame(cx) {
@@ -214,12 +184,7 @@ impl ResponseWriter {
                                 if let (Ok(t), Framing::Chunked, true) =
                                     (frame.into_trailers(), self.framing, self.trailers_ok)
                                 {
-                                    let mut v = b"0\r\n".to_vec();
-                                    for (name, value) in &t {
-                                        put_field(&mut v, name, value);
-                                    }
-                                    v.extend_from_slice(b"\r\n");
-                                    self.push(Piece::Owned(v));
+                                    self.pieces.push_last_chunk(Some(&t));
                                     self.framing = Framing::None;
                                 }
                             }
@@ -245,7 +210,7 @@ impl ResponseWriter {
                 }
             }
             let head_left = head.len() - self.head_pos;
-            if head_left == 0 && self.queued == 0 {
+            if head_left == 0 && self.pieces.queued() == 0 {
                 if body_pending {
                     return Poll::Pending;
                 }
@@ -269,44 +234,26 @@ impl ResponseWriter {
             drop(c);
             let h = n.min(head_left);
             self.head_pos += h;
-            self.queued -= n - h;
             self.pieces.advance(n - h);
         }
     }
 
     fn push_data(&mut self, data: Bytes) -> Result<(), ProxyError> {
-        if data.is_empty() {
+        if self.pieces.push_framed(&mut self.framing, data) {
             return Ok(());
         }
-        match &mut self.framing {
-            Framing::Length(left) => {
-                let n = data.len() as u64;
-                if n > *left {
-                    return Err(ProxyError::new(
-                        Side::Upstream,
-                        ErrorKind::UpstreamProtocol,
-                        "response body longer than its content-length",
-                    ));
-                }
-                *left -= n;
-                self.push(Piece::Data(data));
-            }
-            Framing::Chunked => {
-                self.push(Piece::size_line(data.len()));
-                self.push(Piece::Data(data));
-                self.push(Piece::Static(b"\r\n"));
-            }
-            Framing::Close => self.push(Piece::Data(data)),
-            Framing::None => {}
-        }
-        Ok(())
+        Err(ProxyError::new(
+            Side::Upstream,
+            ErrorKind::UpstreamProtocol,
+            "response body longer than its content-length",
+        ))
     }
 
     fn end(&mut self) {
         self.body = None;
         match self.framing {
             Framing::Chunked => {
-                self.push(Piece::Static(b"0\r\n\r\n"));
+                self.pieces.push_last_chunk(None);
                 self.complete = true;
             }
             Framing::Length(n) => self.complete = n == 0,

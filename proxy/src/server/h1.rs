@@ -103,28 +103,22 @@ pub(super) async fn serve(
                 return c.io.take().map(|io| (io, rbuf));
             }
             Next::Error(e) => {
-                refuse(&core, &conn, &e, &mut head_buf, control).await;
+                refuse(&core, &conn, &e, &mut writer, &mut head_buf, control).await;
                 return None;
             }
         };
         let RequestHead { mut parts, decoder, keep_alive, expect_continue, upgrade, trailers_ok } = head;
         let asked = Asked { head: parts.method == Method::HEAD, http10: parts.version == Version::HTTP_10 };
-        let has_body = !decoder.is_done();
-        {
-            let mut c = core.try_borrow_mut().ok()?;
-            c.generation += 1;
-            c.decoder = decoder;
-            c.continue_at = (expect_continue && has_body).then_some(0);
-        }
+        let generation = core.try_borrow_mut().ok()?.next_request(decoder, expect_continue);
         let upgrade_tx = upgrade.then(|| {
             let (tx, rx) = oneshot::channel();
             parts.extensions.insert(OnUpgrade(std::sync::Arc::new(parking_lot::Mutex::new(Some(rx)))));
             tx
         });
-        let body = if has_body {
-            ProxyBody::downstream(DownstreamBody::new(core.clone()))
-        } else {
+        let body = if decoder.is_done() {
             ProxyBody::empty()
+        } else {
+            ProxyBody::downstream(DownstreamBody::new(core.clone(), generation, decoder))
         };
         let mut guard = activity.begin();
         let resp = {
@@ -155,19 +149,7 @@ pub(super) async fn serve(
         let (framing, keep_alive) = encode_head(&parts, &body, asked, keep_alive, &mut head_buf);
         drop(parts);
         writer.start(body, framing, trailers_ok);
-        let written = poll_fn(|t| {
-            if control.close.get() {
-                return Poll::Ready(Err(None));
-            }
-            match writer.poll(&head_buf, &core, t) {
-                Poll::Pending => {
-                    control.park(t.waker());
-                    Poll::Pending
-                }
-                Poll::Ready(r) => Poll::Ready(r.map_err(Some)),
-            }
-        })
-        .await;
+        let written = send(&mut writer, &head_buf, &core, control).await;
         // The request stays active until its response body ends.
         drop(guard);
         if let Err(e) = written {
@@ -224,11 +206,7 @@ fn poll_head(
                 Err(e) => return Poll::Ready(Next::Error(e)),
             }
         }
-        let Some(io) = c.io.as_mut() else { return Poll::Ready(Next::Closed) };
-        if c.rbuf.capacity() - c.rbuf.len() < 1024 {
-            c.rbuf.reserve(READ_HEAD);
-        }
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(io), t, &mut c.rbuf) {
+        match c.poll_fill(t, READ_HEAD) {
             Poll::Pending => {
                 control.park(t.waker());
                 return Poll::Pending;
@@ -252,11 +230,7 @@ fn client_gone(core: &RefCell<Core>, t: &mut Context<'_>) -> bool {
         if c.rbuf.len() >= READ_AHEAD {
             return false;
         }
-        let Some(io) = c.io.as_mut() else { return false };
-        if c.rbuf.capacity() - c.rbuf.len() < 1024 {
-            c.rbuf.reserve(READ_HEAD);
-        }
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(io), t, &mut c.rbuf) {
+        match c.poll_fill(t, READ_HEAD) {
             Poll::Ready(Ok(0) | Err(_)) => return true,
             Poll::Ready(Ok(_)) => {}
             Poll::Pending => return false,
@@ -264,11 +238,35 @@ fn client_gone(core: &RefCell<Core>, t: &mut Context<'_>) -> bool {
     }
 }
 
+/// Writes the response `writer` was started with; `Err(None)` when the
+/// watcher closed the connection first.
+async fn send(
+    writer: &mut ResponseWriter,
+    head: &[u8],
+    core: &RefCell<Core>,
+    control: &Control,
+) -> Result<(), Option<ProxyError>> {
+    poll_fn(|t| {
+        if control.close.get() {
+            return Poll::Ready(Err(None));
+        }
+        match writer.poll(head, core, t) {
+            Poll::Pending => {
+                control.park(t.waker());
+                Poll::Pending
+            }
+            Poll::Ready(r) => Poll::Ready(r.map_err(Some)),
+        }
+    })
+    .await
+}
+
 /// Answers a request the codec refused (400, 431), then closes.
 async fn refuse(
-    core: &Rc<RefCell<Core>>,
+    core: &RefCell<Core>,
     conn: &ConnInfo,
     e: &ProxyError,
+    writer: &mut ResponseWriter,
     head_buf: &mut Vec<u8>,
     control: &Control,
 ) {
@@ -277,20 +275,8 @@ async fn refuse(
     let (parts, body) = error_response(e, false).into_parts();
     let asked = Asked { head: false, http10: false };
     let (framing, _) = encode_head(&parts, &body, asked, false, head_buf);
-    let mut writer = ResponseWriter::new();
     writer.start(body, framing, false);
-    let written = poll_fn(|t| {
-        if control.close.get() {
-            return Poll::Ready(false);
-        }
-        let polled = writer.poll(head_buf, core, t).map(|r| r.is_ok());
-        if polled.is_pending() {
-            control.park(t.waker());
-        }
-        polled
-    })
-    .await;
-    if written {
+    if send(writer, head_buf, core, control).await.is_ok() {
         close(core, true).await;
     }
 }
