@@ -1,5 +1,6 @@
 //! The process-wide host: engine, epoch ticker, linker, module cache, and the
-//! [`FilterLoader`] implementation.
+//! [`FilterLoader`] implementation. The engine and its ticker start with the
+//! first module load, so a proxy without filters carries none of it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -122,29 +123,29 @@ impl fmt::Debug for WasmHost {
 
 /// What every factory, VM and host call of the process shares.
 pub(crate) struct HostShared {
-    pub engine: Engine,
-    pub linker: Linker<VmState>,
     pub options: HostOptions,
     pub metrics: HostMetrics,
     pub guest_metrics: GuestMetricFamilies,
     pub callouts: Arc<dyn CalloutClient>,
     pub shared: SharedState,
-    cache: Option<Cache>,
+    /// Built by the first load (see [`Runtime`]); kept for the host's life.
+    runtime: Mutex<Option<Arc<Runtime>>>,
     modules: Mutex<HashMap<String, Weak<CompiledModule>>>,
+}
+
+/// The engine and what hangs off it. Built on the first module load rather than
+/// at start: a proxy without filters then has no epoch ticker waking it 100
+/// times a second and none of the engine's code and data in its RSS.
+struct Runtime {
+    engine: Engine,
+    linker: Linker<VmState>,
+    cache: Option<Cache>,
     /// Stopped when the host (the last factory) is dropped.
     _ticker: Ticker,
 }
 
-impl WasmHost {
-    /// Builds the engine, starts the epoch ticker and registers the host metrics.
-    pub fn new(
-        options: HostOptions,
-        registry: &prometheus::Registry,
-        callouts: Arc<dyn CalloutClient>,
-    ) -> Result<WasmHost, HostError> {
-        if options.epoch_tick.is_zero() {
-            return Err(HostError::Invalid("epoch_tick must be positive".into()));
-        }
+impl Runtime {
+    fn build(options: &HostOptions) -> Result<Runtime, HostError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.max_wasm_stack(512 * 1024);
@@ -185,19 +186,34 @@ impl WasmHost {
         };
         let engine = Engine::new(&config).map_err(|e| HostError::Engine(format!("{e:#}")))?;
         let linker = crate::hostcalls::linker(&engine).map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        let metrics = HostMetrics::new(registry)?;
         let ticker = Ticker::start(engine.clone(), options.epoch_tick)?;
+        Ok(Runtime { engine, linker, cache, _ticker: ticker })
+    }
+}
+
+impl WasmHost {
+    /// Checks the options and registers the host metrics. The engine and its
+    /// epoch ticker start with the first module load.
+    pub fn new(
+        options: HostOptions,
+        registry: &prometheus::Registry,
+        callouts: Arc<dyn CalloutClient>,
+    ) -> Result<WasmHost, HostError> {
+        if options.epoch_tick.is_zero() {
+            return Err(HostError::Invalid("epoch_tick must be positive".into()));
+        }
+        if options.pooling && usize::try_from(options.max_memory_bytes).is_err() {
+            return Err(HostError::Invalid("max_memory_bytes does not fit in usize".into()));
+        }
+        let metrics = HostMetrics::new(registry)?;
         Ok(WasmHost {
             shared: Arc::new(HostShared {
-                engine,
-                linker,
                 metrics,
                 guest_metrics: GuestMetricFamilies::new(registry.clone()),
                 callouts,
                 shared: SharedState::default(),
-                cache,
+                runtime: Mutex::new(None),
                 modules: Mutex::new(HashMap::new()),
-                _ticker: ticker,
                 options,
             }),
         })
@@ -262,11 +278,11 @@ impl WasmHost {
             self.shared.metrics.module_cache.with_label_values(&["memory"]).inc();
             return Ok(found);
         }
+        let rt = self.runtime()?;
         let started = Instant::now();
-        let hits_before = self.shared.cache.as_ref().map_or(0, Cache::cache_hits);
-        let compiled =
-            Arc::new(CompiledModule::compile(&self.shared.engine, &self.shared.linker, digest, bytes)?);
-        let hit = self.shared.cache.as_ref().is_some_and(|c| c.cache_hits() > hits_before);
+        let hits_before = rt.cache.as_ref().map_or(0, Cache::cache_hits);
+        let compiled = Arc::new(CompiledModule::compile(&rt.engine, &rt.linker, digest, bytes)?);
+        let hit = rt.cache.as_ref().is_some_and(|c| c.cache_hits() > hits_before);
         let outcome = if hit { "disk" } else { "compiled" };
         self.shared.metrics.module_cache.with_label_values(&[outcome]).inc();
         tracing::info!(digest, outcome, elapsed_ms = started.elapsed().as_millis() as u64, abi = %compiled.abi, "wasm module ready");
@@ -274,6 +290,20 @@ impl WasmHost {
         modules.retain(|_, m| m.strong_count() > 0);
         modules.insert(digest.to_string(), Arc::downgrade(&compiled));
         Ok(compiled)
+    }
+
+    /// The engine, built by the first call. A failure is returned to that load
+    /// (and the next load tries again).
+    fn runtime(&self) -> Result<Arc<Runtime>, String> {
+        let mut slot = self.shared.runtime.lock();
+        if let Some(rt) = slot.as_ref() {
+            return Ok(rt.clone());
+        }
+        let started = Instant::now();
+        let rt = Arc::new(Runtime::build(&self.shared.options).map_err(|e| e.to_string())?);
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "wasm engine started");
+        *slot = Some(rt.clone());
+        Ok(rt)
     }
 
     fn read_module(&self, spec: &FilterSpec, cx: &LoadContext<'_>) -> Result<Vec<u8>, LoadError> {
