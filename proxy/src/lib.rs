@@ -299,7 +299,9 @@ impl Proxy {
             let kept = kept.map_err(bind_err)?;
             let id = NEXT_BINDING.fetch_add(1, Ordering::Relaxed);
             let limit = Arc::new(Semaphore::new(l.max_connections));
-            for (w, socket) in self.workers.iter().zip(sockets) {
+            let exact = l.connection_balance == sluice_config::ConnectionBalance::Exact;
+            let (balance, inboxes) = server::Balance::new(self.workers.len(), exact);
+            for ((w, socket), inbox) in self.workers.iter().zip(sockets).zip(inboxes) {
                 let _ = w.send(WorkerCmd::Add {
                     name: l.name.clone(),
                     binding: id,
@@ -307,6 +309,8 @@ impl Proxy {
                     config: Box::new(cfg.clone()),
                     tls: tls.clone(),
                     limit: limit.clone(),
+                    balance: balance.clone(),
+                    inbox,
                 });
             }
             let binding = Binding { id, addr, identity: ident, sockets: kept };

@@ -94,6 +94,9 @@ pub struct Listener {
     /// Maximum concurrent downstream connections; further connections wait in the backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// How new connections are spread over the workers. Default `exact`.
+    #[serde(default)]
+    pub connection_balance: ConnectionBalance,
     /// Protection limits and timeouts.
     #[serde(default)]
     pub limits: Limits,
@@ -119,6 +122,20 @@ fn default_max_connections() -> usize {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(15)
+}
+
+/// How a listener spreads new connections over the workers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionBalance {
+    /// A worker that accepts a connection while another worker serves fewer of
+    /// the listener's connections hands it to that worker (Envoy's
+    /// `exact_balance`), so a few long-lived connections (a mesh peer's HTTP/2
+    /// connections, a load generator's keep-alive pool) never pile up on one worker.
+    #[default]
+    Exact,
+    /// The kernel's `SO_REUSEPORT` hash of the 4-tuple alone decides.
+    Kernel,
 }
 
 /// An HTTP protocol version.

@@ -29,6 +29,11 @@ pub struct Metrics {
     pub connections_active: IntGaugeVec,
     /// `sluice_downstream_connections_total{listener}`.
     pub connections_total: IntCounterVec,
+    /// `sluice_downstream_connections_per_worker{listener,worker}`.
+    pub worker_connections: IntGaugeVec,
+    /// `sluice_downstream_connections_rebalanced_total{listener}`: connections
+    /// handed from the accepting worker to a less loaded one.
+    pub connections_rebalanced: IntCounterVec,
     /// `sluice_local_replies_total{reason}`: errors and proxy-made answers by reason.
     pub local_replies: IntCounterVec,
     /// `sluice_downstream_connections_closed_for_abuse_total{listener,reason}`.
@@ -111,6 +116,16 @@ impl Metrics {
             connections_total: counter(
                 "sluice_downstream_connections_total",
                 "Accepted downstream connections",
+                &["listener"],
+            )?,
+            worker_connections: gauge(
+                "sluice_downstream_connections_per_worker",
+                "Open downstream connections served by each worker",
+                &["listener", "worker"],
+            )?,
+            connections_rebalanced: counter(
+                "sluice_downstream_connections_rebalanced_total",
+                "Connections handed by the accepting worker to a worker serving fewer (connection_balance: exact)",
                 &["listener"],
             )?,
             local_replies: counter(

@@ -1,9 +1,10 @@
 //! Workers, listeners and downstream connections.
 //!
 //! Each worker is a thread running a tokio current-thread runtime inside a
-//! `LocalSet`, with its own `SO_REUSEPORT` socket per listener, so the kernel
-//! spreads connections and a request never crosses threads. Workers take
-//! commands (add/remove a listener, drain) over a channel.
+//! `LocalSet`, with its own `SO_REUSEPORT` socket per listener; the kernel
+//! spreads connections over the sockets, [`balance`] evens them out, and a
+//! request never crosses threads. Workers take commands (add/remove a
+//! listener, drain) over a channel.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,10 +28,12 @@ use crate::forward::{ConnInfo, Shared, handle};
 use crate::h1::Io;
 use crate::pool::LocalExec;
 
+mod balance;
 mod conn;
 pub(crate) mod h1;
 mod prefixed;
 
+pub use balance::{Balance, Inbox};
 pub use h1::{OnUpgrade, Upgraded};
 
 /// How a listener accepts: its sockets (one per worker) and its TLS acceptor.
@@ -84,6 +87,10 @@ pub enum WorkerCmd {
         tls: Option<Arc<crate::tls::ServerTls>>,
         /// Shared connection limit.
         limit: Arc<Semaphore>,
+        /// The binding's connection counts per worker.
+        balance: Arc<Balance>,
+        /// Where connections other workers accepted for this worker arrive.
+        inbox: Inbox,
     },
     /// Stop accepting on a binding; its connections drain.
     Remove {
@@ -149,7 +156,7 @@ async fn worker_main(
     let drain_timeout = loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(WorkerCmd::Add { name, binding, socket, config, tls, limit }) => {
+                Some(WorkerCmd::Add { name, binding, socket, config, tls, limit, balance, inbox }) => {
                     let listener = match TcpListener::from_std(socket) {
                         Ok(l) => l,
                         Err(e) => {
@@ -168,8 +175,10 @@ async fn worker_main(
                         active: active.clone(),
                         idle_done: idle_done.clone(),
                         drain: drain.clone(),
+                        worker: index,
+                        balance,
                     };
-                    tokio::task::spawn_local(accept_loop(listener, ctx, stop_rx));
+                    tokio::task::spawn_local(accept_loop(listener, ctx, inbox, stop_rx));
                 }
                 Some(WorkerCmd::Warm(dp, done)) => {
                     for (_, f) in &dp.filters {
@@ -221,22 +230,53 @@ struct AcceptCtx {
     active: Rc<std::cell::Cell<usize>>,
     idle_done: Rc<tokio::sync::Notify>,
     drain: watch::Receiver<Option<Duration>>,
+    /// This worker's index.
+    worker: usize,
+    balance: Arc<Balance>,
 }
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
-async fn accept_loop(listener: TcpListener, cx: AcceptCtx, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    cx: AcceptCtx,
+    mut inbox: Inbox,
+    mut stop: watch::Receiver<bool>,
+) {
     let cx = Rc::new(cx);
-    let gauge = cx.shared.metrics.connections_active.with_label_values(&[&cx.name]);
     let total = cx.shared.metrics.connections_total.with_label_values(&[&cx.name]);
+    let rebalanced = cx.shared.metrics.connections_rebalanced.with_label_values(&[&cx.name]);
+    let mut inbox_open = true;
     loop {
         let permit = tokio::select! {
             p = cx.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
         };
-        let (stream, remote) = tokio::select! {
+        let (stream, remote, permit) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok((stream, remote)) => {
+                    total.inc();
+                    let Some(to) = cx.balance.assign(cx.worker) else {
+                        spawn_serve(stream, remote, permit, &cx);
+                        continue;
+                    };
+                    // Deregistered here, registered again by the worker it goes to.
+                    let stream = match stream.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            cx.balance.closed(to);
+                            tracing::debug!(listener = %cx.name, %remote, error = %e, "cannot hand off a connection");
+                            continue;
+                        }
+                    };
+                    match cx.balance.hand_off(to, cx.worker, balance::Handoff { stream, remote, permit }) {
+                        Ok(()) => {
+                            rebalanced.inc();
+                            continue;
+                        }
+                        Err(h) => (h.stream, h.remote, h.permit),
+                    }
+                }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(listener = %cx.name, error = %e, "accept failed");
@@ -244,21 +284,70 @@ async fn accept_loop(listener: TcpListener, cx: AcceptCtx, mut stop: watch::Rece
                     continue;
                 }
             },
-            _ = stop.changed() => return,
+            h = inbox.0.recv(), if inbox_open => match h {
+                Some(h) => {
+                    drop(permit);
+                    (h.stream, h.remote, h.permit)
+                }
+                None => {
+                    inbox_open = false;
+                    continue;
+                }
+            },
+            _ = stop.changed() => {
+                // Connections already handed to this worker are still served.
+                inbox.0.close();
+                while let Ok(h) = inbox.0.try_recv() {
+                    serve_handoff(h.stream, h.remote, h.permit, &cx);
+                }
+                return;
+            }
         };
-        total.inc();
-        gauge.inc();
-        cx.active.set(cx.active.get() + 1);
-        let cx2 = cx.clone();
-        let gauge2 = gauge.clone();
-        tokio::task::spawn_local(async move {
-            serve_connection(stream, remote, &cx2).await;
-            drop(permit);
-            gauge2.dec();
-            cx2.active.set(cx2.active.get() - 1);
-            cx2.idle_done.notify_waiters();
-        });
+        serve_handoff(stream, remote, permit, &cx);
     }
+}
+
+/// Serves a connection counted against this worker already (handed over, or
+/// handed back).
+fn serve_handoff(
+    stream: std::net::TcpStream,
+    remote: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    cx: &Rc<AcceptCtx>,
+) {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => spawn_serve(stream, remote, permit, cx),
+        Err(e) => {
+            cx.balance.closed(cx.worker);
+            tracing::warn!(listener = %cx.name, %remote, error = %e, "cannot register a connection");
+        }
+    }
+}
+
+/// Serves an accepted connection on this worker, counted in its [`Balance`].
+fn spawn_serve(
+    stream: TcpStream,
+    remote: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    cx: &Rc<AcceptCtx>,
+) {
+    let metrics = &cx.shared.metrics;
+    let gauge = metrics.connections_active.with_label_values(&[&cx.name]);
+    let worker = cx.worker.to_string();
+    let per_worker = metrics.worker_connections.with_label_values(&[cx.name.as_ref(), worker.as_str()]);
+    gauge.inc();
+    per_worker.inc();
+    cx.active.set(cx.active.get() + 1);
+    let cx = cx.clone();
+    tokio::task::spawn_local(async move {
+        serve_connection(stream, remote, &cx).await;
+        cx.balance.closed(cx.worker);
+        drop(permit);
+        gauge.dec();
+        per_worker.dec();
+        cx.active.set(cx.active.get() - 1);
+        cx.idle_done.notify_waiters();
+    });
 }
 
 fn h2_builder(limits: &Limits) -> http2::Builder<LocalExec> {
