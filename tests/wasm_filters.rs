@@ -274,3 +274,50 @@ async fn a_wasm32_unknown_unknown_module_runs_too() {
     assert_eq!(status, 200);
     assert_eq!(headers["x-mini"], "tiny");
 }
+
+/// The process's thread names (`comm`, at most 15 bytes).
+fn threads(proxy: &Sluice) -> Vec<String> {
+    let dir = format!("/proc/{}/task", proxy.child.id());
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap().trim().to_owned())
+        .collect()
+}
+
+/// The wasm engine and its epoch ticker start with the first filter: a proxy
+/// without filters has neither (nor the engine's memory), and the reload that
+/// adds a filter starts them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wasm_engine_starts_with_the_first_filter() {
+    let backend = echo_backend().await;
+    let with_filter = config(backend.addr, &sink(), "hello", "closed");
+    let (head, rest) = with_filter.split_once("    filters:\n").unwrap();
+    let without = format!("{head}{}", &rest[rest.find("    virtual_hosts:").unwrap()..]);
+    let ticker = "sluice-wasm-epo";
+    let started = |p: &Sluice| {
+        p.logs().iter().filter(|l| l["fields"]["message"].as_str() == Some("wasm engine started")).count()
+    };
+
+    let proxy = Sluice::start(&without);
+    let addr = proxy.addr("main");
+    let (status, headers, _) = get(addr, "/plain").await;
+    assert_eq!(status, 200);
+    assert!(headers.get("x-config").is_none());
+    assert!(!threads(&proxy).iter().any(|t| t == ticker), "{:?}", threads(&proxy));
+    assert_eq!(started(&proxy), 0);
+
+    proxy.write_config(&with_filter);
+    proxy.wait_for("config applied");
+    let (status, headers, _) = get(addr, "/plain").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-config"], "hello");
+    assert!(threads(&proxy).iter().any(|t| t == ticker), "{:?}", threads(&proxy));
+
+    // Another module load reuses the engine.
+    proxy.write_config(&with_filter.replace("config: \"hello\"", "config: \"again\""));
+    proxy.wait_for("config applied");
+    let (_, headers, _) = get(addr, "/plain").await;
+    assert_eq!(headers["x-config"], "again");
+    assert_eq!(started(&proxy), 1);
+    assert_eq!(threads(&proxy).iter().filter(|t| *t == ticker).count(), 1);
+}
