@@ -166,8 +166,13 @@ async fn worker_main(
                     };
                     let (stop_tx, stop_rx) = watch::channel(false);
                     accepting.insert(binding, stop_tx);
+                    let metrics = &shared.metrics;
                     let ctx = AcceptCtx {
                         name: name.as_str().into(),
+                        open: metrics.connections_active.with_label_values(&[name.as_str()]),
+                        open_here: metrics
+                            .worker_connections
+                            .with_label_values(&[name.as_str(), index.to_string().as_str()]),
                         shared: shared.clone(),
                         config: Rc::new(*config),
                         tls,
@@ -223,6 +228,10 @@ async fn worker_main(
 
 struct AcceptCtx {
     name: Arc<str>,
+    /// `sluice_downstream_connections_active` of the listener.
+    open: prometheus::IntGauge,
+    /// `sluice_downstream_connections_per_worker` of the listener and this worker.
+    open_here: prometheus::IntGauge,
     shared: Arc<Shared>,
     config: Rc<Listener>,
     tls: Option<Arc<crate::tls::ServerTls>>,
@@ -331,20 +340,16 @@ fn spawn_serve(
     permit: tokio::sync::OwnedSemaphorePermit,
     cx: &Rc<AcceptCtx>,
 ) {
-    let metrics = &cx.shared.metrics;
-    let gauge = metrics.connections_active.with_label_values(&[&cx.name]);
-    let worker = cx.worker.to_string();
-    let per_worker = metrics.worker_connections.with_label_values(&[cx.name.as_ref(), worker.as_str()]);
-    gauge.inc();
-    per_worker.inc();
+    cx.open.inc();
+    cx.open_here.inc();
     cx.active.set(cx.active.get() + 1);
     let cx = cx.clone();
     tokio::task::spawn_local(async move {
         serve_connection(stream, remote, &cx).await;
         cx.balance.closed(cx.worker);
         drop(permit);
-        gauge.dec();
-        per_worker.dec();
+        cx.open.dec();
+        cx.open_here.dec();
         cx.active.set(cx.active.get() - 1);
         cx.idle_done.notify_waiters();
     });
