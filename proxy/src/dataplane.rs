@@ -5,7 +5,9 @@
 //! Clusters whose config did not change are carried over from the previous
 //! dataplane, so their pools, health and outlier state survive a reload.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use sluice_config::{ConfigError, FilterSpec, Listener, Snapshot};
@@ -124,5 +126,98 @@ impl Dataplane {
             );
         }
         Ok(Dataplane { generation, snapshot, listeners, clusters, filters: all_filters })
+    }
+}
+
+/// A worker's hold on the dataplane in force.
+///
+/// Taking the shared `Arc` for every request would write its reference count,
+/// a cache line every worker writes, on every request. A worker instead keeps
+/// the current generation in an `Rc` and hands out clones of that, checking
+/// the shared pointer (a read) for a newer one. The worker lets go of an old
+/// generation on its next request, or when told of a switch
+/// ([`LocalDataplane::refresh`]), so an idle worker does not keep an old
+/// generation's filter VMs and clusters alive.
+pub struct LocalDataplane {
+    current: RefCell<Rc<Held>>,
+}
+
+/// A generation as a worker holds it: one `Arc` reference per worker, shared
+/// within the worker by `Rc`.
+pub struct Held(Arc<Dataplane>);
+
+impl std::ops::Deref for Held {
+    type Target = Dataplane;
+
+    fn deref(&self) -> &Dataplane {
+        &self.0
+    }
+}
+
+impl LocalDataplane {
+    /// Holds the dataplane in force now.
+    pub fn new(live: &arc_swap::ArcSwap<Dataplane>) -> Self {
+        LocalDataplane { current: RefCell::new(Rc::new(Held(live.load_full()))) }
+    }
+
+    /// The dataplane in force, taking it from `live` when it changed.
+    #[inline]
+    pub fn get(&self, live: &arc_swap::ArcSwap<Dataplane>) -> Rc<Held> {
+        let now = live.load();
+        let mut current = self.current.borrow_mut();
+        if !Arc::ptr_eq(&current.0, &*now) {
+            *current = Rc::new(Held(arc_swap::Guard::into_inner(now)));
+        }
+        current.clone()
+    }
+
+    /// Lets go of an older generation now.
+    pub fn refresh(&self, live: &arc_swap::ArcSwap<Dataplane>) {
+        drop(self.get(live));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dataplane(generation: u64, metrics: &Metrics) -> Arc<Dataplane> {
+        let yaml = "listeners:\n  - name: l\n    address: \"127.0.0.1:0\"\n    virtual_hosts:\n      \
+                    - name: all\n        domains: [\"*\"]\n        routes:\n          \
+                    - direct_response: { status: 200 }\n";
+        let snapshot = Snapshot::from_yaml(yaml, "test.yaml", std::path::Path::new("."))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Arc::new(
+            Dataplane::build(snapshot, generation, None, None, metrics).unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    #[test]
+    fn a_worker_takes_the_new_generation_and_lets_go_of_the_old() {
+        let metrics = Metrics::new(prometheus::Registry::new()).unwrap_or_else(|e| panic!("{e}"));
+        let first = dataplane(1, &metrics);
+        let live = arc_swap::ArcSwap::new(first.clone());
+        let local = LocalDataplane::new(&live);
+        let held = local.get(&live);
+        assert_eq!(held.generation, 1);
+        // Requests share the worker's reference: no new one per request.
+        let strong = Arc::strong_count(&first);
+        drop(local.get(&live));
+        assert_eq!(Arc::strong_count(&first), strong);
+
+        live.store(dataplane(2, &metrics));
+        assert_eq!(local.get(&live).generation, 2, "the next request sees the switch");
+        // An in-flight request still holds the old generation; once it ends,
+        // only the test's own reference is left.
+        assert_eq!(held.generation, 1);
+        drop(held);
+        assert_eq!(Arc::strong_count(&first), 1);
+
+        // An idle worker told of a switch lets go without a request.
+        let second = live.load_full();
+        live.store(dataplane(3, &metrics));
+        let before = Arc::strong_count(&second);
+        local.refresh(&live);
+        assert_eq!(Arc::strong_count(&second), before - 1);
     }
 }

@@ -40,6 +40,8 @@ pub struct Shared {
 pub struct ConnInfo {
     /// Shared state.
     pub shared: Arc<Shared>,
+    /// This worker's hold on the dataplane in force.
+    pub dataplane: Rc<crate::dataplane::LocalDataplane>,
     /// Listener name.
     pub listener: Arc<str>,
     /// Downstream peer.
@@ -57,7 +59,7 @@ pub struct ConnInfo {
 /// Handles one downstream request. Never fails: errors become responses.
 pub async fn handle(req: Request<ProxyBody>, conn: Rc<ConnInfo>) -> Result<Response<ProxyBody>, Infallible> {
     let start = Instant::now();
-    let dp = conn.shared.dataplane.load_full();
+    let dp = conn.dataplane.get(&conn.shared.dataplane);
     let grpc = is_grpc(req.headers());
     let format = dp.snapshot.config().access_log.format;
     let mut log = RequestLog {
@@ -80,27 +82,36 @@ pub async fn handle(req: Request<ProxyBody>, conn: Rc<ConnInfo>) -> Result<Respo
         upstream_us: None,
         user_agent: None,
     };
-    let Some(listener) = dp.listeners.get(&*conn.listener).cloned() else {
+    let Some(listener) = dp.listeners.get(&*conn.listener) else {
         let err = ProxyError::new(Side::Internal, ErrorKind::NoRoute, "listener removed");
-        return Ok(finish_error(&err, grpc, &conn.shared.metrics, format, log, None));
+        return Ok(finish_error(&err, grpc, &conn.shared.metrics, format, log, Seen::default()));
     };
-    let mut metrics_slot: Option<Arc<RouteMetrics>> = None;
+    let mut seen = Seen::default();
     // A span per request for `tracing` subscribers that want it (debug level: free when off).
     // Not boxed: the HTTP/1.1 driver pins this future in the connection's task
     // (allocated once per connection); HTTP/2 boxes it once per stream.
     let span =
         tracing::debug_span!("request", listener = %conn.listener, conn = conn.id, method = %req.method());
     let result =
-        tracing::Instrument::instrument(proxy(req, &conn, &dp, &listener, &mut log, &mut metrics_slot), span)
-            .await;
+        tracing::Instrument::instrument(proxy(req, &conn, &dp, listener, &mut log, &mut seen), span).await;
     let mut resp = match result {
         Ok(resp) => resp,
-        Err(err) => finish_error(&err, grpc, &conn.shared.metrics, format, log, metrics_slot),
+        Err(err) => finish_error(&err, grpc, &conn.shared.metrics, format, log, seen),
     };
     if conn.shared.draining.load(Ordering::Relaxed) && resp.version() != Version::HTTP_2 {
         resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+/// Where a request went, borrowed from the dataplane: for the error path.
+/// (The access log takes its own copy of the names, and only when it is on:
+/// cloning an `Arc` other workers clone too writes a shared cache line.)
+#[derive(Default, Clone, Copy)]
+struct Seen<'a> {
+    route: Option<&'a Arc<str>>,
+    cluster: Option<&'a Arc<str>>,
+    metrics: Option<&'a Arc<RouteMetrics>>,
 }
 
 fn is_grpc(h: &http::HeaderMap) -> bool {
@@ -150,18 +161,23 @@ fn finish_error(
     metrics: &Metrics,
     format: AccessLogFormat,
     mut log: RequestLog,
-    route_metrics: Option<Arc<RouteMetrics>>,
+    seen: Seen<'_>,
 ) -> Response<ProxyBody> {
     let resp = error_response(err, grpc);
     metrics.local_replies.with_label_values(&[err.reason()]).inc();
+    let (route, cluster) = (seen.route.map(|r| &**r), seen.cluster.map(|c| &**c));
     match err.side {
         Side::Upstream | Side::Internal => tracing::warn!(
-            request_id = %log.request_id, route = ?log.route, cluster = ?log.cluster, error = %err, "request failed"
+            request_id = %log.request_id, route = ?route, cluster = ?cluster, error = %err, "request failed"
         ),
         Side::Downstream => tracing::debug!(request_id = %log.request_id, error = %err, "request rejected"),
     }
     log.reason = Some(err.reason());
-    let done = Completion::new(&log, format, route_metrics, err.status().as_u16());
+    if format != AccessLogFormat::Off {
+        log.route = seen.route.cloned();
+        log.cluster = seen.cluster.cloned();
+    }
+    let done = Completion::new(&log, format, seen.metrics.cloned(), err.status().as_u16());
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, body.on_end(move |end, n| done.done(end, n)))
 }
@@ -176,13 +192,13 @@ pub(crate) struct Target<'a> {
     pub(crate) trust_forwarded: bool,
 }
 
-async fn proxy(
+async fn proxy<'a>(
     mut req: Request<ProxyBody>,
     conn: &Rc<ConnInfo>,
-    dp: &Arc<Dataplane>,
-    listener: &Arc<ListenerRuntime>,
+    dp: &'a Dataplane,
+    listener: &'a ListenerRuntime,
     log: &mut RequestLog,
-    metrics_slot: &mut Option<Arc<RouteMetrics>>,
+    seen: &mut Seen<'a>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let version = req.version();
     headers::check_framing(req.headers(), version)?;
@@ -223,8 +239,11 @@ async fn proxy(
     let route = router.route(&authority, &parts.method, &path, query.as_deref(), &parts.headers).ok_or_else(
         || ProxyError::new(Side::Downstream, ErrorKind::NoRoute, format!("no route for {authority}{path}")),
     )?;
-    log.route = Some(route.name.clone());
-    *metrics_slot = Some(route.local_metrics.clone());
+    seen.route = Some(&route.name);
+    seen.metrics = Some(&route.local_metrics);
+    if log_on {
+        log.route = Some(route.name.clone());
+    }
 
     let https = conn.tls.is_some();
     let trust_forwarded = listener.config.trust_forwarded_headers;
@@ -277,7 +296,10 @@ async fn proxy(
                     ProxyError::new(Side::Downstream, ErrorKind::NoRoute, "no route after filters")
                 })?;
             target.route = rerouted;
-            log.route = Some(rerouted.name.clone());
+            seen.route = Some(&rerouted.name);
+            if log_on {
+                log.route = Some(rerouted.name.clone());
+            }
             *run.info().route_name.borrow_mut() = Some(rerouted.name.clone());
         }
         chain = Some(run);
@@ -300,8 +322,11 @@ async fn proxy(
         }
         RouteAction::Forward(fwd) => {
             let t = fwd.pick();
-            log.cluster = Some(t.cluster.name.clone());
-            *metrics_slot = Some(t.metrics.clone());
+            seen.cluster = Some(&t.cluster.name);
+            seen.metrics = Some(&t.metrics);
+            if log_on {
+                log.cluster = Some(t.cluster.name.clone());
+            }
             if let Some(run) = &chain {
                 *run.info().cluster_name.borrow_mut() = Some(t.cluster.name.clone());
             }

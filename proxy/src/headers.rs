@@ -3,7 +3,9 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, Entry, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, Version};
 use smallvec::SmallVec;
 
@@ -166,8 +168,11 @@ pub fn ip_value(client: IpAddr) -> HeaderValue {
 /// Sets `x-forwarded-for` (appending when downstream is trusted) and
 /// `x-forwarded-proto`. `ip` is [`ip_value`] of the downstream address.
 pub fn set_forwarded(headers: &mut HeaderMap, ip: &HeaderValue, https: bool, trusted: bool) {
-    let value = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) if trusted => {
+    // Entries: one hash lookup per field, whether it is there or not.
+    let xff = headers.entry(&X_FORWARDED_FOR);
+    let value = match &xff {
+        Entry::Occupied(prev) if trusted => {
+            let prev = prev.get();
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
@@ -177,20 +182,31 @@ pub fn set_forwarded(headers: &mut HeaderMap, ip: &HeaderValue, https: bool, tru
         _ => Some(ip.clone()),
     };
     if let Some(v) = value {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+        set(xff, v);
     }
-    if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(if https { "https" } else { "http" }),
-        );
+    let xfp = headers.entry(&X_FORWARDED_PROTO);
+    if !trusted || matches!(xfp, Entry::Vacant(_)) {
+        set(xfp, HeaderValue::from_static(if https { "https" } else { "http" }));
+    }
+}
+
+/// Sets an entry's value, replacing every value it had.
+fn set(entry: Entry<'_, HeaderValue>, value: HeaderValue) {
+    match entry {
+        Entry::Occupied(mut e) => {
+            e.insert(value);
+        }
+        Entry::Vacant(e) => {
+            e.insert(value);
+        }
     }
 }
 
 /// Returns the request id (keeping a well-formed incoming one), setting the header.
 pub fn request_id(headers: &mut HeaderMap) -> String {
-    if let Some(v) = headers.get(&X_REQUEST_ID)
-        && let Ok(s) = v.to_str()
+    let entry = headers.entry(&X_REQUEST_ID);
+    if let Entry::Occupied(e) = &entry
+        && let Ok(s) = e.get().to_str()
         && !s.is_empty()
         && s.len() <= 128
     {
@@ -199,7 +215,7 @@ pub fn request_id(headers: &mut HeaderMap) -> String {
     let mut buf = [0u8; 32];
     hex_into(&mut buf, fastrand::u128(..));
     if let Ok(v) = HeaderValue::from_bytes(&buf) {
-        headers.insert(X_REQUEST_ID.clone(), v);
+        set(entry, v);
     }
     // The buffer is ASCII hex, so this never falls back.
     std::str::from_utf8(&buf).map(str::to_owned).unwrap_or_default()
@@ -207,11 +223,18 @@ pub fn request_id(headers: &mut HeaderMap) -> String {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Writes `x` as lowercase hex, right-aligned, into `out`.
-fn hex_into(out: &mut [u8], mut x: u128) {
-    for slot in out.iter_mut().rev() {
-        *slot = HEX[(x & 0xf) as usize];
-        x >>= 4;
+/// Writes `x` as lowercase hex, right-aligned, into `out` (its low
+/// `out.len()` digits). A byte at a time: two digits per step.
+fn hex_into(out: &mut [u8], x: u128) {
+    let bytes = x.to_be_bytes();
+    let mut low_first = bytes.iter().rev().copied().chain(std::iter::repeat(0));
+    let mut pairs = out.rchunks_exact_mut(2);
+    for (pair, b) in (&mut pairs).zip(&mut low_first) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+    if let [digit] = pairs.into_remainder() {
+        *digit = HEX[usize::from(low_first.next().unwrap_or(0) & 0xf)];
     }
 }
 
@@ -221,7 +244,11 @@ fn hex_into(out: &mut [u8], mut x: u128) {
 pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
     // 00-<32 hex trace>-<16 hex span>-<2 hex flags>
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    let incoming = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
+    let entry = headers.entry(&TRACEPARENT);
+    let incoming = match &entry {
+        Entry::Occupied(e) => e.get().to_str().ok().and_then(parse_traceparent),
+        Entry::Vacant(_) => None,
+    };
     match incoming {
         Some((trace, flags)) => {
             buf[3..35].copy_from_slice(trace.as_bytes());
@@ -241,7 +268,7 @@ pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
     }
     hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
     if let Ok(v) = HeaderValue::from_bytes(&buf) {
-        headers.insert(TRACEPARENT.clone(), v);
+        set(entry, v);
     }
 }
 
@@ -261,6 +288,19 @@ fn parse_traceparent(s: &str) -> Option<(&str, &str)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hex_is_right_aligned_lowercase() {
+        let mut b = [0u8; 5];
+        super::hex_into(&mut b, 0xab_cdef);
+        assert_eq!(&b, b"bcdef");
+        let mut b = [0u8; 8];
+        super::hex_into(&mut b, 0x1f);
+        assert_eq!(&b, b"0000001f");
+        let mut b = [0u8; 32];
+        super::hex_into(&mut b, u128::MAX - 1);
+        assert_eq!(&b, b"fffffffffffffffffffffffffffffffe");
+    }
+
     use super::*;
 
     #[test]

@@ -217,6 +217,10 @@ impl Proxy {
         self.warm_workers(&dp).await;
         self.shared.dataplane.store(dp);
         drop(old);
+        // Workers hold the generation they last served: let them drop the old one.
+        for w in &self.workers {
+            let _ = w.send(WorkerCmd::Switched);
+        }
         self.generation.store(generation, Ordering::Relaxed);
         self.shared.metrics.generation.set(generation as i64);
         if let Err(e) = self.reconcile_listeners(&listeners, &src) {

@@ -4,8 +4,8 @@
 //! connection per endpoint, so the request path takes no lock. Connection
 //! counts for circuit breaking are shared atomics on the cluster.
 
+use rustc_hash::FxHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -104,7 +104,9 @@ impl EndpointPool {
 }
 
 thread_local! {
-    static POOLS: RefCell<HashMap<(u64, SocketAddr), Rc<EndpointPool>>> = RefCell::new(HashMap::new());
+    /// Keyed by cluster id and endpoint address: internal keys, so a fast
+    /// hash (no flooding to defend against), looked up on every request.
+    static POOLS: RefCell<FxHashMap<(u64, SocketAddr), Rc<EndpointPool>>> = RefCell::new(FxHashMap::default());
 }
 
 /// This worker's pool for an endpoint of a cluster.

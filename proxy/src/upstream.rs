@@ -184,16 +184,16 @@ impl Drop for RetrySlot {
     }
 }
 
-/// Decrements in-flight counters when the exchange ends.
+/// Decrements in-flight counters (the endpoint's and the cluster's) when the
+/// exchange ends.
 struct InFlight {
-    cluster: Arc<ClusterState>,
     endpoint: Arc<Endpoint>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
-        self.cluster.breaker.requests.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.breaker.requests.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -202,7 +202,7 @@ pub(crate) async fn forward(
     template: UpstreamRequest,
     body: ProxyBody,
     conn: &Rc<ConnInfo>,
-    dp: &Arc<Dataplane>,
+    dp: &Dataplane,
     fwd: &Forward,
     cluster: &Arc<ClusterState>,
     metrics: Arc<RouteMetrics>,
@@ -274,7 +274,8 @@ pub(crate) async fn forward(
         log.upstream = Some(endpoint.addr);
         endpoint.active.fetch_add(1, Ordering::Relaxed);
         cluster.breaker.requests.fetch_add(1, Ordering::Relaxed);
-        let inflight = InFlight { cluster: cluster.clone(), endpoint: endpoint.clone() };
+        let inflight = InFlight { endpoint };
+        let endpoint = &inflight.endpoint;
         let last_attempt = attempt >= max_attempts || !replay.replayable();
         let Some(body) = replay.take() else {
             return Err(ProxyError::new(
@@ -304,8 +305,8 @@ pub(crate) async fn forward(
         // The exchange's future is made where it is awaited, in one of two
         // shapes: every other shape would be one more copy of its state.
         let result = match until {
-            Some(t) => tokio::time::timeout_at(t, send_request(cluster, &endpoint, req)).await,
-            None => Ok(send_request(cluster, &endpoint, req).await),
+            Some(t) => tokio::time::timeout_at(t, send_request(cluster, endpoint, req)).await,
+            None => Ok(send_request(cluster, endpoint, req).await),
         };
         drop(retry_slot.take());
         let elapsed = started.elapsed();
@@ -320,7 +321,7 @@ pub(crate) async fn forward(
                     500..=599 => Outcome::ServerError,
                     _ => Outcome::Success,
                 };
-                cluster.record_outcome(&endpoint, outcome);
+                cluster.record_outcome(endpoint, outcome);
                 let retry_it = !last_attempt && retry.is_some_and(|r| r.retry_status(status));
                 // A retry refused by the budget or the retry breaker passes the
                 // upstream's own answer through (not a proxy-made 502).
@@ -335,7 +336,7 @@ pub(crate) async fn forward(
                 // A failing request body is the downstream's fault and an open
                 // circuit breaker a local overflow: neither is the endpoint's.
                 if e.side == Side::Upstream && e.kind != ErrorKind::CircuitOpen {
-                    cluster.record_outcome(&endpoint, Outcome::GatewayError);
+                    cluster.record_outcome(endpoint, Outcome::GatewayError);
                 }
                 let retriable = retry.is_some_and(|r| match e.kind {
                     ErrorKind::ConnectFailure | ErrorKind::ConnectTimeout => r.retry_connect_failure(),
@@ -348,7 +349,7 @@ pub(crate) async fn forward(
                 e
             }
             Err(_) => {
-                cluster.record_outcome(&endpoint, Outcome::GatewayError);
+                cluster.record_outcome(endpoint, Outcome::GatewayError);
                 let timed_out_overall = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
                 let e = ProxyError::upstream(
                     ErrorKind::UpstreamTimeout,
@@ -360,6 +361,7 @@ pub(crate) async fn forward(
                 e
             }
         };
+        let tried = endpoint.clone();
         drop(inflight);
         // Retry: budget, retry circuit breaker, backoff.
         let Some(r) = retry else { return Err(err) };
@@ -374,7 +376,7 @@ pub(crate) async fn forward(
             Some(dl) => tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(dl)).await,
             None => tokio::time::sleep(wait).await,
         }
-        last_endpoint = Some(endpoint);
+        last_endpoint = Some(tried);
     };
 
     let h1::Answer { response: resp, upgraded } = answer;

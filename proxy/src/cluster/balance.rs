@@ -62,9 +62,16 @@ impl Picker {
         if eps.is_empty() {
             return None;
         }
-        let now = now_ms();
-        let ok = |e: &Arc<Endpoint>| e.available(now) && avoid.is_none_or(|a| !std::ptr::eq(a, &**e));
-        let ok_any = |e: &Arc<Endpoint>| e.available(now);
+        // The clock is read only when an endpoint has been ejected.
+        let now = std::cell::OnceCell::new();
+        let available = |e: &Endpoint| {
+            e.hc_healthy.load(Ordering::Relaxed) && {
+                let until = e.ejected_until.load(Ordering::Relaxed);
+                until == 0 || until <= *now.get_or_init(now_ms)
+            }
+        };
+        let ok = |e: &Arc<Endpoint>| available(e) && avoid.is_none_or(|a| !std::ptr::eq(a, &**e));
+        let ok_any = |e: &Arc<Endpoint>| available(e);
         let pick_with = |this: &mut Self, pred: &dyn Fn(&Arc<Endpoint>) -> bool| -> Option<Arc<Endpoint>> {
             match &cluster.config.lb {
                 LbPolicy::RoundRobin => {

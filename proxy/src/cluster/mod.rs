@@ -49,6 +49,10 @@ pub struct Endpoint {
     pub consecutive_gateway: AtomicU32,
     /// Requests in flight to this endpoint (all workers).
     pub active: AtomicUsize,
+    /// The cluster's circuit-breaker counters: a request in flight holds the
+    /// endpoint and reaches them through it (no clone of the cluster's `Arc`,
+    /// whose count every worker writes).
+    pub breaker: Arc<Breaker>,
     healthy_gauge: IntGauge,
 }
 
@@ -137,7 +141,7 @@ pub struct ClusterState {
     /// Current endpoints (replaced by DNS refresh).
     pub endpoints: ArcSwap<EndpointSet>,
     /// Circuit-breaker counters.
-    pub breaker: Breaker,
+    pub breaker: Arc<Breaker>,
     /// Metrics.
     pub metrics: ClusterMetrics,
     /// Upstream TLS connector and ALPN.
@@ -179,7 +183,7 @@ impl ClusterState {
             config,
             addrs,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
-            breaker: Breaker::default(),
+            breaker: Arc::default(),
             metrics: cm,
             tls,
             metrics_family: metrics.clone(),
@@ -240,6 +244,7 @@ impl ClusterState {
                     consecutive_5xx: AtomicU32::new(0),
                     consecutive_gateway: AtomicU32::new(0),
                     active: AtomicUsize::new(0),
+                    breaker: self.breaker.clone(),
                     healthy_gauge: gauge,
                 };
                 e.update_gauge();

@@ -43,10 +43,11 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         };
     let status = StatusCode::from_u16(r.code.unwrap_or(0)).map_err(|_| protocol("invalid status code"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let spans = field_spans(r.headers, buf.as_ptr() as usize);
+    let mut spans = Spans::new();
+    field_spans(r.headers, buf.as_ptr() as usize, &mut spans);
     let head = buf.split_to(len).freeze();
-    let mut headers = header_map(&head, spans, 0).map_err(protocol)?;
-    let (decoder, keep_alive) = framing(method, status, version, &mut headers)?;
+    let (mut headers, present) = header_map(&head, &spans, 0).map_err(protocol)?;
+    let (decoder, keep_alive) = framing(method, status, version, &mut headers, present)?;
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
@@ -58,37 +59,80 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
 /// `base`, its start), so the values can share its memory once it is frozen.
 pub(crate) type Spans = SmallVec<[(usize, usize, usize, usize); 24]>;
 
-pub(crate) fn field_spans(fields: &[httparse::Header<'_>], base: usize) -> Spans {
-    fields
-        .iter()
-        .map(|h| {
-            let n = h.name.as_ptr() as usize - base;
-            let v = h.value.as_ptr() as usize - base;
-            (n, n + h.name.len(), v, v + h.value.len())
-        })
-        .collect()
+/// Fills `spans` in place: it is large, and a returned one would be copied.
+pub(crate) fn field_spans(fields: &[httparse::Header<'_>], base: usize, spans: &mut Spans) {
+    spans.extend(fields.iter().map(|h| {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        (n, n + h.name.len(), v, v + h.value.len())
+    }));
 }
 
 /// The header map of a head, its values slices of `head`, with room for
-/// `spare` more fields.
-pub(crate) fn header_map(head: &Bytes, spans: Spans, spare: usize) -> Result<HeaderMap, &'static str> {
+/// `spare` more fields; and which framing fields it has.
+pub(crate) fn header_map(
+    head: &Bytes,
+    spans: &Spans,
+    spare: usize,
+) -> Result<(HeaderMap, Present), &'static str> {
     let mut headers = HeaderMap::with_capacity(spans.len() + spare);
-    for (ns, ne, vs, ve) in spans {
+    let mut present = Present::default();
+    for &(ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid header name")?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| "invalid header value")?;
+        present.note(&name);
         headers.append(name, value);
     }
-    Ok(headers)
+    Ok((headers, present))
+}
+
+/// Which of the fields that decide framing and persistence a parsed head
+/// has, noted while its map is built: a message without them (most) then
+/// costs no hash lookup for each.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct Present(u8);
+
+impl Present {
+    pub(crate) const CONNECTION: u8 = 1;
+    pub(crate) const TRANSFER_ENCODING: u8 = 2;
+    pub(crate) const CONTENT_LENGTH: u8 = 4;
+    pub(crate) const EXPECT: u8 = 8;
+    pub(crate) const UPGRADE: u8 = 16;
+    pub(crate) const TE: u8 = 32;
+
+    fn note(&mut self, name: &HeaderName) {
+        use http::header::{EXPECT, TE, UPGRADE};
+        self.0 |= if *name == CONNECTION {
+            Self::CONNECTION
+        } else if *name == TRANSFER_ENCODING {
+            Self::TRANSFER_ENCODING
+        } else if *name == CONTENT_LENGTH {
+            Self::CONTENT_LENGTH
+        } else if *name == EXPECT {
+            Self::EXPECT
+        } else if *name == UPGRADE {
+            Self::UPGRADE
+        } else if *name == TE {
+            Self::TE
+        } else {
+            0
+        };
+    }
+
+    /// Whether the head has a field of this kind (one of the constants).
+    pub(crate) fn has(self, field: u8) -> bool {
+        self.0 & field != 0
+    }
 }
 
 /// Whether a comma-separated field has `token` (case-insensitive).
 pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    headers.get_all(name).iter().any(|v| value_has_token(v, token))
+}
+
+/// Whether a comma-separated value has `token` (case-insensitive).
+pub(crate) fn value_has_token(value: &HeaderValue, token: &str) -> bool {
+    value.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// The body framing of a response (RFC 9112 §6.3) and whether the
@@ -98,8 +142,9 @@ fn framing(
     status: StatusCode,
     version: Version,
     headers: &mut HeaderMap,
+    present: Present,
 ) -> Result<(Decoder, bool), ProxyError> {
-    let mut keep_alive = if headers.contains_key(CONNECTION) {
+    let mut keep_alive = if present.has(Present::CONNECTION) {
         if version == Version::HTTP_11 {
             !has_token(headers, &CONNECTION, "close")
         } else {
@@ -115,13 +160,15 @@ fn framing(
     {
         return Ok((Decoder::Done, keep_alive));
     }
-    if let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+    if present.has(Present::TRANSFER_ENCODING)
+        && let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back()
+    {
         let chunked = te
             .to_str()
             .ok()
             .and_then(|s| s.rsplit(',').next())
             .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        if headers.contains_key(CONTENT_LENGTH) {
+        if present.has(Present::CONTENT_LENGTH) {
             // Both: transfer-encoding wins and the connection is not reused.
             headers.remove(CONTENT_LENGTH);
             keep_alive = false;
@@ -132,7 +179,8 @@ fn framing(
         return Ok((Decoder::Eof, false));
     }
     let mut length: Option<u64> = None;
-    for v in headers.get_all(CONTENT_LENGTH) {
+    let lengths = present.has(Present::CONTENT_LENGTH).then(|| headers.get_all(CONTENT_LENGTH));
+    for v in lengths.iter().flatten() {
         for part in v.to_str().map_err(|_| protocol("invalid content-length"))?.split(',') {
             let n: u64 = part.trim().parse().map_err(|_| protocol("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {

@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use smallvec::SmallVec;
 use tokio::io::AsyncWrite;
 
-use super::decode::{Chunk, Decoder, Spans, Step, field_spans, has_token, header_map};
+use super::decode::{Chunk, Decoder, Present, Spans, Step, field_spans, has_token, header_map};
 use super::io::Io;
 use crate::body::BoxError;
 use crate::error::{ErrorKind, ProxyError, Side};
@@ -57,30 +57,33 @@ pub(crate) fn parse_request(
     max_headers: usize,
     max_bytes: usize,
 ) -> Result<Option<RequestHead>, ProxyError> {
+    let mut spans = Spans::new();
     let scanned = if max_headers <= STACK_HEADERS {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
-        scan(buf, &mut slots[..max_headers], max_bytes)?
+        scan(buf, &mut slots[..max_headers], max_bytes, &mut spans)?
     } else {
         let mut slots = Vec::with_capacity(max_headers);
         slots.resize_with(max_headers, MaybeUninit::uninit);
-        scan(buf, &mut slots, max_bytes)?
+        scan(buf, &mut slots, max_bytes, &mut spans)?
     };
-    let Some(Scan { len, method, version, target, spans }) = scanned else { return Ok(None) };
+    let Some(Scan { len, method, version, target }) = scanned else { return Ok(None) };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|e| bad(format!("invalid request target: {e}")))?;
     // Room for the fields the proxy adds (request id, forwarding, tracing),
     // so adding them does not grow the map.
-    let headers = header_map(&head, spans, ADDED_FIELDS).map_err(bad)?;
-    let decoder = framing(version, &headers)?;
+    let (headers, present) = header_map(&head, &spans, ADDED_FIELDS).map_err(bad)?;
+    let decoder = framing(version, &headers, present)?;
+    let connection = present.has(Present::CONNECTION);
     let keep_alive = match version {
-        Version::HTTP_11 => !has_token(&headers, &CONNECTION, "close"),
-        _ => has_token(&headers, &CONNECTION, "keep-alive"),
+        Version::HTTP_11 => !connection || !has_token(&headers, &CONNECTION, "close"),
+        _ => connection && has_token(&headers, &CONNECTION, "keep-alive"),
     };
     let expect_continue = version == Version::HTTP_11
+        && present.has(Present::EXPECT)
         && headers.get(EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = crate::headers::is_upgrade(&headers);
-    let trailers_ok = has_token(&headers, &TE, "trailers");
+    let upgrade = present.has(Present::UPGRADE) && connection && crate::headers::is_upgrade(&headers);
+    let trailers_ok = present.has(Present::TE) && has_token(&headers, &TE, "trailers");
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
@@ -95,13 +98,13 @@ struct Scan {
     method: Method,
     version: Version,
     target: (usize, usize),
-    spans: Spans,
 }
 
 fn scan<'b>(
     buf: &'b [u8],
     slots: &mut [MaybeUninit<httparse::Header<'b>>],
     max_bytes: usize,
+    spans: &mut Spans,
 ) -> Result<Option<Scan>, ProxyError> {
     let mut r = httparse::Request::new(&mut []);
     let max_headers = slots.len();
@@ -120,8 +123,8 @@ fn scan<'b>(
     let base = buf.as_ptr() as usize;
     let t = r.path.unwrap_or("");
     let t0 = t.as_ptr() as usize - base;
-    let spans = field_spans(r.headers, base);
-    Ok(Some(Scan { len, method, version, target: (t0, t0 + t.len()), spans }))
+    field_spans(r.headers, base, spans);
+    Ok(Some(Scan { len, method, version, target: (t0, t0 + t.len()) }))
 }
 
 /// The request body framing (RFC 9112 §6.3), refusing what an intermediary
@@ -129,12 +132,12 @@ fn scan<'b>(
 /// `content-length`, in HTTP/1.0, or not ending in a single `chunked`;
 /// `content-length` lists, signs or conflicting duplicates. Identical
 /// duplicate `content-length` fields are one length.
-fn framing(version: Version, headers: &HeaderMap) -> Result<Decoder, ProxyError> {
-    if headers.contains_key(TRANSFER_ENCODING) {
+fn framing(version: Version, headers: &HeaderMap, present: Present) -> Result<Decoder, ProxyError> {
+    if present.has(Present::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err(bad("transfer-encoding in an HTTP/1.0 request"));
         }
-        if headers.contains_key(CONTENT_LENGTH) {
+        if present.has(Present::CONTENT_LENGTH) {
             return Err(bad("both content-length and transfer-encoding"));
         }
         let mut codings = SmallVec::<[&str; 2]>::new();
@@ -149,7 +152,8 @@ fn framing(version: Version, headers: &HeaderMap) -> Result<Decoder, ProxyError>
         return Ok(Decoder::Chunked(Chunk::Size));
     }
     let mut length: Option<u64> = None;
-    for v in headers.get_all(CONTENT_LENGTH) {
+    let lengths = present.has(Present::CONTENT_LENGTH).then(|| headers.get_all(CONTENT_LENGTH));
+    for v in lengths.iter().flatten() {
         let b = v.as_bytes();
         if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
             return Err(bad("invalid content-length"));

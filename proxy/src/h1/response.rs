@@ -42,14 +42,22 @@ pub(crate) fn encode_head(
     let h = &parts.headers;
     let status = parts.status;
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
-    if super::decode::has_token(h, &CONNECTION, "close") {
-        keep_alive = false;
+    // One pass over the (few) fields instead of a hash lookup per name.
+    let (mut has_length, mut has_date) = (false, false);
+    for (name, value) in h {
+        if name == CONNECTION {
+            keep_alive &= !super::decode::value_has_token(value, "close");
+        } else if name == CONTENT_LENGTH {
+            has_length = true;
+        } else if name == DATE {
+            has_date = true;
+        }
     }
     let bodiless =
         status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let (framing, add_length) = if bodiless || asked.head {
         (Framing::None, None)
-    } else if let Some(n) = content_length(h) {
+    } else if let Some(n) = has_length.then(|| content_length(h)).flatten() {
         (Framing::Length(n), None)
     } else if let Some(n) = body.size_hint().exact() {
         (Framing::Length(n), Some(n))
@@ -76,7 +84,7 @@ pub(crate) fn encode_head(
         }
         put_field(out, name, value);
     }
-    if !h.contains_key(DATE) {
+    if !has_date {
         put_field(out, &DATE, &http_date());
     }
     match (framing, add_length) {

@@ -24,6 +24,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use self::conn::{Activity, Control, watch_connection};
 use self::prefixed::Prefixed;
 use crate::body::ProxyBody;
+use crate::dataplane::LocalDataplane;
 use crate::forward::{ConnInfo, Shared, handle};
 use crate::h1::Io;
 use crate::pool::LocalExec;
@@ -100,6 +101,8 @@ pub enum WorkerCmd {
     /// A new dataplane is about to be in force: prepare its filters' per-worker
     /// state, then acknowledge.
     Warm(Arc<crate::dataplane::Dataplane>, tokio::sync::oneshot::Sender<()>),
+    /// A new dataplane is in force: let go of the old one.
+    Switched,
 }
 
 /// A running worker.
@@ -141,13 +144,15 @@ async fn worker_main(
     let active = Rc::new(std::cell::Cell::new(0usize));
     let idle_done = Rc::new(tokio::sync::Notify::new());
     let mut accepting: HashMap<u64, watch::Sender<bool>> = HashMap::new();
+    let dataplane = Rc::new(LocalDataplane::new(&shared.dataplane));
     // Close idle pooled upstream connections and forget pools of removed clusters.
     let reaper_shared = shared.clone();
+    let reaper_dataplane = dataplane.clone();
     tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let dp = reaper_shared.dataplane.load();
+            let dp = reaper_dataplane.get(&reaper_shared.dataplane);
             crate::pool::reap(&|id| {
                 dp.clusters.values().find(|c| c.id == id).map(|c| c.config.pool.idle_timeout)
             });
@@ -174,6 +179,7 @@ async fn worker_main(
                             .worker_connections
                             .with_label_values(&[name.as_str(), index.to_string().as_str()]),
                         shared: shared.clone(),
+                        dataplane: dataplane.clone(),
                         config: Rc::new(*config),
                         tls,
                         limit,
@@ -191,6 +197,7 @@ async fn worker_main(
                     }
                     let _ = done.send(());
                 }
+                Some(WorkerCmd::Switched) => dataplane.refresh(&shared.dataplane),
                 Some(WorkerCmd::Remove { binding }) => {
                     if let Some(tx) = accepting.remove(&binding) {
                         let _ = tx.send(true);
@@ -233,6 +240,7 @@ struct AcceptCtx {
     /// `sluice_downstream_connections_per_worker` of the listener and this worker.
     open_here: prometheus::IntGauge,
     shared: Arc<Shared>,
+    dataplane: Rc<LocalDataplane>,
     config: Rc<Listener>,
     tls: Option<Arc<crate::tls::ServerTls>>,
     limit: Arc<Semaphore>,
@@ -375,6 +383,7 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
     let conn = |tls| {
         Rc::new(ConnInfo {
             shared: cx.shared.clone(),
+            dataplane: cx.dataplane.clone(),
             listener: cx.name.clone(),
             remote,
             local,

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, Sluice next to nginx, counted by
+# valgrind (callgrind): a deterministic cost figure for A/B-testing changes to
+# the request path, where CPU µs/request from bench/run.sh moves ±5 % between
+# runs on a shared 2-core box. It counts instructions, not time: cache misses,
+# contended atomics and the kernel's share are not in it (run.sh measures
+# those). See docs/benchmarks.md ("Instructions per request").
+#
+#   ./bench/instructions.sh                    # build, count Sluice and nginx
+#   SLUICE_BIN=/path/to/sluice ./bench/instructions.sh
+#
+# Each proxy runs under callgrind twice, with WARM and WARM+N HTTP/1.1
+# keep-alive requests (h2load --h1, CONNS connections); the difference ÷ N is
+# the figure (start-up and warm-up cancel out). Same static nginx backend and
+# proxy configs as bench/run.sh; WORKERS proxy workers.
+#
+# Knobs: N=10000 WARM=1000 CONNS=10 WORKERS=2 PORT_BASE=18280 INSTALL=1 SLUICE_BIN=
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$BENCH_DIR")
+PY=${PYTHON:-python3}
+: "${N:=10000}" "${WARM:=1000}" "${CONNS:=10}" "${WORKERS:=2}" "${PORT_BASE:=18280}"
+: "${INSTALL:=1}" "${SLUICE_BIN:=}"
+
+die() { printf 'instructions: %s\n' "$*" >&2; exit 1; }
+export PATH="$PATH:/usr/sbin:/sbin"
+
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v nginx >/dev/null || need+=(nginx-light)
+if ((${#need[@]})); then
+  [[ "$INSTALL" == 1 ]] || die "missing: ${need[*]} (INSTALL=0)"
+  SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
+  $SUDO apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [[ -z "$SLUICE_BIN" ]]; then
+  (cd "$ROOT" && cargo build --release --bin sluice) >&2 || die "cargo build failed"
+  SLUICE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/sluice"
+fi
+
+RUN=$(mktemp -d /tmp/sluice-instructions.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$RUN"; }
+trap cleanup EXIT
+
+export RUN_DIR=$RUN WORKERS BACKEND_WORKERS=1 CASE=nginx
+export BACKEND_H1=$PORT_BASE BACKEND_H2=$((PORT_BASE + 1)) PORT_H1=$((PORT_BASE + 2))
+export PORT_H2=$((PORT_BASE + 3)) ADMIN_PORT=$((PORT_BASE + 4))
+"$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/nginx-backend.conf" "$RUN/backend.conf"
+"$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/sluice.yaml" "$RUN/sluice.yaml"
+# nginx proxy: one process (no master), so that callgrind sees the worker.
+"$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/nginx-proxy.conf" "$RUN/proxy.conf"
+sed -i -e 's/^master_process on;/master_process off;/' "$RUN/proxy.conf"
+nginx -e "$RUN/backend.stderr.log" -c "$RUN/backend.conf" &
+PIDS+=($!)
+
+wait_ready() { # wait_ready URL
+  for _ in $(seq 300); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
+  die "no answer from $1"
+}
+wait_ready "http://127.0.0.1:$BACKEND_H1/"
+
+count() { # count NAME REQUESTS CMD...: Ir of CMD serving REQUESTS requests
+  local name=$1 n=$2; shift 2
+  local out="$RUN/$name.$n.callgrind"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >"$RUN/$name.$n.log" 2>&1 &
+  local pid=$!
+  wait_ready "http://127.0.0.1:$PORT_H1/"
+  local done
+  done=$(h2load --h1 -n "$n" -c "$CONNS" -t 1 "http://127.0.0.1:$PORT_H1/" | awk '/^requests:/ {print $8}')
+  [[ "$done" == "$n" ]] || die "$name: $done of $n requests succeeded"
+  kill -INT "$pid"; wait "$pid" 2>/dev/null || true
+  awk '/^(summary|totals):/ {print $2; exit}' "$out"
+}
+
+declare -A IR
+IR[sluice]=$(($(count sluice $((WARM + N)) "$SLUICE_BIN" proxy --config "$RUN/sluice.yaml") -
+  $(count sluice "$WARM" "$SLUICE_BIN" proxy --config "$RUN/sluice.yaml")))
+IR[nginx]=$(($(count nginx $((WARM + N)) nginx -e "$RUN/proxy.stderr.log" -c "$RUN/proxy.conf") -
+  $(count nginx "$WARM" nginx -e "$RUN/proxy.stderr.log" -c "$RUN/proxy.conf")))
+
+"$PY" - "${IR[sluice]}" "${IR[nginx]}" "$N" <<'PY'
+import sys
+s, g, n = (int(x) for x in sys.argv[1:])
+print(f"user-space instructions per request (callgrind, {n} HTTP/1.1 keep-alive requests)")
+print(f"  sluice  {s / n:8.0f}")
+print(f"  nginx   {g / n:8.0f}")
+print(f"  sluice / nginx  {s / g:.2f}x")
+PY
