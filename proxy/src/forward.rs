@@ -330,8 +330,19 @@ async fn proxy<'a>(
             if let Some(run) = &chain {
                 *run.info().cluster_name.borrow_mut() = Some(t.cluster.name.clone());
             }
-            let upstream_req =
-                UpstreamRequest::prepare(parts, conn, &target, fwd, &t.cluster, upgrade.is_some(), https)?;
+            // Without filters, `x-request-id` is the id this request was given;
+            // a filter may have changed it, so then the header is read again.
+            let known_id = chain.is_none().then_some(log.request_id.as_str());
+            let upstream_req = UpstreamRequest::prepare(
+                parts,
+                conn,
+                &target,
+                fwd,
+                &t.cluster,
+                upgrade.is_some(),
+                https,
+                known_id,
+            )?;
             let body = match &mut chain {
                 Some(run) => run.wrap_request_body(body),
                 None => body,

@@ -42,6 +42,7 @@ pub(crate) struct UpstreamRequest {
 }
 
 impl UpstreamRequest {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare(
         mut parts: request::Parts,
         conn: &ConnInfo,
@@ -50,18 +51,25 @@ impl UpstreamRequest {
         cluster: &ClusterState,
         upgrade: bool,
         https: bool,
+        known_request_id: Option<&str>,
     ) -> Result<Self, ProxyError> {
         let h = &mut parts.headers;
-        // Naming `x-request-id` in `connection` must not strip the id the proxy keeps.
-        let request_id_value = h.get(&headers::X_REQUEST_ID).cloned();
         let named_hop_headers = h.contains_key(http::header::CONNECTION);
+        // Naming `x-request-id` in `connection` must not strip the id the proxy keeps.
+        let request_id_value = match known_request_id {
+            Some(_) if !named_hop_headers => None,
+            _ => h.get(&headers::X_REQUEST_ID).cloned(),
+        };
         headers::strip_hop_by_hop(h, upgrade);
         if named_hop_headers && let Some(v) = &request_id_value {
             h.insert(headers::X_REQUEST_ID.clone(), v.clone());
         }
         target.route.request_edits.apply(h);
         headers::set_forwarded(h, &conn.remote_ip, https, target.trust_forwarded);
-        let request_id = request_id_value.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+        let request_id = match known_request_id {
+            Some(id) => id,
+            None => request_id_value.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+        };
         headers::propagate_traceparent(h, request_id);
 
         let rewritten = fwd.prefix_rewrite.is_some() && target.route.matched_prefix().is_some();
