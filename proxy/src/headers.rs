@@ -116,19 +116,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 || t.eq_ignore_ascii_case("te")
         };
         let mut named: SmallVec<[HeaderName; 2]> = SmallVec::new();
-        for t in headers.get_all(CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|s| s.split(','))
-        {
-            let t = t.trim();
-            if !implied(t)
-                && let Ok(n) = HeaderName::from_bytes(t.as_bytes())
-            {
-                named.push(n);
+        // One lookup to read the tokens and remove the field.
+        if let Entry::Occupied(connection) = headers.entry(CONNECTION) {
+            for t in connection.iter().filter_map(|v| v.to_str().ok()).flat_map(|s| s.split(',')) {
+                let t = t.trim();
+                if !implied(t)
+                    && let Ok(n) = HeaderName::from_bytes(t.as_bytes())
+                {
+                    named.push(n);
+                }
             }
+            connection.remove();
         }
         for n in &named {
             headers.remove(n);
         }
-        headers.remove(CONNECTION);
         if keep_upgrade {
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
