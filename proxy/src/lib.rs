@@ -337,15 +337,19 @@ impl Proxy {
         if dp.filters.is_empty() {
             return;
         }
-        let mut acks = Vec::with_capacity(self.workers.len());
-        for w in &self.workers {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if w.send(WorkerCmd::Warm(dp.clone(), tx)).is_ok() {
-                acks.push(rx);
+        // One worker at a time: VM starts map and fault in memory, and two
+        // threads of one process doing that at once wait on each other's
+        // address-space lock. A worker stuck on a slow VM start must not hold
+        // the reload forever.
+        let all = async {
+            for w in &self.workers {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if w.send(WorkerCmd::Warm(dp.clone(), tx)).is_ok() {
+                    let _ = rx.await;
+                }
             }
-        }
-        // A worker stuck on a slow VM start must not hold the reload forever.
-        let _ = tokio::time::timeout(Duration::from_secs(10), futures_util::future::join_all(acks)).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
     }
 
     fn remove_binding(&self, id: u64) {
