@@ -15,13 +15,14 @@
 # proxy configs as bench/run.sh; WORKERS proxy workers.
 #
 # Knobs: N=10000 WARM=1000 CONNS=10 WORKERS=2 PORT_BASE=18280 INSTALL=1 SLUICE_BIN=
+#        KEEP=0 (1: keep the callgrind files for callgrind_annotate; the path is printed)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$BENCH_DIR")
 PY=${PYTHON:-python3}
 : "${N:=10000}" "${WARM:=1000}" "${CONNS:=10}" "${WORKERS:=2}" "${PORT_BASE:=18280}"
-: "${INSTALL:=1}" "${SLUICE_BIN:=}"
+: "${INSTALL:=1}" "${SLUICE_BIN:=}" "${KEEP:=0}"
 
 die() { printf 'instructions: %s\n' "$*" >&2; exit 1; }
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -43,7 +44,10 @@ fi
 
 RUN=$(mktemp -d /tmp/sluice-instructions.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$RUN"; }
+cleanup() {
+  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done
+  if [[ "$KEEP" == 1 ]]; then echo "callgrind files: $RUN/*.callgrind" >&2; else rm -rf "$RUN"; fi
+}
 trap cleanup EXIT
 
 export RUN_DIR=$RUN WORKERS BACKEND_WORKERS=1 CASE=nginx
