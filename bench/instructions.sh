@@ -8,6 +8,7 @@
 #
 #   ./bench/instructions.sh                    # build, count Sluice and nginx
 #   SLUICE_BIN=/path/to/sluice ./bench/instructions.sh
+#   FILTERS=1 FILTER=noop ./bench/instructions.sh   # Sluice also with a chain of bench filters
 #
 # Each proxy runs under callgrind twice, with WARM and WARM+N HTTP/1.1
 # keep-alive requests (h2load --h1, CONNS connections); the difference ÷ N is
@@ -16,13 +17,16 @@
 #
 # Knobs: N=10000 WARM=1000 CONNS=10 WORKERS=2 PORT_BASE=18280 INSTALL=1 SLUICE_BIN=
 #        KEEP=0 (1: keep the callgrind files for callgrind_annotate; the path is printed)
+#        FILTERS=0 (N > 0: also Sluice with N FILTER filters, noop or hdr, from bench/filters/,
+#        run with --wasm-pooling false: valgrind cannot reserve the pool's address space.
+#        The guest's code is counted too: it runs as wasmtime compiled it.)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$BENCH_DIR")
 PY=${PYTHON:-python3}
 : "${N:=10000}" "${WARM:=1000}" "${CONNS:=10}" "${WORKERS:=2}" "${PORT_BASE:=18280}"
-: "${INSTALL:=1}" "${SLUICE_BIN:=}" "${KEEP:=0}"
+: "${INSTALL:=1}" "${SLUICE_BIN:=}" "${KEEP:=0}" "${FILTERS:=0}" "${FILTER:=noop}"
 
 die() { printf 'instructions: %s\n' "$*" >&2; exit 1; }
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -50,7 +54,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export RUN_DIR=$RUN WORKERS BACKEND_WORKERS=1 CASE=nginx
+export RUN_DIR=$RUN WORKERS BACKEND_WORKERS=1 CASE=nginx FILTERS FILTER
 export BACKEND_H1=$PORT_BASE BACKEND_H2=$((PORT_BASE + 1)) PORT_H1=$((PORT_BASE + 2))
 export PORT_H2=$((PORT_BASE + 3)) ADMIN_PORT=$((PORT_BASE + 4))
 "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/nginx-backend.conf" "$RUN/backend.conf"
@@ -58,6 +62,15 @@ export PORT_H2=$((PORT_BASE + 3)) ADMIN_PORT=$((PORT_BASE + 4))
 # nginx proxy: one process (no master), so that callgrind sees the worker.
 "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/nginx-proxy.conf" "$RUN/proxy.conf"
 sed -i -e 's/^master_process on;/master_process off;/' "$RUN/proxy.conf"
+if ((FILTERS > 0)); then
+  out="${CARGO_TARGET_DIR:-$ROOT/target}/bench-filters"
+  cargo build --release --target wasm32-wasip1 --manifest-path "$BENCH_DIR/filters/Cargo.toml" \
+    --target-dir "$out" >&2 || die "building bench/filters failed"
+  mkdir -p "$RUN/wasm"
+  cp "$out/wasm32-wasip1/release/noop.wasm" "$RUN/wasm/noop.wasm"
+  cp "$out/wasm32-wasip1/release/header_rewrite.wasm" "$RUN/wasm/hdr.wasm"
+  WASM_DIR="$RUN/wasm" "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/sluice-wasm.yaml" "$RUN/sluice-wasm.yaml"
+fi
 nginx -e "$RUN/backend.stderr.log" -c "$RUN/backend.conf" &
 PIDS+=($!)
 
@@ -83,14 +96,22 @@ count() { # count NAME REQUESTS CMD...: Ir of CMD serving REQUESTS requests
 declare -A IR
 IR[sluice]=$(($(count sluice $((WARM + N)) "$SLUICE_BIN" proxy --config "$RUN/sluice.yaml") -
   $(count sluice "$WARM" "$SLUICE_BIN" proxy --config "$RUN/sluice.yaml")))
+if ((FILTERS > 0)); then
+  # Twice first: the first run compiles the module into the cache the second loads.
+  wasm=("$SLUICE_BIN" proxy --wasm-pooling false --cache-dir "$RUN/cache" --config "$RUN/sluice-wasm.yaml")
+  count sluice-wasm "$WARM" "${wasm[@]}" >/dev/null
+  IR[wasm]=$(($(count sluice-wasm $((WARM + N)) "${wasm[@]}") - $(count sluice-wasm "$WARM" "${wasm[@]}")))
+fi
 IR[nginx]=$(($(count nginx $((WARM + N)) nginx -e "$RUN/proxy.stderr.log" -c "$RUN/proxy.conf") -
   $(count nginx "$WARM" nginx -e "$RUN/proxy.stderr.log" -c "$RUN/proxy.conf")))
 
-"$PY" - "${IR[sluice]}" "${IR[nginx]}" "$N" <<'PY'
+"$PY" - "${IR[sluice]}" "${IR[nginx]}" "$N" "${IR[wasm]:-0}" "$FILTERS" "$FILTER" <<'PY'
 import sys
-s, g, n = (int(x) for x in sys.argv[1:])
+s, g, n, w, k = (int(x) for x in sys.argv[1:6])
 print(f"user-space instructions per request (callgrind, {n} HTTP/1.1 keep-alive requests)")
 print(f"  sluice  {s / n:8.0f}")
 print(f"  nginx   {g / n:8.0f}")
 print(f"  sluice / nginx  {s / g:.2f}x")
+if k:
+    print(f"  sluice + {k} {sys.argv[6]} filter(s)  {w / n:8.0f}  (+{(w - s) / n / k:.0f} per filter)")
 PY

@@ -43,6 +43,12 @@ enum Command {
         /// Folder for compiled-module caches (default: a `sluice-cache` folder in the system temp dir).
         #[arg(long, env = "SLUICE_CACHE_DIR")]
         cache_dir: Option<PathBuf>,
+        /// Keep filter VMs in wasmtime's pooling allocator (the default: fast VM starts).
+        /// `false` allocates each VM's memory on demand instead: slower VM starts, but no
+        /// up-front reservation of address space for the whole pool (for hosts that cap
+        /// virtual memory, and for valgrind).
+        #[arg(long, env = "SLUICE_WASM_POOLING", default_value_t = true, action = clap::ArgAction::Set)]
+        wasm_pooling: bool,
     },
     /// Write and build filters: `sluice filter new NAME`, `sluice filter build`.
     Filter {
@@ -66,7 +72,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, &cli.log_format);
     let result = match cli.command {
-        Command::Proxy { config, check, cache_dir } => run_proxy(config, check, cache_dir),
+        Command::Proxy { config, check, cache_dir, wasm_pooling } => {
+            run_proxy(config, check, cache_dir, wasm_pooling)
+        }
         Command::Filter { cmd } => filter_cli::run(cmd),
     };
     match result {
@@ -78,7 +86,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_proxy(config: PathBuf, check: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn run_proxy(
+    config: PathBuf,
+    check: bool,
+    cache_dir: Option<PathBuf>,
+    wasm_pooling: bool,
+) -> anyhow::Result<ExitCode> {
     let snapshot = match Snapshot::load(&config) {
         Ok(s) => s,
         Err(e) => {
@@ -97,7 +110,11 @@ fn run_proxy(config: PathBuf, check: bool, cache_dir: Option<PathBuf>) -> anyhow
         let callouts = sluice_proxy::callout::ClusterCallouts::new();
         let cache_dir = cache_dir.unwrap_or_else(|| std::env::temp_dir().join("sluice-cache"));
         let host = sluice_wasm::WasmHost::new(
-            sluice_wasm::HostOptions { cache_dir: Some(cache_dir), ..Default::default() },
+            sluice_wasm::HostOptions {
+                cache_dir: Some(cache_dir),
+                pooling: wasm_pooling,
+                ..Default::default()
+            },
             &registry,
             callouts.clone(),
         )

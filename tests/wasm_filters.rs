@@ -144,6 +144,26 @@ async fn a_looping_or_trapping_filter_fails_closed_fast_and_reload_recovers() {
     assert!(filters.contains("sink exploded"), "the trap message names the panic: {filters}");
 }
 
+/// `--wasm-pooling false`: VMs get their memory on demand instead of from the
+/// pool (no up-front address-space reservation). Filters run as before, and the
+/// sandbox still holds: a looping callback ends at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_run_without_the_pooling_allocator() {
+    let backend = echo_backend().await;
+    let proxy =
+        Sluice::start_with(&config(backend.addr, &sink(), "hello", "closed"), &["--wasm-pooling", "false"]);
+    let addr = proxy.addr("main");
+    let (status, headers, _) = get(addr, "/plain").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-config"], "hello");
+
+    let t = Instant::now();
+    let (status, headers, _) = get(addr, "/loop").await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-sluice-reason"], "filter_timeout");
+    assert!(t.elapsed() < Duration::from_secs(1), "loop took {:?}", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_filter_config_under_load_fails_no_request() {
     let backend = echo_backend().await;

@@ -45,12 +45,18 @@ impl Sluice {
     /// Writes `yaml` to a temp `config.yaml` and starts the proxy on it. Listener
     /// addresses may use port 0; `{admin}` becomes `127.0.0.1:0`.
     pub fn start(yaml: &str) -> Sluice {
+        Sluice::start_with(yaml, &[])
+    }
+
+    /// [`Sluice::start`] with more `sluice proxy` arguments.
+    pub fn start_with(yaml: &str, args: &[&str]) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, yaml.replace("{admin}", "127.0.0.1:0")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["proxy", "--config"])
             .arg(&config)
+            .args(args)
             .args(["--log-format", "json", "--log", "info"])
             .env("SLUICE_CACHE_DIR", dir.path().join("cache"))
             .stdout(Stdio::null())
