@@ -1,5 +1,5 @@
-# Shell pieces shared by bench/run.sh and bench/wasm-startup.sh (sourced).
-# Needs ROOT (the checkout) and SLUICE_GIVEN (a given SLUICE_BIN, or empty).
+# Shell pieces shared by the bench scripts (sourced): run.sh, wasm-startup.sh, instructions.sh.
+# Needs ROOT (the checkout) and, for sluice_desc, SLUICE_GIVEN (a given SLUICE_BIN, or empty).
 
 sluice_desc() { # what the sluice binary is: the checkout it was built from, or the given path
   if [[ -n "$SLUICE_GIVEN" ]]; then
@@ -7,4 +7,29 @@ sluice_desc() { # what the sluice binary is: the checkout it was built from, or 
   else
     echo "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
   fi
+}
+
+install_pkgs() { # install_pkgs PKG...: apt-get install, without starting packaged services
+  local sudo="" policy_rc=""
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  # Keep Debian from starting the packaged nginx/haproxy services on install.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+    $sudo chmod +x /usr/sbin/policy-rc.d
+    policy_rc=/usr/sbin/policy-rc.d
+  fi
+  $sudo apt-get update -qq || true
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null || rc=$?
+  [[ -z "$policy_rc" ]] || $sudo rm -f "$policy_rc"
+  return $rc
+}
+
+# The bench filters: bench/filters/ is its own cargo workspace (upstream
+# proxy-wasm SDK); its own target dir keeps it off the main build's lock.
+BENCH_FILTERS_OUT="${CARGO_TARGET_DIR:-$ROOT/target}/bench-filters"
+BENCH_FILTERS_WASM="$BENCH_FILTERS_OUT/wasm32-wasip1/release" # noop.wasm, header_rewrite.wasm
+build_bench_filters() { # build_bench_filters LOG: build them for wasm32-wasip1, output to LOG
+  cargo build --release --target wasm32-wasip1 --manifest-path "$ROOT/bench/filters/Cargo.toml" \
+    --target-dir "$BENCH_FILTERS_OUT" >"$1" 2>&1
 }

@@ -29,6 +29,8 @@ PY=${PYTHON:-python3}
 : "${INSTALL:=1}" "${SLUICE_BIN:=}" "${KEEP:=0}" "${FILTERS:=0}" "${FILTER:=noop}"
 
 die() { printf 'instructions: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/common.sh
+source "$BENCH_DIR/common.sh" # install_pkgs, build_bench_filters
 export PATH="$PATH:/usr/sbin:/sbin"
 
 need=()
@@ -37,9 +39,7 @@ command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v nginx >/dev/null || need+=(nginx-light)
 if ((${#need[@]})); then
   [[ "$INSTALL" == 1 ]] || die "missing: ${need[*]} (INSTALL=0)"
-  SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
-  $SUDO apt-get update -qq || true
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  install_pkgs "${need[@]}" || die "apt-get install ${need[*]} failed"
 fi
 if [[ -z "$SLUICE_BIN" ]]; then
   (cd "$ROOT" && cargo build --release --bin sluice) >&2 || die "cargo build failed"
@@ -63,12 +63,10 @@ export PORT_H2=$((PORT_BASE + 3)) ADMIN_PORT=$((PORT_BASE + 4))
 "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/nginx-proxy.conf" "$RUN/proxy.conf"
 sed -i -e 's/^master_process on;/master_process off;/' "$RUN/proxy.conf"
 if ((FILTERS > 0)); then
-  out="${CARGO_TARGET_DIR:-$ROOT/target}/bench-filters"
-  cargo build --release --target wasm32-wasip1 --manifest-path "$BENCH_DIR/filters/Cargo.toml" \
-    --target-dir "$out" >&2 || die "building bench/filters failed"
+  build_bench_filters "$RUN/filters-build.log" || die "building bench/filters failed: $(tail -n1 "$RUN/filters-build.log")"
   mkdir -p "$RUN/wasm"
-  cp "$out/wasm32-wasip1/release/noop.wasm" "$RUN/wasm/noop.wasm"
-  cp "$out/wasm32-wasip1/release/header_rewrite.wasm" "$RUN/wasm/hdr.wasm"
+  cp "$BENCH_FILTERS_WASM/noop.wasm" "$RUN/wasm/noop.wasm"
+  cp "$BENCH_FILTERS_WASM/header_rewrite.wasm" "$RUN/wasm/hdr.wasm"
   WASM_DIR="$RUN/wasm" "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/sluice-wasm.yaml" "$RUN/sluice-wasm.yaml"
 fi
 nginx -e "$RUN/backend.stderr.log" -c "$RUN/backend.conf" &

@@ -69,6 +69,8 @@ BODY=$'hello from backend\n' # what nginx-backend.conf returns; checked through 
 
 log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/common.sh
+source "$BENCH_DIR/common.sh" # sluice_desc, install_pkgs, build_bench_filters
 # Case groups, expanded in place (duplicates dropped, first position kept). The
 # filter cases follow their no-filter baseline, so that within a round they run
 # a few minutes apart at most.
@@ -159,17 +161,7 @@ if has_case haproxy; then command -v haproxy >/dev/null || [[ -x /usr/sbin/hapro
 if ((${#need_pkgs[@]})); then
   [[ "$INSTALL" == 1 ]] || die "missing: ${need_pkgs[*]} (INSTALL=0)"
   log "installing ${need_pkgs[*]} (apt-get)"
-  SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
-  # Keep Debian from starting the packaged nginx/haproxy services on install.
-  policy_rc=""
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-    $SUDO chmod +x /usr/sbin/policy-rc.d
-    policy_rc=/usr/sbin/policy-rc.d
-  fi
-  $SUDO apt-get update -qq || true
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
-  [[ -z "$policy_rc" ]] || $SUDO rm -f "$policy_rc"
+  install_pkgs "${need_pkgs[@]}"
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
@@ -191,8 +183,6 @@ fi
 
 mkdir -p "$RAW"
 
-# shellcheck source=bench/common.sh
-source "$BENCH_DIR/common.sh" # sluice_desc
 SLUICE_GIVEN=$SLUICE_BIN # described as given, not as the checkout, in the header
 if has_case sluice && [[ -z "$SLUICE_BIN" ]]; then
   log "building sluice (cargo build --release --bin sluice; log: $RAW/sluice-build.log)"
@@ -272,14 +262,11 @@ case_protos() { # case_protos CASE: the protocols this case runs, in PROTOS orde
 }
 
 # --- the bench filters ---------------------------------------------------------
-# bench/filters/ is its own cargo workspace (upstream proxy-wasm SDK); its own target
-# dir keeps it off the main build's lock. The modules are copied into the run dir as
-# noop.wasm and hdr.wasm, the names the case table uses.
-FILTERS_OUT="${CARGO_TARGET_DIR:-$ROOT/target}/bench-filters"
+# Built by build_bench_filters (common.sh); the modules are copied into the run dir
+# as noop.wasm and hdr.wasm, the names the case table uses.
 if ((NEED_FILTERS)); then
   log "building the bench filters (bench/filters, wasm32-wasip1; log: $RAW/filters-build.log)"
-  if ! cargo build --release --target wasm32-wasip1 --manifest-path "$BENCH_DIR/filters/Cargo.toml" \
-    --target-dir "$FILTERS_OUT" >"$RAW/filters-build.log" 2>&1; then
+  if ! build_bench_filters "$RAW/filters-build.log"; then
     why="building bench/filters failed: $(grep -m1 -E '^error' "$RAW/filters-build.log" || tail -n1 "$RAW/filters-build.log")"
     for c in "${ORDER[@]}"; do
       [[ ",${C_VARS[$c]}," != *",FILTER="* ]] || SKIPPED[$c]=$why
@@ -305,7 +292,7 @@ export WASM_DIR="$RUN_DIR/wasm"
 if ((NEED_FILTERS)); then
   mkdir -p "$WASM_DIR"
   for pair in noop:noop hdr:header_rewrite; do
-    src="$FILTERS_OUT/wasm32-wasip1/release/${pair#*:}.wasm"
+    src="$BENCH_FILTERS_WASM/${pair#*:}.wasm"
     [[ ! -f "$src" ]] || cp "$src" "$WASM_DIR/${pair%%:*}.wasm"
   done
   chmod -R a+rX "$WASM_DIR"

@@ -35,7 +35,7 @@ OUT="$BENCH_DIR/results/$(date +%F)/$(date +%H%M%S)-startup"
 mkdir -p "$OUT/raw"
 
 # shellcheck source=bench/common.sh
-source "$BENCH_DIR/common.sh" # sluice_desc
+source "$BENCH_DIR/common.sh" # sluice_desc, build_bench_filters
 SLUICE_GIVEN=$SLUICE_BIN # described as given, not as the checkout, in the header
 if [[ -z "$SLUICE_BIN" ]]; then
   log "building sluice (cargo build --release --bin sluice; log: $OUT/raw/sluice-build.log)"
@@ -43,12 +43,10 @@ if [[ -z "$SLUICE_BIN" ]]; then
     die "cargo build --release --bin sluice failed (see $OUT/raw/sluice-build.log)"
   SLUICE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/sluice"
 fi
-FILTERS_OUT="${CARGO_TARGET_DIR:-$ROOT/target}/bench-filters"
 log "building the bench filters (bench/filters, wasm32-wasip1)"
-cargo build --release --target wasm32-wasip1 --manifest-path "$BENCH_DIR/filters/Cargo.toml" \
-  --target-dir "$FILTERS_OUT" >"$OUT/raw/filters-build.log" 2>&1 ||
+build_bench_filters "$OUT/raw/filters-build.log" ||
   die "building bench/filters failed (see $OUT/raw/filters-build.log)"
-WASM="$FILTERS_OUT/wasm32-wasip1/release"
+WASM="$BENCH_FILTERS_WASM"
 
 if [[ "$ENVOY" == none ]]; then
   ENVOY=""
