@@ -84,6 +84,15 @@ impl ProxyBody {
         ProxyBody { inner: Inner::Boxed(Box::pin(body.map_err(Into::into))), bytes: 0, finisher: None }
     }
 
+    /// The upstream response fields this body carries, kept encoded (see
+    /// `h1::verbatim`): the downstream encoder writes them after the head's own.
+    pub(crate) fn verbatim(&self) -> Option<&crate::h1::Verbatim> {
+        match &self.inner {
+            Inner::H1(b) => b.verbatim(),
+            _ => None,
+        }
+    }
+
     /// Adds a finisher, chained after any existing one.
     pub fn on_end(mut self, f: impl FnOnce(BodyEnd, u64) + 'static) -> Self {
         self.finisher = Some(match self.finisher.take() {

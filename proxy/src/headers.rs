@@ -74,22 +74,25 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
-/// Which hop-by-hop headers a message carries (bits below).
-const HOP_CONNECTION: u8 = 1;
-const HOP_KEEP_ALIVE: u8 = 2;
-const HOP_PROXY_CONNECTION: u8 = 4;
-const HOP_TRANSFER_ENCODING: u8 = 8;
-const HOP_UPGRADE: u8 = 16;
-const HOP_TE: u8 = 32;
+/// Which hop-by-hop fields a message carries, as bits (shared with the
+/// HTTP/1.1 codec's verbatim heads, which add their own above these).
+pub(crate) mod hop {
+    pub(crate) const CONNECTION: u8 = 1;
+    pub(crate) const KEEP_ALIVE: u8 = 2;
+    pub(crate) const PROXY_CONNECTION: u8 = 4;
+    pub(crate) const TRANSFER_ENCODING: u8 = 8;
+    pub(crate) const UPGRADE: u8 = 16;
+    pub(crate) const TE: u8 = 32;
+}
 
 fn hop_bit(name: &HeaderName) -> u8 {
     match name.as_str() {
-        "connection" => HOP_CONNECTION,
-        "keep-alive" => HOP_KEEP_ALIVE,
-        "proxy-connection" => HOP_PROXY_CONNECTION,
-        "transfer-encoding" => HOP_TRANSFER_ENCODING,
-        "upgrade" => HOP_UPGRADE,
-        "te" => HOP_TE,
+        "connection" => hop::CONNECTION,
+        "keep-alive" => hop::KEEP_ALIVE,
+        "proxy-connection" => hop::PROXY_CONNECTION,
+        "transfer-encoding" => hop::TRANSFER_ENCODING,
+        "upgrade" => hop::UPGRADE,
+        "te" => hop::TE,
         _ => 0,
     }
 }
@@ -105,7 +108,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if found == 0 {
         return;
     }
-    if found & HOP_CONNECTION != 0 {
+    if found & hop::CONNECTION != 0 {
         // Tokens that name headers removed below anyway (or kept on purpose)
         // need no lookup: the common `keep-alive` / `close` costs nothing.
         let implied = |t: &str| {
@@ -135,19 +138,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         }
     }
-    if found & HOP_KEEP_ALIVE != 0 {
+    if found & hop::KEEP_ALIVE != 0 {
         headers.remove(&KEEP_ALIVE);
     }
-    if found & HOP_PROXY_CONNECTION != 0 {
+    if found & hop::PROXY_CONNECTION != 0 {
         headers.remove(&PROXY_CONNECTION);
     }
-    if found & HOP_TRANSFER_ENCODING != 0 {
+    if found & hop::TRANSFER_ENCODING != 0 {
         headers.remove(TRANSFER_ENCODING);
     }
-    if found & HOP_UPGRADE != 0 && !keep_upgrade {
+    if found & hop::UPGRADE != 0 && !keep_upgrade {
         headers.remove(UPGRADE);
     }
-    if found & HOP_TE != 0
+    if found & hop::TE != 0
         && let Some(te) = headers.get(TE)
         && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
     {

@@ -256,6 +256,12 @@ pub(crate) async fn forward(
         _ => Replay::Once(Some(body)),
     };
     let hash = hash_key(cluster, &template.headers, conn.remote);
+    // Nothing on the way back reads or edits the response's fields: the HTTP/1.1
+    // client keeps them encoded for the downstream encoder (`h1::verbatim`).
+    let verbatim = chain.is_none()
+        && route.response_edits.is_empty()
+        && log.protocol != Version::HTTP_2
+        && downstream_upgrade.is_none();
     let max_attempts = 1 + retry.map_or(0, |r| r.policy.attempts);
     let per_try = retry.and_then(|r| r.policy.per_try_timeout);
     // One clock read serves the deadline and the first attempt's start.
@@ -313,8 +319,8 @@ pub(crate) async fn forward(
         // The exchange's future is made where it is awaited, in one of two
         // shapes: every other shape would be one more copy of its state.
         let result = match until {
-            Some(t) => tokio::time::timeout_at(t, send_request(cluster, endpoint, req)).await,
-            None => Ok(send_request(cluster, endpoint, req).await),
+            Some(t) => tokio::time::timeout_at(t, send_request(cluster, endpoint, req, verbatim)).await,
+            None => Ok(send_request(cluster, endpoint, req, verbatim).await),
         };
         drop(retry_slot.take());
         let elapsed = started.elapsed();
@@ -495,17 +501,19 @@ pub(crate) fn pick_endpoint(
 }
 
 /// Sends one attempt and waits for the response head. An HTTP/1.1 response
-/// body returns its connection to the pool when it completes.
+/// body returns its connection to the pool when it completes. `verbatim`: an
+/// HTTP/1.1 response keeps its fields encoded (see `h1::verbatim`).
 pub(crate) async fn send_request(
     cluster: &Arc<ClusterState>,
     endpoint: &Arc<Endpoint>,
     req: Request<ProxyBody>,
+    verbatim: bool,
 ) -> Result<h1::Answer, ProxyError> {
     let pool = pool::endpoint_pool(cluster, endpoint);
     match pool::checkout(cluster, endpoint, &pool).await? {
         Conn::H1(conn) => {
             let (parts, body) = req.into_parts();
-            let mut ex = h1::Exchange::start(conn, &parts, body);
+            let mut ex = h1::Exchange::start(conn, &parts, body, verbatim);
             let head = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
                 Ok(head) => head,
                 // The pooled connection was closed by the upstream while idle:

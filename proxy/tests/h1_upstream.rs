@@ -292,3 +292,73 @@ async fn the_exchange_is_full_duplex() {
         assert_eq!(rest.unwrap(), "", "nothing after the echo");
     }
 }
+
+/// An upstream whose response head has mixed-case names, repeated fields and
+/// hop-by-hop fields (one named by `connection`), on every request.
+async fn mixed_head_backend() -> RawBackend {
+    RawBackend::start(|mut s| async move {
+        loop {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            let head = b"HTTP/1.1 200 OK\r\nServer: raw\r\nSet-Cookie: a=1\r\nConnection: keep-alive, X-Private\r\nX-Private: secret\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\nDate: Mon, 30 Nov 2026 06:00:00 GMT\r\nContent-Length: 2\r\n\r\nok";
+            if s.write_all(head).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_fields_keep_the_upstreams_order_and_case_without_hop_by_hop_ones() {
+    let b = mixed_head_backend().await;
+    let routes = "- match: { prefix: /edited }\n  forward: { cluster: backend }\n  response_headers: { set: { x-edited: \"1\" } }\n- forward: { cluster: backend }";
+    let p = TestProxy::start(&config_yaml(1, "", routes, &backend_cluster(&[b.addr], ""))).await;
+
+    // Nothing reads or edits the fields: they pass as the upstream wrote them.
+    let out = raw(p.addr("main"), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let (head, body) = out.split_once("\r\n\r\n").expect("a complete response");
+    let lines: Vec<&str> = head.split("\r\n").collect();
+    assert_eq!(
+        lines,
+        [
+            "HTTP/1.1 200 OK",
+            "Server: raw",
+            "Set-Cookie: a=1",
+            "Set-Cookie: b=2",
+            "Date: Mon, 30 Nov 2026 06:00:00 GMT",
+            "Content-Length: 2",
+            "connection: close",
+        ]
+    );
+    assert_eq!(body, "ok");
+
+    // A route that edits the response goes through the header map: same fields.
+    let out = raw(p.addr("main"), b"GET /edited HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let (head, body) = out.split_once("\r\n\r\n").expect("a complete response");
+    let mut lines: Vec<String> = head.split("\r\n").skip(1).map(str::to_ascii_lowercase).collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "connection: close",
+            "content-length: 2",
+            "date: mon, 30 nov 2026 06:00:00 gmt",
+            "server: raw",
+            "set-cookie: a=1",
+            "set-cookie: b=2",
+            "x-edited: 1",
+        ]
+    );
+    assert_eq!(body, "ok");
+
+    // An HTTP/2 downstream gets the same end-to-end fields.
+    let mut c = h2_connect(p.addr("main")).await;
+    let (parts, body) = send2(&mut c, Request::get("http://x/").body(Full::new(Bytes::new())).unwrap()).await;
+    assert_eq!(parts.status, 200);
+    let cookies: Vec<_> = parts.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert!(!parts.headers.contains_key("x-private") && !parts.headers.contains_key("keep-alive"));
+    assert_eq!(body, "ok");
+}

@@ -7,6 +7,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER
 use http::{HeaderMap, Method, StatusCode, Version, response};
 use smallvec::SmallVec;
 
+use super::verbatim::{RawFields, Verbatim};
 use crate::error::{ErrorKind, ProxyError};
 
 /// The largest response head (and trailer section) accepted.
@@ -22,15 +23,23 @@ fn protocol(detail: impl Into<String>) -> ProxyError {
 
 /// A parsed response head.
 pub(crate) struct Head {
+    /// Without fields when they are `verbatim`.
     pub parts: response::Parts,
     pub decoder: Decoder,
     /// The connection may carry another request after this response.
     pub keep_alive: bool,
+    /// The end-to-end fields, encoded (see [`super::verbatim`]).
+    pub verbatim: Option<Box<Verbatim>>,
 }
 
 /// Parses a response head from the front of `buf`, consuming it;
-/// `Ok(None)` means more bytes are needed.
-pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, ProxyError> {
+/// `Ok(None)` means more bytes are needed. With `verbatim`, the fields of a
+/// final response other than `204` are kept encoded, not as a map.
+pub(crate) fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    verbatim: bool,
+) -> Result<Option<Head>, ProxyError> {
     // Uninitialized slots: no 4 KiB of zeroing per response.
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut []);
@@ -43,16 +52,27 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         };
     let status = StatusCode::from_u16(r.code.unwrap_or(0)).map_err(|_| protocol("invalid status code"))?;
     let version = if r.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    if verbatim && !status.is_informational() && status != StatusCode::NO_CONTENT {
+        let raw = RawFields::new(&buf[..len], r.headers);
+        let framed = framing(method, status, version, &raw, raw.present())?;
+        let kept = Box::new(raw.keep(framed.drop_length, framed.length));
+        buf.advance(len);
+        let Framed { decoder, keep_alive, .. } = framed;
+        return Ok(Some(Head { parts, decoder, keep_alive, verbatim: Some(kept) }));
+    }
     let mut spans = Spans::new();
     field_spans(r.headers, buf.as_ptr() as usize, &mut spans);
     let head = buf.split_to(len).freeze();
     let (mut headers, present) = header_map(&head, &spans, 0).map_err(protocol)?;
-    let (decoder, keep_alive) = framing(method, status, version, &mut headers, present)?;
-    let (mut parts, ()) = http::Response::new(()).into_parts();
-    parts.status = status;
-    parts.version = version;
+    let framed = framing(method, status, version, &headers, present)?;
+    if framed.drop_length {
+        headers.remove(CONTENT_LENGTH);
+    }
     parts.headers = headers;
-    Ok(Some(Head { parts, decoder, keep_alive }))
+    Ok(Some(Head { parts, decoder: framed.decoder, keep_alive: framed.keep_alive, verbatim: None }))
 }
 
 /// Where each field's name and value are in the parsed buffer (offsets from
@@ -123,16 +143,48 @@ impl Present {
     pub(crate) fn has(self, field: u8) -> bool {
         self.0 & field != 0
     }
+
+    /// Notes a field of this kind (one of the constants).
+    pub(crate) fn add(&mut self, field: u8) {
+        self.0 |= field;
+    }
+}
+
+/// A head's field values by name, for the framing rules: a header map, or
+/// the parsed fields of a verbatim head.
+pub(crate) trait Fields {
+    /// The values of every `name` field, in order.
+    fn values(&self, name: &HeaderName) -> SmallVec<[&[u8]; 2]>;
+}
+
+impl Fields for HeaderMap {
+    fn values(&self, name: &HeaderName) -> SmallVec<[&[u8]; 2]> {
+        self.get_all(name).iter().map(HeaderValue::as_bytes).collect()
+    }
 }
 
 /// Whether a comma-separated field has `token` (case-insensitive).
-pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| value_has_token(v, token))
+pub(crate) fn has_token(headers: &impl Fields, name: &HeaderName, token: &str) -> bool {
+    headers.values(name).iter().any(|v| bytes_have_token(v, token))
 }
 
 /// Whether a comma-separated value has `token` (case-insensitive).
 pub(crate) fn value_has_token(value: &HeaderValue, token: &str) -> bool {
-    value.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    bytes_have_token(value.as_bytes(), token)
+}
+
+fn bytes_have_token(value: &[u8], token: &str) -> bool {
+    value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// What the framing rules decided.
+struct Framed {
+    decoder: Decoder,
+    keep_alive: bool,
+    /// `content-length` came with `transfer-encoding`: it must go.
+    drop_length: bool,
+    /// The `content-length` value, when it was read.
+    length: Option<u64>,
 }
 
 /// The body framing of a response (RFC 9112 §6.3) and whether the
@@ -141,9 +193,9 @@ fn framing(
     method: &Method,
     status: StatusCode,
     version: Version,
-    headers: &mut HeaderMap,
+    headers: &impl Fields,
     present: Present,
-) -> Result<(Decoder, bool), ProxyError> {
+) -> Result<Framed, ProxyError> {
     let mut keep_alive = if present.has(Present::CONNECTION) {
         if version == Version::HTTP_11 {
             !has_token(headers, &CONNECTION, "close")
@@ -158,42 +210,39 @@ fn framing(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return Ok((Decoder::Done, keep_alive));
+        return Ok(Framed { decoder: Decoder::Done, keep_alive, drop_length: false, length: None });
     }
     if present.has(Present::TRANSFER_ENCODING)
-        && let Some(te) = headers.get_all(TRANSFER_ENCODING).iter().next_back()
+        && let Some(te) = headers.values(&TRANSFER_ENCODING).last()
     {
-        let chunked = te
-            .to_str()
-            .ok()
-            .and_then(|s| s.rsplit(',').next())
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        if present.has(Present::CONTENT_LENGTH) {
-            // Both: transfer-encoding wins and the connection is not reused.
-            headers.remove(CONTENT_LENGTH);
-            keep_alive = false;
-        }
-        if chunked {
-            return Ok((Decoder::Chunked(Chunk::Size), keep_alive));
-        }
-        return Ok((Decoder::Eof, false));
+        let chunked =
+            te.rsplit(|&b| b == b',').next().is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        // Both: transfer-encoding wins and the connection is not reused.
+        let drop_length = present.has(Present::CONTENT_LENGTH);
+        keep_alive &= !drop_length;
+        let (decoder, keep_alive) =
+            if chunked { (Decoder::Chunked(Chunk::Size), keep_alive) } else { (Decoder::Eof, false) };
+        return Ok(Framed { decoder, keep_alive, drop_length, length: None });
     }
     let mut length: Option<u64> = None;
-    let lengths = present.has(Present::CONTENT_LENGTH).then(|| headers.get_all(CONTENT_LENGTH));
-    for v in lengths.iter().flatten() {
-        for part in v.to_str().map_err(|_| protocol("invalid content-length"))?.split(',') {
-            let n: u64 = part.trim().parse().map_err(|_| protocol("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(protocol("conflicting content-length values"));
+    if present.has(Present::CONTENT_LENGTH) {
+        for v in headers.values(&CONTENT_LENGTH) {
+            let v = std::str::from_utf8(v).map_err(|_| protocol("invalid content-length"))?;
+            for part in v.split(',') {
+                let n: u64 = part.trim().parse().map_err(|_| protocol("invalid content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(protocol("conflicting content-length values"));
+                }
+                length = Some(n);
             }
-            length = Some(n);
         }
     }
-    Ok(match length {
+    let (decoder, keep_alive) = match length {
         Some(0) => (Decoder::Done, keep_alive),
         Some(n) => (Decoder::Length(n), keep_alive),
         None => (Decoder::Eof, false),
-    })
+    };
+    Ok(Framed { decoder, keep_alive, drop_length: false, length })
 }
 
 /// Where the body decoder is.
@@ -327,7 +376,7 @@ mod tests {
 
     fn head(s: &str, method: &Method) -> (Head, BytesMut) {
         let mut b = BytesMut::from(s);
-        let h = parse_head(&mut b, method).unwrap().unwrap();
+        let h = parse_head(&mut b, method, false).unwrap().unwrap();
         (h, b)
     }
 
@@ -360,7 +409,7 @@ mod tests {
     fn partial_head_needs_more() {
         let partial = "HTTP/1.1 200 OK\r\ncontent-le";
         let mut b = BytesMut::from(partial);
-        assert!(parse_head(&mut b, &Method::GET).unwrap().is_none());
+        assert!(parse_head(&mut b, &Method::GET, false).unwrap().is_none());
         assert_eq!(&b[..], partial.as_bytes());
     }
 
@@ -401,7 +450,7 @@ mod tests {
         assert!(!h.keep_alive);
         assert!(!h.parts.headers.contains_key(CONTENT_LENGTH));
         let mut b = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n");
-        assert!(parse_head(&mut b, &Method::GET).is_err());
+        assert!(parse_head(&mut b, &Method::GET, false).is_err());
     }
 
     #[test]

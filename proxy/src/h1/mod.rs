@@ -21,6 +21,7 @@ mod encode;
 mod io;
 pub(crate) mod request;
 pub(crate) mod response;
+mod verbatim;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -33,6 +34,7 @@ use http_body::{Body, Frame, SizeHint};
 
 pub use io::Io;
 pub use request::DownstreamBody;
+pub(crate) use verbatim::Verbatim;
 
 use self::decode::{Decoder, Head, Step};
 use self::encode::Writer;
@@ -107,11 +109,19 @@ pub(crate) struct Exchange {
     write_error: Option<ProxyError>,
     /// Bytes of a response arrived.
     received: bool,
+    /// Keep the response's fields encoded, not as a map (see [`verbatim`]).
+    verbatim: bool,
 }
 
 impl Exchange {
-    /// Encodes the request head and sets up the body writer.
-    pub(crate) fn start(mut conn: Box<H1Conn>, parts: &http::request::Parts, body: ProxyBody) -> Self {
+    /// Encodes the request head and sets up the body writer. With
+    /// `verbatim`, the response's fields stay encoded (nothing reads them).
+    pub(crate) fn start(
+        mut conn: Box<H1Conn>,
+        parts: &http::request::Parts,
+        body: ProxyBody,
+        verbatim: bool,
+    ) -> Self {
         let framing = encode::encode_head(parts, &body, &mut conn.head);
         Exchange {
             conn,
@@ -119,6 +129,7 @@ impl Exchange {
             method: parts.method.clone(),
             write_error: None,
             received: false,
+            verbatim,
         }
     }
 
@@ -153,7 +164,7 @@ impl Exchange {
         loop {
             if !conn.rbuf.is_empty() {
                 self.received = true;
-                if let Some(head) = decode::parse_head(&mut conn.rbuf, &self.method)? {
+                if let Some(head) = decode::parse_head(&mut conn.rbuf, &self.method, self.verbatim)? {
                     let s = head.parts.status;
                     if s.is_informational() && s != http::StatusCode::SWITCHING_PROTOCOLS {
                         continue;
@@ -176,7 +187,7 @@ impl Exchange {
     /// Turns the exchange into the response; the body returns the connection
     /// to `home` when it completes.
     pub(crate) fn into_answer(self, head: Head, home: Option<(Rc<EndpointPool>, usize)>) -> Answer {
-        let Head { parts, decoder, keep_alive } = head;
+        let Head { parts, decoder, keep_alive, verbatim } = head;
         if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
             let H1Conn { io, rbuf, .. } = *self.conn;
             return Answer {
@@ -192,6 +203,7 @@ impl Exchange {
             keep_alive,
             home,
             failed: None,
+            verbatim,
         };
         if body.decoder.is_done() {
             body.release();
@@ -212,9 +224,16 @@ pub struct H1Body {
     home: Option<(Rc<EndpointPool>, usize)>,
     /// An upstream failure, reported on the next poll.
     failed: Option<Box<ProxyError>>,
+    /// The response's fields, when they were kept encoded.
+    verbatim: Option<Box<Verbatim>>,
 }
 
 impl H1Body {
+    /// The response's fields, when they were kept encoded (its head then has none).
+    pub(crate) fn verbatim(&self) -> Option<&Verbatim> {
+        self.verbatim.as_deref()
+    }
+
     /// The body ended: the connection goes back to its pool if it can carry
     /// another request, else it is closed.
     fn release(&mut self) {

@@ -42,8 +42,10 @@ pub(crate) fn encode_head(
     let h = &parts.headers;
     let status = parts.status;
     let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    // The upstream's end-to-end fields, when they came through encoded.
+    let verbatim = body.verbatim();
     // One pass over the (few) fields instead of a hash lookup per name.
-    let (mut has_length, mut has_date) = (false, false);
+    let (mut has_length, mut has_date) = (false, verbatim.is_some_and(|v| v.has_date));
     for (name, value) in h {
         if name == CONNECTION {
             keep_alive &= !super::decode::value_has_token(value, "close");
@@ -58,6 +60,8 @@ pub(crate) fn encode_head(
     let (framing, add_length) = if bodiless || asked.head {
         (Framing::None, None)
     } else if let Some(n) = has_length.then(|| content_length(h)).flatten() {
+        (Framing::Length(n), None)
+    } else if let Some(n) = verbatim.and_then(|v| v.length) {
         (Framing::Length(n), None)
     } else if let Some(n) = body.size_hint().exact() {
         (Framing::Length(n), Some(n))
@@ -83,6 +87,9 @@ pub(crate) fn encode_head(
             continue;
         }
         put_field(out, name, value);
+    }
+    if let Some(v) = verbatim {
+        out.extend_from_slice(&v.fields);
     }
     if !has_date {
         put_field(out, &DATE, &http_date());
