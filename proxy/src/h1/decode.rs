@@ -13,7 +13,7 @@ use crate::error::{ErrorKind, ProxyError};
 /// The largest response head (and trailer section) accepted.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// The most response header fields accepted.
-const MAX_HEADERS: usize = 128;
+pub(crate) const MAX_HEADERS: usize = 128;
 /// The longest chunk-size line accepted (extensions included).
 const MAX_CHUNK_LINE: usize = 4096;
 

@@ -13,7 +13,7 @@
 use http::HeaderName;
 use smallvec::SmallVec;
 
-use super::decode::{Fields, Present};
+use super::decode::{Fields, MAX_HEADERS, Present};
 use crate::headers::hop::{CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
 
 /// A response's end-to-end fields, encoded for the downstream.
@@ -35,7 +35,9 @@ const DATE: u8 = 128;
 /// and first letter rule out most names before a comparison.
 fn kind(name: &[u8]) -> u8 {
     let Some(&first) = name.first() else { return 0 };
-    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    // `| 0x20` lower-cases a letter and keeps `-`; no other byte of a token
+    // (or of a field value) turns into a letter or `-` by it.
+    let is = |s: &str| name.iter().zip(s.as_bytes()).all(|(a, b)| a | 0x20 == *b);
     match (name.len(), first | 0x20) {
         (2, b't') if is("te") => TE,
         (4, b'd') if is("date") => DATE,
@@ -54,15 +56,20 @@ pub(crate) struct RawFields<'h, 'b> {
     /// The head's bytes, which the fields borrow.
     head: &'b [u8],
     fields: &'h [httparse::Header<'b>],
-    kinds: SmallVec<[u8; 32]>,
+    /// The kind of each field (a head has at most `MAX_HEADERS`).
+    kinds: [u8; MAX_HEADERS],
     /// The kinds found, or-ed.
     found: u8,
 }
 
 impl<'h, 'b> RawFields<'h, 'b> {
     pub(crate) fn new(head: &'b [u8], fields: &'h [httparse::Header<'b>]) -> Self {
-        let kinds: SmallVec<[u8; 32]> = fields.iter().map(|f| kind(f.name.as_bytes())).collect();
-        let found = kinds.iter().fold(0, |a, k| a | k);
+        let mut kinds = [0u8; MAX_HEADERS];
+        let mut found = 0;
+        for (k, f) in kinds.iter_mut().zip(fields) {
+            *k = kind(f.name.as_bytes());
+            found |= *k;
+        }
         RawFields { head, fields, kinds, found }
     }
 
