@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::{self, Rc};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -255,6 +256,40 @@ impl FactoryInner {
     pub fn slot(&self) -> &RefCell<WorkerSlot> {
         self.workers.get_or(|| RefCell::new(WorkerSlot::new()))
     }
+
+    /// This worker's hold on the factory, shared by its requests: making a
+    /// filter then counts a reference only this worker writes. (Upgrading
+    /// `weak` per request wrote the factory's count, which every worker
+    /// writes: a cache line bouncing between cores, twice per filter.)
+    fn hold(&self) -> Option<Rc<WorkerHold>> {
+        thread_local! {
+            /// This thread's holds, by factory address. A hold keeps its
+            /// factory alive, so a live entry's address cannot be reused.
+            static HOLDS: RefCell<Vec<(usize, rc::Weak<WorkerHold>)>> = const { RefCell::new(Vec::new()) };
+        }
+        let key = std::ptr::from_ref(self) as usize;
+        HOLDS.with(|holds| {
+            let mut holds = holds.borrow_mut();
+            if let Some(hold) = holds.iter().find(|(k, _)| *k == key).and_then(|(_, w)| w.upgrade()) {
+                return Some(hold);
+            }
+            let hold = Rc::new(WorkerHold(self.weak.upgrade()?));
+            holds.retain(|(k, w)| *k != key && w.strong_count() > 0);
+            holds.push((key, Rc::downgrade(&hold)));
+            Some(hold)
+        })
+    }
+}
+
+/// A worker's hold on a factory (see [`FactoryInner::hold`]); dropped with the
+/// worker's last request that uses it.
+pub(crate) struct WorkerHold(Arc<FactoryInner>);
+
+impl std::ops::Deref for WorkerHold {
+    type Target = FactoryInner;
+    fn deref(&self) -> &FactoryInner {
+        &self.0
+    }
 }
 
 /// Builds factories.
@@ -314,8 +349,8 @@ impl FilterFactory for FactoryInner {
     }
 
     fn new_filter(&self, _info: &StreamInfo) -> Box<dyn HttpFilter> {
-        match self.weak.upgrade() {
-            Some(inner) => Box::new(crate::filter::WasmFilter::new(inner)),
+        match self.hold() {
+            Some(hold) => Box::new(crate::filter::WasmFilter::new(hold)),
             None => Box::new(crate::filter::Unavailable(self.plugin.clone())),
         }
     }

@@ -7,6 +7,7 @@
 //! resume, reply or reset, and moves the data back.
 
 use std::marker::PhantomData;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -18,7 +19,7 @@ use sluice_filter::{
     Resumed, StreamInfo,
 };
 
-use crate::factory::{FactoryInner, Plugin, WorkerSlot};
+use crate::factory::{FactoryInner, Plugin, WorkerHold, WorkerSlot};
 use crate::headers::MapView;
 use crate::properties::{INFO, LogScope};
 use crate::state::{Callback, HttpCtx, Parked, Signal};
@@ -296,7 +297,7 @@ enum Failed {
 
 /// The per-request filter.
 pub(crate) struct WasmFilter {
-    inner: Arc<FactoryInner>,
+    inner: Rc<WorkerHold>,
     ctx: Option<CtxRef>,
     /// The phase waiting for the guest, if any.
     paused: Option<Paused>,
@@ -309,7 +310,7 @@ pub(crate) struct WasmFilter {
 }
 
 impl WasmFilter {
-    pub fn new(inner: Arc<FactoryInner>) -> WasmFilter {
+    pub fn new(inner: Rc<WorkerHold>) -> WasmFilter {
         WasmFilter { inner, ctx: None, paused: None, bypass: false, failed: false, _local: PhantomData }
     }
 
@@ -403,7 +404,7 @@ impl WasmFilter {
         value: &mut P::Value,
         info: &StreamInfo,
     ) -> Poll<Result<Step, FilterError>> {
-        let inner = Arc::clone(&self.inner);
+        let inner = Rc::clone(&self.inner);
         let Some(paused) = self.paused.as_mut().filter(|p| p.callback == P::CALLBACK) else {
             return Poll::Ready(Err(inner.plugin.error(
                 FilterErrorKind::Internal,
