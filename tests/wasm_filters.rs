@@ -261,6 +261,16 @@ async fn timers_shared_data_queues_metrics_and_logs_work_through_the_proxy() {
     })
     .await;
 
+    // `on_log` sees the final response head: the HTTP/1.1 server hands the
+    // encoded head back to the chain (the sink logs `:path :status`).
+    eventually(Duration::from_secs(5), || async {
+        let (status, _, body) = get(addr, "/logged").await;
+        assert_eq!((status, body.as_ref()), (200, &b"/logged!"[..]));
+        let (_, headers, _) = get(addr, "/get/last_log").await;
+        (headers.get("x-echo-x-value").is_some_and(|v| v == "/logged 200")).then_some(())
+    })
+    .await;
+
     // Ticks on every worker's root context, counted across VMs in shared data.
     eventually(Duration::from_secs(5), || async {
         let (_, headers, _) = get(addr, "/get/ticks").await;

@@ -37,6 +37,9 @@ enum Inner {
     H1(crate::h1::H1Body),
     Downstream(crate::h1::DownstreamBody),
     Boxed(Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>),
+    /// Through a filter chain (a variant of its own: the response head is
+    /// handed back to it once encoded, see [`ProxyBody::keep_head`]).
+    Filter(Pin<Box<crate::chain::FilterBody>>),
 }
 
 /// A body going downstream or upstream.
@@ -93,6 +96,25 @@ impl ProxyBody {
         }
     }
 
+    /// A body through a filter chain.
+    pub(crate) fn filter(body: crate::chain::FilterBody) -> Self {
+        ProxyBody { inner: Inner::Filter(Box::pin(body)), bytes: 0, finisher: None }
+    }
+
+    /// Hands the encoded response head to a filter chain that reads it in
+    /// `on_log`, instead of the chain keeping a copy; other bodies drop it.
+    pub(crate) fn keep_head(&self, parts: http::response::Parts) {
+        if let Inner::Filter(f) = &self.inner {
+            f.keep_response_head(parts);
+        }
+    }
+
+    /// Whether [`ProxyBody::keep_head`] keeps the head (the body goes through a
+    /// chain and has not ended).
+    pub(crate) fn keeps_head(&self) -> bool {
+        matches!(self.inner, Inner::Filter(_)) && !self.is_end_stream()
+    }
+
     /// Adds a finisher, chained after any existing one.
     pub fn on_end(mut self, f: impl FnOnce(BodyEnd, u64) + 'static) -> Self {
         self.finisher = Some(match self.finisher.take() {
@@ -142,6 +164,7 @@ impl Body for ProxyBody {
             Inner::H1(body) => Pin::new(body).poll_frame(cx),
             Inner::Downstream(body) => Pin::new(body).poll_frame(cx),
             Inner::Boxed(body) => body.as_mut().poll_frame(cx),
+            Inner::Filter(body) => body.as_mut().poll_frame(cx),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -159,6 +182,7 @@ impl Body for ProxyBody {
         polled
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Empty => true,
@@ -167,6 +191,7 @@ impl Body for ProxyBody {
             Inner::H1(b) => b.is_end_stream(),
             Inner::Downstream(b) => b.is_end_stream(),
             Inner::Boxed(b) => b.is_end_stream(),
+            Inner::Filter(b) => b.is_end_stream(),
         }
     }
 
@@ -178,6 +203,7 @@ impl Body for ProxyBody {
             Inner::H1(b) => b.size_hint(),
             Inner::Downstream(b) => b.size_hint(),
             Inner::Boxed(b) => b.size_hint(),
+            Inner::Filter(b) => b.size_hint(),
         }
     }
 }

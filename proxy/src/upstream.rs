@@ -393,7 +393,7 @@ pub(crate) async fn forward(
         last_endpoint = Some(tried);
     };
 
-    let h1::Answer { response: resp, upgraded } = answer;
+    let h1::Answer { response: resp, upgraded, stripped } = answer;
     let status = resp.status();
     if status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(down) = downstream_upgrade
@@ -428,7 +428,9 @@ pub(crate) async fn forward(
     }
 
     let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    if !stripped {
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+    }
     route.response_edits.apply(&mut parts.headers);
     parts.version = if log.protocol == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     let mut body = body;
@@ -448,7 +450,10 @@ pub(crate) async fn forward(
     let status = parts.status.as_u16();
     log.status = status;
     let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
-    let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts));
+    // The HTTP/1.1 server hands a chain's body the head once it is encoded
+    // (`ProxyBody::keep_head`); otherwise the chain keeps a copy for `on_log`.
+    let handed_back = log.protocol != Version::HTTP_2 && body.keeps_head();
+    let head = chain.as_ref().filter(|_| !handed_back).map(|_| crate::chain::LogHead::from_response(&parts));
     let body = body.on_end(move |end, n| {
         drop(inflight);
         if let Some(mut run) = chain {
@@ -535,7 +540,7 @@ pub(crate) async fn send_request(
         Conn::H2(mut s) => {
             s.ready().await.map_err(upstream_error)?;
             let resp = s.send_request(req).await.map_err(upstream_error)?;
-            Ok(h1::Answer { response: resp.map(ProxyBody::incoming), upgraded: None })
+            Ok(h1::Answer { response: resp.map(ProxyBody::incoming), upgraded: None, stripped: false })
         }
     }
 }

@@ -30,7 +30,7 @@ struct Run {
     out: Bytes,
 }
 
-pub(super) struct FilterBody {
+pub(crate) struct FilterBody {
     inner: ProxyBody,
     shared: Rc<Shared>,
     request: bool,
@@ -54,7 +54,7 @@ enum Out {
 }
 
 impl FilterBody {
-    pub fn new(inner: ProxyBody, shared: Rc<Shared>, request: bool) -> Self {
+    pub(super) fn new(inner: ProxyBody, shared: Rc<Shared>, request: bool) -> Self {
         FilterBody {
             inner,
             shared,
@@ -204,6 +204,13 @@ impl FilterBody {
             return Poll::Ready(Ok(Out::Frame(Frame::data(run.out))));
         }
         Poll::Ready(Ok(Out::Frame(Frame::trailers(t))))
+    }
+
+    /// Keeps the encoded response head for `on_log` (a response body's chain only).
+    pub(crate) fn keep_response_head(&self, parts: http::response::Parts) {
+        if !self.request {
+            *self.shared.response_head.borrow_mut() = Some(parts);
+        }
     }
 
     fn release(&mut self) {

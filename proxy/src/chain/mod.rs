@@ -11,6 +11,8 @@
 mod body;
 mod lock;
 
+pub(crate) use body::FilterBody;
+
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::task::Poll;
@@ -68,6 +70,9 @@ struct Shared {
     info: StreamInfo,
     failure: RefCell<Option<Failure>>,
     max_buffer: usize,
+    /// The response head, handed back by the HTTP/1.1 server once encoded
+    /// (see `ProxyBody::keep_head`), for `on_log`.
+    response_head: RefCell<Option<response::Parts>>,
 }
 
 /// One request's run through its filter chain.
@@ -203,6 +208,7 @@ impl ChainRun {
                 info,
                 failure: RefCell::new(None),
                 max_buffer,
+                response_head: RefCell::new(None),
             }),
         }
     }
@@ -286,18 +292,20 @@ impl ChainRun {
         if body.is_end_stream() {
             return body;
         }
-        ProxyBody::boxed(body::FilterBody::new(body, self.shared.clone(), request))
+        ProxyBody::filter(body::FilterBody::new(body, self.shared.clone(), request))
     }
 
-    /// Runs `on_log` on every filter, in order.
+    /// Runs `on_log` on every filter, in order. The response head is
+    /// `response`, or else the one the server handed back.
     pub fn log(&mut self, response: Option<&LogHead>) {
         let sh = &*self.shared;
         let Some(held) = sh.filters.try_hold() else { return };
         let Some(mut f) = held.value() else { return };
         let f = &mut *f;
+        let kept = sh.response_head.borrow();
         let view = LogView {
             request: &f.request_head,
-            response: response.map(|r| &r.parts),
+            response: response.map(|r| &r.parts).or(kept.as_ref()),
             request_trailers: f.request_trailers.as_deref(),
             response_trailers: f.response_trailers.as_deref(),
         };

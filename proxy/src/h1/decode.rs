@@ -30,6 +30,9 @@ pub(crate) struct Head {
     pub keep_alive: bool,
     /// The end-to-end fields, encoded (see [`super::verbatim`]).
     pub verbatim: Option<Box<Verbatim>>,
+    /// The map (if any) holds only end-to-end fields: hop-by-hop ones were
+    /// left out (all but a `101`'s).
+    pub stripped: bool,
 }
 
 /// Parses a response head from the front of `buf`, consuming it;
@@ -55,24 +58,23 @@ pub(crate) fn parse_head(
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
+    let raw = RawFields::new(&buf[..len], r.headers);
+    let framed = framing(method, status, version, &raw, raw.present())?;
+    let Framed { decoder, keep_alive, drop_length, length } = framed;
     if verbatim && !status.is_informational() && status != StatusCode::NO_CONTENT {
-        let raw = RawFields::new(&buf[..len], r.headers);
-        let framed = framing(method, status, version, &raw, raw.present())?;
-        let kept = Box::new(raw.keep(framed.drop_length, framed.length));
+        let kept = Box::new(raw.keep(drop_length, length));
         buf.advance(len);
-        let Framed { decoder, keep_alive, .. } = framed;
-        return Ok(Some(Head { parts, decoder, keep_alive, verbatim: Some(kept) }));
+        return Ok(Some(Head { parts, decoder, keep_alive, verbatim: Some(kept), stripped: true }));
     }
+    // The map gets the end-to-end fields only (a `101` keeps its `upgrade`
+    // and `connection`, which the upgrade passes on).
+    let upgrade = status == StatusCode::SWITCHING_PROTOCOLS;
+    let keep = if upgrade { u128::MAX } else { raw.end_to_end(drop_length) };
     let mut spans = Spans::new();
     field_spans(r.headers, buf.as_ptr() as usize, &mut spans);
     let head = buf.split_to(len).freeze();
-    let (mut headers, present) = header_map(&head, &spans, 0).map_err(protocol)?;
-    let framed = framing(method, status, version, &headers, present)?;
-    if framed.drop_length {
-        headers.remove(CONTENT_LENGTH);
-    }
-    parts.headers = headers;
-    Ok(Some(Head { parts, decoder: framed.decoder, keep_alive: framed.keep_alive, verbatim: None }))
+    (parts.headers, _) = header_map(&head, &spans, keep, 0).map_err(protocol)?;
+    Ok(Some(Head { parts, decoder, keep_alive, verbatim: None, stripped: !upgrade }))
 }
 
 /// Where each field's name and value are in the parsed buffer (offsets from
@@ -88,22 +90,34 @@ pub(crate) fn field_spans(fields: &[httparse::Header<'_>], base: usize, spans: &
     }));
 }
 
-/// The header map of a head, its values slices of `head`, with room for
-/// `spare` more fields; and which framing fields it has.
+/// The header map of a head's fields whose bit is set in `keep` (all:
+/// `u128::MAX`), its values slices of `head`, with room for `spare` more
+/// fields; and which framing fields it has.
 pub(crate) fn header_map(
     head: &Bytes,
     spans: &Spans,
+    keep: u128,
     spare: usize,
 ) -> Result<(HeaderMap, Present), &'static str> {
     let mut headers = HeaderMap::with_capacity(spans.len() + spare);
     let mut present = Present::default();
-    for &(ns, ne, vs, ve) in spans {
+    for (i, &(ns, ne, vs, ve)) in spans.iter().enumerate() {
+        if keep != u128::MAX && !kept(keep, i) {
+            continue;
+        }
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid header name")?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| "invalid header value")?;
         present.note(&name);
         headers.append(name, value);
     }
     Ok((headers, present))
+}
+
+/// Whether field `i`'s bit is set in a `keep` mask (fields past the 128th
+/// always are: only request heads have that many, and they keep all).
+#[inline]
+pub(crate) fn kept(keep: u128, i: usize) -> bool {
+    i >= 128 || (keep >> i) & 1 == 1
 }
 
 /// Which of the fields that decide framing and persistence a parsed head

@@ -98,6 +98,8 @@ impl H1Conn {
 pub(crate) struct Answer {
     pub response: Response<ProxyBody>,
     pub upgraded: Option<(Io, BytesMut)>,
+    /// The response has no hop-by-hop fields left to strip.
+    pub stripped: bool,
 }
 
 /// One request on a connection, until its response head.
@@ -187,12 +189,13 @@ impl Exchange {
     /// Turns the exchange into the response; the body returns the connection
     /// to `home` when it completes.
     pub(crate) fn into_answer(self, head: Head, home: Option<(Rc<EndpointPool>, usize)>) -> Answer {
-        let Head { parts, decoder, keep_alive, verbatim } = head;
+        let Head { parts, decoder, keep_alive, verbatim, stripped } = head;
         if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
             let H1Conn { io, rbuf, .. } = *self.conn;
             return Answer {
                 response: Response::from_parts(parts, ProxyBody::empty()),
                 upgraded: Some((io, rbuf)),
+                stripped,
             };
         }
         let keep_alive = keep_alive && self.write_error.is_none();
@@ -208,7 +211,7 @@ impl Exchange {
         if body.decoder.is_done() {
             body.release();
         }
-        Answer { response: Response::from_parts(parts, ProxyBody::h1(body)), upgraded: None }
+        Answer { response: Response::from_parts(parts, ProxyBody::h1(body)), upgraded: None, stripped }
     }
 }
 

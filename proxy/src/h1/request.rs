@@ -72,7 +72,7 @@ pub(crate) fn parse_request(
         .map_err(|e| bad(format!("invalid request target: {e}")))?;
     // Room for the fields the proxy adds (request id, forwarding, tracing),
     // so adding them does not grow the map.
-    let (headers, present) = header_map(&head, &spans, ADDED_FIELDS).map_err(bad)?;
+    let (headers, present) = header_map(&head, &spans, u128::MAX, ADDED_FIELDS).map_err(bad)?;
     let decoder = framing(version, &headers, present)?;
     let connection = present.has(Present::CONNECTION);
     let keep_alive = match version {

@@ -95,40 +95,64 @@ impl<'h, 'b> RawFields<'h, 'b> {
         s.as_ptr() as usize - self.head.as_ptr() as usize
     }
 
-    /// Encodes the end-to-end fields. `drop_length`: the framing rules
-    /// discarded `content-length` (sent with `transfer-encoding`); `length`
-    /// is its value otherwise.
-    pub(crate) fn keep(&self, drop_length: bool, length: Option<u64>) -> Verbatim {
-        // Names the `connection` field lists are hop-by-hop too. Tokens that
-        // name fields dropped anyway (or kept on purpose: `te: trailers`) are
-        // not collected, so the common `keep-alive` / `close` costs nothing.
-        let mut named: SmallVec<[&[u8]; 2]> = SmallVec::new();
-        if self.found & CONNECTION != 0 {
-            for (f, _) in self.fields.iter().zip(&self.kinds).filter(|(_, k)| **k == CONNECTION) {
-                for t in f.value.split(|&b| b == b',') {
-                    let t = t.trim_ascii();
-                    let implied = t.is_empty()
-                        || matches!(kind(t), KEEP_ALIVE | UPGRADE | TE)
-                        || t.eq_ignore_ascii_case(b"close");
-                    if !implied {
-                        named.push(t);
-                    }
+    /// Which fields are end to end, as a bit per field (a head has at most
+    /// `MAX_HEADERS`, 128): all but the hop-by-hop ones, those the
+    /// `connection` field names, and `content-length` when `drop_length`
+    /// (the framing rules discarded it: it came with `transfer-encoding`).
+    pub(crate) fn end_to_end(&self, drop_length: bool) -> u128 {
+        let named = self.named();
+        let mut mask = 0u128;
+        for (i, (f, &k)) in self.fields.iter().zip(&self.kinds).enumerate() {
+            mask |= u128::from(!self.hop(f, k, drop_length, &named)) << i;
+        }
+        mask
+    }
+
+    /// The names the `connection` fields list. Tokens that name fields
+    /// dropped anyway (or kept on purpose: `te: trailers`) are left out, so
+    /// the common `keep-alive` / `close` costs nothing later.
+    fn named(&self) -> SmallVec<[&'b [u8]; 2]> {
+        let mut named = SmallVec::new();
+        if self.found & CONNECTION == 0 {
+            return named;
+        }
+        for (f, _) in self.fields.iter().zip(&self.kinds).filter(|(_, k)| **k == CONNECTION) {
+            for t in f.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                let implied = t.is_empty()
+                    || matches!(kind(t), KEEP_ALIVE | UPGRADE | TE)
+                    || t.eq_ignore_ascii_case(b"close");
+                if !implied {
+                    named.push(t);
                 }
             }
         }
+        named
+    }
+
+    /// Whether field `f` (of kind `k`) is hop-by-hop.
+    #[inline]
+    fn hop(&self, f: &httparse::Header<'_>, k: u8, drop_length: bool, named: &[&[u8]]) -> bool {
+        let by_kind = match k {
+            0 | DATE => false,
+            TE => !f.value.eq_ignore_ascii_case(b"trailers"),
+            CONTENT_LENGTH => drop_length,
+            _ => true,
+        };
+        by_kind || (!named.is_empty() && named.iter().any(|t| t.eq_ignore_ascii_case(f.name.as_bytes())))
+    }
+
+    /// Encodes the end-to-end fields (see [`RawFields::end_to_end`]); `length`
+    /// is the `content-length` value the framing rules read.
+    pub(crate) fn keep(&self, drop_length: bool, length: Option<u64>) -> Verbatim {
+        let named = self.named();
         let head = self.head;
         let mut out = Vec::with_capacity(head.len());
         let (mut has_date, mut kept_length) = (false, false);
         // Kept fields that follow each other with plain CRLFs are copied as one run.
         let mut run: Option<(usize, usize)> = None;
         for (f, &k) in self.fields.iter().zip(&self.kinds) {
-            let hop = match k {
-                CONNECTION | KEEP_ALIVE | PROXY_CONNECTION | TRANSFER_ENCODING | UPGRADE => true,
-                TE => !f.value.eq_ignore_ascii_case(b"trailers"),
-                CONTENT_LENGTH => drop_length,
-                _ => false,
-            };
-            if hop || named.iter().any(|n| n.eq_ignore_ascii_case(f.name.as_bytes())) {
+            if self.hop(f, k, drop_length, &named) {
                 continue;
             }
             has_date |= k == DATE;
@@ -247,6 +271,21 @@ mod tests {
         let raw = parse("HTTP/1.1 200 OK\r\nconnection: content-length\r\ncontent-length: 4\r\n\r\n", true);
         let v = raw.verbatim.as_ref().unwrap();
         assert_eq!((v.length, v.fields.is_empty()), (None, true));
+    }
+
+    #[test]
+    fn the_map_holds_end_to_end_fields_but_a_101_keeps_its_upgrade() {
+        let h =
+            parse("HTTP/1.1 200 OK\r\nConnection: x-a\r\nx-a: 1\r\nKeep-Alive: 5\r\nx-b: 2\r\n\r\n", false);
+        assert!(h.stripped);
+        assert_eq!(map_fields(&h.parts.headers), [("x-b".to_owned(), "2".to_owned())]);
+        let h = parse(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            false,
+        );
+        assert!(!h.stripped);
+        assert_eq!(h.parts.headers["upgrade"], "websocket");
+        assert_eq!(h.parts.headers["connection"], "upgrade");
     }
 
     #[test]

@@ -147,7 +147,8 @@ pub(super) async fn serve(
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
         let keep_alive = keep_alive && !control.shutdown.get() && !switching;
         let (framing, keep_alive) = encode_head(&parts, &body, asked, keep_alive, &mut head_buf);
-        drop(parts);
+        // A filter chain reads the head in `on_log`: it takes it instead of a copy.
+        body.keep_head(parts);
         writer.start(body, framing, trailers_ok);
         let written = send(&mut writer, &head_buf, &core, control).await;
         // The request stays active until its response body ends.
