@@ -37,7 +37,8 @@ pub(crate) struct Head {
 
 /// Parses a response head from the front of `buf`, consuming it;
 /// `Ok(None)` means more bytes are needed. With `verbatim`, the fields of a
-/// final response other than `204` are kept encoded, not as a map.
+/// final response other than `204` are kept encoded, not as a map; a map
+/// holds the end-to-end fields (all of a `101`'s).
 pub(crate) fn parse_head(
     buf: &mut BytesMut,
     method: &Method,

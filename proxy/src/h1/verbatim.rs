@@ -5,6 +5,8 @@
 //! `headers::strip_hop_by_hop` drops) and keeps the rest as encoded field
 //! lines, which the downstream encoder copies behind its status line. As with
 //! HAProxy and nginx, the fields keep the upstream's order and name case.
+//! When a map is built after all, the same classification leaves the
+//! hop-by-hop fields out of it ([`RawFields::end_to_end`]).
 //!
 //! Building and dropping the map, stripping it and encoding it again was a
 //! seventh of the user-space instructions of a proxied HTTP/1.1 request
