@@ -96,6 +96,14 @@ impl ProxyBody {
         }
     }
 
+    /// [`ProxyBody::verbatim`], to edit.
+    pub(crate) fn verbatim_mut(&mut self) -> Option<&mut crate::h1::Verbatim> {
+        match &mut self.inner {
+            Inner::H1(b) => b.verbatim_mut(),
+            _ => None,
+        }
+    }
+
     /// A body through a filter chain.
     pub(crate) fn filter(body: crate::chain::FilterBody) -> Self {
         ProxyBody { inner: Inner::Filter(Box::pin(body)), bytes: 0, finisher: None }

@@ -189,6 +189,11 @@ impl CompiledEdits {
         }
     }
 
+    /// The names whose fields the edits replace or remove.
+    pub fn replaced(&self) -> impl Iterator<Item = &HeaderName> + Clone {
+        self.remove.iter().chain(self.set.iter().map(|(k, _)| k))
+    }
+
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()

@@ -256,12 +256,10 @@ pub(crate) async fn forward(
         _ => Replay::Once(Some(body)),
     };
     let hash = hash_key(cluster, &template.headers, conn.remote);
-    // Nothing on the way back reads or edits the response's fields: the HTTP/1.1
-    // client keeps them encoded for the downstream encoder (`h1::verbatim`).
-    let verbatim = chain.is_none()
-        && route.response_edits.is_empty()
-        && log.protocol != Version::HTTP_2
-        && downstream_upgrade.is_none();
+    // Nothing on the way back reads the response's fields: the HTTP/1.1 client
+    // keeps them encoded for the downstream encoder (`h1::verbatim`); the
+    // route's edits, if any, apply to them there.
+    let verbatim = chain.is_none() && log.protocol != Version::HTTP_2 && downstream_upgrade.is_none();
     let max_attempts = 1 + retry.map_or(0, |r| r.policy.attempts);
     let per_try = retry.and_then(|r| r.policy.per_try_timeout);
     // One clock read serves the deadline and the first attempt's start.
@@ -427,13 +425,19 @@ pub(crate) async fn forward(
         return Ok(finish_local(Response::from_parts(parts, ProxyBody::empty()), log, dp, metrics, None));
     }
 
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     if !stripped {
         headers::strip_hop_by_hop(&mut parts.headers, false);
     }
+    // On encoded fields: the edits drop the ones they replace or remove here
+    // and set and add theirs in the (otherwise empty) map.
+    if !route.response_edits.is_empty()
+        && let Some(v) = body.verbatim_mut()
+    {
+        v.drop_named(route.response_edits.replaced());
+    }
     route.response_edits.apply(&mut parts.headers);
     parts.version = if log.protocol == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let mut body = body;
     if let Some(run) = &mut chain {
         let end_of_stream = http_body::Body::is_end_stream(&body);
         match run.response_headers(&mut parts, end_of_stream).await {

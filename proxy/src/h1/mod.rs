@@ -237,6 +237,10 @@ impl H1Body {
         self.verbatim.as_deref()
     }
 
+    pub(crate) fn verbatim_mut(&mut self) -> Option<&mut Verbatim> {
+        self.verbatim.as_deref_mut()
+    }
+
     /// The body ended: the connection goes back to its pool if it can carry
     /// another request, else it is closed.
     fn release(&mut self) {

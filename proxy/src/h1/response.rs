@@ -77,6 +77,11 @@ pub(crate) fn encode_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // The upstream's fields first: a route's added fields follow them, as
+    // they would in the map.
+    if let Some(v) = verbatim {
+        out.extend_from_slice(&v.fields);
+    }
     for (name, value) in h {
         // Framing and persistence are ours to say (a 101 keeps its `connection: upgrade`).
         if name == TRANSFER_ENCODING
@@ -87,9 +92,6 @@ pub(crate) fn encode_head(
             continue;
         }
         put_field(out, name, value);
-    }
-    if let Some(v) = verbatim {
-        out.extend_from_slice(&v.fields);
     }
     if !has_date {
         put_field(out, &DATE, &http_date());

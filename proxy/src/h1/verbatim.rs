@@ -1,10 +1,12 @@
-//! The verbatim response head. When nothing on a response's way back reads or
-//! edits its fields (no filter chain, no response header edits, an HTTP/1.x
-//! downstream), the upstream client builds no `HeaderMap` for them: it applies
-//! the framing rules to the parsed fields, drops the hop-by-hop ones (those
-//! `headers::strip_hop_by_hop` drops) and keeps the rest as encoded field
-//! lines, which the downstream encoder copies behind its status line. As with
-//! HAProxy and nginx, the fields keep the upstream's order and name case.
+//! The verbatim response head. When nothing on a response's way back reads
+//! its fields (no filter chain, an HTTP/1.x downstream), the upstream client
+//! builds no `HeaderMap` for them: it applies the framing rules to the parsed
+//! fields, drops the hop-by-hop ones (those `headers::strip_hop_by_hop`
+//! drops) and keeps the rest as encoded field lines, which the downstream
+//! encoder copies behind its status line. A route's header edits drop the
+//! fields they remove or set ([`Verbatim::drop_named`]) and put theirs in the
+//! head's map, written after these. As with HAProxy and nginx, the fields
+//! keep the upstream's order and name case.
 //! When a map is built after all, the same classification leaves the
 //! hop-by-hop fields out of it ([`RawFields::end_to_end`]).
 //!
@@ -179,6 +181,36 @@ impl<'h, 'b> RawFields<'h, 'b> {
     }
 }
 
+impl Verbatim {
+    /// Drops the fields named in `names` (case-insensitive), as a route's
+    /// `response_headers` edits do before they set and add theirs (in the
+    /// head's map, which the encoder writes after these fields).
+    pub(crate) fn drop_named<'n>(&mut self, names: impl Iterator<Item = &'n HeaderName> + Clone) {
+        let named = |line: &[u8]| {
+            let name = line.split(|&b| b == b':').next().unwrap_or_default();
+            names.clone().any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+        };
+        if names.clone().next().is_none() {
+            return;
+        }
+        let mut out = Vec::with_capacity(self.fields.len());
+        let (mut has_date, mut kept_length) = (false, false);
+        // Each line ends with CRLF, and no value holds an LF.
+        for line in self.fields.split_inclusive(|&b| b == b'\n') {
+            if named(line) {
+                continue;
+            }
+            let name = line.split(|&b| b == b':').next().unwrap_or_default();
+            has_date |= kind(name) == DATE;
+            kept_length |= kind(name) == CONTENT_LENGTH;
+            out.extend_from_slice(line);
+        }
+        self.fields = out;
+        self.has_date = has_date;
+        self.length = self.length.filter(|_| kept_length);
+    }
+}
+
 impl Fields for RawFields<'_, '_> {
     fn values(&self, name: &HeaderName) -> SmallVec<[&[u8]; 2]> {
         let name = name.as_str().as_bytes();
@@ -264,6 +296,20 @@ mod tests {
         let raw = parse("HTTP/1.1 200 OK\r\nA:1\nB: 2  \r\nC: 3\r\nD:\t4\r\n\r\n", true);
         let v = raw.verbatim.as_ref().unwrap();
         assert_eq!(std::str::from_utf8(&v.fields).unwrap(), "A:1\r\nB: 2\r\nC: 3\r\nD:\t4\r\n");
+    }
+
+    #[test]
+    fn dropping_named_fields_keeps_the_rest_and_the_flags_true() {
+        let mut raw =
+            parse("HTTP/1.1 200 OK\r\nServer: s\r\nDate: d\r\nX-A: 1\r\nContent-Length: 3\r\n\r\n", true);
+        let v = raw.verbatim.as_mut().unwrap();
+        let names = [http::HeaderName::from_static("server"), http::HeaderName::from_static("date")];
+        v.drop_named(names.iter());
+        assert_eq!(std::str::from_utf8(&v.fields).unwrap(), "X-A: 1\r\nContent-Length: 3\r\n");
+        assert_eq!((v.has_date, v.length), (false, Some(3)));
+        let names = [http::HeaderName::from_static("content-length")];
+        v.drop_named(names.iter());
+        assert_eq!((std::str::from_utf8(&v.fields).unwrap(), v.length), ("X-A: 1\r\n", None));
     }
 
     #[test]
