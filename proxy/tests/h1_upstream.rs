@@ -317,9 +317,7 @@ async fn response_fields_keep_the_upstreams_order_and_case_without_hop_by_hop_on
     let p = TestProxy::start(&config_yaml(1, "", routes, &backend_cluster(&[b.addr], ""))).await;
 
     // Nothing reads or edits the fields: they pass as the upstream wrote them.
-    let out = raw(p.addr("main"), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-    let (head, body) = out.split_once("\r\n\r\n").expect("a complete response");
-    let lines: Vec<&str> = head.split("\r\n").collect();
+    let (lines, body) = head_lines(p.addr("main"), "/").await;
     assert_eq!(
         lines,
         [
@@ -336,9 +334,7 @@ async fn response_fields_keep_the_upstreams_order_and_case_without_hop_by_hop_on
 
     // A route's edits apply to them: removed and replaced fields go, set and
     // added ones follow the upstream's (as appended to a map).
-    let out = raw(p.addr("main"), b"GET /edited HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-    let (head, body) = out.split_once("\r\n\r\n").expect("a complete response");
-    let lines: Vec<&str> = head.split("\r\n").collect();
+    let (lines, body) = head_lines(p.addr("main"), "/edited").await;
     assert_eq!(
         lines,
         [
@@ -360,7 +356,8 @@ async fn response_fields_keep_the_upstreams_order_and_case_without_hop_by_hop_on
     assert_eq!(parts.status, 200);
     let cookies: Vec<_> = parts.headers.get_all("set-cookie").iter().collect();
     assert_eq!(cookies, ["a=1", "b=2"]);
-    let mut c = h2_connect(p.addr("main")).await;
+    assert!(!parts.headers.contains_key("x-private") && !parts.headers.contains_key("keep-alive"));
+    assert_eq!(body, "ok");
     let (parts, _) =
         send2(&mut c, Request::get("http://x/edited").body(Full::new(Bytes::new())).unwrap()).await;
     let cookies: Vec<_> = parts.headers.get_all("set-cookie").iter().collect();
@@ -370,6 +367,13 @@ async fn response_fields_keep_the_upstreams_order_and_case_without_hop_by_hop_on
         (&parts.headers["x-edited"], &parts.headers["date"]),
         (&"1".parse::<http::HeaderValue>().unwrap(), &"x".parse::<http::HeaderValue>().unwrap())
     );
-    assert!(!parts.headers.contains_key("x-private") && !parts.headers.contains_key("keep-alive"));
-    assert_eq!(body, "ok");
+}
+
+/// A `GET path` over a fresh connection: the response head's lines (status
+/// line first) and the body.
+async fn head_lines(addr: SocketAddr, path: &str) -> (Vec<String>, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let out = raw(addr, req.as_bytes()).await;
+    let (head, body) = out.split_once("\r\n\r\n").expect("a complete response");
+    (head.split("\r\n").map(str::to_owned).collect(), body.to_owned())
 }
