@@ -30,6 +30,7 @@ install_pkgs() { # install_pkgs PKG...: apt-get install, without starting packag
 BENCH_FILTERS_OUT="${CARGO_TARGET_DIR:-$ROOT/target}/bench-filters"
 BENCH_FILTERS_WASM="$BENCH_FILTERS_OUT/wasm32-wasip1/release" # noop.wasm, header_rewrite.wasm
 build_bench_filters() { # build_bench_filters LOG: build them for wasm32-wasip1, output to LOG
+  "$ROOT/scripts/setup.sh" >"$1" 2>&1 || return 1 # the wasm target, on a fresh machine
   cargo build --release --target wasm32-wasip1 --manifest-path "$ROOT/bench/filters/Cargo.toml" \
-    --target-dir "$BENCH_FILTERS_OUT" >"$1" 2>&1
+    --target-dir "$BENCH_FILTERS_OUT" >>"$1" 2>&1
 }

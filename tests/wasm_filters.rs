@@ -351,3 +351,95 @@ async fn the_wasm_engine_starts_with_the_first_filter() {
     assert_eq!(started(&proxy), 1);
     assert_eq!(threads(&proxy).iter().filter(|t| *t == ticker).count(), 1);
 }
+
+/// An upstream that answers every request on a connection with `response`,
+/// byte for byte (mixed-case names, as many servers send them).
+async fn raw_backend(response: &'static [u8]) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Each request is a bodiless head: answer at its end.
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    if s.write_all(response).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The response head's lines for `GET path` over a fresh HTTP/1.1
+/// connection, and the body.
+async fn head_lines(addr: std::net::SocketAddr, path: &str) -> (Vec<String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("a complete response");
+    (head.split("\r\n").map(str::to_owned).collect(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_read_encoded_response_fields_in_place_and_decode_them_to_edit() {
+    let (backend, _task) = raw_backend(
+        b"HTTP/1.1 200 OK\r\nServer: Up\r\nX-Hello: 1\r\nDate: Mon, 30 Nov 2026 06:00:00 GMT\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    // `mini` only appends a field: the upstream's leave as they came (no map
+    // was built), the filter's after them.
+    let fixtures = root().join("proxy/wasm/tests/fixtures/Cargo.toml");
+    let mini = build_wasm(&fixtures, "wasm32-wasip1", "release").join("mini.wasm");
+    let proxy = Sluice::start(&config(backend, &mini, "", "closed").replace("name: sink", "name: tiny"));
+    let (lines, body) = head_lines(proxy.addr("main"), "/").await;
+    assert_eq!(
+        lines,
+        [
+            "HTTP/1.1 200 OK",
+            "Server: Up",
+            "X-Hello: 1",
+            "Date: Mon, 30 Nov 2026 06:00:00 GMT",
+            "Content-Length: 2",
+            "x-mini: tiny",
+            "connection: close",
+        ]
+    );
+    assert_eq!(body, "ok");
+    drop(proxy);
+
+    // The sink removes `content-length`, so the fields are decoded into a map
+    // first: same fields and order, names in lower case; the sink read
+    // `X-Hello` from the encoded fields (`x-seen-local`).
+    let proxy = Sluice::start(&config(backend, &sink(), "cfg", "closed"));
+    let (lines, body) = head_lines(proxy.addr("main"), "/").await;
+    assert_eq!(
+        lines,
+        [
+            "HTTP/1.1 200 OK",
+            "server: Up",
+            "x-hello: 1",
+            "date: Mon, 30 Nov 2026 06:00:00 GMT",
+            "x-config: cfg",
+            "x-seen-local: 1",
+            "transfer-encoding: chunked",
+            "connection: close",
+        ]
+    );
+    // The sink appends `!` to bodies (chunked: its length changed).
+    assert!(body.contains("ok!"), "{body:?}");
+}

@@ -92,6 +92,7 @@ impl ProxyBody {
     pub(crate) fn verbatim(&self) -> Option<&crate::h1::Verbatim> {
         match &self.inner {
             Inner::H1(b) => b.verbatim(),
+            Inner::Filter(f) => f.inner().verbatim(),
             _ => None,
         }
     }
@@ -104,6 +105,23 @@ impl ProxyBody {
         }
     }
 
+    /// Takes the encoded fields [`ProxyBody::verbatim`] gives, for a filter
+    /// chain's `ResponseHead`.
+    pub(crate) fn take_verbatim(&mut self) -> Option<Box<crate::h1::Verbatim>> {
+        match &mut self.inner {
+            Inner::H1(b) => b.take_verbatim(),
+            Inner::Filter(f) => f.as_mut().take_inner_verbatim(),
+            _ => None,
+        }
+    }
+
+    /// Gives back the fields a filter chain left encoded (taken from this body).
+    pub(crate) fn set_verbatim(&mut self, v: Option<Box<crate::h1::Verbatim>>) {
+        if let Inner::H1(b) = &mut self.inner {
+            b.set_verbatim(v);
+        }
+    }
+
     /// A body through a filter chain.
     pub(crate) fn filter(body: crate::chain::FilterBody) -> Self {
         ProxyBody { inner: Inner::Filter(Box::pin(body)), bytes: 0, finisher: None }
@@ -111,9 +129,9 @@ impl ProxyBody {
 
     /// Hands the encoded response head to a filter chain that reads it in
     /// `on_log`, instead of the chain keeping a copy; other bodies drop it.
-    pub(crate) fn keep_head(&self, parts: http::response::Parts) {
-        if let Inner::Filter(f) = &self.inner {
-            f.keep_response_head(parts);
+    pub(crate) fn keep_head(&mut self, parts: http::response::Parts) {
+        if let Inner::Filter(f) = &mut self.inner {
+            f.as_mut().keep_response_head(parts);
         }
     }
 

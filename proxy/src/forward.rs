@@ -437,7 +437,7 @@ pub(crate) fn finish_local(
     log.status = status;
     let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
     let (parts, body) = resp.into_parts();
-    let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts));
+    let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts, &body));
     let body = body.on_end(move |end, n| {
         if let Some(mut run) = chain {
             run.log(head.as_ref());

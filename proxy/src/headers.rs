@@ -217,8 +217,8 @@ pub fn request_id(headers: &mut HeaderMap) -> String {
     {
         return s.to_owned();
     }
-    let mut buf = [0u8; 32];
-    hex_into(&mut buf, fastrand::u128(..));
+    // Never zero, so that it can start a trace as it is (W3C: an all-zero id is invalid).
+    let buf = hex32(nonzero_u128());
     if let Ok(v) = HeaderValue::from_bytes(&buf) {
         set(entry, v);
     }
@@ -226,21 +226,47 @@ pub fn request_id(headers: &mut HeaderMap) -> String {
     std::str::from_utf8(&buf).map(str::to_owned).unwrap_or_default()
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Lowercase hex of `x`, 16 digits: each nibble spread into a byte of its
+/// own, then all eight bytes of a half turned into ASCII at once (SWAR).
+fn hex16(x: u64) -> [u8; 16] {
+    fn spread(x: u32) -> u64 {
+        let mut v = u64::from(x);
+        v = (v | (v << 16)) & 0x0000_ffff_0000_ffff;
+        v = (v | (v << 8)) & 0x00ff_00ff_00ff_00ff;
+        v = (v | (v << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+        // Per byte: n + '0', and 'a' - '0' - 10 more where n > 9. No byte carries.
+        let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        v + 0x3030_3030_3030_3030 + letters * (b'a' - b'0' - 10) as u64
+    }
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&spread((x >> 32) as u32).to_be_bytes());
+    out[8..].copy_from_slice(&spread(x as u32).to_be_bytes());
+    out
+}
 
-/// Writes `x` as lowercase hex, right-aligned, into `out` (its low
-/// `out.len()` digits). A byte at a time: two digits per step.
-fn hex_into(out: &mut [u8], x: u128) {
-    let bytes = x.to_be_bytes();
-    let mut low_first = bytes.iter().rev().copied().chain(std::iter::repeat(0));
-    let mut pairs = out.rchunks_exact_mut(2);
-    for (pair, b) in (&mut pairs).zip(&mut low_first) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
-    }
-    if let [digit] = pairs.into_remainder() {
-        *digit = HEX[usize::from(low_first.next().unwrap_or(0) & 0xf)];
-    }
+/// Lowercase hex of `x`, 32 digits.
+fn hex32(x: u128) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..16].copy_from_slice(&hex16((x >> 64) as u64));
+    out[16..].copy_from_slice(&hex16(x as u64));
+    out
+}
+
+/// A random id, never zero (W3C: an all-zero trace or span id is invalid).
+/// Not a range draw: that costs a 128-bit division.
+fn nonzero_u128() -> u128 {
+    fastrand::u128(..).max(1)
+}
+
+/// Whether `s` is `n` lowercase hex digits, not all zero (a valid W3C id).
+/// One pass without early exit, which the compiler vectorizes.
+fn is_trace_id(s: &[u8], n: usize) -> bool {
+    let (hex, nonzero) = s.iter().fold((true, false), |(h, z), &b| (h & is_lower_hex(b), z | (b != b'0')));
+    s.len() == n && hex && nonzero
+}
+
+fn is_lower_hex(b: u8) -> bool {
+    b.is_ascii_digit() | (b'a'..=b'f').contains(&b)
 }
 
 /// Propagates W3C trace context: keeps the trace id and flags of a valid
@@ -261,17 +287,14 @@ pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
         }
         None => {
             let rid = request_id.as_bytes();
-            if rid.len() == 32
-                && rid.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-                && rid.iter().any(|&b| b != b'0')
-            {
+            if is_trace_id(rid, 32) {
                 buf[3..35].copy_from_slice(rid);
             } else {
-                hex_into(&mut buf[3..35], fastrand::u128(1..));
+                buf[3..35].copy_from_slice(&hex32(nonzero_u128()));
             }
         }
     }
-    hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
+    buf[36..52].copy_from_slice(&hex16(fastrand::u64(..).max(1)));
     if let Ok(v) = HeaderValue::from_bytes(&buf) {
         set(entry, v);
     }
@@ -280,13 +303,11 @@ pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
 fn parse_traceparent(s: &str) -> Option<(&str, &str)> {
     let mut it = s.trim().split('-');
     let (version, trace, parent, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
-    let hex = |x: &str, n: usize| x.len() == n && x.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let hex = |x: &str, n: usize| x.len() == n && x.bytes().all(is_lower_hex);
     let ok = hex(version, 2)
         && version != "ff"
-        && hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && hex(parent, 16)
-        && parent.bytes().any(|b| b != b'0')
+        && is_trace_id(trace.as_bytes(), 32)
+        && is_trace_id(parent.as_bytes(), 16)
         && hex(flags, 2);
     ok.then_some((trace, flags))
 }
@@ -294,16 +315,15 @@ fn parse_traceparent(s: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn hex_is_right_aligned_lowercase() {
-        let mut b = [0u8; 5];
-        super::hex_into(&mut b, 0xab_cdef);
-        assert_eq!(&b, b"bcdef");
-        let mut b = [0u8; 8];
-        super::hex_into(&mut b, 0x1f);
-        assert_eq!(&b, b"0000001f");
-        let mut b = [0u8; 32];
-        super::hex_into(&mut b, u128::MAX - 1);
-        assert_eq!(&b, b"fffffffffffffffffffffffffffffffe");
+    fn hex_is_zero_padded_lowercase() {
+        assert_eq!(&super::hex16(0x1f), b"000000000000001f");
+        assert_eq!(&super::hex16(0x0123_4567_89ab_cdef), b"0123456789abcdef");
+        assert_eq!(&super::hex32(u128::MAX - 1), b"fffffffffffffffffffffffffffffffe");
+        assert_eq!(&super::hex32(0xa << 64 | 0x9), b"000000000000000a0000000000000009");
+        for _ in 0..1000 {
+            let x = fastrand::u128(..);
+            assert_eq!(super::hex32(x).as_slice(), format!("{x:032x}").as_bytes());
+        }
     }
 
     use super::*;

@@ -256,10 +256,11 @@ pub(crate) async fn forward(
         _ => Replay::Once(Some(body)),
     };
     let hash = hash_key(cluster, &template.headers, conn.remote);
-    // Nothing on the way back reads the response's fields: the HTTP/1.1 client
-    // keeps them encoded for the downstream encoder (`h1::verbatim`); the
-    // route's edits, if any, apply to them there.
-    let verbatim = chain.is_none() && log.protocol != Version::HTTP_2 && downstream_upgrade.is_none();
+    // For an HTTP/1.x downstream, the HTTP/1.1 client keeps the response's
+    // fields encoded for the downstream encoder (`h1::verbatim`); the route's
+    // edits, if any, apply to them there, and a filter chain reads them where
+    // they are (`sluice_filter::ResponseHead`), decoding them only to edit them.
+    let verbatim = log.protocol != Version::HTTP_2 && downstream_upgrade.is_none();
     let max_attempts = 1 + retry.map_or(0, |r| r.policy.attempts);
     let per_try = retry.and_then(|r| r.policy.per_try_timeout);
     // One clock read serves the deadline and the first attempt's start.
@@ -434,13 +435,14 @@ pub(crate) async fn forward(
     if !route.response_edits.is_empty()
         && let Some(v) = body.verbatim_mut()
     {
-        v.drop_named(route.response_edits.replaced());
+        h1::drop_named(v, route.response_edits.replaced());
     }
     route.response_edits.apply(&mut parts.headers);
     parts.version = if log.protocol == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
     if let Some(run) = &mut chain {
         let end_of_stream = http_body::Body::is_end_stream(&body);
-        match run.response_headers(&mut parts, end_of_stream).await {
+        let mut head = sluice_filter::ResponseHead::with_encoded(parts, body.take_verbatim());
+        match run.response_headers(&mut head, end_of_stream).await {
             Ok(None) => {}
             Ok(Some(local)) => {
                 drop(body);
@@ -449,6 +451,10 @@ pub(crate) async fn forward(
             }
             Err(e) => return Err(e),
         }
+        // The fields no filter decoded go back to the encoder still encoded.
+        let encoded;
+        (parts, encoded) = head.into_parts();
+        body.set_verbatim(encoded);
         body = run.wrap_response_body(body);
     }
     let status = parts.status.as_u16();
@@ -457,7 +463,8 @@ pub(crate) async fn forward(
     // The HTTP/1.1 server hands a chain's body the head once it is encoded
     // (`ProxyBody::keep_head`); otherwise the chain keeps a copy for `on_log`.
     let handed_back = log.protocol != Version::HTTP_2 && body.keeps_head();
-    let head = chain.as_ref().filter(|_| !handed_back).map(|_| crate::chain::LogHead::from_response(&parts));
+    let head =
+        chain.as_ref().filter(|_| !handed_back).map(|_| crate::chain::LogHead::from_response(&parts, &body));
     let body = body.on_end(move |end, n| {
         drop(inflight);
         if let Some(mut run) = chain {

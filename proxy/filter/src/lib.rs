@@ -49,6 +49,10 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, request, response};
 use sluice_config::FilterSpec;
 
+mod head;
+
+pub use head::{EncodedFields, ResponseHead};
+
 /// A boxed, possibly `!Send`, future.
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
@@ -264,7 +268,7 @@ pub struct LogView<'a> {
     /// The request as forwarded.
     pub request: &'a request::Parts,
     /// The response as sent downstream, if any was.
-    pub response: Option<&'a response::Parts>,
+    pub response: Option<&'a ResponseHead>,
     /// Request trailers, if any.
     pub request_trailers: Option<&'a HeaderMap>,
     /// Response trailers, if any.
@@ -282,7 +286,7 @@ pub enum PhaseData<'a> {
     /// `on_request_trailers`.
     RequestTrailers(&'a mut HeaderMap),
     /// `on_response_headers`.
-    ResponseHeaders(&'a mut response::Parts),
+    ResponseHeaders(&'a mut ResponseHead),
     /// `on_response_body`.
     ResponseBody(&'a mut BytesMut),
     /// `on_response_trailers`.
@@ -349,7 +353,7 @@ pub trait HttpFilter {
     /// Response headers arrived from upstream (or from a local response).
     fn on_response_headers(
         &mut self,
-        head: &mut response::Parts,
+        head: &mut ResponseHead,
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<HeadersAction, FilterError>;
@@ -408,7 +412,7 @@ pub async fn request_headers<F: HttpFilter + ?Sized>(
 /// Runs `on_response_headers` to its decision, waiting while it is paused.
 pub async fn response_headers<F: HttpFilter + ?Sized>(
     filter: &mut F,
-    head: &mut response::Parts,
+    head: &mut ResponseHead,
     info: &StreamInfo,
     end_of_stream: bool,
 ) -> Result<HeadersAction, FilterError> {

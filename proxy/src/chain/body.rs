@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame};
-use sluice_filter::{BodyAction, HeadersAction, PhaseData};
+use sluice_filter::{BodyAction, HeadersAction, PhaseData, ResponseHead};
 
 use super::{Failure, Shared, action_err, overflow, reset_error};
 use crate::body::{BoxError, ProxyBody};
@@ -207,10 +207,24 @@ impl FilterBody {
     }
 
     /// Keeps the encoded response head for `on_log` (a response body's chain only).
-    pub(crate) fn keep_response_head(&self, parts: http::response::Parts) {
-        if !self.request {
-            *self.shared.response_head.borrow_mut() = Some(parts);
+    /// Keeps the encoded response head for `on_log`, with the fields its
+    /// encoder copied from the inner body (it needs them no more).
+    pub(crate) fn keep_response_head(self: Pin<&mut Self>, parts: http::response::Parts) {
+        let this = self.get_mut();
+        if !this.request {
+            let encoded = this.inner.take_verbatim();
+            *this.shared.response_head.borrow_mut() = Some(ResponseHead::with_encoded(parts, encoded));
         }
+    }
+
+    /// The body the chain reads.
+    pub(crate) fn inner(&self) -> &ProxyBody {
+        &self.inner
+    }
+
+    /// Takes the inner body's encoded fields.
+    pub(crate) fn take_inner_verbatim(self: Pin<&mut Self>) -> Option<Box<crate::h1::Verbatim>> {
+        self.get_mut().inner.take_verbatim()
     }
 
     fn release(&mut self) {

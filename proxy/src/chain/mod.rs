@@ -17,10 +17,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::task::Poll;
 
-use http::{HeaderMap, Request, Response, request, response};
+use http::{HeaderMap, Request, Response, request};
 use http_body::Body;
 use sluice_filter::{
-    FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData, StreamInfo,
+    FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData, ResponseHead,
+    StreamInfo,
 };
 
 use crate::body::ProxyBody;
@@ -40,17 +41,19 @@ pub enum Failure {
 
 /// The final heads handed to `on_log`.
 pub struct LogHead {
-    parts: response::Parts,
+    head: ResponseHead,
 }
 
 impl LogHead {
-    /// Copies what `on_log` may read from a response head.
-    pub fn from_response(p: &response::Parts) -> Self {
+    /// Copies what `on_log` may read from a response head: its status,
+    /// version and fields (`body`'s encoded ones, then the map's).
+    pub fn from_response(p: &http::response::Parts, body: &ProxyBody) -> Self {
         let mut parts = Response::new(()).into_parts().0;
         parts.status = p.status;
         parts.version = p.version;
         parts.headers = p.headers.clone();
-        LogHead { parts }
+        let encoded = body.verbatim().map(|v| Box::new(v.clone()));
+        LogHead { head: ResponseHead::with_encoded(parts, encoded) }
     }
 }
 
@@ -72,7 +75,7 @@ struct Shared {
     max_buffer: usize,
     /// The response head, handed back by the HTTP/1.1 server once encoded
     /// (see `ProxyBody::keep_head`), for `on_log`.
-    response_head: RefCell<Option<response::Parts>>,
+    response_head: RefCell<Option<ResponseHead>>,
 }
 
 /// One request's run through its filter chain.
@@ -150,7 +153,7 @@ impl Head for request::Parts {
     }
 }
 
-impl Head for response::Parts {
+impl Head for ResponseHead {
     const FORWARD: bool = false;
     fn call(
         f: &mut dyn HttpFilter,
@@ -245,11 +248,11 @@ impl ChainRun {
     /// Runs `on_response_headers` backward. `Some` is a local response.
     pub async fn response_headers(
         &mut self,
-        head: &mut response::Parts,
+        head: &mut ResponseHead,
         end_of_stream: bool,
     ) -> Result<Option<LocalResponse>, ProxyError> {
         let sh = &*self.shared;
-        sh.info.response_code.set(Some(head.status.as_u16()));
+        sh.info.response_code.set(Some(head.status().as_u16()));
         let held = sh.filters.acquire().await;
         run_heads(sh, &held, head, end_of_stream).await
     }
@@ -267,12 +270,13 @@ impl ChainRun {
 
     /// Runs the response-header phase over a proxy-made response.
     pub async fn filter_local(&mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
-        let (mut parts, body) = resp.into_parts();
+        let (parts, body) = resp.into_parts();
         let eos = body.is_end_stream();
-        match self.response_headers(&mut parts, eos).await {
+        let mut head = ResponseHead::new(parts);
+        match self.response_headers(&mut head, eos).await {
             // A second local reply from the response phase replaces the first, once.
-            Ok(Some(local)) => crate::forward::local_reply(local, parts.version),
-            Ok(None) => Response::from_parts(parts, body),
+            Ok(Some(local)) => crate::forward::local_reply(local, head.version()),
+            Ok(None) => Response::from_parts(head.into_parts().0, body),
             Err(e) => crate::error::error_response(&e, false),
         }
     }
@@ -305,7 +309,7 @@ impl ChainRun {
         let kept = sh.response_head.borrow();
         let view = LogView {
             request: &f.request_head,
-            response: response.map(|r| &r.parts).or(kept.as_ref()),
+            response: response.map(|r| &r.head).or(kept.as_ref()),
             request_trailers: f.request_trailers.as_deref(),
             response_trailers: f.response_trailers.as_deref(),
         };

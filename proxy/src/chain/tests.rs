@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, request, response};
+use http::{HeaderMap, HeaderValue, request};
 use http_body::{Body, Frame};
 use sluice_filter::{
     BodyAction, FilterError, FilterFactory, HeadersAction, HttpFilter, LogView, PhaseData, Resumed,
@@ -66,7 +66,7 @@ impl HttpFilter for Pausing {
     }
     fn on_response_headers(
         &mut self,
-        _: &mut response::Parts,
+        _: &mut sluice_filter::ResponseHead,
         _: &StreamInfo,
         _: bool,
     ) -> Result<HeadersAction, FilterError> {

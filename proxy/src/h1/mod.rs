@@ -34,7 +34,7 @@ use http_body::{Body, Frame, SizeHint};
 
 pub use io::Io;
 pub use request::DownstreamBody;
-pub(crate) use verbatim::Verbatim;
+pub(crate) use verbatim::{Verbatim, drop_named};
 
 use self::decode::{Decoder, Head, Step};
 use self::encode::Writer;
@@ -239,6 +239,16 @@ impl H1Body {
 
     pub(crate) fn verbatim_mut(&mut self) -> Option<&mut Verbatim> {
         self.verbatim.as_deref_mut()
+    }
+
+    /// Takes the encoded fields (a filter chain reads them from a `ResponseHead`).
+    pub(crate) fn take_verbatim(&mut self) -> Option<Box<Verbatim>> {
+        self.verbatim.take()
+    }
+
+    /// Gives the fields back (those a filter chain left encoded).
+    pub(crate) fn set_verbatim(&mut self, v: Option<Box<Verbatim>>) {
+        self.verbatim = v;
     }
 
     /// The body ended: the connection goes back to its pool if it can carry

@@ -80,7 +80,7 @@ pub(crate) fn encode_head(
     // The upstream's fields first: a route's added fields follow them, as
     // they would in the map.
     if let Some(v) = verbatim {
-        out.extend_from_slice(&v.fields);
+        out.extend_from_slice(&v.lines);
     }
     for (name, value) in h {
         // Framing and persistence are ours to say (a 101 keeps its `connection: upgrade`).

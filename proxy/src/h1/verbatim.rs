@@ -1,12 +1,13 @@
-//! The verbatim response head. When nothing on a response's way back reads
-//! its fields (no filter chain, an HTTP/1.x downstream), the upstream client
-//! builds no `HeaderMap` for them: it applies the framing rules to the parsed
-//! fields, drops the hop-by-hop ones (those `headers::strip_hop_by_hop`
-//! drops) and keeps the rest as encoded field lines, which the downstream
-//! encoder copies behind its status line. A route's header edits drop the
-//! fields they remove or set ([`Verbatim::drop_named`]) and put theirs in the
-//! head's map, written after these. As with HAProxy and nginx, the fields
-//! keep the upstream's order and name case.
+//! The verbatim response head. Towards an HTTP/1.x downstream, the upstream
+//! client builds no `HeaderMap` for a response's fields: it applies the
+//! framing rules to the parsed fields, drops the hop-by-hop ones (those
+//! `headers::strip_hop_by_hop` drops) and keeps the rest as encoded field
+//! lines, which the downstream encoder copies behind its status line. A
+//! route's header edits drop the fields they remove or set ([`drop_named`])
+//! and put theirs in the head's map, written after these. A filter chain reads
+//! the lines in place through `sluice_filter::ResponseHead`, which decodes
+//! them into the map only when a filter replaces or removes a field. As with
+//! HAProxy and nginx, the fields keep the upstream's order and name case.
 //! When a map is built after all, the same classification leaves the
 //! hop-by-hop fields out of it ([`RawFields::end_to_end`]).
 //!
@@ -20,16 +21,10 @@ use smallvec::SmallVec;
 use super::decode::{Fields, MAX_HEADERS, Present};
 use crate::headers::hop::{CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
 
-/// A response's end-to-end fields, encoded for the downstream.
-#[derive(Debug)]
-pub(crate) struct Verbatim {
-    /// `name: value\r\n` lines, in the upstream's order.
-    pub fields: Vec<u8>,
-    /// The value of the `content-length` field among them.
-    pub length: Option<u64>,
-    /// A `date` field is among them.
-    pub has_date: bool,
-}
+/// A response's end-to-end fields, encoded for the downstream. The type is
+/// the filter seam's, so that a filter chain reads them where they are
+/// (`sluice_filter::ResponseHead`).
+pub(crate) type Verbatim = sluice_filter::EncodedFields;
 
 /// Kinds of fields beyond the hop-by-hop ones.
 const CONTENT_LENGTH: u8 = 64;
@@ -152,7 +147,7 @@ impl<'h, 'b> RawFields<'h, 'b> {
         let named = self.named();
         let head = self.head;
         let mut out = Vec::with_capacity(head.len());
-        let (mut has_date, mut kept_length) = (false, false);
+        let (mut has_date, mut kept_length, mut count) = (false, false, 0);
         // Kept fields that follow each other with plain CRLFs are copied as one run.
         let mut run: Option<(usize, usize)> = None;
         for (f, &k) in self.fields.iter().zip(&self.kinds) {
@@ -161,6 +156,7 @@ impl<'h, 'b> RawFields<'h, 'b> {
             }
             has_date |= k == DATE;
             kept_length |= k == CONTENT_LENGTH;
+            count += 1;
             let start = self.offset(f.name.as_bytes());
             let end = self.offset(f.value) + f.value.len();
             run = match run {
@@ -177,38 +173,38 @@ impl<'h, 'b> RawFields<'h, 'b> {
             out.extend_from_slice(&head[s..e]);
             out.extend_from_slice(b"\r\n");
         }
-        Verbatim { fields: out, length: length.filter(|_| kept_length), has_date }
+        Verbatim { lines: out, count, length: length.filter(|_| kept_length), has_date }
     }
 }
 
-impl Verbatim {
-    /// Drops the fields named in `names` (case-insensitive), as a route's
-    /// `response_headers` edits do before they set and add theirs (in the
-    /// head's map, which the encoder writes after these fields).
-    pub(crate) fn drop_named<'n>(&mut self, names: impl Iterator<Item = &'n HeaderName> + Clone) {
-        let named = |line: &[u8]| {
-            let name = line.split(|&b| b == b':').next().unwrap_or_default();
-            names.clone().any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
-        };
-        if names.clone().next().is_none() {
-            return;
-        }
-        let mut out = Vec::with_capacity(self.fields.len());
-        let (mut has_date, mut kept_length) = (false, false);
-        // Each line ends with CRLF, and no value holds an LF.
-        for line in self.fields.split_inclusive(|&b| b == b'\n') {
-            if named(line) {
-                continue;
-            }
-            let name = line.split(|&b| b == b':').next().unwrap_or_default();
-            has_date |= kind(name) == DATE;
-            kept_length |= kind(name) == CONTENT_LENGTH;
-            out.extend_from_slice(line);
-        }
-        self.fields = out;
-        self.has_date = has_date;
-        self.length = self.length.filter(|_| kept_length);
+/// Drops the fields named in `names` (case-insensitive), as a route's
+/// `response_headers` edits do before they set and add theirs (in the
+/// head's map, which the encoder writes after these fields).
+pub(crate) fn drop_named<'n>(v: &mut Verbatim, names: impl Iterator<Item = &'n HeaderName> + Clone) {
+    let named = |line: &[u8]| {
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        names.clone().any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+    };
+    if names.clone().next().is_none() {
+        return;
     }
+    let mut out = Vec::with_capacity(v.lines.len());
+    let (mut has_date, mut kept_length, mut count) = (false, false, 0);
+    // Each line ends with CRLF, and no value holds an LF.
+    for line in v.lines.split_inclusive(|&b| b == b'\n') {
+        if named(line) {
+            continue;
+        }
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        has_date |= kind(name) == DATE;
+        kept_length |= kind(name) == CONTENT_LENGTH;
+        count += 1;
+        out.extend_from_slice(line);
+    }
+    v.lines = out;
+    v.count = count;
+    v.has_date = has_date;
+    v.length = v.length.filter(|_| kept_length);
 }
 
 impl Fields for RawFields<'_, '_> {
@@ -233,13 +229,24 @@ mod tests {
     /// The kept fields, parsed back, lowercased: comparable with a map.
     fn fields_of(h: &Head) -> Vec<(String, String)> {
         let v = h.verbatim.as_ref().expect("verbatim head");
-        let text = std::str::from_utf8(&v.fields).unwrap();
-        text.split_terminator("\r\n")
+        let text = std::str::from_utf8(&v.lines).unwrap();
+        let fields: Vec<(String, String)> = text
+            .split_terminator("\r\n")
             .map(|l| {
                 let (n, v) = l.split_once(": ").unwrap();
                 (n.to_ascii_lowercase(), v.to_owned())
             })
-            .collect()
+            .collect();
+        assert_eq!(fields.len(), v.count);
+        // What a filter reads from them is what the lines hold.
+        let read: Vec<(String, String)> = v
+            .iter()
+            .map(|(n, x)| {
+                (String::from_utf8_lossy(n).to_ascii_lowercase(), String::from_utf8_lossy(x).into())
+            })
+            .collect();
+        assert_eq!(read, fields);
+        fields
     }
 
     fn map_fields(h: &HeaderMap) -> Vec<(String, String)> {
@@ -284,7 +291,7 @@ mod tests {
         );
         let v = raw.verbatim.as_ref().unwrap();
         assert_eq!(
-            std::str::from_utf8(&v.fields).unwrap(),
+            std::str::from_utf8(&v.lines).unwrap(),
             "X-B: 1\r\nSet-Cookie: a=1\r\nX-A: 2\r\nSet-Cookie: b=2\r\nDate: d\r\nContent-Length: 7\r\n"
         );
         assert_eq!(v.length, Some(7));
@@ -295,7 +302,7 @@ mod tests {
     fn lines_leave_as_crlf_lines_whatever_ended_them() {
         let raw = parse("HTTP/1.1 200 OK\r\nA:1\nB: 2  \r\nC: 3\r\nD:\t4\r\n\r\n", true);
         let v = raw.verbatim.as_ref().unwrap();
-        assert_eq!(std::str::from_utf8(&v.fields).unwrap(), "A:1\r\nB: 2\r\nC: 3\r\nD:\t4\r\n");
+        assert_eq!(std::str::from_utf8(&v.lines).unwrap(), "A:1\r\nB: 2\r\nC: 3\r\nD:\t4\r\n");
     }
 
     #[test]
@@ -304,12 +311,12 @@ mod tests {
             parse("HTTP/1.1 200 OK\r\nServer: s\r\nDate: d\r\nX-A: 1\r\nContent-Length: 3\r\n\r\n", true);
         let v = raw.verbatim.as_mut().unwrap();
         let names = [http::HeaderName::from_static("server"), http::HeaderName::from_static("date")];
-        v.drop_named(names.iter());
-        assert_eq!(std::str::from_utf8(&v.fields).unwrap(), "X-A: 1\r\nContent-Length: 3\r\n");
-        assert_eq!((v.has_date, v.length), (false, Some(3)));
+        super::drop_named(v, names.iter());
+        assert_eq!(std::str::from_utf8(&v.lines).unwrap(), "X-A: 1\r\nContent-Length: 3\r\n");
+        assert_eq!((v.has_date, v.length, v.count), (false, Some(3), 2));
         let names = [http::HeaderName::from_static("content-length")];
-        v.drop_named(names.iter());
-        assert_eq!((std::str::from_utf8(&v.fields).unwrap(), v.length), ("X-A: 1\r\n", None));
+        super::drop_named(v, names.iter());
+        assert_eq!((std::str::from_utf8(&v.lines).unwrap(), v.length, v.count), ("X-A: 1\r\n", None, 1));
     }
 
     #[test]
@@ -318,7 +325,7 @@ mod tests {
         assert_eq!(raw.verbatim.as_ref().unwrap().length, None);
         let raw = parse("HTTP/1.1 200 OK\r\nconnection: content-length\r\ncontent-length: 4\r\n\r\n", true);
         let v = raw.verbatim.as_ref().unwrap();
-        assert_eq!((v.length, v.fields.is_empty()), (None, true));
+        assert_eq!((v.length, v.lines.is_empty()), (None, true));
     }
 
     #[test]

@@ -143,7 +143,7 @@ pub(super) async fn serve(
         // The client went away, or the watcher closed the connection.
         let resp = resp?;
         guard.completed = true;
-        let (parts, body) = resp.into_parts();
+        let (parts, mut body) = resp.into_parts();
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS && upgrade_tx.is_some();
         let keep_alive = keep_alive && !control.shutdown.get() && !switching;
         let (framing, keep_alive) = encode_head(&parts, &body, asked, keep_alive, &mut head_buf);

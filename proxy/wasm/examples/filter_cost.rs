@@ -168,12 +168,13 @@ fn main() {
                     for f in filters.iter_mut() {
                         sluice_filter::request_headers(&mut **f, &mut req, &info, true).await.unwrap();
                     }
-                    let (mut resp, _) = http::Response::builder()
-                        .header("content-type", "text/plain")
-                        .header("content-length", "19")
-                        .body(())
-                        .unwrap()
-                        .into_parts();
+                    // As the HTTP/1.1 client hands them over: fields still encoded.
+                    let lines = b"Content-Type: text/plain\r\nContent-Length: 19\r\n".to_vec();
+                    let encoded = sluice_filter::EncodedFields { lines, count: 2, length: Some(19), has_date: false };
+                    let mut resp = sluice_filter::ResponseHead::with_encoded(
+                        http::Response::new(()).into_parts().0,
+                        Some(Box::new(encoded)),
+                    );
                     for f in filters.iter_mut() {
                         sluice_filter::response_headers(&mut **f, &mut resp, &info, false).await.unwrap();
                     }

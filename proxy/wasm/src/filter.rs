@@ -16,7 +16,7 @@ use http::{HeaderMap, request, response};
 use sluice_config::FailPolicy;
 use sluice_filter::{
     BodyAction, FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData,
-    Resumed, StreamInfo,
+    ResponseHead, Resumed, StreamInfo,
 };
 
 use crate::factory::{FactoryInner, Plugin, WorkerHold, WorkerSlot};
@@ -122,13 +122,13 @@ phase!(
 );
 phase!(
     RespHeaders,
-    response::Parts,
+    ResponseHead,
     Callback::ResponseHeaders,
     false,
     RespHead,
-    empty_response(),
+    ResponseHead::new(empty_response()),
     resume_response,
-    |v| MapView::Response(v).count(),
+    |v| MapView::Head(v).count(),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
 );
 phase!(
@@ -536,7 +536,7 @@ impl HttpFilter for WasmFilter {
 
     fn on_response_headers(
         &mut self,
-        head: &mut response::Parts,
+        head: &mut ResponseHead,
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<HeadersAction, FilterError> {
@@ -617,7 +617,7 @@ impl HttpFilter for Unavailable {
     }
     fn on_response_headers(
         &mut self,
-        _: &mut response::Parts,
+        _: &mut ResponseHead,
         _: &StreamInfo,
         _: bool,
     ) -> Result<HeadersAction, FilterError> {

@@ -7,12 +7,16 @@ use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, StatusCode, Uri, request, response};
 use sluice_abi::Status;
+use sluice_filter::ResponseHead;
 
 /// A readable header map.
 #[derive(Clone, Copy)]
 pub(crate) enum MapView<'a> {
     Request(&'a request::Parts),
+    /// A callout's response.
     Response(&'a response::Parts),
+    /// The stream's response: its fields may still be encoded.
+    Head(&'a ResponseHead),
     Plain(&'a HeaderMap),
     Empty,
 }
@@ -32,6 +36,10 @@ impl<'a> MapView<'a> {
                 f(b":status", p.status.as_str().as_bytes());
                 each(&p.headers, f);
             }
+            MapView::Head(h) => {
+                f(b":status", h.status().as_str().as_bytes());
+                h.for_each(f);
+            }
             MapView::Plain(h) => each(h, f),
             MapView::Empty => {}
         }
@@ -42,6 +50,7 @@ impl<'a> MapView<'a> {
         match self {
             MapView::Request(p) => 4 + p.headers.len(),
             MapView::Response(p) => 1 + p.headers.len(),
+            MapView::Head(h) => 1 + h.len(),
             MapView::Plain(h) => h.len(),
             MapView::Empty => 0,
         }
@@ -103,6 +112,11 @@ impl<'a> MapView<'a> {
                 b":status" => Some(p.status.as_str().as_bytes()),
                 _ => lookup(&p.headers, key),
             },
+            MapView::Head(h) => match key {
+                b":status" => Some(h.status().as_str().as_bytes()),
+                [b':', ..] => None,
+                _ => h.get(key),
+            },
             MapView::Plain(h) => lookup(h, key),
             MapView::Empty => None,
         }
@@ -126,7 +140,7 @@ fn lookup<'a>(h: &'a HeaderMap, key: &[u8]) -> Option<&'a [u8]> {
 /// A writable header map.
 pub(crate) enum MapMut<'a> {
     Request(&'a mut request::Parts),
-    Response(&'a mut response::Parts),
+    Response(&'a mut ResponseHead),
     Plain(&'a mut HeaderMap),
 }
 
@@ -209,11 +223,16 @@ impl MapMut<'_> {
                 set_request_pseudo(p, &key.to_ascii_lowercase(), v)
             }
             MapMut::Request(p) => write_plain(&mut p.headers, key, v, how),
-            MapMut::Response(p) if key == b":status" => {
-                p.status = StatusCode::from_bytes(v).map_err(|_| Status::BadArgument)?;
+            MapMut::Response(h) if key == b":status" => {
+                h.set_status(StatusCode::from_bytes(v).map_err(|_| Status::BadArgument)?);
                 Ok(())
             }
-            MapMut::Response(p) => write_plain(&mut p.headers, key, v, how),
+            // An append leaves the upstream's encoded fields as they are.
+            MapMut::Response(h) if how == Write::Add && key.first() != Some(&b':') => {
+                h.append(name(key)?, value(v)?);
+                Ok(())
+            }
+            MapMut::Response(h) => write_plain(h.headers_mut(), key, v, how),
             MapMut::Plain(h) => write_plain(h, key, v, how),
         }
     }
@@ -228,8 +247,8 @@ impl MapMut<'_> {
             MapMut::Request(p) => {
                 p.headers.remove(k);
             }
-            MapMut::Response(p) => {
-                p.headers.remove(k);
+            MapMut::Response(h) => {
+                h.headers_mut().remove(k);
             }
             MapMut::Plain(h) => {
                 h.remove(k);
@@ -250,7 +269,7 @@ impl MapMut<'_> {
         }
         let headers = match self {
             MapMut::Request(p) => &mut p.headers,
-            MapMut::Response(p) => &mut p.headers,
+            MapMut::Response(h) => h.headers_mut(),
             MapMut::Plain(h) => &mut **h,
         };
         *headers = fresh;

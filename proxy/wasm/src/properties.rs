@@ -10,15 +10,15 @@
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, request, response};
-use sluice_filter::{LogView, StreamInfo};
+use http::{HeaderMap, request};
+use sluice_filter::{LogView, ResponseHead, StreamInfo};
 
 use crate::headers::MapView;
 use crate::state::{Callback, VmState};
 
 scoped_tls::scoped_thread_local!(pub(crate) static INFO: StreamInfo);
 scoped_tls::scoped_thread_local!(static LOG_REQUEST: request::Parts);
-scoped_tls::scoped_thread_local!(static LOG_RESPONSE: response::Parts);
+scoped_tls::scoped_thread_local!(static LOG_RESPONSE: ResponseHead);
 scoped_tls::scoped_thread_local!(static LOG_REQUEST_TRAILERS: HeaderMap);
 scoped_tls::scoped_thread_local!(static LOG_RESPONSE_TRAILERS: HeaderMap);
 
@@ -51,7 +51,7 @@ impl LogScope {
         match map {
             0 if LOG_REQUEST.is_set() => Ok(LOG_REQUEST.with(|p| f(MapView::Request(p)))),
             1 if LOG_REQUEST_TRAILERS.is_set() => Ok(LOG_REQUEST_TRAILERS.with(|h| f(MapView::Plain(h)))),
-            2 if LOG_RESPONSE.is_set() => Ok(LOG_RESPONSE.with(|p| f(MapView::Response(p)))),
+            2 if LOG_RESPONSE.is_set() => Ok(LOG_RESPONSE.with(|h| f(MapView::Head(h)))),
             3 if LOG_RESPONSE_TRAILERS.is_set() => Ok(LOG_RESPONSE_TRAILERS.with(|h| f(MapView::Plain(h)))),
             _ => Err(f),
         }
@@ -107,7 +107,7 @@ fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Opt
     None
 }
 
-fn with_response<R>(state: &VmState, f: impl FnOnce(&response::Parts) -> R) -> Option<R> {
+fn with_response<R>(state: &VmState, f: impl FnOnce(&ResponseHead) -> R) -> Option<R> {
     let ctx = state.contexts.get(&state.frame.effective)?;
     if let Some(p) = ctx.resp_head() {
         return Some(f(p));
@@ -209,13 +209,13 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
         ["request", "size"] => int(out, i64::try_from(info.request_body_bytes.get()).unwrap_or(i64::MAX)),
         ["response", "size"] => int(out, i64::try_from(info.response_body_bytes.get()).unwrap_or(i64::MAX)),
         ["response", "code"] => {
-            let code = info.response_code.get().or_else(|| with_response(state, |p| p.status.as_u16()));
+            let code = info.response_code.get().or_else(|| with_response(state, |h| h.status().as_u16()));
             match code {
                 Some(c) => int(out, i64::from(c)),
                 None => return false,
             }
         }
-        ["response", "headers"] => match with_response(state, |p| encode_map(out, MapView::Response(p))) {
+        ["response", "headers"] => match with_response(state, |h| encode_map(out, MapView::Head(h))) {
             Some(()) => {}
             None => return false,
         },

@@ -8,8 +8,8 @@ use std::task::Waker;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, request, response};
-use sluice_filter::{CalloutResponse, LocalResponse};
+use http::{HeaderMap, request};
+use sluice_filter::{CalloutResponse, LocalResponse, ResponseHead};
 use tokio::sync::mpsc::UnboundedSender;
 use wasmtime::{Memory, ResourceLimiter, TypedFunc};
 
@@ -99,7 +99,7 @@ pub(crate) enum Parked {
     ReqHead(request::Parts),
     ReqBody(BytesMut),
     ReqTrailers(HeaderMap),
-    RespHead(response::Parts),
+    RespHead(ResponseHead),
     RespBody(BytesMut),
     RespTrailers(HeaderMap),
 }
@@ -125,7 +125,7 @@ impl HttpCtx {
     parked_access!(req_head, req_head_mut, ReqHead, request::Parts);
     parked_access!(req_body, req_body_mut, ReqBody, BytesMut);
     parked_access!(req_trailers, req_trailers_mut, ReqTrailers, HeaderMap);
-    parked_access!(resp_head, resp_head_mut, RespHead, response::Parts);
+    parked_access!(resp_head, resp_head_mut, RespHead, ResponseHead);
     parked_access!(resp_body, resp_body_mut, RespBody, BytesMut);
     parked_access!(resp_trailers, resp_trailers_mut, RespTrailers, HeaderMap);
 }

@@ -28,7 +28,7 @@ fn with_map<R>(st: &VmState, map: i32, f: impl FnOnce(MapView<'_>) -> R) -> Resu
         _ => st.contexts.get(&st.frame.effective).and_then(|ctx| match map {
             MapType::HttpRequestHeaders => ctx.req_head().map(MapView::Request),
             MapType::HttpRequestTrailers => ctx.req_trailers().map(MapView::Plain),
-            MapType::HttpResponseHeaders => ctx.resp_head().map(MapView::Response),
+            MapType::HttpResponseHeaders => ctx.resp_head().map(MapView::Head),
             _ => ctx.resp_trailers().map(MapView::Plain),
         }),
     };

@@ -126,13 +126,18 @@ pub struct Exchange {
     pub filter: Box<dyn HttpFilter>,
     pub info: StreamInfo,
     pub req: request::Parts,
-    pub resp: response::Parts,
+    pub resp: sluice_filter::ResponseHead,
 }
 
 impl Exchange {
     pub fn new(factory: &Arc<dyn FilterFactory>, uri: &str) -> Exchange {
         let info = info();
-        Exchange { filter: factory.new_filter(&info), info, req: request("GET", uri), resp: response(200) }
+        Exchange {
+            filter: factory.new_filter(&info),
+            info,
+            req: request("GET", uri),
+            resp: sluice_filter::ResponseHead::new(response(200)),
+        }
     }
 
     pub async fn request_headers(&mut self, eos: bool) -> Result<HeadersAction, FilterError> {

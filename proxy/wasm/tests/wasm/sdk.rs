@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use sluice_filter::{BodyAction, FilterErrorKind, FilterFactory, HeadersAction};
+use sluice_filter::{BodyAction, EncodedFields, FilterErrorKind, FilterFactory, HeadersAction, ResponseHead};
 
 use crate::common::{Exchange, TestCallouts, backend, fixture, host, host_with, metric, run, spec};
 
@@ -14,7 +14,7 @@ fn header(ex: &Exchange, name: &str) -> String {
 }
 
 fn resp_header(ex: &Exchange, name: &str) -> String {
-    ex.resp.headers.get(name).map(|v| v.to_str().unwrap_or_default().to_string()).unwrap_or_default()
+    ex.resp.get(name.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
 }
 
 /// A sink factory with a `backend` cluster on a real server.
@@ -55,10 +55,10 @@ fn headers_edits_local_responses_and_reset() {
         assert_eq!(header(&ex, "x-replace"), "new");
         assert!(ex.req.headers.get("x-remove").is_none());
         assert!(ex.info.take_route_cache_cleared(), "request header edits clear the route cache");
-        ex.resp.headers.insert("content-length", "5".parse().unwrap());
+        ex.resp.headers_mut().insert("content-length", "5".parse().unwrap());
         assert!(matches!(ex.response_headers(false).await, Ok(HeadersAction::Continue)));
         assert_eq!(resp_header(&ex, "x-config"), "cfg");
-        assert!(ex.resp.headers.get("content-length").is_none());
+        assert!(ex.resp.headers_mut().get("content-length").is_none());
 
         let (mut ex, action) = get(&factory, "http://a.test/hello").await;
         let HeadersAction::Respond(local) = action else { panic!("expected a local response") };
@@ -67,7 +67,7 @@ fn headers_edits_local_responses_and_reset() {
         assert!(local.headers.iter().any(|(k, v)| k == "x-hello" && v == "1"));
         assert_eq!(local.grpc_status, None);
         // The data plane sends the local response through the response path.
-        ex.resp.headers.insert("x-hello", "1".parse().unwrap());
+        ex.resp.headers_mut().insert("x-hello", "1".parse().unwrap());
         assert!(matches!(ex.response_headers(true).await, Ok(HeadersAction::Continue)));
         assert_eq!(resp_header(&ex, "x-seen-local"), "1");
 
@@ -83,6 +83,48 @@ fn headers_edits_local_responses_and_reset() {
         assert_eq!(ex.req.uri.path(), "/rewritten");
         assert_eq!(ex.req.uri.authority().map(|a| a.as_str()), Some("other.test"));
         assert!(ex.info.take_route_cache_cleared());
+    });
+}
+
+/// A response head as the HTTP/1.1 client hands it over: the upstream's
+/// fields still encoded (`sluice_filter::ResponseHead`).
+fn encoded_head(lines: &str) -> ResponseHead {
+    let count = lines.matches("\r\n").count();
+    let encoded = EncodedFields { lines: lines.as_bytes().to_vec(), count, length: None, has_date: false };
+    ResponseHead::with_encoded(crate::common::response(200), Some(Box::new(encoded)))
+}
+
+fn resp_fields(ex: &Exchange) -> Vec<String> {
+    let mut v = Vec::new();
+    ex.resp
+        .for_each(|n, x| v.push(format!("{}: {}", String::from_utf8_lossy(n), String::from_utf8_lossy(x))));
+    v
+}
+
+#[test]
+fn encoded_response_fields_read_and_edit_as_a_map_would() {
+    run(async {
+        // Removes `content-length`, adds `x-config`, reads `x-hello`: the
+        // removal decodes the fields, in their order, names lower-cased.
+        let (factory, _, _host) = sink("cfg").await;
+        let (mut ex, _) = get(&factory, "http://a.test/").await;
+        // (`content-length` last: a map's removal moves its last field into the gap.)
+        ex.resp = encoded_head("Server: up\r\nX-Hello: 1\r\nx-b:  2 \r\nContent-Length: 5\r\n");
+        assert!(matches!(ex.response_headers(false).await, Ok(HeadersAction::Continue)));
+        assert!(ex.resp.encoded().is_none(), "a removal decodes the fields");
+        let want = ["server: up", "x-hello: 1", "x-b: 2", "x-config: cfg", "x-seen-local: 1"];
+        assert_eq!(resp_fields(&ex), want);
+
+        // Only reads and appends: the upstream's fields stay encoded, and the
+        // guest's field comes after them.
+        let (host, _) = host();
+        let factory = host.load_bytes(&spec("mini"), &fixture("mini"), &[]).expect("load mini");
+        let (mut ex, _) = get(&factory, "http://a.test/").await;
+        ex.resp = encoded_head("Server: up\r\nContent-Type: text/plain\r\n");
+        assert!(matches!(ex.response_headers(true).await, Ok(HeadersAction::Continue)));
+        let encoded = ex.resp.encoded().map(|e| String::from_utf8_lossy(&e.lines).into_owned());
+        assert_eq!(encoded.as_deref(), Some("Server: up\r\nContent-Type: text/plain\r\n"));
+        assert_eq!(resp_fields(&ex), ["server: up", "content-type: text/plain", "x-mini: mini"]);
     });
 }
 
