@@ -420,6 +420,8 @@ async fn filters_read_encoded_response_fields_in_place_and_decode_them_to_edit()
         ]
     );
     assert_eq!(body, "ok");
+    // `on_log` reads the head the client got, fields still encoded.
+    proxy.wait_for("mini on_log server=Up x-mini=tiny");
     drop(proxy);
 
     // The sink removes `content-length`, so the fields are decoded into a map
