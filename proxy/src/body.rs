@@ -110,7 +110,6 @@ impl ProxyBody {
     pub(crate) fn take_verbatim(&mut self) -> Option<Box<crate::h1::Verbatim>> {
         match &mut self.inner {
             Inner::H1(b) => b.take_verbatim(),
-            Inner::Filter(f) => f.as_mut().take_inner_verbatim(),
             _ => None,
         }
     }

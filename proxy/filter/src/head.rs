@@ -161,10 +161,10 @@ impl ResponseHead {
         &mut self.parts.headers
     }
 
-    /// The parts, with every field in the map (see [`ResponseHead::headers_mut`]).
-    pub fn parts_mut(&mut self) -> &mut response::Parts {
-        self.headers_mut();
-        &mut self.parts
+    /// Replaces every field, the encoded ones too, with `map`'s.
+    pub fn set_headers(&mut self, map: HeaderMap) {
+        self.encoded = None;
+        self.parts.headers = map;
     }
 }
 

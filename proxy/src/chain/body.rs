@@ -206,7 +206,6 @@ impl FilterBody {
         Poll::Ready(Ok(Out::Frame(Frame::trailers(t))))
     }
 
-    /// Keeps the encoded response head for `on_log` (a response body's chain only).
     /// Keeps the encoded response head for `on_log`, with the fields its
     /// encoder copied from the inner body (it needs them no more).
     pub(crate) fn keep_response_head(self: Pin<&mut Self>, parts: http::response::Parts) {
@@ -220,11 +219,6 @@ impl FilterBody {
     /// The body the chain reads.
     pub(crate) fn inner(&self) -> &ProxyBody {
         &self.inner
-    }
-
-    /// Takes the inner body's encoded fields.
-    pub(crate) fn take_inner_verbatim(self: Pin<&mut Self>) -> Option<Box<crate::h1::Verbatim>> {
-        self.get_mut().inner.take_verbatim()
     }
 
     fn release(&mut self) {

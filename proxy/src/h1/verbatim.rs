@@ -181,10 +181,6 @@ impl<'h, 'b> RawFields<'h, 'b> {
 /// `response_headers` edits do before they set and add theirs (in the
 /// head's map, which the encoder writes after these fields).
 pub(crate) fn drop_named<'n>(v: &mut Verbatim, names: impl Iterator<Item = &'n HeaderName> + Clone) {
-    let named = |line: &[u8]| {
-        let name = line.split(|&b| b == b':').next().unwrap_or_default();
-        names.clone().any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
-    };
     if names.clone().next().is_none() {
         return;
     }
@@ -192,10 +188,10 @@ pub(crate) fn drop_named<'n>(v: &mut Verbatim, names: impl Iterator<Item = &'n H
     let (mut has_date, mut kept_length, mut count) = (false, false, 0);
     // Each line ends with CRLF, and no value holds an LF.
     for line in v.lines.split_inclusive(|&b| b == b'\n') {
-        if named(line) {
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        if names.clone().any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name)) {
             continue;
         }
-        let name = line.split(|&b| b == b':').next().unwrap_or_default();
         has_date |= kind(name) == DATE;
         kept_length |= kind(name) == CONTENT_LENGTH;
         count += 1;

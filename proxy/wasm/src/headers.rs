@@ -267,12 +267,12 @@ impl MapMut<'_> {
                 fresh.append(name(k)?, value(v)?);
             }
         }
-        let headers = match self {
-            MapMut::Request(p) => &mut p.headers,
-            MapMut::Response(h) => h.headers_mut(),
-            MapMut::Plain(h) => &mut **h,
-        };
-        *headers = fresh;
+        match self {
+            MapMut::Request(p) => p.headers = fresh,
+            // Nothing to decode: the encoded fields go too.
+            MapMut::Response(h) => h.set_headers(fresh),
+            MapMut::Plain(h) => **h = fresh,
+        }
         for (k, v) in pairs {
             if special(k) {
                 self.write(k, v, Write::Replace)?;
@@ -304,5 +304,19 @@ mod tests {
         assert_eq!(view.count(), view.count_and_size().0);
         let plain = req.headers.clone();
         assert_eq!(MapView::Plain(&plain).count(), MapView::Plain(&plain).count_and_size().0);
+    }
+
+    #[test]
+    fn setting_a_responses_pairs_replaces_its_encoded_fields_too() {
+        let lines = b"Server: up\r\nX-Old: 1\r\n".to_vec();
+        let encoded = sluice_filter::EncodedFields { lines, count: 2, length: None, has_date: false };
+        let parts = http::Response::new(()).into_parts().0;
+        let mut head = ResponseHead::with_encoded(parts, Some(Box::new(encoded)));
+        let pairs: [(&[u8], &[u8]); 2] = [(b":status", b"201"), (b"x-new", b"2")];
+        assert!(MapMut::Response(&mut head).replace_all(&pairs).is_ok());
+        let mut fields = Vec::new();
+        MapView::Head(&head).for_each(|k, v| fields.push((k.to_vec(), v.to_vec())));
+        assert_eq!(fields, [(b":status".to_vec(), b"201".to_vec()), (b"x-new".to_vec(), b"2".to_vec())]);
+        assert!(head.encoded().is_none());
     }
 }
