@@ -96,6 +96,9 @@ pub(crate) struct WorkerSlot {
     /// Contexts of a failed VM, kept until their request picks its data back up.
     pub orphans: Vec<(u64, u32, HttpCtx)>,
     next_ctx: u32,
+    /// Placeholders the header phases leave with their caller (see `filter::Placeholder`).
+    pub spare_request: Option<http::request::Parts>,
+    pub spare_response: Option<sluice_filter::ResponseHead>,
 }
 
 enum Health {
@@ -119,6 +122,8 @@ impl WorkerSlot {
             last_error: None,
             orphans: Vec::new(),
             next_ctx: 1,
+            spare_request: None,
+            spare_response: None,
         }
     }
 

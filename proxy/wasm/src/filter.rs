@@ -27,14 +27,13 @@ use crate::vm::{Vm, VmFailure};
 
 /// One kind of phase: where its data lives in the context and how the guest is called.
 trait Phase {
-    type Value;
+    type Value: Placeholder;
     const CALLBACK: Callback;
     const BODY: bool = false;
     /// Parks the phase's data in the context.
     fn park(ctx: &mut HttpCtx, value: Self::Value);
     /// Takes the phase's data back, if it is still parked.
     fn unpark(ctx: &mut HttpCtx) -> Option<Self::Value>;
-    fn placeholder() -> Self::Value;
     /// Takes this phase's resume flag.
     fn resumed(sig: &mut Signal) -> bool;
     /// The callback's size argument (entries or bytes).
@@ -50,8 +49,50 @@ fn empty_response() -> response::Parts {
     http::Response::new(()).into_parts().0
 }
 
+/// What a phase leaves with its caller while the data is parked. The worker
+/// keeps a spare request and response head, so the header phases neither build
+/// nor drop one.
+trait Placeholder: Sized {
+    fn take(slot: &mut WorkerSlot) -> Self;
+    fn give_back(self, _slot: &mut WorkerSlot) {}
+}
+
+impl Placeholder for request::Parts {
+    fn take(slot: &mut WorkerSlot) -> Self {
+        slot.spare_request.take().unwrap_or_else(empty_request)
+    }
+    fn give_back(self, slot: &mut WorkerSlot) {
+        if slot.spare_request.is_none() {
+            slot.spare_request = Some(self);
+        }
+    }
+}
+
+impl Placeholder for ResponseHead {
+    fn take(slot: &mut WorkerSlot) -> Self {
+        slot.spare_response.take().unwrap_or_else(|| ResponseHead::new(empty_response()))
+    }
+    fn give_back(self, slot: &mut WorkerSlot) {
+        if slot.spare_response.is_none() {
+            slot.spare_response = Some(self);
+        }
+    }
+}
+
+impl Placeholder for BytesMut {
+    fn take(_: &mut WorkerSlot) -> Self {
+        BytesMut::new()
+    }
+}
+
+impl Placeholder for HeaderMap {
+    fn take(_: &mut WorkerSlot) -> Self {
+        HeaderMap::new()
+    }
+}
+
 macro_rules! phase {
-    ($name:ident, $value:ty, $cb:expr, $body:expr, $variant:ident, $placeholder:expr, $flag:ident, $arg:expr, $invoke:expr) => {
+    ($name:ident, $value:ty, $cb:expr, $body:expr, $variant:ident, $flag:ident, $arg:expr, $invoke:expr) => {
         struct $name;
         impl Phase for $name {
             type Value = $value;
@@ -68,9 +109,6 @@ macro_rules! phase {
                         None
                     }
                 }
-            }
-            fn placeholder() -> $value {
-                $placeholder
             }
             fn resumed(sig: &mut Signal) -> bool {
                 std::mem::take(&mut sig.$flag)
@@ -93,7 +131,6 @@ phase!(
     Callback::RequestHeaders,
     false,
     ReqHead,
-    empty_request(),
     resume_request,
     |v| MapView::Request(v).count(),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
@@ -104,7 +141,6 @@ phase!(
     Callback::RequestBody,
     true,
     ReqBody,
-    BytesMut::new(),
     resume_request,
     |v| v.len(),
     |vm, cb, id, n, eos| vm.body(cb, id, n, eos)
@@ -115,7 +151,6 @@ phase!(
     Callback::RequestTrailers,
     false,
     ReqTrailers,
-    HeaderMap::new(),
     resume_request,
     |v| v.len(),
     |vm, cb, id, n, _| vm.trailers(cb, id, n)
@@ -126,7 +161,6 @@ phase!(
     Callback::ResponseHeaders,
     false,
     RespHead,
-    ResponseHead::new(empty_response()),
     resume_response,
     |v| MapView::Head(v).count(),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
@@ -137,7 +171,6 @@ phase!(
     Callback::ResponseBody,
     true,
     RespBody,
-    BytesMut::new(),
     resume_response,
     |v| v.len(),
     |vm, cb, id, n, eos| vm.body(cb, id, n, eos)
@@ -148,7 +181,6 @@ phase!(
     Callback::ResponseTrailers,
     false,
     RespTrailers,
-    HeaderMap::new(),
     resume_response,
     |v| v.len(),
     |vm, cb, id, n, _| vm.trailers(cb, id, n)
@@ -158,7 +190,8 @@ phase!(
 enum Step {
     Continue,
     Buffer,
-    Respond(LocalResponse),
+    /// Boxed as the guest left it: a phase's result stays small.
+    Respond(Box<LocalResponse>),
     Reset,
 }
 
@@ -188,9 +221,13 @@ fn find_ctx(slot: &mut WorkerSlot, c: CtxRef) -> Option<&mut HttpCtx> {
 
 /// Moves a phase's data into the context, where host calls read and edit it.
 fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> bool {
-    let Some(ctx) = find_ctx(slot, c) else { return false };
+    let placeholder = P::Value::take(slot);
+    let Some(ctx) = find_ctx(slot, c) else {
+        placeholder.give_back(slot);
+        return false;
+    };
     P::resumed(&mut ctx.signal);
-    P::park(ctx, std::mem::replace(value, P::placeholder()));
+    P::park(ctx, std::mem::replace(value, placeholder));
     true
 }
 
@@ -198,11 +235,22 @@ fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> boo
 /// the phase has decided, also when the VM failed meanwhile).
 fn unpark<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value, info: &StreamInfo) {
     let Some(ctx) = find_ctx(slot, c) else { return };
-    if let Some(v) = P::unpark(ctx) {
-        *value = v;
-    }
+    let back = take_back::<P>(ctx, info);
+    restore::<P>(slot, value, back);
+}
+
+/// The phase's data, taken from its context.
+fn take_back<P: Phase>(ctx: &mut HttpCtx, info: &StreamInfo) -> Option<P::Value> {
     if P::CALLBACK == Callback::RequestHeaders && std::mem::take(&mut ctx.req_edited) {
         info.clear_route_cache();
+    }
+    P::unpark(ctx)
+}
+
+/// Puts the phase's data back with the caller, keeping the placeholder.
+fn restore<P: Phase>(slot: &mut WorkerSlot, value: &mut P::Value, back: Option<P::Value>) {
+    if let Some(v) = back {
+        std::mem::replace(value, v).give_back(slot);
     }
 }
 
@@ -215,10 +263,9 @@ struct Paused {
 }
 
 /// What the guest decided, or `None` when it paused and must be waited for.
-fn decide<P: Phase>(vm: &mut Vm, id: u32, action: i32, eos: bool) -> Option<Step> {
-    let ctx = vm.store.data_mut().contexts.get_mut(&id)?;
+fn decide<P: Phase>(ctx: &mut HttpCtx, action: i32, eos: bool) -> Option<Step> {
     if let Some(local) = ctx.signal.local.take() {
-        return Some(Step::Respond(*local));
+        return Some(Step::Respond(local));
     }
     if std::mem::take(&mut ctx.signal.reset) {
         return Some(Step::Reset);
@@ -247,7 +294,7 @@ fn poll_resume<P: Phase>(
         return Poll::Ready(Err(lost(slot, plugin, P::CALLBACK)));
     };
     if let Some(local) = ctx.signal.local.take() {
-        return Poll::Ready(Ok(Step::Respond(*local)));
+        return Poll::Ready(Ok(Step::Respond(local)));
     }
     if std::mem::take(&mut ctx.signal.reset) {
         return Poll::Ready(Ok(Step::Reset));
@@ -262,16 +309,17 @@ fn poll_resume<P: Phase>(
     Poll::Pending
 }
 
-/// This request's context (`ctx`), made on its first phase.
+/// This request's context (`ctx`), made on its first phase; `true` when it is
+/// new and the guest has yet to hear of it (see [`first_call`]).
 fn context(
     ctx: &mut Option<CtxRef>,
     inner: &FactoryInner,
     slot: &mut WorkerSlot,
     callback: Callback,
-) -> Result<CtxRef, FilterError> {
+) -> Result<(CtxRef, bool), FilterError> {
     if let Some(c) = *ctx {
         if slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation) {
-            return Ok(c);
+            return Ok((c, false));
         }
         return Err(lost(slot, &inner.plugin, callback));
     }
@@ -281,10 +329,17 @@ fn context(
     let c = CtxRef { id, generation: vm.generation };
     vm.store.data_mut().new_context(id);
     *ctx = Some(c);
-    if let Err(f) = vm.context_create(id) {
-        return Err(slot.fail(inner, f));
+    Ok((c, true))
+}
+
+/// A new context's first phase: `on_context_create`, then the phase's callback,
+/// in one guest call when that is `on_request_headers` (see [`crate::fuse`]).
+fn first_call<P: Phase>(vm: &mut Vm, id: u32, arg: usize, eos: bool) -> Result<i32, VmFailure> {
+    if P::CALLBACK == Callback::RequestHeaders {
+        return vm.start_request(id, arg, eos);
     }
-    Ok(c)
+    vm.context_create(id)?;
+    P::invoke(vm, id, arg, eos)
 }
 
 /// Why a phase did not reach the guest's decision.
@@ -363,21 +418,31 @@ impl WasmFilter {
             )));
         };
         let slot = &mut *guard;
-        let c = context(&mut self.ctx, inner, slot, P::CALLBACK).map_err(Failed::Policy)?;
+        let (c, new) = context(&mut self.ctx, inner, slot, P::CALLBACK).map_err(Failed::Policy)?;
         let arg = P::arg(value);
         let parked = park::<P>(slot, c, value);
-        let decided = match slot.vm.as_mut() {
+        let outcome = match slot.vm.as_mut() {
             None => Err(lost(slot, &inner.plugin, P::CALLBACK)),
-            Some(vm) => match INFO.set(info, || P::invoke(vm, c.id, arg, eos)) {
+            Some(vm) => match if new {
+                INFO.set(info, || first_call::<P>(vm, c.id, arg, eos))
+            } else {
+                INFO.set(info, || P::invoke(vm, c.id, arg, eos))
+            } {
                 Err(f) => Err(slot.fail(inner, f)),
                 Ok(action) => {
                     crate::callout::flush(inner, vm);
-                    Ok(decide::<P>(vm, c.id, action, eos))
+                    // One look-up for the decision and the data.
+                    Ok(vm.store.data_mut().contexts.get_mut(&c.id).map(|ctx| {
+                        let step = decide::<P>(ctx, action, eos);
+                        // A pause leaves the data parked.
+                        let back = if step.is_none() && parked { None } else { take_back::<P>(ctx, info) };
+                        (step, back)
+                    }))
                 }
             },
         };
-        match decided {
-            Ok(None) if parked => {
+        match outcome {
+            Ok(Some((None, _))) if parked => {
                 let timeout = inner.plugin.limits.pause_timeout;
                 self.paused = Some(Paused {
                     callback: P::CALLBACK,
@@ -386,9 +451,13 @@ impl WasmFilter {
                 });
                 Ok(None)
             }
-            Ok(step) => {
-                unpark::<P>(slot, c, value, info);
+            Ok(Some((step, back))) => {
+                restore::<P>(slot, value, back);
                 Ok(Some(step.unwrap_or(Step::Continue)))
+            }
+            Ok(None) => {
+                unpark::<P>(slot, c, value, info);
+                Ok(Some(Step::Continue))
             }
             Err(err) => {
                 unpark::<P>(slot, c, value, info);
@@ -455,8 +524,8 @@ impl WasmFilter {
         slot.orphans.retain(|(g, id, _)| !(*g == c.generation && *id == c.id));
         let Some(vm) = slot.vm.as_mut().filter(|vm| vm.generation == c.generation) else { return };
         let result = match view {
-            Some((view, info)) => LogScope::enter(view, info, || vm.finish(c.id, true)),
-            None => vm.finish(c.id, true),
+            Some((view, info)) => LogScope::enter(view, info, || vm.finish(c.id)),
+            None => vm.finish(c.id),
         };
         vm.store.data_mut().release_context(c.id);
         match result {
@@ -483,7 +552,7 @@ fn headers_action(r: Result<Option<Step>, FilterError>) -> Result<HeadersAction,
     Ok(match r? {
         None => HeadersAction::Pause,
         Some(Step::Continue | Step::Buffer) => HeadersAction::Continue,
-        Some(Step::Respond(l)) => HeadersAction::Respond(l),
+        Some(Step::Respond(l)) => HeadersAction::Respond(*l),
         Some(Step::Reset) => HeadersAction::Reset,
     })
 }
@@ -493,7 +562,7 @@ fn body_action(r: Result<Option<Step>, FilterError>) -> Result<BodyAction, Filte
         None => BodyAction::Pause,
         Some(Step::Continue) => BodyAction::Continue,
         Some(Step::Buffer) => BodyAction::Buffer,
-        Some(Step::Respond(l)) => BodyAction::Respond(l),
+        Some(Step::Respond(l)) => BodyAction::Respond(*l),
         Some(Step::Reset) => BodyAction::Reset,
     })
 }
@@ -502,7 +571,7 @@ fn resumed(step: Step) -> Resumed {
     match step {
         Step::Continue => Resumed::Continue,
         Step::Buffer => Resumed::Buffer,
-        Step::Respond(l) => Resumed::Respond(l),
+        Step::Respond(l) => Resumed::Respond(*l),
         Step::Reset => Resumed::Reset,
     }
 }

@@ -46,6 +46,7 @@
 mod callout;
 mod factory;
 mod filter;
+mod fuse;
 mod headers;
 mod host;
 mod hostcalls;

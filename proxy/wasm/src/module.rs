@@ -72,6 +72,10 @@ pub(crate) struct ExportIndices {
     pub on_http_call_response: Option<ModuleExport>,
     pub on_grpc_receive: Option<ModuleExport>,
     pub on_grpc_close: Option<ModuleExport>,
+    /// The fused entry points the host added (see [`crate::fuse`]), and their phase global.
+    pub fused_start: Option<ModuleExport>,
+    pub fused_end: Option<ModuleExport>,
+    pub fused_phase: Option<ModuleExport>,
 }
 
 impl ExportIndices {
@@ -101,6 +105,9 @@ impl ExportIndices {
             on_http_call_response: at(ex::ON_HTTP_CALL_RESPONSE),
             on_grpc_receive: at(ex::ON_GRPC_RECEIVE),
             on_grpc_close: at(ex::ON_GRPC_CLOSE),
+            fused_start: at(crate::fuse::START),
+            fused_end: at(crate::fuse::END),
+            fused_phase: at(crate::fuse::PHASE),
         })
     }
 }
@@ -123,13 +130,30 @@ impl CompiledModule {
                 "not a WebAssembly binary module (text and precompiled artifacts are not accepted)".into()
             );
         }
-        let module = Module::from_binary(engine, bytes).map_err(|e| format!("invalid module: {e:#}"))?;
+        let module = compile_fused(engine, bytes)?;
         let abi = detect_abi(&module)?;
         check_imports(&module)?;
         check_exports(&module, abi)?;
         let exports = ExportIndices::locate(&module)?;
         let pre = linker.instantiate_pre(&module).map_err(|e| format!("cannot link module: {e:#}"))?;
         Ok(CompiledModule { digest: digest.to_string(), abi, pre, exports })
+    }
+}
+
+/// Compiles the module with the host's fused entry points added when it lends
+/// itself to them, else as it came. Errors are about the module as it came.
+fn compile_fused(engine: &Engine, bytes: &[u8]) -> Result<Module, String> {
+    let invalid = |e: wasmtime::Error| format!("invalid module: {e:#}");
+    let Some(fused) = crate::fuse::add_entry_points(bytes) else {
+        return Module::from_binary(engine, bytes).map_err(invalid);
+    };
+    match Module::from_binary(engine, &fused) {
+        Ok(module) => Ok(module),
+        Err(fused_err) => {
+            let module = Module::from_binary(engine, bytes).map_err(invalid)?;
+            tracing::warn!(error = %format!("{fused_err:#}"), "fused entry points not added; the module runs as it came");
+            Ok(module)
+        }
     }
 }
 

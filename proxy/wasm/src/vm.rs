@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use sluice_abi::exports as ex;
 use sluice_filter::FilterErrorKind;
-use wasmtime::{Extern, Instance, ModuleExport, Store, Trap, TypedFunc, WasmParams, WasmResults};
+use wasmtime::{
+    Extern, Global, Instance, ModuleExport, Store, Trap, TypedFunc, Val, WasmParams, WasmResults,
+};
 
 use crate::factory::Plugin;
 use crate::module::{AbiVersion, CompiledModule};
@@ -64,6 +66,11 @@ struct Exports {
     on_http_call_response: Rare<(i32, i32, i32, i32, i32), ()>,
     on_grpc_receive: Rare<(i32, i32, i32), ()>,
     on_grpc_close: Rare<(i32, i32, i32), ()>,
+    /// The fused entry points (see [`crate::fuse`]) and the global naming the
+    /// callback they are in.
+    start: Option<TypedFunc<(i32, i32, i32, i32), i32>>,
+    end: Option<TypedFunc<i32, ()>>,
+    phase: Option<Global>,
 }
 
 /// A live VM.
@@ -235,10 +242,27 @@ impl Vm {
         call(store, callback, id, |s| f.call(s, (id as i32, n as i32)))
     }
 
-    /// `on_log`, `on_done` and `on_delete` for a finished HTTP context.
-    pub fn finish(&mut self, id: u32, log: bool) -> Result<(), VmFailure> {
+    /// A new context's `on_context_create`, then its `on_request_headers`: one
+    /// guest call when the module has the fused entry point.
+    pub fn start_request(&mut self, id: u32, n: usize, eos: bool) -> Result<i32, VmFailure> {
+        let Some(f) = self.ex.start.as_ref() else {
+            self.context_create(id)?;
+            return self.headers(Callback::RequestHeaders, id, n, eos);
+        };
+        let args = (id as i32, self.store.data().root_id as i32, n as i32, i32::from(eos));
+        let r = call(&mut self.store, Callback::RequestHeaders, id, |s| f.call(s, args));
+        r.map_err(|failure| self.in_phase(failure))
+    }
+
+    /// `on_log`, `on_done` and `on_delete` for a finished HTTP context: one guest
+    /// call when the module has the fused entry point.
+    pub fn finish(&mut self, id: u32) -> Result<(), VmFailure> {
+        if let Some(f) = self.ex.end.as_ref() {
+            let r = call(&mut self.store, Callback::Log, id, |s| f.call(s, id as i32));
+            return r.map_err(|failure| self.in_phase(failure));
+        }
         let (ex, store) = (&self.ex, &mut self.store);
-        if log && let Some(f) = ex.on_log.as_ref() {
+        if let Some(f) = ex.on_log.as_ref() {
             call(store, Callback::Log, id, |s| f.call(s, id as i32))?;
         }
         if let Some(f) = ex.on_done.as_ref() {
@@ -249,6 +273,17 @@ impl Vm {
             call(store, Callback::Delete, id, |s| f.call(s, id as i32))?;
         }
         Ok(())
+    }
+
+    /// Names the callback a fused call failed in, from its phase global.
+    fn in_phase(&mut self, mut failure: VmFailure) -> VmFailure {
+        if let Some(global) = self.ex.phase.as_ref()
+            && let Val::I32(value) = global.get(&mut self.store)
+            && let Some(callback) = crate::fuse::phase_callback(value)
+        {
+            failure.callback = callback;
+        }
+        failure
     }
 
     pub fn tick(&mut self) -> Result<(), VmFailure> {
@@ -411,6 +446,13 @@ fn exports(
         on_http_call_response: Rare::new(idx.on_http_call_response),
         on_grpc_receive: Rare::new(idx.on_grpc_receive),
         on_grpc_close: Rare::new(idx.on_grpc_close),
+        start: typed(instance, store, idx.fused_start.as_ref())?,
+        end: typed(instance, store, idx.fused_end.as_ref())?,
+        phase: idx
+            .fused_phase
+            .as_ref()
+            .and_then(|at| instance.get_module_export(&mut *store, at))
+            .and_then(Extern::into_global),
     })
 }
 

@@ -134,6 +134,56 @@ fn trap_fails_closed_and_names_plugin_and_callback() {
     assert!(status["last_error"].as_str().unwrap_or_default().contains("boom"));
 }
 
+/// The host makes `on_context_create` + `on_request_headers`, and `on_log` +
+/// `on_done` + `on_delete`, one guest call each (fused entry points): a trap
+/// still names the callback it happened in.
+#[test]
+fn a_trap_inside_a_fused_call_names_its_callback() {
+    // A request context's creation traps (the root's, with parent 0, does not).
+    let create_traps = wat::parse_str(
+        r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32) (if (local.get 1) (then unreachable)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_log") (param i32))
+  (func (export "proxy_on_delete") (param i32)))"#,
+    )
+    .expect("valid wat");
+    let (wasm, _) = host();
+    let factory = wasm.load_bytes(&spec("creator"), &create_traps, &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        let err = ex.request_headers(true).await.expect_err("trap");
+        assert_eq!(err.kind, FilterErrorKind::Trap);
+        assert_eq!(err.callback, "on_context_create");
+    });
+
+    // `on_done` traps, between `on_log` and `on_delete`.
+    let done_traps = module(
+        "",
+        "(i32.const 0)",
+        r#"(func (export "proxy_on_log") (param i32))
+           (func (export "proxy_on_done") (param i32) (result i32) unreachable)
+           (func (export "proxy_on_delete") (param i32))"#,
+    );
+    let (wasm, registry) = host();
+    let factory = wasm.load_bytes(&spec("finisher"), &done_traps, &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
+        ex.log();
+    });
+    assert_eq!(
+        metric(&registry, "sluice_wasm_traps_total", r#"kind="unreachable",plugin="finisher""#),
+        Some(1.0)
+    );
+    let status = factory.status();
+    let last = status["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(last.contains("failed in on_done"), "{last}");
+}
+
 #[test]
 fn infinite_loop_ends_within_budget() {
     let bytes = module("", "(loop (br 0)) (i32.const 0)", "");
