@@ -131,8 +131,11 @@ impl ResponseHead {
         {
             return Some(v);
         }
-        let name = HeaderName::from_bytes(name).ok()?;
-        self.parts.headers.get(name).map(HeaderValue::as_bytes)
+        if self.parts.headers.is_empty() {
+            return None;
+        }
+        // A `&str` key is parsed on the stack: no name is allocated.
+        self.parts.headers.get(std::str::from_utf8(name).ok()?).map(HeaderValue::as_bytes)
     }
 
     /// Appends a field after all others; encoded fields stay encoded.

@@ -129,12 +129,44 @@ fn each(h: &HeaderMap, mut f: impl FnMut(&[u8], &[u8])) {
     }
 }
 
+/// A look-up by the guest's bytes: `http` parses a `&str` key on the stack, so
+/// no name is allocated (a name that is not UTF-8 is not a header name).
 fn lookup<'a>(h: &'a HeaderMap, key: &[u8]) -> Option<&'a [u8]> {
-    if key.first() == Some(&b':') {
+    if key.first() == Some(&b':') || h.is_empty() {
         return None;
     }
-    let name = HeaderName::from_bytes(key).ok()?;
-    h.get(name).map(HeaderValue::as_bytes)
+    h.get(std::str::from_utf8(key).ok()?).map(HeaderValue::as_bytes)
+}
+
+/// Header names the guest writes, parsed once per worker thread. A filter writes
+/// the same few names on every request, and parsing one (each byte checked, a
+/// custom name copied into an allocation of its own) costs several times a
+/// look-up here and a reference count. Direct-mapped on the length and the end
+/// bytes; a miss parses the name and takes the slot.
+struct NameCache {
+    slots: [Option<(Box<[u8]>, HeaderName)>; 64],
+}
+
+thread_local! {
+    static NAMES: std::cell::RefCell<NameCache> =
+        const { std::cell::RefCell::new(NameCache { slots: [const { None }; 64] }) };
+}
+
+fn cached_name(key: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    let (Some(&first), Some(&last)) = (key.first(), key.last()) else {
+        return HeaderName::from_bytes(key);
+    };
+    let slot = (key.len().wrapping_mul(31) ^ (usize::from(first) << 2) ^ usize::from(last)) & 63;
+    NAMES.with_borrow_mut(|cache| {
+        if let Some((bytes, name)) = &cache.slots[slot]
+            && **bytes == *key
+        {
+            return Ok(name.clone());
+        }
+        let name = HeaderName::from_bytes(key)?;
+        cache.slots[slot] = Some((key.into(), name.clone()));
+        Ok(name)
+    })
 }
 
 /// A writable header map.
@@ -152,7 +184,7 @@ pub(crate) enum Write {
 }
 
 fn name(key: &[u8]) -> Result<HeaderName, Status> {
-    HeaderName::from_bytes(key).map_err(|_| Status::BadArgument)
+    cached_name(key).map_err(|_| Status::BadArgument)
 }
 
 fn value(v: &[u8]) -> Result<HeaderValue, Status> {
@@ -242,7 +274,8 @@ impl MapMut<'_> {
         if key.first() == Some(&b':') {
             return;
         }
-        let Ok(k) = HeaderName::from_bytes(key) else { return };
+        // As in `lookup`: parsed on the stack, no name allocated.
+        let Ok(k) = std::str::from_utf8(key) else { return };
         match self {
             MapMut::Request(p) => {
                 p.headers.remove(k);
@@ -285,6 +318,32 @@ impl MapMut<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_names_are_the_names_the_bytes_parse_to() {
+        // "x-ab" and "x-ba" share a slot (same length and end bytes): each takes it
+        // in turn and a hit never returns the other's name.
+        for key in [&b"x-ab"[..], b"x-ba", b"X-AB", b"x-ab", b"content-type", b"x-ba", b"Content-Type"] {
+            let want = HeaderName::from_bytes(key).ok();
+            assert_eq!(cached_name(key).ok(), want, "{}", String::from_utf8_lossy(key));
+            assert_eq!(cached_name(key).ok(), want, "{} (again)", String::from_utf8_lossy(key));
+        }
+        assert!(cached_name(b"bad name").is_err());
+        assert!(cached_name(b"bad name").is_err(), "a bad name is never cached");
+        assert!(cached_name(b"").is_err());
+    }
+
+    #[test]
+    fn lookups_and_removals_by_bytes_ignore_case_and_bad_names() {
+        let mut h = HeaderMap::new();
+        h.append("x-tenant", HeaderValue::from_static("a"));
+        assert_eq!(lookup(&h, b"X-Tenant"), Some(&b"a"[..]));
+        assert_eq!(lookup(&h, b"x-tenant\xff"), None);
+        assert_eq!(lookup(&h, &[0xff, 0xfe]), None);
+        MapMut::Plain(&mut h).remove(&[0xff]);
+        MapMut::Plain(&mut h).remove(b"X-TENANT");
+        assert!(h.is_empty());
+    }
 
     #[test]
     fn count_matches_the_entries_visited() {

@@ -139,11 +139,15 @@ pub(crate) fn give_bytes(
 /// Calls the guest allocator (a nested guest call: it must not call back into
 /// the dispatcher, which the Rust SDK's allocator does not).
 fn allocate(caller: &mut Caller<'_, VmState>, len: i32) -> HostResult<i32> {
-    let alloc = caller.data().alloc.clone().ok_or(Status::InvalidMemoryAccess)?;
+    // Taken out for the call and put back, not cloned: a clone of a typed
+    // function counts references to its type.
+    let alloc = caller.data_mut().alloc.take().ok_or(Status::InvalidMemoryAccess)?;
     let saved = caller.data().frame;
     caller.data_mut().frame.callback = Callback::Allocate;
     let ptr = alloc.call(&mut *caller, len);
-    caller.data_mut().frame = saved;
+    let st = caller.data_mut();
+    st.frame = saved;
+    st.alloc = Some(alloc);
     let ptr = ptr?;
     if ptr == 0 {
         return Err(Status::InvalidMemoryAccess.into());

@@ -49,9 +49,8 @@ fn with_map_mut<R>(
 ) -> Result<R, Status> {
     let kind = MapType::from_u32(map as u32).ok_or(Status::BadArgument)?;
     let callback = st.frame.callback;
-    let plugin = st.plugin.clone();
-    let Some(ctx) = st.effective_http() else {
-        tracing::warn!(plugin = %plugin.name, callback = callback.name(), map, "header map is not writable here");
+    let Some(ctx) = st.contexts.get_mut(&st.frame.effective) else {
+        tracing::warn!(plugin = %st.plugin.name, callback = callback.name(), map, "header map is not writable here");
         return Err(Status::BadArgument);
     };
     let (result, edited) = match kind {
@@ -69,7 +68,7 @@ fn with_map_mut<R>(
             (f(&mut MapMut::Plain(ctx.resp_trailers_mut().ok_or(Status::BadArgument)?)), false)
         }
         _ => {
-            tracing::warn!(plugin = %plugin.name, callback = callback.name(), map, "header map is not writable in this callback");
+            tracing::warn!(plugin = %st.plugin.name, callback = callback.name(), map, "header map is not writable in this callback");
             return Err(Status::BadArgument);
         }
     };

@@ -267,17 +267,18 @@ pub(super) fn define_metric(c: &mut Caller<'_, VmState>, t: i32, p: i32, n: i32,
 
 /// The metric with this id: from the VM's cache, or the plugin's table (another
 /// VM of the plugin defined it).
-fn metric(st: &mut VmState, id: i32) -> Result<GuestMetric, Status> {
+/// (Borrowed, not cloned: a clone counts references to the metric.)
+fn metric(st: &mut VmState, id: i32) -> Result<&GuestMetric, Status> {
     let index = (id as u32).checked_sub(1).ok_or(Status::NotFound)? as usize;
-    if let Some(Some(m)) = st.metrics.get(index) {
-        return Ok(m.clone());
+    if !matches!(st.metrics.get(index), Some(Some(_))) {
+        let m =
+            st.plugin.guest_metrics.lock().get(index).map(|(_, _, m)| m.clone()).ok_or(Status::NotFound)?;
+        if st.metrics.len() <= index {
+            st.metrics.resize(index + 1, None);
+        }
+        st.metrics[index] = Some(m);
     }
-    let m = st.plugin.guest_metrics.lock().get(index).map(|(_, _, m)| m.clone()).ok_or(Status::NotFound)?;
-    if st.metrics.len() <= index {
-        st.metrics.resize(index + 1, None);
-    }
-    st.metrics[index] = Some(m.clone());
-    Ok(m)
+    st.metrics.get(index).and_then(Option::as_ref).ok_or(Status::NotFound)
 }
 
 pub(super) fn increment_metric(c: &mut Caller<'_, VmState>, id: i32, delta: i64) -> HostResult {
