@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use sluice_abi::{BufferType, GrpcStatus, LogLevel, PeerType, Status, StreamType};
@@ -137,15 +138,38 @@ struct Callout {
     grpc: bool,
 }
 
+/// Hashes the ids the host assigns (contexts, callout tokens). They are not
+/// chosen by anyone the filter must distrust, so a multiply spreads them well
+/// enough; SipHash, `HashMap`'s default, costs several times as much per
+/// look-up, and each callback makes two.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = ((self.0 << 8) | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
+
 /// Everything the guest keeps: the filter factory, the live contexts and the
 /// callouts in flight.
 #[derive(Default)]
 pub(crate) struct Guest {
     factory: Option<RootFactory>,
-    roots: HashMap<u32, Option<Box<dyn ErasedRoot>>>,
-    https: HashMap<u32, HttpSlot>,
-    streams: HashMap<u32, Option<Box<dyn StreamContext>>>,
-    callouts: HashMap<u32, Callout>,
+    roots: IdMap<Option<Box<dyn ErasedRoot>>>,
+    https: IdMap<HttpSlot>,
+    streams: IdMap<Option<Box<dyn StreamContext>>>,
+    callouts: IdMap<Callout>,
 }
 
 impl Guest {
