@@ -139,6 +139,12 @@ pub(crate) fn add_entry_points(bytes: &[u8]) -> Option<Vec<u8>> {
     if [START, END, PHASE].iter().any(|n| layout.exports.contains_key(n)) {
         return None;
     }
+    // The additions go at the end of these sections (a module whose callbacks
+    // are all imports has no function or code section to extend).
+    let has = |id: u8| layout.sections.iter().any(|(s, _)| *s == id);
+    if !(has(TYPE) && has(FUNCTION) && has(EXPORT) && has(CODE)) {
+        return None;
+    }
     let phase = layout.globals;
     let set_phase = |f: &mut Function, callback: Callback| {
         f.instructions().i32_const(phase_of(callback)).global_set(phase);
@@ -389,6 +395,17 @@ mod tests {
             .is_none()
         );
         assert!(add_entry_points(b"\0asm\x01\0\0\0\x01").is_none(), "a truncated module");
+        // Callbacks that are imports, exported again: no code section to extend.
+        assert!(
+            fuse(
+                r#"(module
+                  (import "env" "c" (func $c (param i32 i32)))
+                  (import "env" "h" (func $h (param i32 i32 i32) (result i32)))
+                  (export "proxy_on_context_create" (func $c))
+                  (export "proxy_on_request_headers" (func $h)))"#
+            )
+            .is_none()
+        );
     }
 
     #[test]

@@ -251,7 +251,7 @@ impl Vm {
         };
         let args = (id as i32, self.store.data().root_id as i32, n as i32, i32::from(eos));
         let r = call(&mut self.store, Callback::RequestHeaders, id, |s| f.call(s, args));
-        r.map_err(|failure| self.in_phase(failure))
+        r.map_err(|failure| self.in_phase(failure, &[Callback::ContextCreate, Callback::RequestHeaders]))
     }
 
     /// `on_log`, `on_done` and `on_delete` for a finished HTTP context: one guest
@@ -259,7 +259,9 @@ impl Vm {
     pub fn finish(&mut self, id: u32) -> Result<(), VmFailure> {
         if let Some(f) = self.ex.end.as_ref() {
             let r = call(&mut self.store, Callback::Log, id, |s| f.call(s, id as i32));
-            return r.map_err(|failure| self.in_phase(failure));
+            return r.map_err(|failure| {
+                self.in_phase(failure, &[Callback::Log, Callback::Done, Callback::Delete])
+            });
         }
         let (ex, store) = (&self.ex, &mut self.store);
         if let Some(f) = ex.on_log.as_ref() {
@@ -275,11 +277,13 @@ impl Vm {
         Ok(())
     }
 
-    /// Names the callback a fused call failed in, from its phase global.
-    fn in_phase(&mut self, mut failure: VmFailure) -> VmFailure {
+    /// Names the callback a fused call failed in, from its phase global (one of
+    /// the call's own: a call stopped before its first set leaves the last call's).
+    fn in_phase(&mut self, mut failure: VmFailure, own: &[Callback]) -> VmFailure {
         if let Some(global) = self.ex.phase.as_ref()
             && let Val::I32(value) = global.get(&mut self.store)
             && let Some(callback) = crate::fuse::phase_callback(value)
+            && own.contains(&callback)
         {
             failure.callback = callback;
         }
