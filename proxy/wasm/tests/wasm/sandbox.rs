@@ -364,6 +364,18 @@ fn text_and_garbage_uploads_are_rejected() {
 }
 
 #[test]
+fn gc_and_exception_proposal_modules_are_rejected_at_load() {
+    // The engine is built without the GC and exception-handling proposals
+    // (proxy-wasm SDKs emit neither; leaving them out makes every guest call cheaper).
+    let gc = module("", "(i32.const 0)", "(type $point (struct (field i32)))");
+    let err = load_err(&gc);
+    assert!(err.contains("invalid module") && err.contains("gc"), "{err}");
+    let eh = module("", "(i32.const 0)", "(tag $oops)");
+    let err = load_err(&eh);
+    assert!(err.contains("invalid module") && err.contains("exception"), "{err}");
+}
+
+#[test]
 fn on_configure_false_is_rejected_with_the_plugin_log() {
     let src = r#"(module
   (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
