@@ -200,7 +200,7 @@ impl WorkerSlot {
         }
         tracing::error!(plugin = %plugin.name, callback = err.callback, kind = failure.label, reason = %err.reason, "wasm VM failed");
         if let Some(mut vm) = self.vm.take() {
-            let contexts = std::mem::take(&mut vm.store.data_mut().contexts);
+            let contexts = vm.store.data_mut().take_contexts();
             let generation = vm.generation;
             drop(vm);
             for (id, mut ctx) in contexts {

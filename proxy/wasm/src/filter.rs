@@ -1,6 +1,7 @@
 //! The per-request [`HttpFilter`]: an HTTP context inside this worker's VM.
 //!
-//! Each phase moves its data (head, body, trailers) into the context, calls the
+//! Each phase moves its data where host calls reach it (a head into the VM's
+//! live slot with one swap, a body or trailers into the context), calls the
 //! guest and applies what the guest asked for, all in one plain call. When the
 //! guest paused, the data stays in the context and the phase answers `Pause`;
 //! `poll_resume` then waits (up to `pause_timeout`) for a later callback to
@@ -22,7 +23,7 @@ use sluice_filter::{
 use crate::factory::{FactoryInner, Plugin, WorkerHold, WorkerSlot};
 use crate::headers::MapView;
 use crate::properties::{INFO, LogScope};
-use crate::state::{Callback, HttpCtx, Parked, Signal};
+use crate::state::{Callback, HttpCtx, LiveHeads, Parked, Signal, VmState};
 use crate::vm::{Vm, VmFailure};
 
 /// One kind of phase: where its data lives in the context and how the guest is called.
@@ -38,6 +39,8 @@ trait Phase {
     fn resumed(sig: &mut Signal) -> bool;
     /// The callback's size argument (entries or bytes).
     fn arg(value: &Self::Value) -> usize;
+    /// The VM's slot for this phase's data and its owner (the heads only).
+    fn live(live: &mut LiveHeads) -> Option<(&mut u32, &mut Self::Value)>;
     fn invoke(vm: &mut Vm, id: u32, arg: usize, eos: bool) -> Result<i32, VmFailure>;
 }
 
@@ -53,11 +56,15 @@ fn empty_response() -> response::Parts {
 /// keeps a spare request and response head, so the header phases neither build
 /// nor drop one.
 trait Placeholder: Sized {
+    fn fresh() -> Self;
     fn take(slot: &mut WorkerSlot) -> Self;
     fn give_back(self, _slot: &mut WorkerSlot) {}
 }
 
 impl Placeholder for request::Parts {
+    fn fresh() -> Self {
+        empty_request()
+    }
     fn take(slot: &mut WorkerSlot) -> Self {
         slot.spare_request.take().unwrap_or_else(empty_request)
     }
@@ -69,6 +76,9 @@ impl Placeholder for request::Parts {
 }
 
 impl Placeholder for ResponseHead {
+    fn fresh() -> Self {
+        ResponseHead::new(empty_response())
+    }
     fn take(slot: &mut WorkerSlot) -> Self {
         slot.spare_response.take().unwrap_or_else(|| ResponseHead::new(empty_response()))
     }
@@ -80,19 +90,25 @@ impl Placeholder for ResponseHead {
 }
 
 impl Placeholder for BytesMut {
+    fn fresh() -> Self {
+        BytesMut::new()
+    }
     fn take(_: &mut WorkerSlot) -> Self {
         BytesMut::new()
     }
 }
 
 impl Placeholder for HeaderMap {
+    fn fresh() -> Self {
+        HeaderMap::new()
+    }
     fn take(_: &mut WorkerSlot) -> Self {
         HeaderMap::new()
     }
 }
 
 macro_rules! phase {
-    ($name:ident, $value:ty, $cb:expr, $body:expr, $variant:ident, $flag:ident, $arg:expr, $invoke:expr) => {
+    ($name:ident, $value:ty, $cb:expr, $body:expr, $variant:ident, $flag:ident, $arg:expr, $live:expr, $invoke:expr) => {
         struct $name;
         impl Phase for $name {
             type Value = $value;
@@ -117,6 +133,10 @@ macro_rules! phase {
                 let f: fn(&$value) -> usize = $arg;
                 f(value)
             }
+            fn live(live: &mut LiveHeads) -> Option<(&mut u32, &mut $value)> {
+                let f: fn(&mut LiveHeads) -> Option<(&mut u32, &mut $value)> = $live;
+                f(live)
+            }
             fn invoke(vm: &mut Vm, id: u32, arg: usize, eos: bool) -> Result<i32, VmFailure> {
                 let f: fn(&mut Vm, Callback, u32, usize, bool) -> Result<i32, VmFailure> = $invoke;
                 f(vm, $cb, id, arg, eos)
@@ -133,6 +153,7 @@ phase!(
     ReqHead,
     resume_request,
     |v| MapView::Request(v).count(),
+    |l| Some((&mut l.request_owner, &mut l.request)),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
 );
 phase!(
@@ -143,6 +164,7 @@ phase!(
     ReqBody,
     resume_request,
     |v| v.len(),
+    |_| None,
     |vm, cb, id, n, eos| vm.body(cb, id, n, eos)
 );
 phase!(
@@ -153,6 +175,7 @@ phase!(
     ReqTrailers,
     resume_request,
     |v| v.len(),
+    |_| None,
     |vm, cb, id, n, _| vm.trailers(cb, id, n)
 );
 phase!(
@@ -163,6 +186,7 @@ phase!(
     RespHead,
     resume_response,
     |v| MapView::Head(v).count(),
+    |l| Some((&mut l.response_owner, &mut l.response)),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
 );
 phase!(
@@ -173,6 +197,7 @@ phase!(
     RespBody,
     resume_response,
     |v| v.len(),
+    |_| None,
     |vm, cb, id, n, eos| vm.body(cb, id, n, eos)
 );
 phase!(
@@ -183,6 +208,7 @@ phase!(
     RespTrailers,
     resume_response,
     |v| v.len(),
+    |_| None,
     |vm, cb, id, n, _| vm.trailers(cb, id, n)
 );
 
@@ -219,8 +245,22 @@ fn find_ctx(slot: &mut WorkerSlot, c: CtxRef) -> Option<&mut HttpCtx> {
     slot.orphans.iter_mut().find(|(g, id, _)| *g == c.generation && *id == c.id).map(|(_, _, ctx)| ctx)
 }
 
-/// Moves a phase's data into the context, where host calls read and edit it.
+/// Moves a phase's data where host calls read and edit it: a head into the
+/// VM's live slot (one swap), anything else (or a head while the slot is
+/// taken) into the context.
 fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> bool {
+    if let Some(vm) = slot.vm.as_mut().filter(|vm| vm.generation == c.generation) {
+        let VmState { contexts, live, .. } = vm.store.data_mut();
+        let Some(ctx) = contexts.get_mut(&c.id) else { return false };
+        if let Some((owner, v)) = P::live(live)
+            && *owner == 0
+        {
+            P::resumed(&mut ctx.signal);
+            std::mem::swap(v, value);
+            *owner = c.id;
+            return true;
+        }
+    }
     let placeholder = P::Value::take(slot);
     let Some(ctx) = find_ctx(slot, c) else {
         placeholder.give_back(slot);
@@ -231,20 +271,55 @@ fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> boo
     true
 }
 
-/// Moves a phase's data back from the context (it stays with the caller once
-/// the phase has decided, also when the VM failed meanwhile).
+/// Moves a phase's data back from the VM or the context (it stays with the
+/// caller once the phase has decided, also when the VM failed meanwhile).
 fn unpark<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value, info: &StreamInfo) {
-    let Some(ctx) = find_ctx(slot, c) else { return };
-    let back = take_back::<P>(ctx, info);
+    let back = match slot.vm.as_mut().filter(|vm| vm.generation == c.generation) {
+        Some(vm) => {
+            let VmState { contexts, live, .. } = vm.store.data_mut();
+            take_back::<P>(Some(live), contexts.get_mut(&c.id).map(|b| &mut **b), c.id, value, info)
+        }
+        None => {
+            let Some(ctx) = find_ctx(slot, c) else { return };
+            take_back::<P>(None, Some(ctx), c.id, value, info)
+        }
+    };
     restore::<P>(slot, value, back);
 }
 
-/// The phase's data, taken from its context.
-fn take_back<P: Phase>(ctx: &mut HttpCtx, info: &StreamInfo) -> Option<P::Value> {
-    if P::CALLBACK == Callback::RequestHeaders && std::mem::take(&mut ctx.req_edited) {
+/// The phase's data back with the caller: swapped back from the VM's live
+/// slot (`None`), or taken from the context (for [`restore`]).
+fn take_back<P: Phase>(
+    live: Option<&mut LiveHeads>,
+    mut ctx: Option<&mut HttpCtx>,
+    id: u32,
+    value: &mut P::Value,
+    info: &StreamInfo,
+) -> Option<P::Value> {
+    if P::CALLBACK == Callback::RequestHeaders
+        && ctx.as_mut().is_some_and(|c| std::mem::take(&mut c.req_edited))
+    {
         info.clear_route_cache();
     }
-    P::unpark(ctx)
+    if let Some((owner, v)) = live.and_then(P::live)
+        && *owner == id
+    {
+        std::mem::swap(v, value);
+        *owner = 0;
+        return None;
+    }
+    ctx.and_then(P::unpark)
+}
+
+/// The guest paused: the context keeps the phase's data until it decides (the
+/// live slot gets a new placeholder).
+fn hold<P: Phase>(live: &mut LiveHeads, ctx: &mut HttpCtx, id: u32) {
+    if let Some((owner, v)) = P::live(live)
+        && *owner == id
+    {
+        *owner = 0;
+        P::park(ctx, std::mem::replace(v, P::Value::fresh()));
+    }
 }
 
 /// Puts the phase's data back with the caller, keeping the placeholder.
@@ -432,10 +507,16 @@ impl WasmFilter {
                 Ok(action) => {
                     crate::callout::flush(inner, vm);
                     // One look-up for the decision and the data.
-                    Ok(vm.store.data_mut().contexts.get_mut(&c.id).map(|ctx| {
+                    let VmState { contexts, live, .. } = vm.store.data_mut();
+                    Ok(contexts.get_mut(&c.id).map(|ctx| {
                         let step = decide::<P>(ctx, action, eos);
                         // A pause leaves the data parked.
-                        let back = if step.is_none() && parked { None } else { take_back::<P>(ctx, info) };
+                        let back = if step.is_none() && parked {
+                            hold::<P>(live, ctx, c.id);
+                            None
+                        } else {
+                            take_back::<P>(Some(live), Some(ctx), c.id, value, info)
+                        };
                         (step, back)
                     }))
                 }

@@ -97,8 +97,8 @@ fn segments(path: &[u8]) -> Vec<&str> {
 /// The request head visible to this call: the context's (while in, or paused
 /// in, its headers phase) or the final one in `on_log`.
 fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Option<R> {
-    let ctx = state.contexts.get(&state.frame.effective)?;
-    if let Some(p) = ctx.req_head() {
+    state.contexts.get(&state.frame.effective)?;
+    if let Some(p) = state.req_head(state.frame.effective) {
         return Some(f(p));
     }
     if state.frame.callback == Callback::Log && LOG_REQUEST.is_set() {
@@ -108,8 +108,8 @@ fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Opt
 }
 
 fn with_response<R>(state: &VmState, f: impl FnOnce(&ResponseHead) -> R) -> Option<R> {
-    let ctx = state.contexts.get(&state.frame.effective)?;
-    if let Some(p) = ctx.resp_head() {
+    state.contexts.get(&state.frame.effective)?;
+    if let Some(p) = state.resp_head(state.frame.effective) {
         return Some(f(p));
     }
     if state.frame.callback == Callback::Log && LOG_RESPONSE.is_set() {

@@ -273,6 +273,48 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 /// Released HTTP contexts a VM keeps for reuse.
 const MAX_SPARE_CONTEXTS: usize = 64;
 
+/// The heads of the header phase being run, kept in the VM rather than in the
+/// context: a head moves into the guest's reach and back with one swap each
+/// way (the caller is left the placeholder that sat here). A context that
+/// pauses in a header phase takes its head along (`Parked`); so does each
+/// context of a VM that fails.
+pub(crate) struct LiveHeads {
+    /// The context whose request head is in `request` (0: none, a placeholder).
+    pub request_owner: u32,
+    pub request: request::Parts,
+    /// The context whose response head is in `response` (0: none).
+    pub response_owner: u32,
+    pub response: ResponseHead,
+}
+
+impl LiveHeads {
+    fn new() -> LiveHeads {
+        LiveHeads {
+            request_owner: 0,
+            request: http::Request::new(()).into_parts().0,
+            response_owner: 0,
+            response: ResponseHead::new(http::Response::new(()).into_parts().0),
+        }
+    }
+
+    /// Moves the heads still here to their contexts (the VM is going away).
+    fn park_in(&mut self, contexts: &mut IdMap<Box<HttpCtx>>) {
+        let owner = std::mem::take(&mut self.request_owner);
+        if let Some(ctx) = contexts.get_mut(&owner) {
+            let head = std::mem::replace(&mut self.request, http::Request::new(()).into_parts().0);
+            ctx.parked = Parked::ReqHead(head);
+        }
+        let owner = std::mem::take(&mut self.response_owner);
+        if let Some(ctx) = contexts.get_mut(&owner) {
+            let head = std::mem::replace(
+                &mut self.response,
+                ResponseHead::new(http::Response::new(()).into_parts().0),
+            );
+            ctx.parked = Parked::RespHead(head);
+        }
+    }
+}
+
 /// The data of a VM's `Store`.
 pub(crate) struct VmState {
     pub plugin: Arc<Plugin>,
@@ -285,6 +327,7 @@ pub(crate) struct VmState {
     pub root_id: u32,
     pub frame: CallFrame,
     pub contexts: IdMap<Box<HttpCtx>>,
+    pub live: LiveHeads,
     /// Released contexts' allocations, reused by [`VmState::new_context`]
     /// (boxed: they move into `contexts` as they are).
     #[allow(clippy::vec_box)]
@@ -317,6 +360,7 @@ impl VmState {
             root_id: 1,
             frame: CallFrame { callback: Callback::None, ctx: 0, effective: 0 },
             contexts: IdMap::default(),
+            live: LiveHeads::new(),
             spare_contexts: Vec::new(),
             worker,
             tick_period: None,
@@ -345,6 +389,29 @@ impl VmState {
             *ctx = HttpCtx::default();
             self.spare_contexts.push(ctx);
         }
+    }
+
+    /// Takes every HTTP context out (the VM failed), each with its head.
+    pub fn take_contexts(&mut self) -> IdMap<Box<HttpCtx>> {
+        let mut contexts = std::mem::take(&mut self.contexts);
+        self.live.park_in(&mut contexts);
+        contexts
+    }
+
+    /// The request head of context `id`, in its header phase (or paused in it).
+    pub fn req_head(&self, id: u32) -> Option<&request::Parts> {
+        if id != 0 && self.live.request_owner == id {
+            return Some(&self.live.request);
+        }
+        self.contexts.get(&id)?.req_head()
+    }
+
+    /// The response head of context `id`, in its header phase (or paused in it).
+    pub fn resp_head(&self, id: u32) -> Option<&ResponseHead> {
+        if id != 0 && self.live.response_owner == id {
+            return Some(&self.live.response);
+        }
+        self.contexts.get(&id)?.resp_head()
     }
 
     /// The HTTP context host calls currently act on, if the effective context is one.

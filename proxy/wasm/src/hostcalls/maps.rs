@@ -25,10 +25,10 @@ fn with_map<R>(st: &VmState, map: i32, f: impl FnOnce(MapView<'_>) -> R) -> Resu
             callout.map(|r| MapView::Plain(&r.trailers))
         }
         MapType::GrpcReceiveInitialMetadata => callout.map(|r| MapView::Plain(&r.head.headers)),
+        MapType::HttpRequestHeaders => st.req_head(st.frame.effective).map(MapView::Request),
+        MapType::HttpResponseHeaders => st.resp_head(st.frame.effective).map(MapView::Head),
         _ => st.contexts.get(&st.frame.effective).and_then(|ctx| match map {
-            MapType::HttpRequestHeaders => ctx.req_head().map(MapView::Request),
             MapType::HttpRequestTrailers => ctx.req_trailers().map(MapView::Plain),
-            MapType::HttpResponseHeaders => ctx.resp_head().map(MapView::Head),
             _ => ctx.resp_trailers().map(MapView::Plain),
         }),
     };
@@ -48,30 +48,29 @@ fn with_map_mut<R>(
     f: impl FnOnce(&mut MapMut<'_>) -> Result<R, Status>,
 ) -> Result<R, Status> {
     let kind = MapType::from_u32(map as u32).ok_or(Status::BadArgument)?;
-    let callback = st.frame.callback;
-    let Some(ctx) = st.contexts.get_mut(&st.frame.effective) else {
-        tracing::warn!(plugin = %st.plugin.name, callback = callback.name(), map, "header map is not writable here");
+    let (callback, id) = (st.frame.callback, st.frame.effective);
+    let VmState { contexts, live, plugin, .. } = st;
+    let Some(ctx) = contexts.get_mut(&id) else {
+        tracing::warn!(plugin = %plugin.name, callback = callback.name(), map, "header map is not writable here");
         return Err(Status::BadArgument);
     };
-    let (result, edited) = match kind {
-        MapType::HttpRequestHeaders if ctx.req_head().is_some() => {
-            let head = ctx.req_head_mut().ok_or(Status::BadArgument)?;
-            (f(&mut MapMut::Request(head)), true)
+    let mut map_mut = match kind {
+        MapType::HttpRequestHeaders if live.request_owner == id => Some(MapMut::Request(&mut live.request)),
+        MapType::HttpRequestHeaders => ctx.req_head_mut().map(MapMut::Request),
+        MapType::HttpRequestTrailers => ctx.req_trailers_mut().map(MapMut::Plain),
+        MapType::HttpResponseHeaders if live.response_owner == id => {
+            Some(MapMut::Response(&mut live.response))
         }
-        MapType::HttpRequestTrailers if ctx.req_trailers().is_some() => {
-            (f(&mut MapMut::Plain(ctx.req_trailers_mut().ok_or(Status::BadArgument)?)), false)
-        }
-        MapType::HttpResponseHeaders if ctx.resp_head().is_some() => {
-            (f(&mut MapMut::Response(ctx.resp_head_mut().ok_or(Status::BadArgument)?)), false)
-        }
-        MapType::HttpResponseTrailers if ctx.resp_trailers().is_some() => {
-            (f(&mut MapMut::Plain(ctx.resp_trailers_mut().ok_or(Status::BadArgument)?)), false)
-        }
-        _ => {
-            tracing::warn!(plugin = %st.plugin.name, callback = callback.name(), map, "header map is not writable in this callback");
-            return Err(Status::BadArgument);
-        }
+        MapType::HttpResponseHeaders => ctx.resp_head_mut().map(MapMut::Response),
+        MapType::HttpResponseTrailers => ctx.resp_trailers_mut().map(MapMut::Plain),
+        _ => None,
     };
+    let Some(map_mut) = map_mut.as_mut() else {
+        tracing::warn!(plugin = %plugin.name, callback = callback.name(), map, "header map is not writable in this callback");
+        return Err(Status::BadArgument);
+    };
+    let edited = kind == MapType::HttpRequestHeaders;
+    let result = f(map_mut);
     if edited && result.is_ok() {
         ctx.req_edited = true;
     }
