@@ -23,7 +23,7 @@ use sluice_filter::{
 use crate::factory::{FactoryInner, Plugin, WorkerHold, WorkerSlot};
 use crate::headers::MapView;
 use crate::properties::{INFO, LogScope};
-use crate::state::{Callback, HttpCtx, LiveHeads, Parked, Signal, VmState};
+use crate::state::{Callback, HttpCtx, LiveHeads, Parked, ParkedForm, Signal, VmState};
 use crate::vm::{Vm, VmFailure};
 
 /// One kind of phase: where its data lives in the context and how the guest is called.
@@ -115,11 +115,11 @@ macro_rules! phase {
             const CALLBACK: Callback = $cb;
             const BODY: bool = $body;
             fn park(ctx: &mut HttpCtx, value: $value) {
-                ctx.parked = Parked::$variant(value);
+                ctx.parked = Parked::$variant(ParkedForm::wrap(value));
             }
             fn unpark(ctx: &mut HttpCtx) -> Option<$value> {
                 match std::mem::take(&mut ctx.parked) {
-                    Parked::$variant(v) => Some(v),
+                    Parked::$variant(v) => Some(ParkedForm::unwrap(v)),
                     other => {
                         ctx.parked = other;
                         None

@@ -91,15 +91,16 @@ pub(crate) struct Signal {
 
 /// The data of the phase a context is in (or paused in). The filter lock of a
 /// request lets one phase of a filter run at a time, so one slot is enough; a
-/// context stays a few cache lines, which it touches on every request.
+/// context stays a few cache lines, which it touches on every request. Heads
+/// are boxed: they are only here while paused (see [`LiveHeads`]).
 #[derive(Default)]
 pub(crate) enum Parked {
     #[default]
     None,
-    ReqHead(request::Parts),
+    ReqHead(Box<request::Parts>),
     ReqBody(BytesMut),
     ReqTrailers(HeaderMap),
-    RespHead(ResponseHead),
+    RespHead(Box<ResponseHead>),
     RespBody(BytesMut),
     RespTrailers(HeaderMap),
 }
@@ -270,6 +271,35 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A phase's data as `Parked` holds it (heads boxed).
+pub(crate) trait ParkedForm<T> {
+    fn wrap(v: T) -> Self;
+    fn unwrap(self) -> T;
+}
+
+impl<T> ParkedForm<T> for Box<T> {
+    fn wrap(v: T) -> Self {
+        Box::new(v)
+    }
+    fn unwrap(self) -> T {
+        *self
+    }
+}
+
+macro_rules! parked_as_is {
+    ($($t:ty),*) => {$(
+        impl ParkedForm<$t> for $t {
+            fn wrap(v: $t) -> Self {
+                v
+            }
+            fn unwrap(self) -> $t {
+                self
+            }
+        }
+    )*};
+}
+parked_as_is!(BytesMut, HeaderMap);
+
 /// Released HTTP contexts a VM keeps for reuse.
 const MAX_SPARE_CONTEXTS: usize = 64;
 
@@ -302,7 +332,7 @@ impl LiveHeads {
         let owner = std::mem::take(&mut self.request_owner);
         if let Some(ctx) = contexts.get_mut(&owner) {
             let head = std::mem::replace(&mut self.request, http::Request::new(()).into_parts().0);
-            ctx.parked = Parked::ReqHead(head);
+            ctx.parked = Parked::ReqHead(Box::new(head));
         }
         let owner = std::mem::take(&mut self.response_owner);
         if let Some(ctx) = contexts.get_mut(&owner) {
@@ -310,7 +340,7 @@ impl LiveHeads {
                 &mut self.response,
                 ResponseHead::new(http::Response::new(()).into_parts().0),
             );
-            ctx.parked = Parked::RespHead(head);
+            ctx.parked = Parked::RespHead(Box::new(head));
         }
     }
 }

@@ -412,7 +412,11 @@ fn fail_open_skips_the_filter_and_counts() {
     let factory = host.load_bytes(&s, &boom_module(), &[]).expect("load");
     run(async {
         let mut ex = Exchange::new(&factory, "http://a.test/boom");
+        ex.req.headers.insert("x-kept", http::HeaderValue::from_static("yes"));
         assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
+        // The head the guest trapped over comes back whole.
+        assert_eq!(ex.req.uri.path(), "/boom");
+        assert_eq!(ex.req.headers.get("x-kept").map(|v| v.as_bytes()), Some(&b"yes"[..]));
         let mut ex = Exchange::new(&factory, "http://a.test/fine");
         assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
     });
