@@ -13,11 +13,16 @@ use crate::factory::FactoryInner;
 use crate::state::{CalloutData, Deferred};
 use crate::vm::{Vm, VmFailure};
 
-/// Applies the work host calls recorded during the last callback.
+/// Applies the work host calls recorded during the last callback (most
+/// callbacks leave none: that check is inlined into the caller).
+#[inline]
 pub(crate) fn flush(inner: &FactoryInner, vm: &mut Vm) {
-    if vm.store.data().deferred.is_empty() {
-        return;
+    if !vm.store.data().deferred.is_empty() {
+        flush_deferred(inner, vm);
     }
+}
+
+fn flush_deferred(inner: &FactoryInner, vm: &mut Vm) {
     let mut list = std::mem::take(&mut vm.store.data_mut().deferred);
     let worker = vm.store.data().worker;
     for item in list.drain(..) {

@@ -96,6 +96,8 @@ pub(crate) struct WorkerSlot {
     /// Contexts of a failed VM, kept until their request picks its data back up.
     pub orphans: Vec<(u64, u32, HttpCtx)>,
     next_ctx: u32,
+    /// `next_ctx` went round: an id may still be in use.
+    ctx_ids_wrapped: bool,
     /// Placeholders the header phases leave with their caller (see `filter::Placeholder`).
     pub spare_request: Option<http::request::Parts>,
     pub spare_response: Option<sluice_filter::ResponseHead>,
@@ -122,18 +124,24 @@ impl WorkerSlot {
             last_error: None,
             orphans: Vec::new(),
             next_ctx: 1,
+            ctx_ids_wrapped: false,
             spare_request: None,
             spare_response: None,
         }
     }
 
-    /// A fresh HTTP context id in the current VM.
-    pub fn next_ctx_id(&mut self) -> u32 {
+    /// A fresh HTTP context id in the current VM (`None` without one). Ids
+    /// are checked against the live contexts only once they went round.
+    pub fn next_ctx_id(&mut self) -> Option<u32> {
+        let contexts = &self.vm.as_ref()?.store.data().contexts;
         loop {
             self.next_ctx = self.next_ctx.wrapping_add(1);
             let id = self.next_ctx;
-            if id > 1 && self.vm.as_ref().is_some_and(|vm| !vm.store.data().contexts.contains_key(&id)) {
-                return id;
+            if id == 0 {
+                self.ctx_ids_wrapped = true;
+            }
+            if id > 1 && !(self.ctx_ids_wrapped && contexts.contains_key(&id)) {
+                return Some(id);
             }
         }
     }
@@ -164,6 +172,7 @@ impl WorkerSlot {
                     }
                     self.health = Health::Ready;
                     self.next_ctx = 1;
+                    self.ctx_ids_wrapped = false;
                     self.vm = Some(vm);
                     if let Some(vm) = self.vm.as_mut() {
                         crate::callout::flush(inner, vm);

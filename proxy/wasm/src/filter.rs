@@ -256,7 +256,7 @@ fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> boo
             && *owner == 0
         {
             P::resumed(&mut ctx.signal);
-            std::mem::swap(v, value);
+            swap_head(v, value);
             *owner = c.id;
             return true;
         }
@@ -304,11 +304,18 @@ fn take_back<P: Phase>(
     if let Some((owner, v)) = live.and_then(P::live)
         && *owner == id
     {
-        std::mem::swap(v, value);
+        swap_head(v, value);
         *owner = 0;
         return None;
     }
     ctx.and_then(P::unpark)
+}
+
+/// Swaps a head with the VM's live slot. Kept out of line: inlined, the
+/// compiler swaps through a temporary with three copies.
+#[inline(never)]
+fn swap_head<T>(a: &mut T, b: &mut T) {
+    std::mem::swap(a, b);
 }
 
 /// The guest paused: the context keeps the phase's data until it decides (the
@@ -399,8 +406,9 @@ fn context(
         return Err(lost(slot, &inner.plugin, callback));
     }
     slot.ensure(inner)?;
-    let id = slot.next_ctx_id();
-    let Some(vm) = slot.vm.as_mut() else { return Err(lost(slot, &inner.plugin, callback)) };
+    let (Some(id), Some(vm)) = (slot.next_ctx_id(), slot.vm.as_mut()) else {
+        return Err(lost(slot, &inner.plugin, callback));
+    };
     let c = CtxRef { id, generation: vm.generation };
     vm.store.data_mut().new_context(id);
     *ctx = Some(c);
