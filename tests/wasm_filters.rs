@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Backend, Sluice, build_wasm, eventually, get, root};
+use http_body_util::BodyExt;
+use support::{Backend, Sluice, build_wasm, client, eventually, get, root};
 
 /// The `sink` fixture: a proxy-wasm 0.2.5 filter exercising every host-call family.
 fn sink() -> PathBuf {
@@ -148,6 +149,30 @@ async fn a_looping_or_trapping_filter_fails_closed_fast_and_reload_recovers() {
 /// pool (no up-front address-space reservation). Filters run as before, and the
 /// sandbox still holds: a looping callback ends at its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_answers_from_the_request_body_phase() {
+    let backend = echo_backend().await;
+    let proxy = Sluice::start(&config(backend.addr, &sink(), "cfg", "closed"));
+    let addr = proxy.addr("main");
+    let post = |body: &'static str| {
+        let req = http::Request::post(format!("http://{addr}/upload"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        client().request(req)
+    };
+    // The sink buffers the body and refuses it once it has seen all of it:
+    // the client gets the filter's reply, not the upstream exchange's error.
+    let resp = post("forbidden words").await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["x-sink-body"], "refused");
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "no");
+    // A body it lets through reaches the upstream.
+    let resp = post("fine words").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // (The echo backend answers with the path; the sink appends `!`.)
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "/upload!");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_run_without_the_pooling_allocator() {
     let backend = echo_backend().await;
     let proxy =
@@ -261,13 +286,25 @@ async fn timers_shared_data_queues_metrics_and_logs_work_through_the_proxy() {
     })
     .await;
 
-    // `on_log` sees the final response head: the HTTP/1.1 server hands the
-    // encoded head back to the chain (the sink logs `:path :status`).
+    // `on_log` sees the final response head (the HTTP/1.1 server hands the
+    // encoded head back to the chain) and the request head as it was sent
+    // upstream: the filter's `x-sink`, the proxy's `x-forwarded-for`, and the
+    // `host` field shown as `:authority`.
+    let logged = format!("/logged 200 {addr} http xff=127.0.0.1 sink=1");
     eventually(Duration::from_secs(5), || async {
         let (status, _, body) = get(addr, "/logged").await;
         assert_eq!((status, body.as_ref()), (200, &b"/logged!"[..]));
         let (_, headers, _) = get(addr, "/get/last_log").await;
-        (headers.get("x-echo-x-value").is_some_and(|v| v == "/logged 200")).then_some(())
+        (headers.get("x-echo-x-value").is_some_and(|v| v == logged.as_str())).then_some(())
+    })
+    .await;
+    // After the filter's own reply, `on_log` reads the head the filters left.
+    let answered = format!("/hello 200 {addr} http xff= sink=1");
+    eventually(Duration::from_secs(5), || async {
+        let (status, _, _) = get(addr, "/hello").await;
+        assert_eq!(status, 200);
+        let (_, headers, _) = get(addr, "/get/last_log").await;
+        (headers.get("x-echo-x-value").is_some_and(|v| v == answered.as_str())).then_some(())
     })
     .await;
 

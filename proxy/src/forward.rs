@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION, USER_AGENT};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version, request};
 use sluice_config::{AccessLogFormat, Redirect};
 use sluice_filter::{LocalResponse, StreamInfo, TlsInfo};
 
@@ -267,6 +267,7 @@ async fn proxy<'a>(
         let host = parts.headers.remove(HOST);
         let end_of_stream = http_body::Body::is_end_stream(&body);
         if let Some(local) = run.request_headers(&mut parts, end_of_stream).await? {
+            run.keep_request_head(parts);
             let resp = Box::pin(run.local_response(local, version)).await;
             return Ok(finish_local(resp, log, dp, route.local_metrics.clone(), Some(run)));
         }
@@ -308,6 +309,7 @@ async fn proxy<'a>(
 
     match &route.action {
         RouteAction::Direct { status, body: text, content_type } => {
+            keep_answered_head(&mut chain, parts);
             let mut resp = Response::new(ProxyBody::full(text.clone()));
             *resp.status_mut() = *status;
             if let Some(ct) = content_type {
@@ -317,6 +319,7 @@ async fn proxy<'a>(
             Ok(Box::pin(finish_filtered_local(resp, log, dp, route.local_metrics.clone(), chain)).await)
         }
         RouteAction::Redirect(r) => {
+            keep_answered_head(&mut chain, parts);
             let resp = redirect(r, https, &target)?;
             Ok(Box::pin(finish_filtered_local(resp, log, dp, route.local_metrics.clone(), chain)).await)
         }
@@ -362,6 +365,15 @@ async fn proxy<'a>(
             )
             .await
         }
+    }
+}
+
+/// A request the proxy answers itself: `on_log` reads the head the filters
+/// left (`host` is shown as `:authority`).
+fn keep_answered_head(chain: &mut Option<ChainRun>, mut parts: request::Parts) {
+    if let Some(run) = chain {
+        parts.headers.remove(HOST);
+        run.keep_request_head(parts);
     }
 }
 

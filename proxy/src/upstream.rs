@@ -3,6 +3,7 @@
 //! retries with budget and backoff, outlier accounting) and the response's
 //! way back (hop-by-hop strip, header edits, response filters).
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use sluice_config::LbPolicy;
 
 use crate::accesslog::RequestLog;
 use crate::body::ProxyBody;
-use crate::chain::ChainRun;
+use crate::chain::{ChainRun, Failure};
 use crate::cluster::{ClusterState, Endpoint, HashKey, Outcome, Picker};
 use crate::dataplane::Dataplane;
 use crate::error::{ErrorKind, ProxyError, Side};
@@ -317,9 +318,13 @@ pub(crate) async fn forward(
         };
         // The exchange's future is made where it is awaited, in one of two
         // shapes: every other shape would be one more copy of its state.
+        // A filter chain's `on_log` reads the request head as it was sent upstream.
+        let head_back = chain.as_ref().map(ChainRun::request_head_slot);
         let result = match until {
-            Some(t) => tokio::time::timeout_at(t, send_request(cluster, endpoint, req, verbatim)).await,
-            None => Ok(send_request(cluster, endpoint, req, verbatim).await),
+            Some(t) => {
+                tokio::time::timeout_at(t, send_request(cluster, endpoint, req, verbatim, head_back)).await
+            }
+            None => Ok(send_request(cluster, endpoint, req, verbatim, head_back).await),
         };
         drop(retry_slot.take());
         let elapsed = started.elapsed();
@@ -346,6 +351,19 @@ pub(crate) async fn forward(
                 ProxyError::upstream(ErrorKind::UpstreamProtocol, format!("retriable status {status}"))
             }
             Ok(Err(e)) => {
+                // A filter stopped the request body (its own reply, a reset, a
+                // buffer overflow): that is the answer, not the exchange's error.
+                if let Some(failure) = chain.as_ref().and_then(ChainRun::take_failure) {
+                    drop(inflight);
+                    return match (failure, chain.take()) {
+                        (Failure::Local(local), Some(mut run)) => {
+                            let resp = Box::pin(run.local_response(local, log.protocol)).await;
+                            Ok(finish_local(resp, log, dp, metrics, Some(run)))
+                        }
+                        (Failure::Error(err), _) => Err(err),
+                        (Failure::Local(_), None) => Err(e),
+                    };
+                }
                 // A failing request body is the downstream's fault and an open
                 // circuit breaker a local overflow: neither is the endpoint's.
                 if e.side == Side::Upstream && e.kind != ErrorKind::CircuitOpen {
@@ -519,11 +537,14 @@ pub(crate) fn pick_endpoint(
 /// Sends one attempt and waits for the response head. An HTTP/1.1 response
 /// body returns its connection to the pool when it completes. `verbatim`: an
 /// HTTP/1.1 response keeps its fields encoded (see `h1::verbatim`).
+/// `head_back`: where the request head is handed back once sent (for the
+/// filters' `on_log`; HTTP/2 sends a copy).
 pub(crate) async fn send_request(
     cluster: &Arc<ClusterState>,
     endpoint: &Arc<Endpoint>,
     req: Request<ProxyBody>,
     verbatim: bool,
+    head_back: Option<&RefCell<Option<request::Parts>>>,
 ) -> Result<h1::Answer, ProxyError> {
     let pool = pool::endpoint_pool(cluster, endpoint);
     match pool::checkout(cluster, endpoint, &pool).await? {
@@ -546,14 +567,30 @@ pub(crate) async fn send_request(
                 Err(e) => return Err(e),
             };
             let home = Some((pool, cluster.config.pool.max_idle_per_endpoint));
+            if let Some(back) = head_back {
+                *back.borrow_mut() = Some(parts);
+            }
             Ok(ex.into_answer(head, home))
         }
         Conn::H2(mut s) => {
             s.ready().await.map_err(upstream_error)?;
+            if let Some(back) = head_back {
+                *back.borrow_mut() = Some(copy_head(&req));
+            }
             let resp = s.send_request(req).await.map_err(upstream_error)?;
             Ok(h1::Answer { response: resp.map(ProxyBody::incoming), upgraded: None, stripped: false })
         }
     }
+}
+
+/// A copy of a request's head (method, URI, version, fields).
+fn copy_head<B>(req: &Request<B>) -> request::Parts {
+    let mut parts = Request::new(()).into_parts().0;
+    parts.method = req.method().clone();
+    parts.uri = req.uri().clone();
+    parts.version = req.version();
+    parts.headers = req.headers().clone();
+    parts
 }
 
 fn upstream_error(e: hyper::Error) -> ProxyError {

@@ -265,8 +265,9 @@ impl StreamInfo {
 
 /// What `on_log` sees: the final request and response heads.
 pub struct LogView<'a> {
-    /// The request as forwarded.
-    pub request: &'a request::Parts,
+    /// The request as forwarded upstream (the filters' own when the proxy
+    /// answered itself; `None` when the request ended before either).
+    pub request: Option<&'a request::Parts>,
     /// The response as sent downstream, if any was.
     pub response: Option<&'a ResponseHead>,
     /// Request trailers, if any.

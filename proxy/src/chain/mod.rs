@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::task::Poll;
 
-use http::{HeaderMap, Request, Response, request};
+use http::{HeaderMap, Response, request};
 use http_body::Body;
 use sluice_filter::{
     FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData, ResponseHead,
@@ -60,7 +60,6 @@ impl LogHead {
 struct Filters {
     /// Inline up to four filters: no allocation for the list itself.
     list: smallvec::SmallVec<[Box<dyn HttpFilter>; 4]>,
-    request_head: request::Parts,
     /// Boxed: trailers are rare, and inline they would push the per-request
     /// state past glibc's thread cache (1,032 bytes) into malloc's slow path.
     request_trailers: Option<Box<HeaderMap>>,
@@ -76,6 +75,8 @@ struct Shared {
     /// The response head, handed back by the HTTP/1.1 server once encoded
     /// (see `ProxyBody::keep_head`), for `on_log`.
     response_head: RefCell<Option<ResponseHead>>,
+    /// The request head for `on_log` (see [`ChainRun::keep_request_head`]).
+    request_head: RefCell<Option<request::Parts>>,
 }
 
 /// One request's run through its filter chain.
@@ -203,8 +204,7 @@ impl ChainRun {
     /// Makes the per-request filters.
     pub fn new(chain: &Chain, info: StreamInfo, max_buffer: usize) -> Self {
         let list = chain.iter().map(|f| f.new_filter(&info)).collect();
-        let request_head = Request::new(()).into_parts().0;
-        let filters = Filters { list, request_head, request_trailers: None, response_trailers: None };
+        let filters = Filters { list, request_trailers: None, response_trailers: None };
         ChainRun {
             shared: Rc::new(Shared {
                 filters: LocalLock::new(filters),
@@ -212,6 +212,7 @@ impl ChainRun {
                 failure: RefCell::new(None),
                 max_buffer,
                 response_head: RefCell::new(None),
+                request_head: RefCell::new(None),
             }),
         }
     }
@@ -234,15 +235,19 @@ impl ChainRun {
     ) -> Result<Option<LocalResponse>, ProxyError> {
         let sh = &*self.shared;
         let held = sh.filters.acquire().await;
-        if let Some(local) = run_heads(sh, &held, head, end_of_stream).await? {
-            return Ok(Some(local));
-        }
-        let mut f = held.value().ok_or_else(busy)?;
-        f.request_head.method = head.method.clone();
-        f.request_head.uri = head.uri.clone();
-        f.request_head.version = head.version;
-        f.request_head.headers = head.headers.clone();
-        Ok(None)
+        run_heads(sh, &held, head, end_of_stream).await
+    }
+
+    /// Keeps the request head `on_log` reads: the filters' when the proxy
+    /// answered itself. Moved, not copied.
+    pub fn keep_request_head(&mut self, head: request::Parts) {
+        *self.shared.request_head.borrow_mut() = Some(head);
+    }
+
+    /// Where the upstream client hands back the request head it sent, for
+    /// `on_log` (moved there, not copied).
+    pub fn request_head_slot(&self) -> &RefCell<Option<request::Parts>> {
+        &self.shared.request_head
     }
 
     /// Runs `on_response_headers` backward. `Some` is a local response.
@@ -307,8 +312,9 @@ impl ChainRun {
         let Some(mut f) = held.value() else { return };
         let f = &mut *f;
         let kept = sh.response_head.borrow();
+        let request = sh.request_head.borrow();
         let view = LogView {
-            request: &f.request_head,
+            request: request.as_ref(),
             response: response.map(|r| &r.head).or(kept.as_ref()),
             request_trailers: f.request_trailers.as_deref(),
             response_trailers: f.response_trailers.as_deref(),

@@ -183,7 +183,7 @@ fn main() {
                         sluice_filter::response_body(&mut **f, &mut body, &info, true).await.unwrap();
                     }
                     let view = LogView {
-                        request: &req,
+                        request: Some(&req),
                         response: Some(&resp),
                         request_trailers: None,
                         response_trailers: None,

@@ -3,7 +3,7 @@
 //! normalized absolute URI; `host` is an alias of `:authority`), response heads
 //! carry `:status`.
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HOST, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, StatusCode, Uri, request, response};
 use sluice_abi::Status;
@@ -26,11 +26,19 @@ impl<'a> MapView<'a> {
     pub fn for_each(self, mut f: impl FnMut(&[u8], &[u8])) {
         match self {
             MapView::Request(p) => {
-                f(b":authority", p.uri.authority().map_or("", Authority::as_str).as_bytes());
+                f(b":authority", request_authority(p));
                 f(b":path", p.uri.path_and_query().map_or("/", PathAndQuery::as_str).as_bytes());
                 f(b":method", p.method.as_str().as_bytes());
-                f(b":scheme", p.uri.scheme_str().unwrap_or("http").as_bytes());
-                each(&p.headers, f);
+                f(b":scheme", request_scheme(p).as_bytes());
+                if p.uri.authority().is_some() {
+                    each(&p.headers, f);
+                } else {
+                    for (k, v) in &p.headers {
+                        if k != HOST {
+                            f(k.as_str().as_bytes(), v.as_bytes());
+                        }
+                    }
+                }
             }
             MapView::Response(p) => {
                 f(b":status", p.status.as_str().as_bytes());
@@ -48,7 +56,7 @@ impl<'a> MapView<'a> {
     /// Number of entries (what `for_each` visits), without walking the map.
     pub fn count(self) -> usize {
         match self {
-            MapView::Request(p) => 4 + p.headers.len(),
+            MapView::Request(p) => 4 + p.headers.len() - hidden_hosts(p),
             MapView::Response(p) => 1 + p.headers.len(),
             MapView::Head(h) => 1 + h.len(),
             MapView::Plain(h) => h.len(),
@@ -102,10 +110,10 @@ impl<'a> MapView<'a> {
     pub fn get(self, key: &[u8]) -> Option<&'a [u8]> {
         match self {
             MapView::Request(p) => match key {
-                b":authority" | b"host" => Some(p.uri.authority().map_or("", Authority::as_str).as_bytes()),
+                b":authority" | b"host" => Some(request_authority(p)),
                 b":path" => Some(p.uri.path_and_query().map_or("/", PathAndQuery::as_str).as_bytes()),
                 b":method" => Some(p.method.as_str().as_bytes()),
-                b":scheme" => Some(p.uri.scheme_str().unwrap_or("http").as_bytes()),
+                b":scheme" => Some(request_scheme(p).as_bytes()),
                 _ => lookup(&p.headers, key),
             },
             MapView::Response(p) => match key {
@@ -121,6 +129,31 @@ impl<'a> MapView<'a> {
             MapView::Empty => None,
         }
     }
+}
+
+/// A request's `:authority`: its URI's, else its `host` field. Heads in the
+/// filter phases carry an absolute URI; the head `on_log` reads is the one sent
+/// upstream, which over HTTP/1.1 carries the authority in `host` (shown as
+/// `:authority` only, as in Envoy).
+pub(crate) fn request_authority(p: &request::Parts) -> &[u8] {
+    match p.uri.authority() {
+        Some(a) => a.as_str().as_bytes(),
+        None => p.headers.get(HOST).map_or(&[][..], HeaderValue::as_bytes),
+    }
+}
+
+/// A request's `:scheme`: its URI's, else the downstream's.
+pub(crate) fn request_scheme(p: &request::Parts) -> &str {
+    match p.uri.scheme_str() {
+        Some(s) => s,
+        None if crate::properties::downstream_tls() => "https",
+        None => "http",
+    }
+}
+
+/// `host` fields shown as `:authority` rather than as fields.
+fn hidden_hosts(p: &request::Parts) -> usize {
+    if p.uri.authority().is_some() { 0 } else { p.headers.get_all(HOST).iter().count() }
 }
 
 fn each(h: &HeaderMap, mut f: impl FnMut(&[u8], &[u8])) {

@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, request};
 use sluice_filter::{LogView, ResponseHead, StreamInfo};
 
-use crate::headers::MapView;
+use crate::headers::{MapView, request_authority, request_scheme};
 use crate::state::{Callback, VmState};
 
 scoped_tls::scoped_thread_local!(pub(crate) static INFO: StreamInfo);
@@ -21,6 +21,11 @@ scoped_tls::scoped_thread_local!(static LOG_REQUEST: request::Parts);
 scoped_tls::scoped_thread_local!(static LOG_RESPONSE: ResponseHead);
 scoped_tls::scoped_thread_local!(static LOG_REQUEST_TRAILERS: HeaderMap);
 scoped_tls::scoped_thread_local!(static LOG_RESPONSE_TRAILERS: HeaderMap);
+
+/// The downstream connection is TLS (`false` outside a request's call).
+pub(crate) fn downstream_tls() -> bool {
+    INFO.is_set() && INFO.with(|i| i.tls.is_some())
+}
 
 /// The scope of an `on_log` call: the final heads are readable.
 pub(crate) struct LogScope;
@@ -35,7 +40,7 @@ fn set_opt<T: 'static, R>(key: &'static scoped_tls::ScopedKey<T>, v: Option<&T>,
 impl LogScope {
     pub fn enter<R>(view: &LogView<'_>, info: &StreamInfo, f: impl FnOnce() -> R) -> R {
         INFO.set(info, || {
-            LOG_REQUEST.set(view.request, || {
+            set_opt(&LOG_REQUEST, view.request, || {
                 set_opt(&LOG_RESPONSE, view.response, || {
                     set_opt(&LOG_REQUEST_TRAILERS, view.request_trailers, || {
                         set_opt(&LOG_RESPONSE_TRAILERS, view.response_trailers, f)
@@ -241,18 +246,16 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
                 None => return false,
             }
         }
-        ["request", "host"] => match with_request(state, |p| {
-            out.extend_from_slice(p.uri.authority().map_or("", |a| a.as_str()).as_bytes())
-        }) {
+        ["request", "host"] => match with_request(state, |p| out.extend_from_slice(request_authority(p))) {
             Some(()) => {}
             None => return false,
         },
-        ["request", "scheme"] => match with_request(state, |p| {
-            out.extend_from_slice(p.uri.scheme_str().unwrap_or("http").as_bytes())
-        }) {
-            Some(()) => {}
-            None => return false,
-        },
+        ["request", "scheme"] => {
+            match with_request(state, |p| out.extend_from_slice(request_scheme(p).as_bytes())) {
+                Some(()) => {}
+                None => return false,
+            }
+        }
         ["request", "method"] => {
             match with_request(state, |p| out.extend_from_slice(p.method.as_str().as_bytes())) {
                 Some(()) => {}

@@ -159,7 +159,7 @@ impl Exchange {
     pub fn log(&mut self) {
         let trailers = HeaderMap::new();
         let view = LogView {
-            request: &self.req,
+            request: Some(&self.req),
             response: Some(&self.resp),
             request_trailers: None,
             response_trailers: Some(&trailers),

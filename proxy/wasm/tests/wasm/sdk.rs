@@ -148,7 +148,7 @@ fn bodies_buffer_and_rewrite() {
         assert_eq!(&body[..], b"hello world!");
 
         ex.log();
-        assert_eq!(shared(&factory, "last_log").await, "/upload 200");
+        assert_eq!(shared(&factory, "last_log").await, "/upload 200 a.test http xff= sink=1");
     });
 }
 
