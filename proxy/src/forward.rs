@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION, USER_AGENT};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version, request};
 use sluice_config::{AccessLogFormat, Redirect};
 use sluice_filter::{LocalResponse, StreamInfo, TlsInfo};
@@ -263,8 +264,18 @@ async fn proxy<'a>(
         info.tls = conn.tls.clone();
         *info.route_name.borrow_mut() = Some(route.name.clone());
         let mut run = ChainRun::new(&route.chain, info, listener.config.limits.max_buffered_body_bytes);
-        parts.uri = absolute_uri(https, &target, &parts.uri)?;
-        let host = parts.headers.remove(HOST);
+        // An origin-form request (HTTP/1.1) keeps its URI and its `host` field,
+        // which filters see as `:authority`; any other gets the absolute form,
+        // its `host` field (if any) standing aside while the filters run.
+        let host = if parts.uri.authority().is_none() && !target.authority.is_empty() {
+            if let Some(pq) = normalized_path_and_query(&target, &parts.uri)? {
+                parts.uri = Uri::from(pq);
+            }
+            None
+        } else {
+            parts.uri = absolute_uri(https, &target, &parts.uri)?;
+            parts.headers.remove(HOST)
+        };
         let end_of_stream = http_body::Body::is_end_stream(&body);
         if let Some(local) = run.request_headers(&mut parts, end_of_stream).await? {
             run.keep_request_head(parts);
@@ -279,7 +290,10 @@ async fn proxy<'a>(
             parts.headers.insert(HOST, h);
         }
         if run.info().take_route_cache_cleared() {
-            target.authority = parts.uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+            target.authority = match parts.uri.authority() {
+                Some(a) => a.as_str().to_owned(),
+                None => parts.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned(),
+            };
             let p = parts.uri.path();
             target.path = normalize_path(p)
                 .ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?
@@ -372,25 +386,38 @@ async fn proxy<'a>(
 /// left (`host` is shown as `:authority`).
 fn keep_answered_head(chain: &mut Option<ChainRun>, mut parts: request::Parts) {
     if let Some(run) = chain {
-        parts.headers.remove(HOST);
+        if parts.uri.authority().is_some() {
+            parts.headers.remove(HOST);
+        }
         run.keep_request_head(parts);
     }
 }
 
-fn absolute_uri(https: bool, t: &Target<'_>, original: &Uri) -> Result<Uri, ProxyError> {
-    let authority = if t.authority.is_empty() { "localhost" } else { &t.authority };
-    let authority: http::uri::Authority =
-        authority.parse().map_err(|e| ProxyError::bad_request(format!("invalid authority: {e}")))?;
-    // Normalization usually changes nothing: keep the parsed path and query as they are.
-    let path_and_query = match original.path_and_query() {
-        Some(pq) if pq.path() == t.path && pq.query() == t.query.as_deref() => pq.clone(),
+/// The normalized path and query, when normalization changed the request's
+/// (it usually changes nothing: the parsed one is kept as it is).
+fn normalized_path_and_query(t: &Target<'_>, original: &Uri) -> Result<Option<PathAndQuery>, ProxyError> {
+    match original.path_and_query() {
+        Some(pq) if pq.path() == t.path && pq.query() == t.query.as_deref() => Ok(None),
         _ => {
             let pq = match &t.query {
                 Some(q) => format!("{}?{q}", t.path),
                 None => t.path.clone(),
             };
-            pq.parse().map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))?
+            pq.parse().map(Some).map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))
         }
+    }
+}
+
+fn absolute_uri(https: bool, t: &Target<'_>, original: &Uri) -> Result<Uri, ProxyError> {
+    let authority = if t.authority.is_empty() { "localhost" } else { &t.authority };
+    let authority: http::uri::Authority = match original.authority() {
+        // An HTTP/2 request's own authority, already parsed.
+        Some(a) if a.as_str() == authority => a.clone(),
+        _ => authority.parse().map_err(|e| ProxyError::bad_request(format!("invalid authority: {e}")))?,
+    };
+    let path_and_query = match normalized_path_and_query(t, original)? {
+        Some(pq) => pq,
+        None => original.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
     };
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(if https { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP });

@@ -14,9 +14,13 @@
 //!
 //! # Request heads
 //!
-//! Filters see request heads in a normalized form: the URI is absolute (scheme,
-//! authority, path and query: the proxy-wasm `:scheme`, `:authority` and `:path`),
-//! and the `host` header is not in the header map (it is the authority). The path
+//! Filters see request heads in a normalized form. An origin-form request
+//! (HTTP/1.1's usual `GET /path`) keeps its URI and its one `host` header, which is
+//! its authority (proxy-wasm's `:authority`; `:scheme` is the downstream's); any
+//! other request's URI is absolute (scheme, authority, path and query) and its
+//! `host` header is not in the map. Either way `host` is the authority, not a
+//! header of its own: keeping HTTP/1.1 heads as they came spares every filtered
+//! request an authority parse and two map edits. The path
 //! has already been normalized (dot segments, merged slashes). Edits to the URI or
 //! the headers must call [`StreamInfo::clear_route_cache`] so the route is
 //! re-evaluated, as Envoy does.

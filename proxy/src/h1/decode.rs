@@ -134,9 +134,16 @@ impl Present {
     pub(crate) const EXPECT: u8 = 8;
     pub(crate) const UPGRADE: u8 = 16;
     pub(crate) const TE: u8 = 32;
+    pub(crate) const HOST: u8 = 64;
+    /// More than one `host` field (a request with it is refused).
+    pub(crate) const HOSTS: u8 = 128;
 
     fn note(&mut self, name: &HeaderName) {
-        use http::header::{EXPECT, TE, UPGRADE};
+        use http::header::{EXPECT, HOST, TE, UPGRADE};
+        if *name == HOST {
+            self.0 |= if self.has(Self::HOST) { Self::HOSTS } else { Self::HOST };
+            return;
+        }
         self.0 |= if *name == CONNECTION {
             Self::CONNECTION
         } else if *name == TRANSFER_ENCODING {

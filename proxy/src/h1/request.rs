@@ -76,6 +76,11 @@ pub(crate) fn parse_request(
     // Room for the fields the proxy adds (request id, forwarding, tracing),
     // so adding them does not grow the map.
     let (headers, present) = header_map(&head, &spans, u128::MAX, ADDED_FIELDS).map_err(bad)?;
+    // RFC 9112 §3.2: more than one `host` is refused (two authorities are a
+    // way to make the proxy and the upstream disagree about the target).
+    if present.has(Present::HOSTS) {
+        return Err(bad("more than one host field"));
+    }
     let decoder = framing(version, &headers, present)?;
     let connection = present.has(Present::CONNECTION);
     let keep_alive = match version {
@@ -366,6 +371,8 @@ mod tests {
             "GET / HTTP/1.1\r\nx: a\r\n b\r\n\r\n",
             "GET / HTTP/1.1\rHost: x\r\n\r\n",
             "GET / HTTP/1.1\r\ntransfer-encoding : chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
         ] {
             let e = parse(vector).err().unwrap_or_else(|| panic!("accepted: {vector:?}"));
             assert_eq!(e.kind, ErrorKind::BadRequest, "{vector:?}");

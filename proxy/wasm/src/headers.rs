@@ -151,9 +151,12 @@ pub(crate) fn request_scheme(p: &request::Parts) -> &str {
     }
 }
 
-/// `host` fields shown as `:authority` rather than as fields.
+/// `host` fields shown as `:authority` rather than as fields: an origin-form
+/// head has exactly one (the seam's contract: the HTTP/1.1 server refuses a
+/// request with more, and one without gets the absolute form), so counting
+/// costs no look-up.
 fn hidden_hosts(p: &request::Parts) -> usize {
-    if p.uri.authority().is_some() { 0 } else { p.headers.get_all(HOST).iter().count() }
+    usize::from(p.uri.authority().is_none() && !p.headers.is_empty())
 }
 
 fn each(h: &HeaderMap, mut f: impl FnMut(&[u8], &[u8])) {
@@ -264,6 +267,11 @@ fn set_request_pseudo(p: &mut request::Parts, key: &[u8], v: &[u8]) -> Result<()
         }
         b":authority" | b"host" => {
             let a = Authority::try_from(v).map_err(|_| Status::BadArgument)?;
+            if p.uri.authority().is_none() {
+                // An origin-form head keeps its authority in `host`.
+                p.headers.insert(HOST, value(v)?);
+                return Ok(());
+            }
             set_uri(&mut p.uri, |u| {
                 if u.scheme.is_none() {
                     u.scheme = Some(Scheme::HTTP);
@@ -273,7 +281,18 @@ fn set_request_pseudo(p: &mut request::Parts, key: &[u8], v: &[u8]) -> Result<()
         }
         b":scheme" => {
             let s = Scheme::try_from(v).map_err(|_| Status::BadArgument)?;
-            set_uri(&mut p.uri, |u| u.scheme = Some(s))?;
+            if p.uri.authority().is_some() {
+                set_uri(&mut p.uri, |u| u.scheme = Some(s))?;
+                return Ok(());
+            }
+            // An origin-form head becomes absolute: its authority moves from `host` into the URI.
+            let host = p.headers.get(HOST).map(HeaderValue::as_bytes).ok_or(Status::BadArgument)?;
+            let a = Authority::try_from(host).map_err(|_| Status::BadArgument)?;
+            set_uri(&mut p.uri, |u| {
+                u.scheme = Some(s);
+                u.authority = Some(a);
+            })?;
+            p.headers.remove(HOST);
         }
         _ => return Err(Status::BadArgument),
     }
@@ -310,6 +329,8 @@ impl MapMut<'_> {
         // As in `lookup`: parsed on the stack, no name allocated.
         let Ok(k) = std::str::from_utf8(key) else { return };
         match self {
+            // `host` is the authority: it cannot be removed either.
+            MapMut::Request(_) if k.eq_ignore_ascii_case("host") => {}
             MapMut::Request(p) => {
                 p.headers.remove(k);
             }
@@ -334,7 +355,15 @@ impl MapMut<'_> {
             }
         }
         match self {
-            MapMut::Request(p) => p.headers = fresh,
+            MapMut::Request(p) => {
+                // An origin-form head's authority is its `host` field: it stays.
+                if p.uri.authority().is_none()
+                    && let Some(host) = p.headers.get(HOST)
+                {
+                    fresh.insert(HOST, host.clone());
+                }
+                p.headers = fresh;
+            }
             // Nothing to decode: the encoded fields go too.
             MapMut::Response(h) => h.set_headers(fresh),
             MapMut::Plain(h) => **h = fresh,
@@ -396,6 +425,53 @@ mod tests {
         assert_eq!(view.count(), view.count_and_size().0);
         let plain = req.headers.clone();
         assert_eq!(MapView::Plain(&plain).count(), MapView::Plain(&plain).count_and_size().0);
+    }
+
+    fn pairs(view: MapView<'_>) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        view.for_each(|k, v| {
+            out.push((String::from_utf8_lossy(k).into(), String::from_utf8_lossy(v).into()))
+        });
+        out
+    }
+
+    #[test]
+    fn an_origin_form_head_shows_its_host_field_as_the_authority() {
+        let (mut req, _) = http::Request::get("/a?b")
+            .header("host", "example.com:8080")
+            .header("x-a", "1")
+            .body(())
+            .unwrap_or_default()
+            .into_parts();
+        let view = MapView::Request(&req);
+        let want =
+            [(":authority", "example.com:8080"), (":path", "/a?b"), (":method", "GET"), (":scheme", "http")];
+        let want: Vec<(String, String)> = want.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        assert_eq!(pairs(view)[..4], want[..]);
+        assert_eq!(pairs(view)[4..], [("x-a".to_owned(), "1".to_owned())], "host is not a header of its own");
+        assert_eq!(view.count(), 5);
+        assert_eq!(view.count(), view.count_and_size().0);
+        assert_eq!(view.get(b"host"), Some(&b"example.com:8080"[..]));
+
+        // Writing the authority writes `host`; removing `host` does nothing.
+        let mut map = MapMut::Request(&mut req);
+        assert!(map.write(b":authority", b"other.test", Write::Replace).is_ok());
+        assert!(map.write(b":authority", b"bad authority", Write::Replace).is_err());
+        map.remove(b"host");
+        assert_eq!(req.uri, "/a?b");
+        assert_eq!(req.headers.get(HOST).map(HeaderValue::as_bytes), Some(&b"other.test"[..]));
+
+        // Replacing every pair keeps the authority.
+        let all: [(&[u8], &[u8]); 1] = [(b"x-b", b"2")];
+        assert!(MapMut::Request(&mut req).replace_all(&all).is_ok());
+        assert_eq!(MapView::Request(&req).get(b":authority"), Some(&b"other.test"[..]));
+        assert_eq!(MapView::Request(&req).count(), 5);
+
+        // Setting the scheme makes the head absolute: the authority moves into the URI.
+        assert!(MapMut::Request(&mut req).write(b":scheme", b"https", Write::Replace).is_ok());
+        assert_eq!(req.uri, "https://other.test/a?b");
+        assert!(req.headers.get(HOST).is_none());
+        assert_eq!(pairs(MapView::Request(&req)).len(), 5);
     }
 
     #[test]
