@@ -1,7 +1,7 @@
 //! Header maps as proxy-wasm sees them: request heads carry `:method`,
 //! `:scheme`, `:authority` and `:path` as pseudo-headers (mapped to and from the
-//! normalized absolute URI; `host` is an alias of `:authority`), response heads
-//! carry `:status`.
+//! normalized URI, and the `host` field of an origin-form head; `host` is an
+//! alias of `:authority`), response heads carry `:status`.
 
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -131,10 +131,10 @@ impl<'a> MapView<'a> {
     }
 }
 
-/// A request's `:authority`: its URI's, else its `host` field. Heads in the
-/// filter phases carry an absolute URI; the head `on_log` reads is the one sent
-/// upstream, which over HTTP/1.1 carries the authority in `host` (shown as
-/// `:authority` only, as in Envoy).
+/// A request's `:authority`: its URI's, else its `host` field. An HTTP/1.1
+/// head keeps its origin-form URI and carries the authority in `host`, in the
+/// filter phases and in `on_log` (the head sent upstream); `host` is then
+/// shown as `:authority` only, as in Envoy.
 pub(crate) fn request_authority(p: &request::Parts) -> &[u8] {
     match p.uri.authority() {
         Some(a) => a.as_str().as_bytes(),
