@@ -136,7 +136,7 @@ fn synthetic(err: &CalloutError) -> CalloutResponse {
             "upstream",
         ),
     };
-    let mut head = http::Response::new(()).into_parts().0;
+    let mut head = crate::state::empty_response();
     head.status = status;
     head.headers.insert("content-type", HeaderValue::from_static("text/plain"));
     head.headers.insert("x-sluice-callout-error", HeaderValue::from_static(reason));

@@ -98,9 +98,6 @@ pub(crate) struct WorkerSlot {
     next_ctx: u32,
     /// `next_ctx` went round: an id may still be in use.
     ctx_ids_wrapped: bool,
-    /// Placeholders the header phases leave with their caller (see `filter::Placeholder`).
-    pub spare_request: Option<http::request::Parts>,
-    pub spare_response: Option<sluice_filter::ResponseHead>,
 }
 
 enum Health {
@@ -125,8 +122,6 @@ impl WorkerSlot {
             orphans: Vec::new(),
             next_ctx: 1,
             ctx_ids_wrapped: false,
-            spare_request: None,
-            spare_response: None,
         }
     }
 

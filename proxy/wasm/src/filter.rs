@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use http::{HeaderMap, request, response};
+use http::{HeaderMap, request};
 use sluice_config::FailPolicy;
 use sluice_filter::{
     BodyAction, FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData,
@@ -23,7 +23,9 @@ use sluice_filter::{
 use crate::factory::{FactoryInner, Plugin, WorkerHold, WorkerSlot};
 use crate::headers::MapView;
 use crate::properties::{INFO, LogScope};
-use crate::state::{Callback, HttpCtx, LiveHeads, Parked, ParkedForm, Signal, VmState};
+use crate::state::{
+    Callback, HttpCtx, LiveHeads, Parked, ParkedForm, Signal, VmState, empty_request, empty_response,
+};
 use crate::vm::{Vm, VmFailure};
 
 /// One kind of phase: where its data lives in the context and how the guest is called.
@@ -44,34 +46,15 @@ trait Phase {
     fn invoke(vm: &mut Vm, id: u32, arg: usize, eos: bool) -> Result<i32, VmFailure>;
 }
 
-fn empty_request() -> request::Parts {
-    http::Request::new(()).into_parts().0
-}
-
-fn empty_response() -> response::Parts {
-    http::Response::new(()).into_parts().0
-}
-
-/// What a phase leaves with its caller while the data is parked. The worker
-/// keeps a spare request and response head, so the header phases neither build
-/// nor drop one.
+/// An empty value of a phase's data: what the caller holds while the data is
+/// parked in a context (rare: a head normally swaps with the VM's live slot).
 trait Placeholder: Sized {
     fn fresh() -> Self;
-    fn take(slot: &mut WorkerSlot) -> Self;
-    fn give_back(self, _slot: &mut WorkerSlot) {}
 }
 
 impl Placeholder for request::Parts {
     fn fresh() -> Self {
         empty_request()
-    }
-    fn take(slot: &mut WorkerSlot) -> Self {
-        slot.spare_request.take().unwrap_or_else(empty_request)
-    }
-    fn give_back(self, slot: &mut WorkerSlot) {
-        if slot.spare_request.is_none() {
-            slot.spare_request = Some(self);
-        }
     }
 }
 
@@ -79,30 +62,16 @@ impl Placeholder for ResponseHead {
     fn fresh() -> Self {
         ResponseHead::new(empty_response())
     }
-    fn take(slot: &mut WorkerSlot) -> Self {
-        slot.spare_response.take().unwrap_or_else(|| ResponseHead::new(empty_response()))
-    }
-    fn give_back(self, slot: &mut WorkerSlot) {
-        if slot.spare_response.is_none() {
-            slot.spare_response = Some(self);
-        }
-    }
 }
 
 impl Placeholder for BytesMut {
     fn fresh() -> Self {
         BytesMut::new()
     }
-    fn take(_: &mut WorkerSlot) -> Self {
-        BytesMut::new()
-    }
 }
 
 impl Placeholder for HeaderMap {
     fn fresh() -> Self {
-        HeaderMap::new()
-    }
-    fn take(_: &mut WorkerSlot) -> Self {
         HeaderMap::new()
     }
 }
@@ -261,13 +230,9 @@ fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> boo
             return true;
         }
     }
-    let placeholder = P::Value::take(slot);
-    let Some(ctx) = find_ctx(slot, c) else {
-        placeholder.give_back(slot);
-        return false;
-    };
+    let Some(ctx) = find_ctx(slot, c) else { return false };
     P::resumed(&mut ctx.signal);
-    P::park(ctx, std::mem::replace(value, placeholder));
+    P::park(ctx, std::mem::replace(value, P::Value::fresh()));
     true
 }
 
@@ -284,7 +249,7 @@ fn unpark<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value, info
             take_back::<P>(None, Some(ctx), c.id, value, info)
         }
     };
-    restore::<P>(slot, value, back);
+    restore::<P>(value, back);
 }
 
 /// The phase's data back with the caller: swapped back from the VM's live
@@ -330,9 +295,9 @@ fn hold<P: Phase>(live: &mut LiveHeads, ctx: &mut HttpCtx, id: u32) {
 }
 
 /// Puts the phase's data back with the caller, keeping the placeholder.
-fn restore<P: Phase>(slot: &mut WorkerSlot, value: &mut P::Value, back: Option<P::Value>) {
+fn restore<P: Phase>(value: &mut P::Value, back: Option<P::Value>) {
     if let Some(v) = back {
-        std::mem::replace(value, v).give_back(slot);
+        *value = v;
     }
 }
 
@@ -541,7 +506,7 @@ impl WasmFilter {
                 Ok(None)
             }
             Ok(Some((step, back))) => {
-                restore::<P>(slot, value, back);
+                restore::<P>(value, back);
                 Ok(Some(step.unwrap_or(Step::Continue)))
             }
             Ok(None) => {

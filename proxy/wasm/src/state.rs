@@ -317,13 +317,23 @@ pub(crate) struct LiveHeads {
     pub response: ResponseHead,
 }
 
+/// An empty request head.
+pub(crate) fn empty_request() -> request::Parts {
+    http::Request::new(()).into_parts().0
+}
+
+/// An empty response head.
+pub(crate) fn empty_response() -> http::response::Parts {
+    http::Response::new(()).into_parts().0
+}
+
 impl LiveHeads {
     fn new() -> LiveHeads {
         LiveHeads {
             request_owner: 0,
-            request: http::Request::new(()).into_parts().0,
+            request: empty_request(),
             response_owner: 0,
-            response: ResponseHead::new(http::Response::new(()).into_parts().0),
+            response: ResponseHead::new(empty_response()),
         }
     }
 
@@ -331,15 +341,12 @@ impl LiveHeads {
     fn park_in(&mut self, contexts: &mut IdMap<Box<HttpCtx>>) {
         let owner = std::mem::take(&mut self.request_owner);
         if let Some(ctx) = contexts.get_mut(&owner) {
-            let head = std::mem::replace(&mut self.request, http::Request::new(()).into_parts().0);
+            let head = std::mem::replace(&mut self.request, empty_request());
             ctx.parked = Parked::ReqHead(Box::new(head));
         }
         let owner = std::mem::take(&mut self.response_owner);
         if let Some(ctx) = contexts.get_mut(&owner) {
-            let head = std::mem::replace(
-                &mut self.response,
-                ResponseHead::new(http::Response::new(()).into_parts().0),
-            );
+            let head = std::mem::replace(&mut self.response, ResponseHead::new(empty_response()));
             ctx.parked = Parked::RespHead(Box::new(head));
         }
     }
