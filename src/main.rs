@@ -10,12 +10,14 @@ use clap::{Parser, Subcommand};
 use sluice_config::Snapshot;
 use sluice_proxy::{Proxy, ProxyOptions};
 
+#[cfg(feature = "mimalloc")]
+mod alloc;
 mod filter_cli;
 
 // mimalloc: fewer cycles per allocation than glibc's malloc on the request path.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::MiMalloc = alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "A WebAssembly-extensible proxy and service mesh")]

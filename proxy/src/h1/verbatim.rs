@@ -116,6 +116,11 @@ impl<'h, 'b> RawFields<'h, 'b> {
             return named;
         }
         for (f, _) in self.fields.iter().zip(&self.kinds).filter(|(_, k)| **k == CONNECTION) {
+            // The usual value, one implied token, without the split.
+            let whole = f.value.trim_ascii();
+            if whole.eq_ignore_ascii_case(b"keep-alive") || whole.eq_ignore_ascii_case(b"close") {
+                continue;
+            }
             for t in f.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
                 let implied = t.is_empty()
@@ -205,8 +210,27 @@ pub(crate) fn drop_named<'n>(v: &mut Verbatim, names: impl Iterator<Item = &'n H
 
 impl Fields for RawFields<'_, '_> {
     fn values(&self, name: &HeaderName) -> SmallVec<[&[u8]; 2]> {
-        let name = name.as_str().as_bytes();
-        self.fields.iter().filter(|f| f.name.as_bytes().eq_ignore_ascii_case(name)).map(|f| f.value).collect()
+        // The framing fields were classified when the head was parsed: no
+        // name comparisons for them.
+        let k = if *name == http::header::CONTENT_LENGTH {
+            CONTENT_LENGTH
+        } else if *name == http::header::CONNECTION {
+            CONNECTION
+        } else if *name == http::header::TRANSFER_ENCODING {
+            TRANSFER_ENCODING
+        } else {
+            let name = name.as_str().as_bytes();
+            return self
+                .fields
+                .iter()
+                .filter(|f| f.name.as_bytes().eq_ignore_ascii_case(name))
+                .map(|f| f.value)
+                .collect();
+        };
+        if self.found & k == 0 {
+            return SmallVec::new();
+        }
+        self.fields.iter().zip(&self.kinds).filter(|(_, kind)| **kind == k).map(|(f, _)| f.value).collect()
     }
 }
 
