@@ -96,8 +96,6 @@ pub(crate) struct WorkerSlot {
     /// Contexts of a failed VM, kept until their request picks its data back up.
     pub orphans: Vec<(u64, u32, HttpCtx)>,
     next_ctx: u32,
-    /// `next_ctx` went round: an id may still be in use.
-    ctx_ids_wrapped: bool,
 }
 
 enum Health {
@@ -121,21 +119,18 @@ impl WorkerSlot {
             last_error: None,
             orphans: Vec::new(),
             next_ctx: 1,
-            ctx_ids_wrapped: false,
         }
     }
 
-    /// A fresh HTTP context id in the current VM (`None` without one). Ids
-    /// are checked against the live contexts only once they went round.
+    /// A fresh HTTP context id in the current VM (`None` without one): the
+    /// next one whose slot in the VM's context table is free, which no live
+    /// context has (see [`crate::contexts`]).
     pub fn next_ctx_id(&mut self) -> Option<u32> {
-        let contexts = &self.vm.as_ref()?.store.data().contexts;
+        let contexts = &mut self.vm.as_mut()?.store.data_mut().contexts;
         loop {
             self.next_ctx = self.next_ctx.wrapping_add(1);
             let id = self.next_ctx;
-            if id == 0 {
-                self.ctx_ids_wrapped = true;
-            }
-            if id > 1 && !(self.ctx_ids_wrapped && contexts.contains_key(&id)) {
+            if id > 1 && contexts.is_free(id) {
                 return Some(id);
             }
         }
@@ -167,7 +162,6 @@ impl WorkerSlot {
                     }
                     self.health = Health::Ready;
                     self.next_ctx = 1;
-                    self.ctx_ids_wrapped = false;
                     self.vm = Some(vm);
                     if let Some(vm) = self.vm.as_mut() {
                         crate::callout::flush(inner, vm);
@@ -204,10 +198,10 @@ impl WorkerSlot {
         }
         tracing::error!(plugin = %plugin.name, callback = err.callback, kind = failure.label, reason = %err.reason, "wasm VM failed");
         if let Some(mut vm) = self.vm.take() {
-            let contexts = vm.store.data_mut().take_contexts();
+            let mut contexts = vm.store.data_mut().take_contexts();
             let generation = vm.generation;
             drop(vm);
-            for (id, mut ctx) in contexts {
+            for (id, mut ctx) in contexts.drain() {
                 if let Some(w) = ctx.waker.take() {
                     w.wake();
                 }

@@ -209,7 +209,7 @@ fn lost(slot: &WorkerSlot, plugin: &Plugin, callback: Callback) -> FilterError {
 fn find_ctx(slot: &mut WorkerSlot, c: CtxRef) -> Option<&mut HttpCtx> {
     let live = slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation);
     if live {
-        return slot.vm.as_mut().and_then(|vm| vm.store.data_mut().contexts.get_mut(&c.id)).map(|b| &mut **b);
+        return slot.vm.as_mut().and_then(|vm| vm.store.data_mut().contexts.get_mut(&c.id));
     }
     slot.orphans.iter_mut().find(|(g, id, _)| *g == c.generation && *id == c.id).map(|(_, _, ctx)| ctx)
 }
@@ -239,28 +239,28 @@ fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> boo
 /// Moves a phase's data back from the VM or the context (it stays with the
 /// caller once the phase has decided, also when the VM failed meanwhile).
 fn unpark<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value, info: &StreamInfo) {
-    let back = match slot.vm.as_mut().filter(|vm| vm.generation == c.generation) {
+    match slot.vm.as_mut().filter(|vm| vm.generation == c.generation) {
         Some(vm) => {
             let VmState { contexts, live, .. } = vm.store.data_mut();
-            take_back::<P>(Some(live), contexts.get_mut(&c.id).map(|b| &mut **b), c.id, value, info)
+            take_back::<P>(Some(live), contexts.get_mut(&c.id), c.id, value, info);
         }
         None => {
             let Some(ctx) = find_ctx(slot, c) else { return };
-            take_back::<P>(None, Some(ctx), c.id, value, info)
+            take_back::<P>(None, Some(ctx), c.id, value, info);
         }
-    };
-    restore::<P>(value, back);
+    }
 }
 
-/// The phase's data back with the caller: swapped back from the VM's live
-/// slot (`None`), or taken from the context (for [`restore`]).
+/// Puts the phase's data back with the caller: swapped back from the VM's
+/// live slot, or taken from the context (the placeholder is dropped). Written
+/// in place: returned, a head would be copied on the way.
 fn take_back<P: Phase>(
     live: Option<&mut LiveHeads>,
     mut ctx: Option<&mut HttpCtx>,
     id: u32,
     value: &mut P::Value,
     info: &StreamInfo,
-) -> Option<P::Value> {
+) {
     if P::CALLBACK == Callback::RequestHeaders
         && ctx.as_mut().is_some_and(|c| std::mem::take(&mut c.req_edited))
     {
@@ -271,9 +271,11 @@ fn take_back<P: Phase>(
     {
         swap_head(v, value);
         *owner = 0;
-        return None;
+        return;
     }
-    ctx.and_then(P::unpark)
+    if let Some(v) = ctx.and_then(P::unpark) {
+        *value = v;
+    }
 }
 
 /// Swaps a head with the VM's live slot. Kept out of line: inlined, the
@@ -291,13 +293,6 @@ fn hold<P: Phase>(live: &mut LiveHeads, ctx: &mut HttpCtx, id: u32) {
     {
         *owner = 0;
         P::park(ctx, std::mem::replace(v, P::Value::fresh()));
-    }
-}
-
-/// Puts the phase's data back with the caller, keeping the placeholder.
-fn restore<P: Phase>(value: &mut P::Value, back: Option<P::Value>) {
-    if let Some(v) = back {
-        *value = v;
     }
 }
 
@@ -484,19 +479,18 @@ impl WasmFilter {
                     Ok(contexts.get_mut(&c.id).map(|ctx| {
                         let step = decide::<P>(ctx, action, eos);
                         // A pause leaves the data parked.
-                        let back = if step.is_none() && parked {
+                        if step.is_none() && parked {
                             hold::<P>(live, ctx, c.id);
-                            None
                         } else {
-                            take_back::<P>(Some(live), Some(ctx), c.id, value, info)
-                        };
-                        (step, back)
+                            take_back::<P>(Some(live), Some(ctx), c.id, value, info);
+                        }
+                        step
                     }))
                 }
             },
         };
         match outcome {
-            Ok(Some((None, _))) if parked => {
+            Ok(Some(None)) if parked => {
                 let timeout = inner.plugin.limits.pause_timeout;
                 self.paused = Some(Paused {
                     callback: P::CALLBACK,
@@ -505,10 +499,7 @@ impl WasmFilter {
                 });
                 Ok(None)
             }
-            Ok(Some((step, back))) => {
-                restore::<P>(value, back);
-                Ok(Some(step.unwrap_or(Step::Continue)))
-            }
+            Ok(Some(step)) => Ok(Some(step.unwrap_or(Step::Continue))),
             Ok(None) => {
                 unpark::<P>(slot, c, value, info);
                 Ok(Some(Step::Continue))

@@ -44,6 +44,7 @@
 //! See `docs/wasm-host.md` for the knobs, metrics and deviations from Envoy.
 
 mod callout;
+mod contexts;
 mod factory;
 mod filter;
 mod fuse;

@@ -13,6 +13,8 @@ use sluice_filter::{CalloutResponse, LocalResponse, ResponseHead};
 use tokio::sync::mpsc::UnboundedSender;
 use wasmtime::{Memory, ResourceLimiter, TypedFunc};
 
+use crate::contexts::Contexts;
+
 use crate::factory::Plugin;
 use crate::metrics::GuestMetric;
 
@@ -338,7 +340,7 @@ impl LiveHeads {
     }
 
     /// Moves the heads still here to their contexts (the VM is going away).
-    fn park_in(&mut self, contexts: &mut IdMap<Box<HttpCtx>>) {
+    fn park_in(&mut self, contexts: &mut Contexts) {
         let owner = std::mem::take(&mut self.request_owner);
         if let Some(ctx) = contexts.get_mut(&owner) {
             let head = std::mem::replace(&mut self.request, empty_request());
@@ -363,7 +365,7 @@ pub(crate) struct VmState {
     pub alloc: Option<TypedFunc<i32, i32>>,
     pub root_id: u32,
     pub frame: CallFrame,
-    pub contexts: IdMap<Box<HttpCtx>>,
+    pub contexts: Contexts,
     pub live: LiveHeads,
     /// Released contexts' allocations, reused by [`VmState::new_context`]
     /// (boxed: they move into `contexts` as they are).
@@ -396,7 +398,7 @@ impl VmState {
             alloc: None,
             root_id: 1,
             frame: CallFrame { callback: Callback::None, ctx: 0, effective: 0 },
-            contexts: IdMap::default(),
+            contexts: Contexts::default(),
             live: LiveHeads::new(),
             spare_contexts: Vec::new(),
             worker,
@@ -429,7 +431,7 @@ impl VmState {
     }
 
     /// Takes every HTTP context out (the VM failed), each with its head.
-    pub fn take_contexts(&mut self) -> IdMap<Box<HttpCtx>> {
+    pub fn take_contexts(&mut self) -> Contexts {
         let mut contexts = std::mem::take(&mut self.contexts);
         self.live.park_in(&mut contexts);
         contexts
@@ -454,6 +456,6 @@ impl VmState {
     /// The HTTP context host calls currently act on, if the effective context is one.
     pub fn effective_http(&mut self) -> Option<&mut HttpCtx> {
         let id = self.frame.effective;
-        self.contexts.get_mut(&id).map(|b| &mut **b)
+        self.contexts.get_mut(&id)
     }
 }
