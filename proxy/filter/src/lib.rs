@@ -67,8 +67,9 @@ pub enum HeadersAction {
     Continue,
     /// Wait: the data plane calls [`HttpFilter::poll_resume`] until it decides.
     Pause,
-    /// Stop the chain and answer with this response instead.
-    Respond(LocalResponse),
+    /// Stop the chain and answer with this response instead (boxed: rare,
+    /// and it would make every phase's result as large as itself).
+    Respond(Box<LocalResponse>),
     /// Reset the stream (close the downstream connection for HTTP/1.1).
     Reset,
 }
@@ -84,8 +85,8 @@ pub enum BodyAction {
     /// Wait: the data plane calls [`HttpFilter::poll_resume`] until it decides.
     Pause,
     /// Stop the chain and answer with this response instead (request side, or
-    /// response side before the response headers went downstream).
-    Respond(LocalResponse),
+    /// response side before the response headers went downstream; boxed).
+    Respond(Box<LocalResponse>),
     /// Reset the stream.
     Reset,
 }
@@ -319,8 +320,8 @@ pub enum Resumed {
     Continue,
     /// Body phases: keep the buffer and call again with more data.
     Buffer,
-    /// Answer with this response instead.
-    Respond(LocalResponse),
+    /// Answer with this response instead (boxed).
+    Respond(Box<LocalResponse>),
     /// Reset the stream.
     Reset,
 }

@@ -148,7 +148,7 @@ impl FilterBody {
                     pass_on(bufs, step);
                     run.step += 1;
                 }
-                BodyAction::Respond(local) => return Poll::Ready(Err(Failure::Local(local))),
+                BodyAction::Respond(local) => return Poll::Ready(Err(Failure::Local(*local))),
                 BodyAction::Reset => return Poll::Ready(Err(Failure::Error(reset_error()))),
             }
         }
@@ -187,7 +187,7 @@ impl FilterBody {
             match action.map_err(|e| Failure::Error(action_err(e)))? {
                 HeadersAction::Pause => run.paused = true,
                 HeadersAction::Continue => run.step += 1,
-                HeadersAction::Respond(local) => return Poll::Ready(Err(Failure::Local(local))),
+                HeadersAction::Respond(local) => return Poll::Ready(Err(Failure::Local(*local))),
                 HeadersAction::Reset => return Poll::Ready(Err(Failure::Error(reset_error()))),
             }
         }

@@ -121,7 +121,7 @@ fn busy() -> ProxyError {
 fn headers_decision(action: HeadersAction) -> Result<Option<LocalResponse>, ProxyError> {
     match action {
         HeadersAction::Continue | HeadersAction::Pause => Ok(None),
-        HeadersAction::Respond(local) => Ok(Some(local)),
+        HeadersAction::Respond(local) => Ok(Some(*local)),
         HeadersAction::Reset => Err(reset_error()),
     }
 }

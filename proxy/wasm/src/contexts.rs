@@ -13,10 +13,18 @@ use crate::state::HttpCtx;
 /// The first table size.
 const INITIAL_SLOTS: usize = 16;
 
+/// A slot: the id of the context in it (0: free; ids start at 2) and the
+/// context, reset to its default when freed. Contexts live in the table
+/// itself: making one allocates nothing.
+#[derive(Default)]
+struct Slot {
+    id: u32,
+    ctx: HttpCtx,
+}
+
 #[derive(Default)]
 pub(crate) struct Contexts {
-    /// Each slot: the id of the context in it, and the context.
-    slots: Vec<Option<(u32, Box<HttpCtx>)>>,
+    slots: Vec<Slot>,
     len: usize,
 }
 
@@ -27,7 +35,7 @@ impl Contexts {
 
     pub fn get(&self, id: &u32) -> Option<&HttpCtx> {
         match self.slots.get(self.index(*id)) {
-            Some(Some((i, ctx))) if i == id => Some(ctx),
+            Some(s) if s.id == *id && *id != 0 => Some(&s.ctx),
             _ => None,
         }
     }
@@ -35,7 +43,7 @@ impl Contexts {
     pub fn get_mut(&mut self, id: &u32) -> Option<&mut HttpCtx> {
         let index = self.index(*id);
         match self.slots.get_mut(index) {
-            Some(Some((i, ctx))) if i == id => Some(ctx),
+            Some(s) if s.id == *id && *id != 0 => Some(&mut s.ctx),
             _ => None,
         }
     }
@@ -50,41 +58,45 @@ impl Contexts {
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow();
         }
-        matches!(self.slots.get(self.index(id)), Some(None))
+        self.slots.get(self.index(id)).is_some_and(|s| s.id == 0)
     }
 
-    /// Adds context `id`, growing the table until its slot is free (ids come
-    /// from [`Contexts::is_free`], so that is a safety net, not a path).
-    pub fn insert(&mut self, id: u32, ctx: Box<HttpCtx>) {
+    /// Makes context `id` (a fresh one), growing the table until its slot is
+    /// free (ids come from [`Contexts::is_free`], so that is a safety net,
+    /// not a path). An id already live keeps its context.
+    pub fn insert(&mut self, id: u32) {
+        if id == 0 || self.contains_key(&id) {
+            return;
+        }
         while !self.is_free(id) {
-            if self.get(&id).is_some() {
-                // The same id again replaces its context, as a map would.
-                let index = self.index(id);
-                self.slots[index] = Some((id, ctx));
-                return;
-            }
             self.grow();
         }
         let index = self.index(id);
-        self.slots[index] = Some((id, ctx));
-        self.len += 1;
+        if let Some(s) = self.slots.get_mut(index) {
+            s.id = id;
+            self.len += 1;
+        }
     }
 
-    pub fn remove(&mut self, id: &u32) -> Option<Box<HttpCtx>> {
+    /// Ends context `id` (reset in place: its slot is free again); `false`
+    /// when there is none.
+    pub fn remove(&mut self, id: &u32) -> bool {
         let index = self.index(*id);
         match self.slots.get_mut(index) {
-            Some(slot @ Some(_)) if slot.as_ref().is_some_and(|(i, _)| i == id) => {
+            Some(s) if s.id == *id && *id != 0 => {
+                s.id = 0;
+                s.ctx = HttpCtx::default();
                 self.len -= 1;
-                slot.take().map(|(_, ctx)| ctx)
+                true
             }
-            _ => None,
+            _ => false,
         }
     }
 
     /// Every context, taken out (the table is left empty).
-    pub fn drain(&mut self) -> impl Iterator<Item = (u32, Box<HttpCtx>)> + use<> {
+    pub fn drain(&mut self) -> impl Iterator<Item = (u32, HttpCtx)> + use<> {
         self.len = 0;
-        std::mem::take(&mut self.slots).into_iter().flatten()
+        std::mem::take(&mut self.slots).into_iter().filter(|s| s.id != 0).map(|s| (s.id, s.ctx))
     }
 
     /// Doubles the table (at least [`INITIAL_SLOTS`]); every context moves to
@@ -92,10 +104,10 @@ impl Contexts {
     /// lower bits the old size masked, or in the new one).
     fn grow(&mut self) {
         let size = (self.slots.len() * 2).max(INITIAL_SLOTS);
-        let old = std::mem::replace(&mut self.slots, (0..size).map(|_| None).collect());
-        for (id, ctx) in old.into_iter().flatten() {
-            let index = self.index(id);
-            self.slots[index] = Some((id, ctx));
+        let old = std::mem::replace(&mut self.slots, (0..size).map(|_| Slot::default()).collect());
+        for s in old.into_iter().filter(|s| s.id != 0) {
+            let index = self.index(s.id);
+            self.slots[index] = s;
         }
     }
 }
@@ -104,31 +116,27 @@ impl Contexts {
 mod tests {
     use super::*;
 
-    fn ctx() -> Box<HttpCtx> {
-        Box::default()
-    }
-
     #[test]
     fn ids_map_to_their_contexts_and_free_ids_are_unique() {
         let mut t = Contexts::default();
         assert!(t.get(&5).is_none());
         assert!(t.is_free(5));
-        t.insert(5, ctx());
+        t.insert(5);
         assert!(t.contains_key(&5));
         // Same slot, other id: not free, and not found.
         assert!(!t.is_free(5 + 16));
         assert!(t.get(&(5 + 16)).is_none());
-        assert!(t.remove(&(5 + 16)).is_none());
+        assert!(!t.remove(&(5 + 16)));
         assert_eq!(t.len, 1);
-        assert!(t.remove(&5).is_some());
-        assert!(t.remove(&5).is_none());
+        assert!(t.remove(&5));
+        assert!(!t.remove(&5));
         assert_eq!(t.len, 0);
     }
 
     #[test]
     fn a_long_lived_context_keeps_its_slot_while_ids_move_on() {
         let mut t = Contexts::default();
-        t.insert(2, ctx());
+        t.insert(2);
         // Steady traffic: one context at a time, ids handed out as the worker
         // does (the next id whose slot is free).
         let mut next = 2u32;
@@ -141,9 +149,9 @@ mod tests {
                 }
                 skipped += 1;
             }
-            t.insert(next, ctx());
+            t.insert(next);
             assert!(t.get(&2).is_some(), "the long-lived context stays");
-            assert!(t.remove(&next).is_some());
+            assert!(t.remove(&next));
         }
         // One id in sixteen falls on the long-lived context's slot; the
         // table does not grow for them.
@@ -163,7 +171,7 @@ mod tests {
                     break;
                 }
             }
-            t.insert(next, ctx());
+            t.insert(next);
             ids.push(next);
         }
         assert_eq!(t.len, 1000);
@@ -171,7 +179,7 @@ mod tests {
         assert!(ids.iter().all(|id| t.get(id).is_some()));
         // An id inserted into a taken slot (not one handed out) still gets in.
         let taken = ids[0] + t.slots.len() as u32;
-        t.insert(taken, ctx());
+        t.insert(taken);
         assert!(t.get(&taken).is_some() && t.get(&ids[0]).is_some());
         let drained: Vec<u32> = t.drain().map(|(id, _)| id).collect();
         assert_eq!(drained.len(), 1001);

@@ -205,7 +205,7 @@ impl WorkerSlot {
                 if let Some(w) = ctx.waker.take() {
                     w.wake();
                 }
-                self.orphans.push((generation, id, *ctx));
+                self.orphans.push((generation, id, ctx));
             }
         }
         let mut st = plugin.status.lock();

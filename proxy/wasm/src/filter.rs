@@ -197,6 +197,7 @@ struct CtxRef {
 }
 
 /// The error for a request whose context's VM failed.
+#[cold]
 fn lost(slot: &WorkerSlot, plugin: &Plugin, callback: Callback) -> FilterError {
     let reason = match &slot.last_error {
         Some(e) => format!("VM failed: {}", e.reason),
@@ -353,18 +354,29 @@ fn poll_resume<P: Phase>(
 
 /// This request's context (`ctx`), made on its first phase; `true` when it is
 /// new and the guest has yet to hear of it (see [`first_call`]).
+#[inline]
 fn context(
     ctx: &mut Option<CtxRef>,
     inner: &FactoryInner,
     slot: &mut WorkerSlot,
     callback: Callback,
 ) -> Result<(CtxRef, bool), FilterError> {
-    if let Some(c) = *ctx {
-        if slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation) {
-            return Ok((c, false));
-        }
-        return Err(lost(slot, &inner.plugin, callback));
+    match *ctx {
+        Some(c) if slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation) => Ok((c, false)),
+        Some(_) => Err(lost(slot, &inner.plugin, callback)),
+        None => new_context(ctx, inner, slot, callback),
     }
+}
+
+/// [`context`]'s first phase: makes the context (and the VM, if the worker
+/// has none yet).
+#[inline(never)]
+fn new_context(
+    ctx: &mut Option<CtxRef>,
+    inner: &FactoryInner,
+    slot: &mut WorkerSlot,
+    callback: Callback,
+) -> Result<(CtxRef, bool), FilterError> {
     slot.ensure(inner)?;
     let (Some(id), Some(vm)) = (slot.next_ctx_id(), slot.vm.as_mut()) else {
         return Err(lost(slot, &inner.plugin, callback));
@@ -597,7 +609,7 @@ fn headers_action(r: Result<Option<Step>, FilterError>) -> Result<HeadersAction,
     Ok(match r? {
         None => HeadersAction::Pause,
         Some(Step::Continue | Step::Buffer) => HeadersAction::Continue,
-        Some(Step::Respond(l)) => HeadersAction::Respond(*l),
+        Some(Step::Respond(l)) => HeadersAction::Respond(l),
         Some(Step::Reset) => HeadersAction::Reset,
     })
 }
@@ -607,7 +619,7 @@ fn body_action(r: Result<Option<Step>, FilterError>) -> Result<BodyAction, Filte
         None => BodyAction::Pause,
         Some(Step::Continue) => BodyAction::Continue,
         Some(Step::Buffer) => BodyAction::Buffer,
-        Some(Step::Respond(l)) => BodyAction::Respond(*l),
+        Some(Step::Respond(l)) => BodyAction::Respond(l),
         Some(Step::Reset) => BodyAction::Reset,
     })
 }
@@ -616,7 +628,7 @@ fn resumed(step: Step) -> Resumed {
     match step {
         Step::Continue => Resumed::Continue,
         Step::Buffer => Resumed::Buffer,
-        Step::Respond(l) => Resumed::Respond(*l),
+        Step::Respond(l) => Resumed::Respond(l),
         Step::Reset => Resumed::Reset,
     }
 }

@@ -302,9 +302,6 @@ macro_rules! parked_as_is {
 }
 parked_as_is!(BytesMut, HeaderMap);
 
-/// Released HTTP contexts a VM keeps for reuse.
-const MAX_SPARE_CONTEXTS: usize = 64;
-
 /// The heads of the header phase being run, kept in the VM rather than in the
 /// context: a head moves into the guest's reach and back with one swap each
 /// way (the caller is left the placeholder that sat here). A context that
@@ -367,10 +364,6 @@ pub(crate) struct VmState {
     pub frame: CallFrame,
     pub contexts: Contexts,
     pub live: LiveHeads,
-    /// Released contexts' allocations, reused by [`VmState::new_context`]
-    /// (boxed: they move into `contexts` as they are).
-    #[allow(clippy::vec_box)]
-    spare_contexts: Vec<Box<HttpCtx>>,
     /// `true` for a worker's VM (may spawn tasks), `false` for the validation VM.
     pub worker: bool,
     pub tick_period: Option<Duration>,
@@ -400,7 +393,6 @@ impl VmState {
             frame: CallFrame { callback: Callback::None, ctx: 0, effective: 0 },
             contexts: Contexts::default(),
             live: LiveHeads::new(),
-            spare_contexts: Vec::new(),
             worker,
             tick_period: None,
             callout: None,
@@ -414,20 +406,14 @@ impl VmState {
         }
     }
 
-    /// Makes HTTP context `id`, reusing a released context's allocation.
+    /// Makes HTTP context `id` (in the context table: no allocation).
     pub fn new_context(&mut self, id: u32) {
-        let ctx = self.spare_contexts.pop().unwrap_or_default();
-        self.contexts.insert(id, ctx);
+        self.contexts.insert(id);
     }
 
-    /// Drops HTTP context `id`, keeping its allocation for a later request.
+    /// Drops HTTP context `id`.
     pub fn release_context(&mut self, id: u32) {
-        if let Some(mut ctx) = self.contexts.remove(&id)
-            && self.spare_contexts.len() < MAX_SPARE_CONTEXTS
-        {
-            *ctx = HttpCtx::default();
-            self.spare_contexts.push(ctx);
-        }
+        self.contexts.remove(&id);
     }
 
     /// Takes every HTTP context out (the VM failed), each with its head.
