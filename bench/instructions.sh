@@ -17,7 +17,8 @@
 #
 # Knobs: N=10000 WARM=1000 CONNS=10 WORKERS=2 PORT_BASE=18280 INSTALL=1 SLUICE_BIN=
 #        KEEP=0 (1: keep the callgrind files for callgrind_annotate; the path is printed)
-#        FILTERS=0 (N > 0: also Sluice with N FILTER filters, noop or hdr, from bench/filters/,
+#        FILTERS=0 (N > 0: also Sluice with N FILTER filters, noop, hdr or sdk (the no-op on the
+#        Sluice SDK), from bench/filters/,
 #        run with --wasm-pooling false: valgrind cannot reserve the pool's address space.
 #        The guest's code is counted too: it runs as wasmtime compiled it.)
 set -euo pipefail
@@ -67,6 +68,7 @@ if ((FILTERS > 0)); then
   mkdir -p "$RUN/wasm"
   cp "$BENCH_FILTERS_WASM/noop.wasm" "$RUN/wasm/noop.wasm"
   cp "$BENCH_FILTERS_WASM/header_rewrite.wasm" "$RUN/wasm/hdr.wasm"
+  cp "$BENCH_FILTERS_WASM/noop_sdk.wasm" "$RUN/wasm/sdk.wasm"
   WASM_DIR="$RUN/wasm" "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/sluice-wasm.yaml" "$RUN/sluice-wasm.yaml"
 fi
 nginx -e "$RUN/backend.stderr.log" -c "$RUN/backend.conf" &

@@ -8,8 +8,6 @@
 //! only that, traps (after a CRITICAL log line saying why).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use sluice_abi::{BufferType, GrpcStatus, LogLevel, PeerType, Status, StreamType};
@@ -22,6 +20,7 @@ use crate::log::log;
 use crate::root::Root;
 use crate::shared::Queue;
 use crate::sys;
+use crate::table::{IdMap, IdTable};
 use crate::tcp::Tcp;
 
 // === erased root ===
@@ -138,38 +137,21 @@ struct Callout {
     grpc: bool,
 }
 
-/// Hashes the ids the host assigns (contexts, callout tokens). They are not
-/// chosen by anyone the filter must distrust, so a multiply spreads them well
-/// enough; SipHash, `HashMap`'s default, costs several times as much per
-/// look-up, and each callback makes two.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = ((self.0 << 8) | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
-
 /// Everything the guest keeps: the filter factory, the live contexts and the
 /// callouts in flight.
 #[derive(Default)]
 pub(crate) struct Guest {
     factory: Option<RootFactory>,
-    roots: IdMap<Option<Box<dyn ErasedRoot>>>,
-    https: IdMap<HttpSlot>,
-    streams: IdMap<Option<Box<dyn StreamContext>>>,
+    /// Every context, by id (one table: one look-up finds any kind).
+    contexts: IdTable<Ctx>,
     callouts: IdMap<Callout>,
+}
+
+/// A context of any kind; `None` while its callback runs.
+enum Ctx {
+    Root(Option<Box<dyn ErasedRoot>>),
+    Http(HttpSlot),
+    Stream(Option<Box<dyn StreamContext>>),
 }
 
 impl Guest {
@@ -219,7 +201,7 @@ pub(crate) fn register_callout(token: Token, context: u32, grpc: bool) {
 /// Forgets that `context` paused `stream` (it was resumed from elsewhere).
 pub(crate) fn mark_resumed(context: u32, stream: StreamType) {
     with_guest(|g| {
-        if let Some(slot) = g.https.get_mut(&context)
+        if let Some(Ctx::Http(slot)) = g.contexts.get_mut(context)
             && slot.state.paused == Some(stream)
         {
             slot.state.paused = None;
@@ -234,7 +216,10 @@ fn contract(message: &str) -> ! {
 }
 
 fn with_root<T>(id: u32, callback: &str, f: impl FnOnce(&mut dyn ErasedRoot, &mut Root) -> T) -> T {
-    let taken = with_guest(|g| g.roots.get_mut(&id).map(Option::take));
+    let taken = with_guest(|g| match g.contexts.get_mut(id) {
+        Some(Ctx::Root(slot)) => Some(slot.take()),
+        _ => None,
+    });
     let mut ctx = match taken {
         Some(Some(ctx)) => ctx,
         Some(None) => contract(&format!("{callback} re-entered root context {id}")),
@@ -243,7 +228,7 @@ fn with_root<T>(id: u32, callback: &str, f: impl FnOnce(&mut dyn ErasedRoot, &mu
     let mut root = Root { id };
     let out = f(&mut *ctx, &mut root);
     with_guest(|g| {
-        if let Some(slot) = g.roots.get_mut(&id) {
+        if let Some(Ctx::Root(slot)) = g.contexts.get_mut(id) {
             *slot = Some(ctx);
         }
     });
@@ -257,7 +242,10 @@ fn with_http<T>(
     body_size: Option<usize>,
     f: impl FnOnce(&mut dyn HttpContext, &mut Http) -> T,
 ) -> T {
-    let taken = with_guest(|g| g.https.get_mut(&id).map(|s| (s.ctx.take(), s.state)));
+    let taken = with_guest(|g| match g.contexts.get_mut(id) {
+        Some(Ctx::Http(s)) => Some((s.ctx.take(), s.state)),
+        _ => None,
+    });
     let (mut ctx, state) = match taken {
         Some((Some(ctx), state)) => (ctx, state),
         Some((None, _)) => contract(&format!("{callback} re-entered HTTP context {id}")),
@@ -269,7 +257,7 @@ fn with_http<T>(
         http.state.last_phase = Some(phase);
     }
     with_guest(|g| {
-        if let Some(slot) = g.https.get_mut(&id) {
+        if let Some(Ctx::Http(slot)) = g.contexts.get_mut(id) {
             slot.ctx = Some(ctx);
             slot.state = http.state;
         }
@@ -283,7 +271,10 @@ fn with_stream<T>(
     size: usize,
     f: impl FnOnce(&mut dyn StreamContext, &mut Tcp) -> T,
 ) -> T {
-    let taken = with_guest(|g| g.streams.get_mut(&id).map(Option::take));
+    let taken = with_guest(|g| match g.contexts.get_mut(id) {
+        Some(Ctx::Stream(slot)) => Some(slot.take()),
+        _ => None,
+    });
     let mut ctx = match taken {
         Some(Some(ctx)) => ctx,
         Some(None) => contract(&format!("{callback} re-entered TCP context {id}")),
@@ -292,7 +283,7 @@ fn with_stream<T>(
     let mut tcp = Tcp { id, data_size: size };
     let out = f(&mut *ctx, &mut tcp);
     with_guest(|g| {
-        if let Some(slot) = g.streams.get_mut(&id) {
+        if let Some(Ctx::Stream(slot)) = g.contexts.get_mut(id) {
             *slot = Some(ctx);
         }
     });
@@ -306,16 +297,10 @@ enum Kind {
 }
 
 fn kind(id: u32) -> Option<Kind> {
-    with_guest(|g| {
-        if g.roots.contains_key(&id) {
-            Some(Kind::Root)
-        } else if g.https.contains_key(&id) {
-            Some(Kind::Http)
-        } else if g.streams.contains_key(&id) {
-            Some(Kind::Stream)
-        } else {
-            None
-        }
+    with_guest(|g| match g.contexts.get(id)? {
+        Ctx::Root(_) => Some(Kind::Root),
+        Ctx::Http(_) => Some(Kind::Http),
+        Ctx::Stream(_) => Some(Kind::Stream),
     })
 }
 
@@ -343,7 +328,13 @@ pub(crate) fn on_context_create(id: u32, parent: u32) {
             contract("no filter is registered: the module must invoke sluice_sdk::filter!(YourRoot)")
         };
         let root = factory();
-        let duplicate = with_guest(|g| g.roots.insert(id, Some(root)).is_some());
+        let duplicate = with_guest(|g| {
+            let known = g.contexts.contains(id);
+            if !known {
+                g.contexts.insert(id, Ctx::Root(Some(root)));
+            }
+            known
+        });
         if duplicate {
             contract(&format!("proxy_on_context_create for existing root context {id}"));
         }
@@ -351,17 +342,14 @@ pub(crate) fn on_context_create(id: u32, parent: u32) {
     }
     let child = with_root(parent, "proxy_on_context_create", |r, root| r.new_child(root));
     let duplicate = with_guest(|g| {
-        if g.https.contains_key(&id) || g.streams.contains_key(&id) || g.roots.contains_key(&id) {
+        if g.contexts.contains(id) {
             return true;
         }
-        match child {
-            ErasedChild::Http(ctx) => {
-                g.https.insert(id, HttpSlot { ctx: Some(ctx), state: HttpState::default() });
-            }
-            ErasedChild::Stream(ctx) => {
-                g.streams.insert(id, Some(ctx));
-            }
-        }
+        let ctx = match child {
+            ErasedChild::Http(ctx) => Ctx::Http(HttpSlot { ctx: Some(ctx), state: HttpState::default() }),
+            ErasedChild::Stream(ctx) => Ctx::Stream(Some(ctx)),
+        };
+        g.contexts.insert(id, ctx);
         false
     });
     if duplicate {
@@ -439,9 +427,10 @@ pub(crate) fn on_log(id: u32) {
 
 pub(crate) fn on_delete(id: u32) {
     let known = with_guest(|g| {
-        let known =
-            g.roots.remove(&id).is_some() || g.https.remove(&id).is_some() || g.streams.remove(&id).is_some();
-        g.callouts.retain(|_, c| c.context != id);
+        let known = g.contexts.remove(id).is_some();
+        if !g.callouts.is_empty() {
+            g.callouts.retain(|_, c| c.context != id);
+        }
         known
     });
     if !known {

@@ -147,6 +147,7 @@ pub mod properties;
 mod root;
 pub mod shared;
 mod sys;
+mod table;
 pub mod tcp;
 #[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
 pub mod testing;

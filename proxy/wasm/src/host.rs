@@ -151,6 +151,11 @@ impl Runtime {
         config.max_wasm_stack(512 * 1024);
         config.memory_init_cow(true);
         config.parallel_compilation(true);
+        // `SLUICE_WASM_PERFMAP=1`: name the guest's compiled functions for
+        // `perf` (and other samplers) in /tmp/perf-<pid>.map.
+        if std::env::var_os("SLUICE_WASM_PERFMAP").is_some_and(|v| v == "1") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         if options.pooling {
             let mut pool = PoolingAllocationConfig::new();
             let max_memory = usize::try_from(options.max_memory_bytes)

@@ -2,13 +2,14 @@
 //! work host calls leave for after the callback.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, request};
+use sluice_abi::ids::IdHasher;
 use sluice_filter::{CalloutResponse, LocalResponse, ResponseHead};
 use tokio::sync::mpsc::UnboundedSender;
 use wasmtime::{Memory, ResourceLimiter, TypedFunc};
@@ -165,24 +166,6 @@ pub(crate) enum Deferred {
     Wake(u32),
     /// Start the queue-notification task of this VM.
     Mailbox(tokio::sync::mpsc::UnboundedReceiver<u32>),
-}
-
-/// A u32-keyed hasher (context ids, tokens): identity is enough and cheap.
-#[derive(Default)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
 }
 
 pub(crate) type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;

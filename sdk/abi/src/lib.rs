@@ -3,11 +3,13 @@
 //!
 //! This crate is `no_std`, has no dependencies and no unsafe code. It holds numbers
 //! and names only: the serialization of header maps lives in [`pairs`], which both
-//! sides share so that they cannot disagree.
+//! sides share so that they cannot disagree, and [`ids`] hashes the ids both
+//! sides key their maps by.
 #![no_std]
 
 extern crate alloc;
 
+pub mod ids;
 pub mod pairs;
 
 /// Names of the export that marks a module's ABI version (never called).
