@@ -8,6 +8,7 @@
 //! only that, traps (after a CRITICAL log line saying why).
 
 use std::cell::RefCell;
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
 use sluice_abi::{BufferType, GrpcStatus, LogLevel, PeerType, Status, StreamType};
@@ -155,6 +156,12 @@ enum Ctx {
 }
 
 impl Guest {
+    const EMPTY: Guest = Guest {
+        factory: None,
+        contexts: IdTable::EMPTY,
+        callouts: IdMap::with_hasher(BuildHasherDefault::new()),
+    };
+
     /// A guest whose roots are made by `factory`.
     #[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
     pub(crate) fn new(factory: RootFactory) -> Guest {
@@ -163,7 +170,8 @@ impl Guest {
 }
 
 thread_local! {
-    static GUEST: RefCell<Guest> = RefCell::new(Guest::default());
+    // Const-initialized: no lazy-initialization check on each callback's access.
+    static GUEST: RefCell<Guest> = const { RefCell::new(Guest::EMPTY) };
 }
 
 fn with_guest<T>(f: impl FnOnce(&mut Guest) -> T) -> T {

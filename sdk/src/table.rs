@@ -31,6 +31,10 @@ impl<V> Default for IdTable<V> {
 }
 
 impl<V> IdTable<V> {
+    /// An empty table (usable in a `const`).
+    pub(crate) const EMPTY: IdTable<V> =
+        IdTable { slots: Vec::new(), overflow: IdMap::with_hasher(BuildHasherDefault::new()), len: 0 };
+
     fn index(&self, id: u32) -> usize {
         id as usize & self.slots.len().wrapping_sub(1)
     }
