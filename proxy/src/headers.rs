@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use http::header::{
-    CONNECTION, CONTENT_LENGTH, Entry, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, Entry, HOST, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, Version};
 use smallvec::SmallVec;
@@ -28,9 +28,11 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 pub fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), ProxyError> {
     // One pass over the fields instead of a lookup per name.
     let (mut cl, mut te): (Option<&HeaderValue>, Option<&HeaderValue>) = (None, None);
-    let (mut cls, mut tes, mut connection) = (0usize, 0usize, false);
+    let (mut cls, mut tes, mut connection, mut hosts) = (0usize, 0usize, false, 0usize);
     for (name, value) in headers {
-        if name == CONTENT_LENGTH {
+        if name == HOST {
+            hosts += 1;
+        } else if name == CONTENT_LENGTH {
             cls += 1;
             cl = Some(value);
         } else if name == TRANSFER_ENCODING {
@@ -42,6 +44,11 @@ pub fn check_framing(headers: &HeaderMap, version: Version) -> Result<(), ProxyE
     }
     if cls > 1 {
         return Err(ProxyError::bad_request("several content-length headers"));
+    }
+    // RFC 9110 §7.2: any request with more than one `host` field is a 400 (the
+    // HTTP/1.1 parser refuses it before this; HTTP/2 requests are checked here).
+    if hosts > 1 {
+        return Err(ProxyError::bad_request("several host headers"));
     }
     if let Some(v) = cl
         && (v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit))
@@ -344,6 +351,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         assert!(check_framing(&h, Version::HTTP_11).is_ok());
+        let mut h = HeaderMap::new();
+        h.append(HOST, HeaderValue::from_static("a.test"));
+        assert!(check_framing(&h, Version::HTTP_2).is_ok());
+        h.append(HOST, HeaderValue::from_static("b.test"));
+        assert!(check_framing(&h, Version::HTTP_2).is_err());
     }
 
     #[test]

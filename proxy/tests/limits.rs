@@ -104,6 +104,31 @@ async fn http2_header_limits_refuse_the_stream() {
     assert_eq!(parts.status, 200);
 }
 
+/// RFC 9110 §7.2: a request with more than one `host` field is a 400, over
+/// HTTP/2 as over HTTP/1.1 (where the parser refuses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_with_several_host_fields_are_refused() {
+    let backend = Backend::status(200).await;
+    let p = TestProxy::start(&config(backend.addr, "")).await;
+    let addr = p.addr("main");
+    let req = Request::get(format!("http://{addr}/"))
+        .header("host", "a.test")
+        .header("host", "b.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (parts, body) = send2(&mut h2_connect(addr).await, req).await;
+    assert_eq!(parts.status, 400);
+    assert_eq!(parts.headers["x-sluice-reason"], "bad_request", "{body:?}");
+    assert_eq!(backend.hits(), 0);
+    // One `host` field is fine.
+    let req = Request::get(format!("http://{addr}/"))
+        .header("host", "a.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (parts, _) = send2(&mut h2_connect(addr).await, req).await;
+    assert_eq!(parts.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let backend = Backend::named("b").await;
