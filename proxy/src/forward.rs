@@ -252,6 +252,7 @@ async fn proxy<'a>(
 
     // Filters see the normalized, absolute form of the request.
     let mut chain = None;
+    let mut headers_edited = false;
     if !route.chain.is_empty() {
         let mut info = StreamInfo::new(
             log.request_id.clone(),
@@ -289,7 +290,10 @@ async fn proxy<'a>(
         {
             parts.headers.insert(HOST, h);
         }
-        if run.info().take_route_cache_cleared() {
+        // A filter that edits request headers clears the route cache (the
+        // wasm host does on any edit): without that, the head is as it was.
+        headers_edited = run.info().take_route_cache_cleared();
+        if headers_edited {
             target.authority = match parts.uri.authority() {
                 Some(a) => a.as_str().to_owned(),
                 None => parts.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned(),
@@ -347,9 +351,9 @@ async fn proxy<'a>(
             if let Some(run) = &chain {
                 *run.info().cluster_name.borrow_mut() = Some(t.cluster.name.clone());
             }
-            // Without filters, `x-request-id` is the id this request was given;
-            // a filter may have changed it, so then the header is read again.
-            let known_id = chain.is_none().then_some(log.request_id.as_str());
+            // Unless a filter edited the request headers, `x-request-id` is the
+            // id this request was given; after an edit the header is read again.
+            let known_id = (!headers_edited).then_some(log.request_id.as_str());
             let upstream_req = UpstreamRequest::prepare(
                 parts,
                 conn,
