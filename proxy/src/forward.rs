@@ -55,11 +55,18 @@ pub struct ConnInfo {
     pub remote_ip: http::HeaderValue,
     /// TLS facts, for TLS listeners (shared by the connection's requests).
     pub tls: Option<Arc<TlsInfo>>,
+    /// The route-timeout timer, reused request after request (see
+    /// `upstream::forward`); taken while an exchange runs.
+    pub deadline_timer: std::cell::Cell<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>,
 }
 
-/// Handles one downstream request. Never fails: errors become responses.
-pub async fn handle(req: Request<ProxyBody>, conn: Rc<ConnInfo>) -> Result<Response<ProxyBody>, Infallible> {
-    let start = Instant::now();
+/// Handles one downstream request, which began at `start`. Never fails:
+/// errors become responses.
+pub async fn handle(
+    req: Request<ProxyBody>,
+    conn: Rc<ConnInfo>,
+    start: Instant,
+) -> Result<Response<ProxyBody>, Infallible> {
     let dp = conn.dataplane.get(&conn.shared.dataplane);
     let grpc = is_grpc(req.headers());
     let format = dp.snapshot.config().access_log.format;

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -322,7 +323,26 @@ pub(crate) async fn forward(
         let head_back = chain.as_ref().map(ChainRun::request_head_slot);
         let result = match until {
             Some(t) => {
-                tokio::time::timeout_at(t, send_request(cluster, endpoint, req, verbatim, head_back)).await
+                // The connection's deadline timer, moved to this request's
+                // deadline: a later deadline than the one it was registered
+                // with costs one compare-and-swap, where a new timer per request
+                // was a registration and a removal in the timer wheel. (It comes
+                // back when the exchange ends; a second request in flight on the
+                // connection, HTTP/2, makes its own.)
+                let mut timer =
+                    conn.deadline_timer.take().unwrap_or_else(|| Box::pin(tokio::time::sleep_until(t)));
+                timer.as_mut().reset(t);
+                let exchange = send_request(cluster, endpoint, req, verbatim, head_back);
+                let mut exchange = std::pin::pin!(exchange);
+                let r = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
+                        return Poll::Ready(Ok(r));
+                    }
+                    timer.as_mut().poll(cx).map(Err)
+                })
+                .await;
+                conn.deadline_timer.set(Some(timer));
+                r
             }
             None => Ok(send_request(cluster, endpoint, req, verbatim, head_back).await),
         };

@@ -220,8 +220,16 @@ async fn route_timeout_is_504_and_the_proxy_keeps_serving() {
     // The same downstream connection keeps working.
     let (parts, _) = send1(&mut c, get_req("x", "/fast")).await;
     assert_eq!(parts.status, 200);
+    // Its next request times out again on time: the connection's timer, moved
+    // request after request, fires at the latest deadline.
+    let t = Instant::now();
+    let (parts, _) = send1(&mut c, get_req("x", "/slow")).await;
+    assert_eq!(parts.status, 504);
+    assert!(t.elapsed() >= Duration::from_millis(200) && t.elapsed() < Duration::from_secs(2));
+    let (parts, _) = send1(&mut c, get_req("x", "/fast")).await;
+    assert_eq!(parts.status, 200);
     let m = p.metrics().await;
-    assert_eq!(metric(&m, r#"sluice_local_replies_total{reason="upstream_timeout"}"#), 1.0);
+    assert_eq!(metric(&m, r#"sluice_local_replies_total{reason="upstream_timeout"}"#), 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

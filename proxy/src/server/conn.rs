@@ -156,6 +156,14 @@ impl Activity {
     }
 }
 
+impl ActivityGuard {
+    /// When the request began (one clock read serves the connection's
+    /// bookkeeping and the request's timings).
+    pub(super) fn started(&self) -> std::time::Instant {
+        self.started
+    }
+}
+
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
         let a = &self.activity;

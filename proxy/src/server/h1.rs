@@ -122,7 +122,7 @@ pub(super) async fn serve(
         };
         let mut guard = activity.begin();
         let resp = {
-            let fut = handle(Request::from_parts(parts, body), conn.clone());
+            let fut = handle(Request::from_parts(parts, body), conn.clone(), guard.started());
             tokio::pin!(fut);
             poll_fn(|t| {
                 if control.close.get() {

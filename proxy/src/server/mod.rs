@@ -390,6 +390,7 @@ async fn serve_connection(stream: TcpStream, remote: SocketAddr, cx: &Rc<AcceptC
             id,
             tls,
             remote_ip: crate::headers::ip_value(remote.ip()),
+            deadline_timer: std::cell::Cell::new(None),
         })
     };
     let protocols = &cx.config.protocols;
@@ -466,7 +467,9 @@ async fn run_h2<T>(
         // Allocated first and written second, so that the future is built in
         // the box rather than on the stack and copied (`Box::pin(handle(..))`
         // copies all ~6.7 KiB).
-        let fut = Box::into_pin(Box::write(Box::new_uninit(), handle(req.map(ProxyBody::incoming), conn)));
+        let start = guard.started();
+        let fut =
+            Box::into_pin(Box::write(Box::new_uninit(), handle(req.map(ProxyBody::incoming), conn, start)));
         async move {
             let r = fut.await;
             guard.completed = true;
