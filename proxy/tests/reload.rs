@@ -149,7 +149,11 @@ async fn reload_under_load(configs: [String; 2], times: usize) {
                         }
                     }
                     Ok(r) => failures.push(format!("status {} {:?}", r.status(), r.headers())),
-                    Err(e) => failures.push(format!("error: {e}")),
+                    Err(e) => failures.push(format!(
+                        "error: {e} (kept: {}) {:?}",
+                        kept.is_some(),
+                        std::error::Error::source(&e)
+                    )),
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }

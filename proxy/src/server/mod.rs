@@ -313,8 +313,12 @@ async fn accept_loop(
             },
             _ = stop.changed() => {
                 // Connections already handed to this worker are still served.
+                // Closed first, then received until empty: `recv` (unlike
+                // `try_recv`) also waits for a hand-off another worker is sending
+                // at this moment. Returning before it arrived dropped that
+                // connection with its request unread, and the client got a reset.
                 inbox.0.close();
-                while let Ok(h) = inbox.0.try_recv() {
+                while let Some(h) = inbox.0.recv().await {
                     serve_handoff(h.stream, h.remote, h.permit, &cx);
                 }
                 return;
