@@ -329,9 +329,13 @@ pub(crate) async fn forward(
                 // was a registration and a removal in the timer wheel. (It comes
                 // back when the exchange ends; a second request in flight on the
                 // connection, HTTP/2, makes its own.)
-                let mut timer =
-                    conn.deadline_timer.take().unwrap_or_else(|| Box::pin(tokio::time::sleep_until(t)));
-                timer.as_mut().reset(t);
+                let mut timer = match conn.deadline_timer.take() {
+                    Some(mut timer) => {
+                        timer.as_mut().reset(t);
+                        timer
+                    }
+                    None => Box::pin(tokio::time::sleep_until(t)),
+                };
                 let exchange = send_request(cluster, endpoint, req, verbatim, head_back);
                 let mut exchange = std::pin::pin!(exchange);
                 let r = std::future::poll_fn(|cx| {
