@@ -267,7 +267,7 @@ async fn accept_loop(
     loop {
         let permit = tokio::select! {
             p = cx.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
+            _ = stop.changed() => return drain_inbox(&mut inbox, &cx).await,
         };
         let (stream, remote, permit) = tokio::select! {
             r = listener.accept() => match r {
@@ -311,20 +311,22 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = stop.changed() => {
-                // Connections already handed to this worker are still served.
-                // Closed first, then received until empty: `recv` (unlike
-                // `try_recv`) also waits for a hand-off another worker is sending
-                // at this moment. Returning before it arrived dropped that
-                // connection with its request unread, and the client got a reset.
-                inbox.0.close();
-                while let Some(h) = inbox.0.recv().await {
-                    serve_handoff(h.stream, h.remote, h.permit, &cx);
-                }
-                return;
-            }
+            _ = stop.changed() => return drain_inbox(&mut inbox, &cx).await,
         };
         serve_handoff(stream, remote, permit, &cx);
+    }
+}
+
+/// The binding stopped: connections already handed to this worker are still
+/// served. Closed first, then received until empty: `recv` (unlike
+/// `try_recv`) also waits for a hand-off another worker is sending at this
+/// moment. Returning before it arrived (or without draining, as the wait for a
+/// connection permit once did) dropped that connection with its request
+/// unread, and the client got a reset.
+async fn drain_inbox(inbox: &mut Inbox, cx: &Rc<AcceptCtx>) {
+    inbox.0.close();
+    while let Some(h) = inbox.0.recv().await {
+        serve_handoff(h.stream, h.remote, h.permit, cx);
     }
 }
 
