@@ -93,7 +93,7 @@ async fn call(cluster: Arc<ClusterState>, request: Request<Bytes>) -> Result<Cal
     }
     let req = Request::from_parts(parts, ProxyBody::full(body));
     endpoint.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let result = send_request(&cluster, &endpoint, req, false, None).await;
+    let result = send_request(&cluster, &endpoint, req, &Default::default(), false, None).await;
     endpoint.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     let answer = result.map_err(|e| CalloutError::Upstream(e.to_string()))?;
     let (head, body) = answer.response.into_parts();

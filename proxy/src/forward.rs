@@ -23,7 +23,7 @@ use crate::headers;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::normalize::normalize_path;
 use crate::router::{CompiledRoute, RouteAction};
-use crate::upstream::{UpstreamRequest, forward};
+use crate::upstream::{Fields, UpstreamRequest, forward};
 
 /// State shared by every worker.
 pub struct Shared {
@@ -218,7 +218,10 @@ async fn proxy<'a>(
     // Set by the HTTP/1.1 codec on a request asking for an upgrade.
     let upgrade = req.extensions_mut().remove::<crate::server::OnUpgrade>().and_then(|u| u.take());
     let (mut parts, body) = req.into_parts();
-    log.request_id = headers::request_id(&mut parts.headers);
+    // Which of the fields the proxy sets the request came with.
+    let proxy_set = headers::proxy_set_fields(&parts.headers);
+    let (request_id, mut new_id) = headers::request_id(&parts.headers, proxy_set);
+    log.request_id = request_id;
     let log_on = dp.snapshot.config().access_log.format != AccessLogFormat::Off;
     if log_on {
         log.user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -261,6 +264,10 @@ async fn proxy<'a>(
     let mut chain = None;
     let mut headers_edited = false;
     if !route.chain.is_empty() {
+        // Filters see the request id.
+        if let Some(id) = new_id.take() {
+            headers::set_request_id(&mut parts.headers, &id);
+        }
         let mut info = StreamInfo::new(
             log.request_id.clone(),
             conn.id,
@@ -361,6 +368,11 @@ async fn proxy<'a>(
             // Unless a filter edited the request headers, `x-request-id` is the
             // id this request was given; after an edit the header is read again.
             let known_id = (!headers_edited).then_some(log.request_id.as_str());
+            // Without filters, the fields the proxy sets are as the request came.
+            let fields = match &chain {
+                None => Fields::AsReceived { present: proxy_set, new_id },
+                Some(_) => Fields::InMap,
+            };
             let upstream_req = UpstreamRequest::prepare(
                 parts,
                 conn,
@@ -370,6 +382,7 @@ async fn proxy<'a>(
                 upgrade.is_some(),
                 https,
                 known_id,
+                fields,
             )?;
             let body = match &mut chain {
                 Some(run) => run.wrap_request_body(body),

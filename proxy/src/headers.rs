@@ -180,7 +180,16 @@ pub fn ip_value(client: IpAddr) -> HeaderValue {
 /// Sets `x-forwarded-for` (appending when downstream is trusted) and
 /// `x-forwarded-proto`. `ip` is [`ip_value`] of the downstream address.
 pub fn set_forwarded(headers: &mut HeaderMap, ip: &HeaderValue, https: bool, trusted: bool) {
-    // Entries: one hash lookup per field, whether it is there or not.
+    forwarded_for(headers, ip, trusted);
+    let xfp = headers.entry(&X_FORWARDED_PROTO);
+    if !trusted || matches!(xfp, Entry::Vacant(_)) {
+        set(xfp, HeaderValue::from_static(proto(https)));
+    }
+}
+
+/// Sets `x-forwarded-for`, appending to a trusted one.
+fn forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue, trusted: bool) {
+    // An entry: one hash lookup, whether the field is there or not.
     let xff = headers.entry(&X_FORWARDED_FOR);
     let value = match &xff {
         Entry::Occupied(prev) if trusted => {
@@ -196,10 +205,10 @@ pub fn set_forwarded(headers: &mut HeaderMap, ip: &HeaderValue, https: bool, tru
     if let Some(v) = value {
         set(xff, v);
     }
-    let xfp = headers.entry(&X_FORWARDED_PROTO);
-    if !trusted || matches!(xfp, Entry::Vacant(_)) {
-        set(xfp, HeaderValue::from_static(if https { "https" } else { "http" }));
-    }
+}
+
+fn proto(https: bool) -> &'static str {
+    if https { "https" } else { "http" }
 }
 
 /// Sets an entry's value, replacing every value it had.
@@ -214,23 +223,167 @@ fn set(entry: Entry<'_, HeaderValue>, value: HeaderValue) {
     }
 }
 
-/// Returns the request id (keeping a well-formed incoming one), setting the header.
-pub fn request_id(headers: &mut HeaderMap) -> String {
-    let entry = headers.entry(&X_REQUEST_ID);
-    if let Entry::Occupied(e) = &entry
-        && let Ok(s) = e.get().to_str()
+/// The fields the proxy sets on a request, as bits: which of them a request
+/// came with (see [`proxy_set_fields`]).
+pub(crate) mod set_by_proxy {
+    pub(crate) const REQUEST_ID: u8 = 1;
+    pub(crate) const FORWARDED_FOR: u8 = 2;
+    pub(crate) const FORWARDED_PROTO: u8 = 4;
+    pub(crate) const TRACEPARENT: u8 = 8;
+}
+
+/// Which of the fields the proxy sets the request already has: one pass over
+/// the names (a length check each, mostly), where a lookup per field hashes
+/// its custom name byte by byte.
+pub(crate) fn proxy_set_fields(headers: &HeaderMap) -> u8 {
+    use set_by_proxy as bit;
+    headers.keys().fold(0u8, |acc, n| {
+        let n = n.as_str();
+        acc | match n.len() {
+            11 if n == "traceparent" => bit::TRACEPARENT,
+            12 if n == "x-request-id" => bit::REQUEST_ID,
+            15 if n == "x-forwarded-for" => bit::FORWARDED_FOR,
+            17 if n == "x-forwarded-proto" => bit::FORWARDED_PROTO,
+            _ => 0,
+        }
+    })
+}
+
+/// The request's id: a well-formed incoming `x-request-id` (`present` says
+/// whether there is one to look at, see [`proxy_set_fields`]), or a new one
+/// of 32 hex digits, also returned as bytes: it is not in the map yet (see
+/// [`set_request_id`] and [`Added`]).
+pub fn request_id(headers: &HeaderMap, present: u8) -> (String, Option<[u8; 32]>) {
+    if present & set_by_proxy::REQUEST_ID != 0
+        && let Some(v) = headers.get(&X_REQUEST_ID)
+        && let Ok(s) = v.to_str()
         && !s.is_empty()
         && s.len() <= 128
     {
-        return s.to_owned();
+        return (s.to_owned(), None);
     }
     // Never zero, so that it can start a trace as it is (W3C: an all-zero id is invalid).
     let buf = hex32(nonzero_u128());
-    if let Ok(v) = HeaderValue::from_bytes(&buf) {
-        set(entry, v);
-    }
     // The buffer is ASCII hex, so this never falls back.
-    std::str::from_utf8(&buf).map(str::to_owned).unwrap_or_default()
+    (std::str::from_utf8(&buf).map(str::to_owned).unwrap_or_default(), Some(buf))
+}
+
+/// Puts a new request id (from [`request_id`]) in the map, replacing an
+/// ill-formed incoming one.
+pub fn set_request_id(headers: &mut HeaderMap, id: &[u8; 32]) {
+    if let Ok(v) = HeaderValue::from_bytes(id) {
+        headers.insert(&X_REQUEST_ID, v);
+    }
+}
+
+/// The fields the proxy adds to a request, kept out of its header map when
+/// nothing reads the map before the HTTP/1.1 encoder (no filter chain, no
+/// route header edits, an HTTP/1.1 upstream) and written after the request's
+/// own fields. That saves a map insert each (custom names are hashed byte by
+/// byte) and the allocation of two values. The map keeps a field the proxy
+/// extends (a trusted `x-forwarded-for`) or keeps (a trusted
+/// `x-forwarded-proto`, a well-formed `x-request-id`).
+#[derive(Clone, Default)]
+pub(crate) struct Added<'a> {
+    request_id: Option<[u8; 32]>,
+    forwarded_for: Option<&'a HeaderValue>,
+    forwarded_proto: Option<&'static str>,
+    traceparent: Option<[u8; 55]>,
+}
+
+impl<'a> Added<'a> {
+    /// What [`set_forwarded`], [`propagate_traceparent`] and (with `new_id`)
+    /// [`set_request_id`] would set, kept aside; the request's own fields
+    /// these replace are removed. `present`: [`proxy_set_fields`] of the
+    /// request as it came (a field it names may have gone since: the
+    /// removals then find nothing).
+    pub(crate) fn take_over(
+        headers: &mut HeaderMap,
+        present: u8,
+        new_id: Option<[u8; 32]>,
+        request_id: &str,
+        ip: &'a HeaderValue,
+        https: bool,
+        trusted: bool,
+    ) -> Added<'a> {
+        use set_by_proxy as bit;
+        let has = |b: u8| present & b != 0;
+        let mut added = Added::default();
+        if let Some(id) = new_id {
+            if has(bit::REQUEST_ID) {
+                headers.remove(&X_REQUEST_ID);
+            }
+            added.request_id = Some(id);
+        }
+        match (has(bit::FORWARDED_FOR), trusted) {
+            (true, true) => forwarded_for(headers, ip, true),
+            (had, _) => {
+                if had {
+                    headers.remove(&X_FORWARDED_FOR);
+                }
+                added.forwarded_for = Some(ip);
+            }
+        }
+        if !(trusted && has(bit::FORWARDED_PROTO) && headers.contains_key(&X_FORWARDED_PROTO)) {
+            if has(bit::FORWARDED_PROTO) {
+                headers.remove(&X_FORWARDED_PROTO);
+            }
+            added.forwarded_proto = Some(proto(https));
+        }
+        let incoming = if has(bit::TRACEPARENT) { headers.remove(&TRACEPARENT) } else { None };
+        added.traceparent = Some(traceparent(incoming.as_ref(), request_id));
+        added
+    }
+
+    /// Whether there is nothing to add.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.request_id.is_none()
+            && self.forwarded_for.is_none()
+            && self.forwarded_proto.is_none()
+            && self.traceparent.is_none()
+    }
+
+    /// Writes the fields as HTTP/1.1 field lines.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        let mut line = |name: &[u8], value: &[u8]| {
+            out.extend_from_slice(name);
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        if let Some(id) = &self.request_id {
+            line(b"x-request-id: ", id);
+        }
+        if let Some(ip) = self.forwarded_for {
+            line(b"x-forwarded-for: ", ip.as_bytes());
+        }
+        if let Some(p) = self.forwarded_proto {
+            line(b"x-forwarded-proto: ", p.as_bytes());
+        }
+        if let Some(tp) = &self.traceparent {
+            line(b"traceparent: ", tp);
+        }
+    }
+
+    /// Puts the fields in a map after all (an upstream that is not HTTP/1.1).
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        let put = |headers: &mut HeaderMap, name: &HeaderName, value: &[u8]| {
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                headers.insert(name, v);
+            }
+        };
+        if let Some(id) = &self.request_id {
+            put(headers, &X_REQUEST_ID, id);
+        }
+        if let Some(ip) = self.forwarded_for {
+            headers.insert(&X_FORWARDED_FOR, ip.clone());
+        }
+        if let Some(p) = self.forwarded_proto {
+            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(p));
+        }
+        if let Some(tp) = &self.traceparent {
+            put(headers, &TRACEPARENT, tp);
+        }
+    }
 }
 
 /// Lowercase hex of `x`, 16 digits: each nibble spread into a byte of its
@@ -280,14 +433,22 @@ fn is_lower_hex(b: u8) -> bool {
 /// `traceparent`, with a new parent (span) id for this hop; starts a trace
 /// (using the request id when it is 32 hex digits) when there is none.
 pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
-    // 00-<32 hex trace>-<16 hex span>-<2 hex flags>
-    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
     let entry = headers.entry(&TRACEPARENT);
     let incoming = match &entry {
-        Entry::Occupied(e) => e.get().to_str().ok().and_then(parse_traceparent),
+        Entry::Occupied(e) => Some(e.get()),
         Entry::Vacant(_) => None,
     };
-    match incoming {
+    let buf = traceparent(incoming, request_id);
+    if let Ok(v) = HeaderValue::from_bytes(&buf) {
+        set(entry, v);
+    }
+}
+
+/// This hop's `traceparent`, continuing a valid `incoming` one.
+fn traceparent(incoming: Option<&HeaderValue>, request_id: &str) -> [u8; 55] {
+    // 00-<32 hex trace>-<16 hex span>-<2 hex flags>
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    match incoming.and_then(|v| v.to_str().ok()).and_then(parse_traceparent) {
         Some((trace, flags)) => {
             buf[3..35].copy_from_slice(trace.as_bytes());
             buf[53..55].copy_from_slice(flags.as_bytes());
@@ -302,9 +463,7 @@ pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
         }
     }
     buf[36..52].copy_from_slice(&hex16(fastrand::u64(..).max(1)));
-    if let Ok(v) = HeaderValue::from_bytes(&buf) {
-        set(entry, v);
-    }
+    buf
 }
 
 fn parse_traceparent(s: &str) -> Option<(&str, &str)> {

@@ -36,24 +36,36 @@ thread_local! {
 }
 
 /// The upstream request template; cloned for each attempt.
-pub(crate) struct UpstreamRequest {
+pub(crate) struct UpstreamRequest<'a> {
     method: Method,
     uri: Uri,
     version: Version,
     headers: http::HeaderMap,
+    /// The fields the proxy sets, when kept out of `headers`.
+    added: headers::Added<'a>,
 }
 
-impl UpstreamRequest {
+/// Where the fields the proxy sets on a request stand.
+pub(crate) enum Fields {
+    /// As the request came: `present` is [`headers::proxy_set_fields`] of
+    /// it, `new_id` the request id made for it (not in the map).
+    AsReceived { present: u8, new_id: Option<[u8; 32]> },
+    /// Filters saw them (and may have changed them): the map has them.
+    InMap,
+}
+
+impl<'a> UpstreamRequest<'a> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare(
         mut parts: request::Parts,
-        conn: &ConnInfo,
+        conn: &'a ConnInfo,
         target: &Target<'_>,
         fwd: &Forward,
         cluster: &ClusterState,
         upgrade: bool,
         https: bool,
         known_request_id: Option<&str>,
+        fields: Fields,
     ) -> Result<Self, ProxyError> {
         let h = &mut parts.headers;
         let named_hop_headers = h.contains_key(http::header::CONNECTION);
@@ -66,13 +78,36 @@ impl UpstreamRequest {
         if named_hop_headers && let Some(v) = &request_id_value {
             h.insert(headers::X_REQUEST_ID.clone(), v.clone());
         }
-        target.route.request_edits.apply(h);
-        headers::set_forwarded(h, &conn.remote_ip, https, target.trust_forwarded);
         let request_id = match known_request_id {
             Some(id) => id,
             None => request_id_value.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
         };
-        headers::propagate_traceparent(h, request_id);
+        // The HTTP/1.1 encoder writes the fields the proxy sets after the
+        // request's own, unless something reads or edits the map before it.
+        let mut added = headers::Added::default();
+        match fields {
+            Fields::AsReceived { present, new_id }
+                if target.route.request_edits.is_empty() && !cluster.is_h2() =>
+            {
+                added = headers::Added::take_over(
+                    h,
+                    present,
+                    new_id,
+                    request_id,
+                    &conn.remote_ip,
+                    https,
+                    target.trust_forwarded,
+                );
+            }
+            fields => {
+                if let Fields::AsReceived { new_id: Some(id), .. } = fields {
+                    headers::set_request_id(h, &id);
+                }
+                target.route.request_edits.apply(h);
+                headers::set_forwarded(h, &conn.remote_ip, https, target.trust_forwarded);
+                headers::propagate_traceparent(h, request_id);
+            }
+        }
 
         let rewritten = fwd.prefix_rewrite.is_some() && target.route.matched_prefix().is_some();
         let path: std::borrow::Cow<'_, str> = match (&fwd.prefix_rewrite, target.route.matched_prefix()) {
@@ -135,7 +170,7 @@ impl UpstreamRequest {
             };
             (uri, Version::HTTP_11)
         };
-        Ok(UpstreamRequest { method: parts.method, uri, version, headers: parts.headers })
+        Ok(UpstreamRequest { method: parts.method, uri, version, headers: parts.headers, added })
     }
 
     fn build(&self, body: ProxyBody) -> Request<ProxyBody> {
@@ -209,7 +244,7 @@ impl Drop for InFlight {
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
-    template: UpstreamRequest,
+    mut template: UpstreamRequest<'_>,
     body: ProxyBody,
     conn: &Rc<ConnInfo>,
     dp: &Dataplane,
@@ -268,6 +303,8 @@ pub(crate) async fn forward(
     // One clock read serves the deadline and the first attempt's start.
     let first_start = Instant::now();
     let deadline = fwd.timeout.map(|t| tokio::time::Instant::from_std(first_start + t));
+    // The same for every attempt.
+    let added = std::mem::take(&mut template.added);
     let mut template = Some(template);
     let mut last_endpoint: Option<Arc<Endpoint>> = None;
     // Held from a retry's admission until its attempt ends (`max_retries`).
@@ -336,7 +373,7 @@ pub(crate) async fn forward(
                     }
                     None => Box::pin(tokio::time::sleep_until(t)),
                 };
-                let exchange = send_request(cluster, endpoint, req, verbatim, head_back);
+                let exchange = send_request(cluster, endpoint, req, &added, verbatim, head_back);
                 let mut exchange = std::pin::pin!(exchange);
                 let r = std::future::poll_fn(|cx| {
                     if let Poll::Ready(r) = exchange.as_mut().poll(cx) {
@@ -348,7 +385,7 @@ pub(crate) async fn forward(
                 conn.deadline_timer.set(Some(timer));
                 r
             }
-            None => Ok(send_request(cluster, endpoint, req, verbatim, head_back).await),
+            None => Ok(send_request(cluster, endpoint, req, &added, verbatim, head_back).await),
         };
         drop(retry_slot.take());
         let elapsed = started.elapsed();
@@ -561,12 +598,14 @@ pub(crate) fn pick_endpoint(
 /// Sends one attempt and waits for the response head. An HTTP/1.1 response
 /// body returns its connection to the pool when it completes. `verbatim`: an
 /// HTTP/1.1 response keeps its fields encoded (see `h1::verbatim`).
+/// `added`: fields the proxy sets, kept out of the request's map.
 /// `head_back`: where the request head is handed back once sent (for the
 /// filters' `on_log`; HTTP/2 sends a copy).
 pub(crate) async fn send_request(
     cluster: &Arc<ClusterState>,
     endpoint: &Arc<Endpoint>,
-    req: Request<ProxyBody>,
+    mut req: Request<ProxyBody>,
+    added: &headers::Added<'_>,
     verbatim: bool,
     head_back: Option<&RefCell<Option<request::Parts>>>,
 ) -> Result<h1::Answer, ProxyError> {
@@ -574,7 +613,7 @@ pub(crate) async fn send_request(
     match pool::checkout(cluster, endpoint, &pool).await? {
         Conn::H1(conn) => {
             let (parts, body) = req.into_parts();
-            let mut ex = h1::Exchange::start(conn, &parts, body, verbatim);
+            let mut ex = h1::Exchange::start(conn, &parts, added, body, verbatim);
             let head = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
                 Ok(head) => head,
                 // The pooled connection was closed by the upstream while idle:
@@ -598,6 +637,9 @@ pub(crate) async fn send_request(
         }
         Conn::H2(mut s) => {
             s.ready().await.map_err(upstream_error)?;
+            if !added.is_empty() {
+                added.apply(req.headers_mut());
+            }
             if let Some(back) = head_back {
                 *back.borrow_mut() = Some(copy_head(&req));
             }

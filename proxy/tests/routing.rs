@@ -407,8 +407,18 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     assert_eq!(parts.headers["x-public"], "1");
 }
 
+/// The fields the proxy sets, the same whether the HTTP/1.1 encoder writes
+/// them after the request's own (nothing else touches the request's map: the
+/// common case) or they go in the map (here: a route that edits request
+/// fields; also with filters, or an HTTP/2 upstream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_request_id_and_traceparent() {
+    check_forwarded_fields("{ forward: { cluster: backend } }").await;
+    check_forwarded_fields("{ forward: { cluster: backend }, request_headers: { set: { x-edited: yes } } }")
+        .await;
+}
+
+async fn check_forwarded_fields(route: &str) {
     let backend = Backend::named("b").await;
     let yaml = format!(
         r#"
@@ -418,17 +428,23 @@ listeners:
   - name: edge
     address: 127.0.0.1:0
     virtual_hosts:
-      - {{ name: all, domains: ["*"], routes: [{{ forward: {{ cluster: backend }} }}] }}
+      - {{ name: all, domains: ["*"], routes: [{route}] }}
   - name: internal
     address: 127.0.0.1:0
     trust_forwarded_headers: true
     virtual_hosts:
-      - {{ name: all, domains: ["*"], routes: [{{ forward: {{ cluster: backend }} }}] }}
+      - {{ name: all, domains: ["*"], routes: [{route}] }}
 clusters:
   - {{ name: backend, endpoints: ["{}"] }}
 "#,
         backend.addr
     );
+    // Each field the proxy sets is there once.
+    let once = |h: &http::HeaderMap| {
+        for name in ["x-request-id", "x-forwarded-for", "x-forwarded-proto", "traceparent"] {
+            assert_eq!(h.get_all(name).iter().count(), 1, "{name} in {h:?} ({route})");
+        }
+    };
     let p = TestProxy::start(&yaml).await;
     let mut edge = h1_connect(p.addr("edge")).await;
     let mut internal = h1_connect(p.addr("internal")).await;
@@ -444,17 +460,26 @@ clusters:
     // An untrusted client cannot spoof its address or scheme.
     send1(&mut edge, spoofed()).await;
     let h = backend.last().headers;
+    once(&h);
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
     // A trusted hop's chain is kept and extended.
     send1(&mut internal, spoofed()).await;
     let h = backend.last().headers;
+    once(&h);
     assert_eq!(h["x-forwarded-for"], "1.2.3.4, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "https");
+    // A trusted hop without them gets them.
+    send1(&mut internal, get_req("x", "/")).await;
+    let h = backend.last().headers;
+    once(&h);
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
 
     // No request id: one is made (32 hex digits) and the trace starts from it.
     send1(&mut edge, get_req("x", "/")).await;
     let h = backend.last().headers;
+    once(&h);
     let rid = h["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(rid.len(), 32);
     assert!(rid.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -475,6 +500,7 @@ clusters:
         .unwrap();
     send1(&mut edge, req).await;
     let h = backend.last().headers;
+    once(&h);
     assert_eq!(h["x-request-id"], "req-123");
     let tp = h["traceparent"].to_str().unwrap();
     let parts: Vec<&str> = tp.split('-').collect();
@@ -489,6 +515,17 @@ clusters:
         .body(Full::new(Bytes::new()))
         .unwrap();
     send1(&mut edge, req).await;
-    let tp = backend.last().headers["traceparent"].to_str().unwrap().to_owned();
+    let h = backend.last().headers;
+    once(&h);
+    let tp = h["traceparent"].to_str().unwrap().to_owned();
     assert!(!tp.contains("00000000000000000000000000000000"), "{tp}");
+
+    // An ill-formed request id (empty, or past 128 bytes) is replaced by a new one.
+    for bad in [String::new(), "x".repeat(129)] {
+        let req = Request::get("/").header("host", "x").header("x-request-id", &bad);
+        send1(&mut edge, req.body(Full::new(Bytes::new())).unwrap()).await;
+        let h = backend.last().headers;
+        once(&h);
+        assert_eq!(h["x-request-id"].len(), 32, "{h:?}");
+    }
 }

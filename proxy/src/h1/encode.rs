@@ -15,6 +15,7 @@ use tokio::io::AsyncWrite;
 use super::io::Io;
 use crate::body::ProxyBody;
 use crate::error::{ErrorKind, ProxyError, Side};
+use crate::headers::Added;
 
 /// How a body is framed on the wire (requests and responses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +34,12 @@ pub(crate) enum Framing {
 /// framing, with hyper's client rules: no body → no framing; a
 /// `content-length` the sender set is kept; a body of known size gets one;
 /// otherwise chunked, except GET/HEAD/CONNECT, which send no body.
-pub(crate) fn encode_head(parts: &request::Parts, body: &ProxyBody, out: &mut Vec<u8>) -> Framing {
+pub(crate) fn encode_head(
+    parts: &request::Parts,
+    added: &Added<'_>,
+    body: &ProxyBody,
+    out: &mut Vec<u8>,
+) -> Framing {
     let h = &parts.headers;
     let (framing, add_length) = if body.is_end_stream() {
         (Framing::None, None)
@@ -60,6 +66,7 @@ pub(crate) fn encode_head(parts: &request::Parts, body: &ProxyBody, out: &mut Ve
         }
         put_field(out, name, value);
     }
+    added.encode(out);
     match (framing, add_length) {
         (Framing::Chunked, _) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         (_, Some(n)) => {
@@ -362,7 +369,7 @@ mod tests {
     fn head_of(req: Request<ProxyBody>) -> (String, Framing) {
         let (parts, body) = req.into_parts();
         let mut out = Vec::new();
-        let f = encode_head(&parts, &body, &mut out);
+        let f = encode_head(&parts, &Added::default(), &body, &mut out);
         (String::from_utf8(out).unwrap(), f)
     }
 

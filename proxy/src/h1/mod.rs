@@ -121,10 +121,11 @@ impl Exchange {
     pub(crate) fn start(
         mut conn: Box<H1Conn>,
         parts: &http::request::Parts,
+        added: &crate::headers::Added<'_>,
         body: ProxyBody,
         verbatim: bool,
     ) -> Self {
-        let framing = encode::encode_head(parts, &body, &mut conn.head);
+        let framing = encode::encode_head(parts, added, &body, &mut conn.head);
         Exchange {
             conn,
             writer: Writer::new(body, framing),
