@@ -68,7 +68,7 @@ pub async fn handle(
     start: Instant,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let dp = conn.dataplane.get(&conn.shared.dataplane);
-    let grpc = is_grpc(req.headers());
+    let grpc = is_grpc(&req);
     let format = dp.snapshot.config().access_log.format;
     let mut log = RequestLog {
         request_id: String::new(),
@@ -122,8 +122,11 @@ struct Seen<'a> {
     metrics: Option<&'a Arc<RouteMetrics>>,
 }
 
-fn is_grpc(h: &http::HeaderMap) -> bool {
-    h.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+/// A gRPC request (its errors are answered the gRPC way). gRPC calls are
+/// always POSTs: any other request costs no field lookup.
+fn is_grpc(req: &Request<ProxyBody>) -> bool {
+    req.method() == http::Method::POST
+        && req.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// What runs when the response body ends: metrics, the filters' `on_log`, the
@@ -193,6 +196,8 @@ fn finish_error(
 /// The per-request view of where the request goes.
 pub(crate) struct Target<'a> {
     pub(crate) authority: String,
+    /// `authority` is the request's `host` field, as it came.
+    pub(crate) from_host: bool,
     pub(crate) path: String,
     pub(crate) query: Option<String>,
     pub(crate) route: &'a Arc<CompiledRoute>,
@@ -218,20 +223,20 @@ async fn proxy<'a>(
     // Set by the HTTP/1.1 codec on a request asking for an upgrade.
     let upgrade = req.extensions_mut().remove::<crate::server::OnUpgrade>().and_then(|u| u.take());
     let (mut parts, body) = req.into_parts();
-    // Which of the fields the proxy sets the request came with.
-    let proxy_set = headers::proxy_set_fields(&parts.headers);
-    let (request_id, mut new_id) = headers::request_id(&parts.headers, proxy_set);
+    // Which of the fields the forwarding path looks for the request came with.
+    let scanned = headers::scan_fields(&parts.headers);
+    let (request_id, mut new_id) = headers::request_id(&parts.headers, scanned);
     log.request_id = request_id;
     let log_on = dp.snapshot.config().access_log.format != AccessLogFormat::Off;
     if log_on {
         log.user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
     }
 
-    let authority = match parts.uri.authority() {
-        Some(a) => a.as_str().to_owned(),
+    let (authority, from_host) = match parts.uri.authority() {
+        Some(a) => (a.as_str().to_owned(), false),
         None => match parts.headers.get(HOST).and_then(|h| h.to_str().ok()) {
-            Some(h) if !h.is_empty() => h.to_owned(),
-            _ if version == Version::HTTP_10 => String::new(),
+            Some(h) if !h.is_empty() => (h.to_owned(), true),
+            _ if version == Version::HTTP_10 => (String::new(), false),
             _ => return Err(ProxyError::bad_request("missing host")),
         },
     };
@@ -258,7 +263,7 @@ async fn proxy<'a>(
 
     let https = conn.tls.is_some();
     let trust_forwarded = listener.config.trust_forwarded_headers;
-    let mut target = Target { authority, path, query, route, trust_forwarded };
+    let mut target = Target { authority, from_host, path, query, route, trust_forwarded };
 
     // Filters see the normalized, absolute form of the request.
     let mut chain = None;
@@ -308,6 +313,7 @@ async fn proxy<'a>(
         // wasm host does on any edit): without that, the head is as it was.
         headers_edited = run.info().take_route_cache_cleared();
         if headers_edited {
+            target.from_host = false;
             target.authority = match parts.uri.authority() {
                 Some(a) => a.as_str().to_owned(),
                 None => parts.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned(),
@@ -370,7 +376,7 @@ async fn proxy<'a>(
             let known_id = (!headers_edited).then_some(log.request_id.as_str());
             // Without filters, the fields the proxy sets are as the request came.
             let fields = match &chain {
-                None => Fields::AsReceived { present: proxy_set, new_id },
+                None => Fields::AsReceived { present: scanned, new_id },
                 Some(_) => Fields::InMap,
             };
             let upstream_req = UpstreamRequest::prepare(

@@ -223,23 +223,26 @@ fn set(entry: Entry<'_, HeaderValue>, value: HeaderValue) {
     }
 }
 
-/// The fields the proxy sets on a request, as bits: which of them a request
-/// came with (see [`proxy_set_fields`]).
-pub(crate) mod set_by_proxy {
+/// The fields the forwarding path looks for in a request, as bits (see
+/// [`scan_fields`]): those the proxy sets, and `connection`, which says
+/// whether any field is hop-by-hop by name.
+pub(crate) mod scanned {
     pub(crate) const REQUEST_ID: u8 = 1;
     pub(crate) const FORWARDED_FOR: u8 = 2;
     pub(crate) const FORWARDED_PROTO: u8 = 4;
     pub(crate) const TRACEPARENT: u8 = 8;
+    pub(crate) const CONNECTION: u8 = 16;
 }
 
-/// Which of the fields the proxy sets the request already has: one pass over
-/// the names (a length check each, mostly), where a lookup per field hashes
-/// its custom name byte by byte.
-pub(crate) fn proxy_set_fields(headers: &HeaderMap) -> u8 {
-    use set_by_proxy as bit;
+/// Which of the [`scanned`] fields a request has: one pass over the names (a
+/// length check each, mostly), where a lookup per field hashes its name (a
+/// custom one byte by byte).
+pub(crate) fn scan_fields(headers: &HeaderMap) -> u8 {
+    use scanned as bit;
     headers.keys().fold(0u8, |acc, n| {
         let n = n.as_str();
         acc | match n.len() {
+            10 if n == "connection" => bit::CONNECTION,
             11 if n == "traceparent" => bit::TRACEPARENT,
             12 if n == "x-request-id" => bit::REQUEST_ID,
             15 if n == "x-forwarded-for" => bit::FORWARDED_FOR,
@@ -250,11 +253,11 @@ pub(crate) fn proxy_set_fields(headers: &HeaderMap) -> u8 {
 }
 
 /// The request's id: a well-formed incoming `x-request-id` (`present` says
-/// whether there is one to look at, see [`proxy_set_fields`]), or a new one
+/// whether there is one to look at, see [`scan_fields`]), or a new one
 /// of 32 hex digits, also returned as bytes: it is not in the map yet (see
 /// [`set_request_id`] and [`Added`]).
 pub fn request_id(headers: &HeaderMap, present: u8) -> (String, Option<[u8; 32]>) {
-    if present & set_by_proxy::REQUEST_ID != 0
+    if present & scanned::REQUEST_ID != 0
         && let Some(v) = headers.get(&X_REQUEST_ID)
         && let Ok(s) = v.to_str()
         && !s.is_empty()
@@ -294,7 +297,7 @@ pub(crate) struct Added<'a> {
 impl<'a> Added<'a> {
     /// What [`set_forwarded`], [`propagate_traceparent`] and (with `new_id`)
     /// [`set_request_id`] would set, kept aside; the request's own fields
-    /// these replace are removed. `present`: [`proxy_set_fields`] of the
+    /// these replace are removed. `present`: [`scan_fields`] of the
     /// request as it came (a field it names may have gone since: the
     /// removals then find nothing).
     pub(crate) fn take_over(
@@ -306,7 +309,7 @@ impl<'a> Added<'a> {
         https: bool,
         trusted: bool,
     ) -> Added<'a> {
-        use set_by_proxy as bit;
+        use scanned as bit;
         let has = |b: u8| present & b != 0;
         let mut added = Added::default();
         if let Some(id) = new_id {

@@ -46,8 +46,9 @@ pub(crate) struct UpstreamRequest<'a> {
 }
 
 /// Where the fields the proxy sets on a request stand.
+#[derive(Clone, Copy)]
 pub(crate) enum Fields {
-    /// As the request came: `present` is [`headers::proxy_set_fields`] of
+    /// As the request came: `present` is [`headers::scan_fields`] of
     /// it, `new_id` the request id made for it (not in the map).
     AsReceived { present: u8, new_id: Option<[u8; 32]> },
     /// Filters saw them (and may have changed them): the map has them.
@@ -68,7 +69,16 @@ impl<'a> UpstreamRequest<'a> {
         fields: Fields,
     ) -> Result<Self, ProxyError> {
         let h = &mut parts.headers;
-        let named_hop_headers = h.contains_key(http::header::CONNECTION);
+        let named_hop_headers = match fields {
+            Fields::AsReceived { present, .. } => present & headers::scanned::CONNECTION != 0,
+            Fields::InMap => h.contains_key(http::header::CONNECTION),
+        };
+        // The `host` field is the authority going upstream, as it came (no
+        // filter, no rewrite, and no `connection` field could name it).
+        let host_kept = matches!(fields, Fields::AsReceived { .. })
+            && target.from_host
+            && fwd.host_rewrite.is_none()
+            && !named_hop_headers;
         // Naming `x-request-id` in `connection` must not strip the id the proxy keeps.
         let request_id_value = match known_request_id {
             Some(_) if !named_hop_headers => None,
@@ -147,7 +157,7 @@ impl<'a> UpstreamRequest<'a> {
                 .map_err(|e| ProxyError::bad_request(format!("invalid uri: {e}")))?;
             (uri, Version::HTTP_2)
         } else {
-            let host_matches = h.get(HOST).is_some_and(|v| v.as_bytes() == authority.as_bytes());
+            let host_matches = host_kept || h.get(HOST).is_some_and(|v| v.as_bytes() == authority.as_bytes());
             if !authority.is_empty() && !host_matches {
                 let v = HeaderValue::from_str(authority)
                     .map_err(|_| ProxyError::bad_request("invalid authority"))?;

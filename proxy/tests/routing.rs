@@ -379,7 +379,7 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     let mut c = h1_connect(p.addr("main")).await;
     let req = Request::get("/")
         .header("host", "x")
-        .header("connection", "keep-alive, x-authz-user, x-forwarded-for, x-request-id")
+        .header("connection", "keep-alive, x-authz-user, x-forwarded-for, x-request-id, host")
         .header("x-authz-user", "admin")
         .header("keep-alive", "timeout=5")
         .header("proxy-connection", "keep-alive")
@@ -401,6 +401,11 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen["x-request-id"], "my-request");
     assert!(seen.contains_key("traceparent"));
+    // The upstream request has its `host` (the authority) however it is named.
+    assert_eq!(seen.get_all("host").iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>(), ["x"]);
+    for h in ["x-request-id", "x-forwarded-for", "x-forwarded-proto", "traceparent"] {
+        assert_eq!(seen.get_all(h).iter().count(), 1, "{h} in {seen:?}");
+    }
     // And downstream does not see the upstream's hop-by-hop headers.
     assert!(!parts.headers.contains_key("x-upstream-private"), "{:?}", parts.headers);
     assert!(!parts.headers.contains_key("keep-alive"));
