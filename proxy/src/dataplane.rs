@@ -34,8 +34,9 @@ pub struct Dataplane {
     pub generation: u64,
     /// The snapshot it was built from.
     pub snapshot: Snapshot,
-    /// Listeners by name.
-    pub listeners: HashMap<String, Arc<ListenerRuntime>>,
+    /// Listeners by name (looked up once per request: a fast hash, not
+    /// SipHash; the names come from the config, not from requests).
+    pub listeners: HashMap<String, Arc<ListenerRuntime>, foldhash::fast::RandomState>,
     /// Clusters by name.
     pub clusters: HashMap<String, Arc<ClusterState>>,
     /// Every loaded filter, for the admin endpoint.
@@ -97,7 +98,7 @@ impl Dataplane {
             Ok(Arc::from(chain))
         };
 
-        let mut listeners = HashMap::new();
+        let mut listeners = HashMap::default();
         for (li, l) in cfg.listeners.iter().enumerate() {
             let listener_chain = load_chain(&l.filters, &format!("listeners[{li}].filters"))?;
             let mut route_chains = HashMap::new();

@@ -157,7 +157,7 @@ impl Completion {
 
     pub(crate) fn done(self, end: BodyEnd, bytes: u64) {
         if let Some(m) = &self.metrics {
-            m.record(self.status, self.start.elapsed());
+            m.record(self.status, crate::clock::now().saturating_duration_since(self.start));
         }
         if let Some(l) = self.log {
             l.emit(self.format, bytes, end == BodyEnd::Complete);

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod body;
 pub mod callout;
 pub mod chain;
+mod clock;
 pub mod cluster;
 pub mod dataplane;
 pub mod error;

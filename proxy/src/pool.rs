@@ -80,7 +80,7 @@ impl EndpointPool {
     pub fn put_back(&self, conn: Box<H1Conn>, max_idle: usize) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() < max_idle {
-            idle.push(Idle { conn, since: Instant::now() });
+            idle.push(Idle { conn, since: crate::clock::now() });
         } else {
             self.overflow.inc();
         }
@@ -88,10 +88,11 @@ impl EndpointPool {
 
     fn take_idle(&self, idle_timeout: Duration) -> Option<Box<H1Conn>> {
         let mut idle = self.idle.borrow_mut();
+        let now = crate::clock::now();
         // Most recently used first; a connection the upstream closed (or
         // that has stray bytes) is dropped.
         while let Some(c) = idle.pop() {
-            if c.since.elapsed() < idle_timeout && !c.conn.idle_unusable() {
+            if now.saturating_duration_since(c.since) < idle_timeout && !c.conn.idle_unusable() {
                 return Some(c.conn);
             }
         }

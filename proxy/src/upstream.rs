@@ -9,7 +9,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, COOKIE, HOST, HeaderValue};
@@ -311,7 +310,7 @@ pub(crate) async fn forward(
     let max_attempts = 1 + retry.map_or(0, |r| r.policy.attempts);
     let per_try = retry.and_then(|r| r.policy.per_try_timeout);
     // One clock read serves the deadline and the first attempt's start.
-    let first_start = Instant::now();
+    let first_start = crate::clock::now();
     let deadline = fwd.timeout.map(|t| tokio::time::Instant::from_std(first_start + t));
     // The same for every attempt.
     let added = std::mem::take(&mut template.added);
@@ -356,7 +355,7 @@ pub(crate) async fn forward(
                 return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request"));
             }
         };
-        let started = if attempt == 1 { first_start } else { Instant::now() };
+        let started = if attempt == 1 { first_start } else { crate::clock::now() };
         let until = match (per_try, deadline) {
             (Some(pt), dl) => {
                 let t = tokio::time::Instant::now() + pt;
@@ -398,7 +397,7 @@ pub(crate) async fn forward(
             None => Ok(send_request(cluster, endpoint, req, &added, verbatim, head_back).await),
         };
         drop(retry_slot.take());
-        let elapsed = started.elapsed();
+        let elapsed = crate::clock::now().saturating_duration_since(started);
         cluster.metrics.latency.observe(elapsed);
         // Set when the retry was already admitted (budget and retry breaker).
         let mut admitted = false;

@@ -148,7 +148,7 @@ impl Activity {
     pub(super) fn begin(self: &Rc<Self>) -> ActivityGuard {
         self.streams.set(self.streams.get() + 1);
         self.in_flight.set(self.in_flight.get() + 1);
-        ActivityGuard { activity: self.clone(), started: std::time::Instant::now(), completed: false }
+        ActivityGuard { activity: self.clone(), started: crate::clock::now(), completed: false }
     }
 
     fn idle_deadline(&self, timeout: Duration) -> tokio::time::Instant {
@@ -168,7 +168,7 @@ impl Drop for ActivityGuard {
     fn drop(&mut self) {
         let a = &self.activity;
         a.in_flight.set(a.in_flight.get() - 1);
-        let now = std::time::Instant::now();
+        let now = crate::clock::now();
         a.last.set(now);
         if !self.completed && now.saturating_duration_since(self.started) < PREMATURE_RESET_WINDOW {
             let premature = a.premature.get() + 1;

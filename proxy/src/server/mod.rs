@@ -358,7 +358,8 @@ fn spawn_serve(
     cx.open_here.inc();
     cx.active.set(cx.active.get() + 1);
     let cx = cx.clone();
-    tokio::task::spawn_local(async move {
+    // Each poll of a connection's task reads the clock once (see `clock`).
+    tokio::task::spawn_local(crate::clock::Scoped::new(async move {
         serve_connection(stream, remote, &cx).await;
         cx.balance.closed(cx.worker);
         drop(permit);
@@ -366,7 +367,7 @@ fn spawn_serve(
         cx.open_here.dec();
         cx.active.set(cx.active.get() - 1);
         cx.idle_done.notify_waiters();
-    });
+    }));
 }
 
 fn h2_builder(limits: &Limits) -> http2::Builder<LocalExec> {
