@@ -71,7 +71,7 @@ pub async fn handle(
     let grpc = is_grpc(&req);
     let format = dp.snapshot.config().access_log.format;
     let mut log = RequestLog {
-        request_id: String::new(),
+        request_id: Default::default(),
         listener: conn.listener.clone(),
         downstream: conn.remote,
         method: req.method().clone(),
@@ -225,8 +225,11 @@ async fn proxy<'a>(
     let (mut parts, body) = req.into_parts();
     // Which of the fields the forwarding path looks for the request came with.
     let scanned = headers::scan_fields(&parts.headers);
-    let (request_id, mut new_id) = headers::request_id(&parts.headers, scanned);
-    log.request_id = request_id;
+    log.request_id = headers::request_id(&parts.headers, scanned);
+    let mut new_id = match &log.request_id {
+        crate::accesslog::RequestId::Made(id) => Some(*id),
+        _ => None,
+    };
     let log_on = dp.snapshot.config().access_log.format != AccessLogFormat::Off;
     if log_on {
         log.user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -274,7 +277,7 @@ async fn proxy<'a>(
             headers::set_request_id(&mut parts.headers, &id);
         }
         let mut info = StreamInfo::new(
-            log.request_id.clone(),
+            log.request_id.to_string(),
             conn.id,
             conn.remote,
             conn.local,
@@ -373,7 +376,7 @@ async fn proxy<'a>(
             }
             // Unless a filter edited the request headers, `x-request-id` is the
             // id this request was given; after an edit the header is read again.
-            let known_id = (!headers_edited).then_some(log.request_id.as_str());
+            let known_id = (!headers_edited).then_some(log.request_id.as_bytes());
             // Without filters, the fields the proxy sets are as the request came.
             let fields = match &chain {
                 None => Fields::AsReceived { present: scanned, new_id },

@@ -9,6 +9,7 @@ use http::header::{
 use http::{HeaderMap, Version};
 use smallvec::SmallVec;
 
+use crate::accesslog::RequestId;
 use crate::error::ProxyError;
 
 /// `x-request-id`.
@@ -253,22 +254,19 @@ pub(crate) fn scan_fields(headers: &HeaderMap) -> u8 {
 }
 
 /// The request's id: a well-formed incoming `x-request-id` (`present` says
-/// whether there is one to look at, see [`scan_fields`]), or a new one
-/// of 32 hex digits, also returned as bytes: it is not in the map yet (see
-/// [`set_request_id`] and [`Added`]).
-pub fn request_id(headers: &HeaderMap, present: u8) -> (String, Option<[u8; 32]>) {
+/// whether there is one to look at, see [`scan_fields`]), or a new one of 32
+/// hex digits, which is not in the map yet (see [`set_request_id`] and [`Added`]).
+pub fn request_id(headers: &HeaderMap, present: u8) -> RequestId {
     if present & scanned::REQUEST_ID != 0
         && let Some(v) = headers.get(&X_REQUEST_ID)
         && let Ok(s) = v.to_str()
         && !s.is_empty()
         && s.len() <= 128
     {
-        return (s.to_owned(), None);
+        return RequestId::Given(s.to_owned());
     }
     // Never zero, so that it can start a trace as it is (W3C: an all-zero id is invalid).
-    let buf = hex32(nonzero_u128());
-    // The buffer is ASCII hex, so this never falls back.
-    (std::str::from_utf8(&buf).map(str::to_owned).unwrap_or_default(), Some(buf))
+    RequestId::Made(hex32(nonzero_u128()))
 }
 
 /// Puts a new request id (from [`request_id`]) in the map, replacing an
@@ -304,7 +302,7 @@ impl<'a> Added<'a> {
         headers: &mut HeaderMap,
         present: u8,
         new_id: Option<[u8; 32]>,
-        request_id: &str,
+        request_id: &[u8],
         ip: &'a HeaderValue,
         https: bool,
         trusted: bool,
@@ -435,7 +433,7 @@ fn is_lower_hex(b: u8) -> bool {
 /// Propagates W3C trace context: keeps the trace id and flags of a valid
 /// `traceparent`, with a new parent (span) id for this hop; starts a trace
 /// (using the request id when it is 32 hex digits) when there is none.
-pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
+pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &[u8]) {
     let entry = headers.entry(&TRACEPARENT);
     let incoming = match &entry {
         Entry::Occupied(e) => Some(e.get()),
@@ -448,7 +446,7 @@ pub fn propagate_traceparent(headers: &mut HeaderMap, request_id: &str) {
 }
 
 /// This hop's `traceparent`, continuing a valid `incoming` one.
-fn traceparent(incoming: Option<&HeaderValue>, request_id: &str) -> [u8; 55] {
+fn traceparent(incoming: Option<&HeaderValue>, request_id: &[u8]) -> [u8; 55] {
     // 00-<32 hex trace>-<16 hex span>-<2 hex flags>
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
     match incoming.and_then(|v| v.to_str().ok()).and_then(parse_traceparent) {
@@ -457,7 +455,7 @@ fn traceparent(incoming: Option<&HeaderValue>, request_id: &str) -> [u8; 55] {
             buf[53..55].copy_from_slice(flags.as_bytes());
         }
         None => {
-            let rid = request_id.as_bytes();
+            let rid = request_id;
             if is_trace_id(rid, 32) {
                 buf[3..35].copy_from_slice(rid);
             } else {
@@ -583,7 +581,7 @@ mod tests {
         let mut h = HeaderMap::new();
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert(&TRACEPARENT, HeaderValue::from_static(incoming));
-        propagate_traceparent(&mut h, "x");
+        propagate_traceparent(&mut h, b"x");
         let out = h.get(&TRACEPARENT).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(out.ends_with("-01"));

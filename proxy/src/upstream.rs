@@ -64,7 +64,7 @@ impl<'a> UpstreamRequest<'a> {
         cluster: &ClusterState,
         upgrade: bool,
         https: bool,
-        known_request_id: Option<&str>,
+        known_request_id: Option<&[u8]>,
         fields: Fields,
     ) -> Result<Self, ProxyError> {
         let h = &mut parts.headers;
@@ -89,7 +89,7 @@ impl<'a> UpstreamRequest<'a> {
         }
         let request_id = match known_request_id {
             Some(id) => id,
-            None => request_id_value.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            None => request_id_value.as_ref().map_or(&b""[..], |v| v.as_bytes()),
         };
         // The HTTP/1.1 encoder writes the fields the proxy sets after the
         // request's own, unless something reads or edits the map before it.
