@@ -268,6 +268,28 @@ async fn filtered_requests_reuse_upstream_connections() {
     assert!(opened <= 2, "{opened} upstream connections for 30 sequential requests");
 }
 
+/// With a filter chain, `x-forwarded-for`/`-proto` are set before the filters
+/// (as Envoy's connection manager does); a downstream that names them in
+/// `connection` cannot strip them on the way upstream, nor spoof them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_fields_set_before_filters_survive_hop_by_hop_stripping() {
+    let backend = echo_backend().await;
+    let proxy = Sluice::start(&config(backend.addr, &sink(), "x", "closed"));
+    let addr = proxy.addr("main");
+    let req = http::Request::get(format!("http://{addr}/plain"))
+        .header("connection", "keep-alive, x-forwarded-for, x-forwarded-proto")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(h["x-echo-x-forwarded-for"], "127.0.0.1", "{h:?}");
+    assert_eq!(h["x-echo-x-forwarded-proto"], "http", "{h:?}");
+    assert_eq!(h["x-echo-x-sink"], "1", "{h:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timers_shared_data_queues_metrics_and_logs_work_through_the_proxy() {
     let backend = echo_backend().await;
@@ -289,8 +311,9 @@ async fn timers_shared_data_queues_metrics_and_logs_work_through_the_proxy() {
     // `on_log` sees the final response head (the HTTP/1.1 server hands the
     // encoded head back to the chain) and the request head as it was sent
     // upstream: the filter's `x-sink`, the proxy's `x-forwarded-for`, and the
-    // `host` field shown as `:authority`.
-    let logged = format!("/logged 200 {addr} http xff=127.0.0.1 sink=1");
+    // `host` field shown as `:authority`. The request headers phase saw
+    // `x-forwarded-for`/`-proto` already (Envoy sets them before its filters).
+    let logged = format!("/logged 200 {addr} http xff=127.0.0.1 sink=1 seen=127.0.0.1/http");
     eventually(Duration::from_secs(5), || async {
         let (status, _, body) = get(addr, "/logged").await;
         assert_eq!((status, body.as_ref()), (200, &b"/logged!"[..]));
@@ -298,8 +321,9 @@ async fn timers_shared_data_queues_metrics_and_logs_work_through_the_proxy() {
         (headers.get("x-echo-x-value").is_some_and(|v| v == logged.as_str())).then_some(())
     })
     .await;
-    // After the filter's own reply, `on_log` reads the head the filters left.
-    let answered = format!("/hello 200 {addr} http xff= sink=1");
+    // After the filter's own reply, `on_log` reads the head the filters left
+    // (with the forwarding fields set before them).
+    let answered = format!("/hello 200 {addr} http xff=127.0.0.1 sink=1 seen=127.0.0.1/http");
     eventually(Duration::from_secs(5), || async {
         let (status, _, _) = get(addr, "/hello").await;
         assert_eq!(status, 200);

@@ -272,10 +272,12 @@ async fn proxy<'a>(
     let mut chain = None;
     let mut headers_edited = false;
     if !route.chain.is_empty() {
-        // Filters see the request id.
+        // Filters see the request id and the forwarding fields, as Envoy's
+        // set them before its filters run.
         if let Some(id) = new_id.take() {
             headers::set_request_id(&mut parts.headers, &id);
         }
+        headers::set_forwarded(&mut parts.headers, &conn.remote_ip, https, trust_forwarded);
         let mut info = StreamInfo::new(
             log.request_id.to_string(),
             conn.id,

@@ -50,7 +50,9 @@ pub(crate) enum Fields {
     /// As the request came: `present` is [`headers::scan_fields`] of
     /// it, `new_id` the request id made for it (not in the map).
     AsReceived { present: u8, new_id: Option<[u8; 32]> },
-    /// Filters saw them (and may have changed them): the map has them.
+    /// Filters saw them (and may have changed them): the map has them
+    /// (`x-forwarded-for`/`-proto` and the request id were set before the
+    /// filters ran, `traceparent` is set after).
     InMap,
 }
 
@@ -83,9 +85,24 @@ impl<'a> UpstreamRequest<'a> {
             Some(_) if !named_hop_headers => None,
             _ => h.get(&headers::X_REQUEST_ID).cloned(),
         };
+        // With filters, `x-forwarded-for`/`-proto` were set before them (as
+        // Envoy's connection manager does) and are kept the same way.
+        let forwarded = match fields {
+            Fields::InMap if named_hop_headers => {
+                Some((h.get(&headers::X_FORWARDED_FOR).cloned(), h.get(&headers::X_FORWARDED_PROTO).cloned()))
+            }
+            _ => None,
+        };
         headers::strip_hop_by_hop(h, upgrade);
         if named_hop_headers && let Some(v) = &request_id_value {
             h.insert(headers::X_REQUEST_ID.clone(), v.clone());
+        }
+        if let Some((xff, xfp)) = forwarded {
+            for (name, value) in [(&headers::X_FORWARDED_FOR, xff), (&headers::X_FORWARDED_PROTO, xfp)] {
+                if let Some(v) = value {
+                    h.insert(name, v);
+                }
+            }
         }
         let request_id = match known_request_id {
             Some(id) => id,
@@ -108,12 +125,18 @@ impl<'a> UpstreamRequest<'a> {
                     target.trust_forwarded,
                 );
             }
-            fields => {
-                if let Fields::AsReceived { new_id: Some(id), .. } = fields {
+            // The route's edits come after the forwarding fields (Envoy's
+            // router applies them after its connection manager set those).
+            Fields::AsReceived { new_id, .. } => {
+                if let Some(id) = new_id {
                     headers::set_request_id(h, &id);
                 }
-                target.route.request_edits.apply(h);
                 headers::set_forwarded(h, &conn.remote_ip, https, target.trust_forwarded);
+                target.route.request_edits.apply(h);
+                headers::propagate_traceparent(h, request_id);
+            }
+            Fields::InMap => {
+                target.route.request_edits.apply(h);
                 headers::propagate_traceparent(h, request_id);
             }
         }
