@@ -336,14 +336,6 @@ impl<'a> Added<'a> {
         added
     }
 
-    /// Whether there is nothing to add.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.request_id.is_none()
-            && self.forwarded_for.is_none()
-            && self.forwarded_proto.is_none()
-            && self.traceparent.is_none()
-    }
-
     /// Writes the fields as HTTP/1.1 field lines.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         let mut line = |name: &[u8], value: &[u8]| {
@@ -362,27 +354,6 @@ impl<'a> Added<'a> {
         }
         if let Some(tp) = &self.traceparent {
             line(b"traceparent: ", tp);
-        }
-    }
-
-    /// Puts the fields in a map after all (an upstream that is not HTTP/1.1).
-    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
-        let put = |headers: &mut HeaderMap, name: &HeaderName, value: &[u8]| {
-            if let Ok(v) = HeaderValue::from_bytes(value) {
-                headers.insert(name, v);
-            }
-        };
-        if let Some(id) = &self.request_id {
-            put(headers, &X_REQUEST_ID, id);
-        }
-        if let Some(ip) = self.forwarded_for {
-            headers.insert(&X_FORWARDED_FOR, ip.clone());
-        }
-        if let Some(p) = self.forwarded_proto {
-            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(p));
-        }
-        if let Some(tp) = &self.traceparent {
-            put(headers, &TRACEPARENT, tp);
         }
     }
 }
@@ -455,9 +426,8 @@ fn traceparent(incoming: Option<&HeaderValue>, request_id: &[u8]) -> [u8; 55] {
             buf[53..55].copy_from_slice(flags.as_bytes());
         }
         None => {
-            let rid = request_id;
-            if is_trace_id(rid, 32) {
-                buf[3..35].copy_from_slice(rid);
+            if is_trace_id(request_id, 32) {
+                buf[3..35].copy_from_slice(request_id);
             } else {
                 buf[3..35].copy_from_slice(&hex32(nonzero_u128()));
             }

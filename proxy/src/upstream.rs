@@ -636,7 +636,7 @@ pub(crate) fn pick_endpoint(
 pub(crate) async fn send_request(
     cluster: &Arc<ClusterState>,
     endpoint: &Arc<Endpoint>,
-    mut req: Request<ProxyBody>,
+    req: Request<ProxyBody>,
     added: &headers::Added<'_>,
     verbatim: bool,
     head_back: Option<&RefCell<Option<request::Parts>>>,
@@ -668,10 +668,9 @@ pub(crate) async fn send_request(
             Ok(ex.into_answer(head, home))
         }
         Conn::H2(mut s) => {
+            // (`added` is empty: `UpstreamRequest::prepare` keeps fields
+            // aside only for an HTTP/1.1 cluster.)
             s.ready().await.map_err(upstream_error)?;
-            if !added.is_empty() {
-                added.apply(req.headers_mut());
-            }
             if let Some(back) = head_back {
                 *back.borrow_mut() = Some(copy_head(&req));
             }
