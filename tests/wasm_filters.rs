@@ -290,6 +290,48 @@ async fn forwarding_fields_set_before_filters_survive_hop_by_hop_stripping() {
     assert_eq!(h["x-echo-x-sink"], "1", "{h:?}");
 }
 
+/// With a filter chain, `traceparent` is set after the filters (as Envoy's
+/// router sets its trace context): sent upstream once, continuing the
+/// downstream's trace with a new span, whether a filter edited the request
+/// (`sink`) or not (`mini`); `on_log` reads it in the request head as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_set_after_the_filters_once_and_on_log_reads_it() {
+    let backend = echo_backend().await;
+    let fixtures = root().join("proxy/wasm/tests/fixtures/Cargo.toml");
+    let mini = build_wasm(&fixtures, "wasm32-wasip1", "release").join("mini.wasm");
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for (module, name) in [(mini, "tiny"), (sink(), "sink")] {
+        let proxy = Sluice::start(
+            &config(backend.addr, &module, "x", "closed").replace("name: sink", &format!("name: {name}")),
+        );
+        let addr = proxy.addr("main");
+        let req = http::Request::get(format!("http://{addr}/traced"))
+            .header("traceparent", incoming)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let sent: Vec<_> = resp
+            .headers()
+            .get_all("x-echo-traceparent")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(sent.len(), 1, "{name}: {sent:?}");
+        let sent = &sent[0];
+        assert!(
+            sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && sent.ends_with("-01"),
+            "{name}: {sent}"
+        );
+        assert_eq!(sent.len(), incoming.len(), "{name}: {sent}");
+        assert_ne!(sent, incoming, "{name}: a new span id for this hop");
+        if name == "tiny" {
+            let logged = proxy.wait_for_prefix("mini on_log ");
+            assert!(logged.ends_with(&format!(" traceparent={sent}")), "{logged}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timers_shared_data_queues_metrics_and_logs_work_through_the_proxy() {
     let backend = echo_backend().await;
@@ -482,7 +524,7 @@ async fn filters_read_encoded_response_fields_in_place_and_decode_them_to_edit()
     );
     assert_eq!(body, "ok");
     // `on_log` reads the head the client got, fields still encoded.
-    proxy.wait_for("mini on_log server=Up x-mini=tiny");
+    proxy.wait_for_prefix("mini on_log server=Up x-mini=tiny traceparent=00-");
     drop(proxy);
 
     // The sink removes `content-length`, so the fields are decoded into a map

@@ -8,45 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use sluice_config::AccessLogFormat;
 
-/// A request's id: one the proxy made (32 hex digits, kept as bytes) or the
-/// downstream's. Made into a string only where one is wanted (a log line, a
-/// filter chain's stream info).
-#[derive(Debug, Clone, Default)]
-pub enum RequestId {
-    /// Not known yet.
-    #[default]
-    Unset,
-    /// Made by the proxy: lower-case hex digits.
-    Made([u8; 32]),
-    /// The downstream's `x-request-id`.
-    Given(String),
-}
-
-impl RequestId {
-    /// The id's bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            RequestId::Unset => b"",
-            RequestId::Made(b) => b,
-            RequestId::Given(s) => s.as_bytes(),
-        }
-    }
-
-    /// The id as text (a made one is ASCII, so it always is).
-    pub fn as_str(&self) -> &str {
-        match self {
-            RequestId::Unset => "",
-            RequestId::Made(b) => std::str::from_utf8(b).unwrap_or_default(),
-            RequestId::Given(s) => s,
-        }
-    }
-}
-
-impl std::fmt::Display for RequestId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use sluice_filter::RequestId;
 
 /// What is known about a request, filled in as it goes.
 #[derive(Debug, Clone)]

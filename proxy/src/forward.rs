@@ -279,12 +279,13 @@ async fn proxy<'a>(
         }
         headers::set_forwarded(&mut parts.headers, &conn.remote_ip, https, trust_forwarded);
         let mut info = StreamInfo::new(
-            log.request_id.to_string(),
+            log.request_id.clone(),
             conn.id,
             conn.remote,
             conn.local,
             conn.listener.clone(),
             version,
+            log.start,
         );
         info.tls = conn.tls.clone();
         *info.route_name.borrow_mut() = Some(route.name.clone());
@@ -382,7 +383,7 @@ async fn proxy<'a>(
             // Without filters, the fields the proxy sets are as the request came.
             let fields = match &chain {
                 None => Fields::AsReceived { present: scanned, new_id },
-                Some(_) => Fields::InMap,
+                Some(_) => Fields::InMap { present: (!headers_edited).then_some(scanned) },
             };
             let upstream_req = UpstreamRequest::prepare(
                 parts,

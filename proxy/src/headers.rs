@@ -11,6 +11,7 @@ use smallvec::SmallVec;
 
 use crate::accesslog::RequestId;
 use crate::error::ProxyError;
+use sluice_filter::EncodedFields;
 
 /// `x-request-id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -334,6 +335,32 @@ impl<'a> Added<'a> {
         let incoming = if has(bit::TRACEPARENT) { headers.remove(&TRACEPARENT) } else { None };
         added.traceparent = Some(traceparent(incoming.as_ref(), request_id));
         added
+    }
+
+    /// Only `traceparent`, as [`propagate_traceparent`] would set it, kept
+    /// aside; the request's own is removed. `present`: [`scan_fields`] of the
+    /// request as it came, when its fields are as it came (no lookup then).
+    pub(crate) fn traceparent(headers: &mut HeaderMap, present: Option<u8>, request_id: &[u8]) -> Added<'a> {
+        let incoming = match present {
+            Some(p) if p & scanned::TRACEPARENT == 0 => None,
+            _ => headers.remove(&TRACEPARENT),
+        };
+        Added { traceparent: Some(traceparent(incoming.as_ref(), request_id)), ..Added::default() }
+    }
+
+    /// The fields as the lines of an [`EncodedFields`] (`None` when there
+    /// are none): how `on_log` sees them after the request's own.
+    pub(crate) fn encoded(&self) -> Option<EncodedFields> {
+        let count = usize::from(self.request_id.is_some())
+            + usize::from(self.forwarded_for.is_some())
+            + usize::from(self.forwarded_proto.is_some())
+            + usize::from(self.traceparent.is_some());
+        if count == 0 {
+            return None;
+        }
+        let mut lines = Vec::with_capacity(80 * count);
+        self.encode(&mut lines);
+        Some(EncodedFields { lines, count, length: None, has_date: false })
     }
 
     /// Writes the fields as HTTP/1.1 field lines.

@@ -3,7 +3,6 @@
 //! retries with budget and backoff, outlier accounting) and the response's
 //! way back (hop-by-hop strip, header edits, response filters).
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -52,8 +51,10 @@ pub(crate) enum Fields {
     AsReceived { present: u8, new_id: Option<[u8; 32]> },
     /// Filters saw them (and may have changed them): the map has them
     /// (`x-forwarded-for`/`-proto` and the request id were set before the
-    /// filters ran, `traceparent` is set after).
-    InMap,
+    /// filters ran, `traceparent` is set after). `present` is
+    /// [`headers::scan_fields`] of the request as it came when no filter
+    /// edited its fields (then `connection` and `traceparent` are as it came).
+    InMap { present: Option<u8> },
 }
 
 impl<'a> UpstreamRequest<'a> {
@@ -72,7 +73,8 @@ impl<'a> UpstreamRequest<'a> {
         let h = &mut parts.headers;
         let named_hop_headers = match fields {
             Fields::AsReceived { present, .. } => present & headers::scanned::CONNECTION != 0,
-            Fields::InMap => h.contains_key(http::header::CONNECTION),
+            Fields::InMap { present: Some(present) } => present & headers::scanned::CONNECTION != 0,
+            Fields::InMap { present: None } => h.contains_key(http::header::CONNECTION),
         };
         // The `host` field is the authority going upstream, as it came (no
         // filter, no rewrite, and no `connection` field could name it).
@@ -88,7 +90,7 @@ impl<'a> UpstreamRequest<'a> {
         // With filters, `x-forwarded-for`/`-proto` were set before them (as
         // Envoy's connection manager does) and are kept the same way.
         let forwarded = match fields {
-            Fields::InMap if named_hop_headers => {
+            Fields::InMap { .. } if named_hop_headers => {
                 Some((h.get(&headers::X_FORWARDED_FOR).cloned(), h.get(&headers::X_FORWARDED_PROTO).cloned()))
             }
             _ => None,
@@ -135,7 +137,12 @@ impl<'a> UpstreamRequest<'a> {
                 target.route.request_edits.apply(h);
                 headers::propagate_traceparent(h, request_id);
             }
-            Fields::InMap => {
+            // After filters, `traceparent` (set after them, as Envoy's router
+            // sets its trace context) is kept aside all the same.
+            Fields::InMap { present } if target.route.request_edits.is_empty() && !cluster.is_h2() => {
+                added = headers::Added::traceparent(h, present, request_id);
+            }
+            Fields::InMap { .. } => {
                 target.route.request_edits.apply(h);
                 headers::propagate_traceparent(h, request_id);
             }
@@ -389,7 +396,7 @@ pub(crate) async fn forward(
         // The exchange's future is made where it is awaited, in one of two
         // shapes: every other shape would be one more copy of its state.
         // A filter chain's `on_log` reads the request head as it was sent upstream.
-        let head_back = chain.as_ref().map(ChainRun::request_head_slot);
+        let head_back = chain.as_ref();
         let result = match until {
             Some(t) => {
                 // The connection's deadline timer, moved to this request's
@@ -639,7 +646,7 @@ pub(crate) async fn send_request(
     req: Request<ProxyBody>,
     added: &headers::Added<'_>,
     verbatim: bool,
-    head_back: Option<&RefCell<Option<request::Parts>>>,
+    head_back: Option<&ChainRun>,
 ) -> Result<h1::Answer, ProxyError> {
     let pool = pool::endpoint_pool(cluster, endpoint);
     match pool::checkout(cluster, endpoint, &pool).await? {
@@ -662,8 +669,8 @@ pub(crate) async fn send_request(
                 Err(e) => return Err(e),
             };
             let home = Some((pool, cluster.config.pool.max_idle_per_endpoint));
-            if let Some(back) = head_back {
-                *back.borrow_mut() = Some(parts);
+            if let Some(run) = head_back {
+                run.sent_request(parts, added.encoded());
             }
             Ok(ex.into_answer(head, home))
         }
@@ -671,8 +678,8 @@ pub(crate) async fn send_request(
             // (`added` is empty: `UpstreamRequest::prepare` keeps fields
             // aside only for an HTTP/1.1 cluster.)
             s.ready().await.map_err(upstream_error)?;
-            if let Some(back) = head_back {
-                *back.borrow_mut() = Some(copy_head(&req));
+            if let Some(run) = head_back {
+                run.sent_request(copy_head(&req), None);
             }
             let resp = s.send_request(req).await.map_err(upstream_error)?;
             Ok(h1::Answer { response: resp.map(ProxyBody::incoming), upgraded: None, stripped: false })

@@ -120,12 +120,26 @@ impl Sluice {
     }
 
     fn wait_for_blocking(&self, message: &str) -> serde_json::Value {
+        self.wait_for_line(message, |m| m == message)
+    }
+
+    /// Waits for a log line whose message starts with `prefix`; returns the message.
+    pub fn wait_for_prefix(&self, prefix: &str) -> String {
+        let find = || self.wait_for_line(prefix, |m| m.starts_with(prefix));
+        let v = match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(find),
+            Err(_) => find(),
+        };
+        v["fields"]["message"].as_str().unwrap_or_default().to_owned()
+    }
+
+    fn wait_for_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let v = self
                 .next_line(deadline)
-                .unwrap_or_else(|| panic!("no `{message}` log; logs: {:?}", self.logs()));
-            if v["fields"]["message"].as_str() == Some(message) {
+                .unwrap_or_else(|| panic!("no `{what}` log; logs: {:?}", self.logs()));
+            if v["fields"]["message"].as_str().is_some_and(&matches) {
                 return v;
             }
         }

@@ -47,7 +47,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, request, response};
@@ -193,11 +193,63 @@ pub struct TlsInfo {
     pub peer_cert_sha256: Option<String>,
 }
 
+/// A request's id: one the proxy made (32 hex digits, kept as bytes) or the
+/// downstream's `x-request-id`. Made into text only where it is read (a log
+/// line, a filter's `request.id` property): copying a made one is 33 bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RequestId {
+    /// Not known yet.
+    #[default]
+    Unset,
+    /// Made by the proxy: lower-case hex digits.
+    Made([u8; 32]),
+    /// The downstream's `x-request-id`.
+    Given(String),
+}
+
+impl RequestId {
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::Unset => b"",
+            RequestId::Made(b) => b,
+            RequestId::Given(s) => s.as_bytes(),
+        }
+    }
+
+    /// The id as text (a made one is ASCII, so it always is).
+    pub fn as_str(&self) -> &str {
+        match self {
+            RequestId::Unset => "",
+            RequestId::Made(b) => std::str::from_utf8(b).unwrap_or_default(),
+            RequestId::Given(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<String> for RequestId {
+    fn from(s: String) -> Self {
+        RequestId::Given(s)
+    }
+}
+
+impl From<&str> for RequestId {
+    fn from(s: &str) -> Self {
+        RequestId::Given(s.to_owned())
+    }
+}
+
 /// Per-request facts a filter may read (the proxy-wasm "properties").
 #[derive(Debug)]
 pub struct StreamInfo {
     /// `x-request-id` of the request.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// Connection id, unique in the process.
     pub connection_id: u64,
     /// Downstream peer address.
@@ -210,8 +262,8 @@ pub struct StreamInfo {
     pub listener_name: Arc<str>,
     /// Request protocol.
     pub protocol: http::Version,
-    /// When the request started.
-    pub start_time: SystemTime,
+    /// When the request started (its wall-clock time: [`StreamInfo::start_time`]).
+    pub start: Instant,
     /// Matched route name (updated when the route is re-evaluated).
     pub route_name: RefCell<Option<Arc<str>>>,
     /// Chosen cluster.
@@ -231,22 +283,23 @@ pub struct StreamInfo {
 impl StreamInfo {
     /// A new record for a request.
     pub fn new(
-        request_id: String,
+        request_id: impl Into<RequestId>,
         connection_id: u64,
         downstream_remote: SocketAddr,
         downstream_local: SocketAddr,
         listener_name: Arc<str>,
         protocol: http::Version,
+        start: Instant,
     ) -> Self {
         StreamInfo {
-            request_id,
+            request_id: request_id.into(),
             connection_id,
             downstream_remote,
             downstream_local,
             tls: None,
             listener_name,
             protocol,
-            start_time: SystemTime::now(),
+            start,
             route_name: RefCell::new(None),
             cluster_name: RefCell::new(None),
             upstream_address: Cell::new(None),
@@ -255,6 +308,12 @@ impl StreamInfo {
             response_body_bytes: Cell::new(0),
             route_cache_cleared: Cell::new(false),
         }
+    }
+
+    /// The wall-clock time the request started: read when asked (rare), so a
+    /// request costs no wall-clock read of its own.
+    pub fn start_time(&self) -> SystemTime {
+        SystemTime::now().checked_sub(self.start.elapsed()).unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
     /// Asks the proxy to re-evaluate the route after this phase (request headers changed).
@@ -273,6 +332,9 @@ pub struct LogView<'a> {
     /// The request as forwarded upstream (the filters' own when the proxy
     /// answered itself; `None` when the request ended before either).
     pub request: Option<&'a request::Parts>,
+    /// Fields the proxy sent after `request`'s own, kept out of its map (the
+    /// `traceparent` it set after the filters ran): part of the request too.
+    pub request_added: Option<&'a EncodedFields>,
     /// The response as sent downstream, if any was.
     pub response: Option<&'a ResponseHead>,
     /// Request trailers, if any.

@@ -41,7 +41,14 @@ impl<T> LocalLock<T> {
     /// Releases the lock and wakes whoever waits for it.
     pub fn release(&self) {
         self.locked.set(false);
-        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        // Nobody waits, almost always: no take, no drop of an empty list.
+        let waiters = {
+            let mut list = self.waiters.borrow_mut();
+            if list.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *list)
+        };
         for w in waiters {
             w.wake();
         }

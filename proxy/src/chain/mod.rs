@@ -20,8 +20,8 @@ use std::task::Poll;
 use http::{HeaderMap, Response, request};
 use http_body::Body;
 use sluice_filter::{
-    FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData, ResponseHead,
-    StreamInfo,
+    EncodedFields, FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView,
+    PhaseData, ResponseHead, StreamInfo,
 };
 
 use crate::body::ProxyBody;
@@ -77,6 +77,9 @@ struct Shared {
     response_head: RefCell<Option<ResponseHead>>,
     /// The request head for `on_log` (see [`ChainRun::keep_request_head`]).
     request_head: RefCell<Option<request::Parts>>,
+    /// The fields the proxy added to it after the filters, kept out of its
+    /// map (see [`ChainRun::sent_request`]).
+    request_added: RefCell<Option<EncodedFields>>,
 }
 
 /// One request's run through its filter chain.
@@ -213,6 +216,7 @@ impl ChainRun {
                 max_buffer,
                 response_head: RefCell::new(None),
                 request_head: RefCell::new(None),
+                request_added: RefCell::new(None),
             }),
         }
     }
@@ -244,10 +248,11 @@ impl ChainRun {
         *self.shared.request_head.borrow_mut() = Some(head);
     }
 
-    /// Where the upstream client hands back the request head it sent, for
-    /// `on_log` (moved there, not copied).
-    pub fn request_head_slot(&self) -> &RefCell<Option<request::Parts>> {
-        &self.shared.request_head
+    /// The request head as the upstream client sent it, handed back for
+    /// `on_log` (moved, not copied), with the fields it wrote after the map's.
+    pub fn sent_request(&self, head: request::Parts, added: Option<EncodedFields>) {
+        *self.shared.request_head.borrow_mut() = Some(head);
+        *self.shared.request_added.borrow_mut() = added;
     }
 
     /// Runs `on_response_headers` backward. `Some` is a local response.
@@ -313,8 +318,10 @@ impl ChainRun {
         let f = &mut *f;
         let kept = sh.response_head.borrow();
         let request = sh.request_head.borrow();
+        let request_added = sh.request_added.borrow();
         let view = LogView {
             request: request.as_ref(),
+            request_added: request_added.as_ref(),
             response: response.map(|r| &r.head).or(kept.as_ref()),
             request_trailers: f.request_trailers.as_deref(),
             response_trailers: f.response_trailers.as_deref(),

@@ -159,12 +159,13 @@ fn a_paused_body_filter_resumes_where_it_stopped() {
     let chain: crate::router::Chain =
         Arc::from(vec![Arc::new(Factory(gate.clone())) as Arc<dyn FilterFactory>]);
     let info = StreamInfo::new(
-        "id".into(),
+        "id",
         1,
         ([127, 0, 0, 1], 1).into(),
         ([127, 0, 0, 1], 2).into(),
         "l".into(),
         http::Version::HTTP_11,
+        std::time::Instant::now(),
     );
     rt.block_on(async {
         let mut run = ChainRun::new(&chain, info, 1 << 20);

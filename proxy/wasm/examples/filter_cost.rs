@@ -156,6 +156,7 @@ fn main() {
                         local_addr,
                         "l".into(),
                         http::Version::HTTP_11,
+                        Instant::now(),
                     );
                     let mut filters: Vec<_> =
                         if filter { chain.iter().map(|f| f.new_filter(&info)).collect() } else { Vec::new() };
@@ -183,6 +184,7 @@ fn main() {
                         sluice_filter::response_body(&mut **f, &mut body, &info, true).await.unwrap();
                     }
                     let view = LogView {
+                        request_added: None,
                         request: Some(&req),
                         response: Some(&resp),
                         request_trailers: None,

@@ -7,12 +7,15 @@ use http::header::{HOST, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, StatusCode, Uri, request, response};
 use sluice_abi::Status;
-use sluice_filter::ResponseHead;
+use sluice_filter::{EncodedFields, ResponseHead};
 
 /// A readable header map.
 #[derive(Clone, Copy)]
 pub(crate) enum MapView<'a> {
     Request(&'a request::Parts),
+    /// A request as sent upstream: its head, then the fields the proxy wrote
+    /// after the map's (`on_log`).
+    Sent(&'a request::Parts, &'a EncodedFields),
     /// A callout's response.
     Response(&'a response::Parts),
     /// The stream's response: its fields may still be encoded.
@@ -25,19 +28,11 @@ impl<'a> MapView<'a> {
     /// Calls `f` for each entry, pseudo-headers first.
     pub fn for_each(self, mut f: impl FnMut(&[u8], &[u8])) {
         match self {
-            MapView::Request(p) => {
-                f(b":authority", request_authority(p));
-                f(b":path", p.uri.path_and_query().map_or("/", PathAndQuery::as_str).as_bytes());
-                f(b":method", p.method.as_str().as_bytes());
-                f(b":scheme", request_scheme(p).as_bytes());
-                if p.uri.authority().is_some() {
-                    each(&p.headers, f);
-                } else {
-                    for (k, v) in &p.headers {
-                        if k != HOST {
-                            f(k.as_str().as_bytes(), v.as_bytes());
-                        }
-                    }
+            MapView::Request(p) => request_for_each(p, f),
+            MapView::Sent(p, added) => {
+                request_for_each(p, &mut f);
+                for (k, v) in added.iter() {
+                    f(k, v);
                 }
             }
             MapView::Response(p) => {
@@ -57,6 +52,7 @@ impl<'a> MapView<'a> {
     pub fn count(self) -> usize {
         match self {
             MapView::Request(p) => 4 + p.headers.len() - hidden_hosts(p),
+            MapView::Sent(p, added) => MapView::Request(p).count() + added.count,
             MapView::Response(p) => 1 + p.headers.len(),
             MapView::Head(h) => 1 + h.len(),
             MapView::Plain(h) => h.len(),
@@ -116,6 +112,9 @@ impl<'a> MapView<'a> {
                 b":scheme" => Some(request_scheme(p).as_bytes()),
                 _ => lookup(&p.headers, key),
             },
+            MapView::Sent(p, added) => MapView::Request(p)
+                .get(key)
+                .or_else(|| added.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v)),
             MapView::Response(p) => match key {
                 b":status" => Some(p.status.as_str().as_bytes()),
                 _ => lookup(&p.headers, key),
@@ -127,6 +126,23 @@ impl<'a> MapView<'a> {
             },
             MapView::Plain(h) => lookup(h, key),
             MapView::Empty => None,
+        }
+    }
+}
+
+/// [`MapView::for_each`] of a request head.
+fn request_for_each(p: &request::Parts, mut f: impl FnMut(&[u8], &[u8])) {
+    f(b":authority", request_authority(p));
+    f(b":path", p.uri.path_and_query().map_or("/", PathAndQuery::as_str).as_bytes());
+    f(b":method", p.method.as_str().as_bytes());
+    f(b":scheme", request_scheme(p).as_bytes());
+    if p.uri.authority().is_some() {
+        each(&p.headers, f);
+    } else {
+        for (k, v) in &p.headers {
+            if k != HOST {
+                f(k.as_str().as_bytes(), v.as_bytes());
+            }
         }
     }
 }
@@ -472,6 +488,25 @@ mod tests {
         assert_eq!(req.uri, "https://other.test/a?b");
         assert!(req.headers.get(HOST).is_none());
         assert_eq!(pairs(MapView::Request(&req)).len(), 5);
+    }
+
+    #[test]
+    fn a_sent_request_shows_the_fields_written_after_its_map() {
+        let (req, _) =
+            http::Request::get("/a").header("host", "h.test").body(()).unwrap_or_default().into_parts();
+        let lines = b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n".to_vec();
+        let added = sluice_filter::EncodedFields { lines, count: 1, length: None, has_date: false };
+        let view = MapView::Sent(&req, &added);
+        assert_eq!(view.count(), 5);
+        assert_eq!(view.count(), view.count_and_size().0);
+        let all = pairs(view);
+        assert_eq!(all[4].0, "traceparent");
+        assert_eq!(
+            view.get(b"traceparent"),
+            Some(&b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"[..])
+        );
+        assert_eq!(view.get(b":authority"), Some(&b"h.test"[..]));
+        assert_eq!(view.get(b"x-none"), None);
     }
 
     #[test]

@@ -11,13 +11,14 @@ use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, request};
-use sluice_filter::{LogView, ResponseHead, StreamInfo};
+use sluice_filter::{EncodedFields, LogView, ResponseHead, StreamInfo};
 
 use crate::headers::{MapView, request_authority, request_scheme};
 use crate::state::{Callback, VmState};
 
 scoped_tls::scoped_thread_local!(pub(crate) static INFO: StreamInfo);
 scoped_tls::scoped_thread_local!(static LOG_REQUEST: request::Parts);
+scoped_tls::scoped_thread_local!(static LOG_REQUEST_ADDED: EncodedFields);
 scoped_tls::scoped_thread_local!(static LOG_RESPONSE: ResponseHead);
 scoped_tls::scoped_thread_local!(static LOG_REQUEST_TRAILERS: HeaderMap);
 scoped_tls::scoped_thread_local!(static LOG_RESPONSE_TRAILERS: HeaderMap);
@@ -41,9 +42,11 @@ impl LogScope {
     pub fn enter<R>(view: &LogView<'_>, info: &StreamInfo, f: impl FnOnce() -> R) -> R {
         INFO.set(info, || {
             set_opt(&LOG_REQUEST, view.request, || {
-                set_opt(&LOG_RESPONSE, view.response, || {
-                    set_opt(&LOG_REQUEST_TRAILERS, view.request_trailers, || {
-                        set_opt(&LOG_RESPONSE_TRAILERS, view.response_trailers, f)
+                set_opt(&LOG_REQUEST_ADDED, view.request_added, || {
+                    set_opt(&LOG_RESPONSE, view.response, || {
+                        set_opt(&LOG_REQUEST_TRAILERS, view.request_trailers, || {
+                            set_opt(&LOG_RESPONSE_TRAILERS, view.response_trailers, f)
+                        })
                     })
                 })
             })
@@ -54,7 +57,7 @@ impl LogScope {
     /// back when that map is not in scope.
     pub fn with_map<R, F: FnOnce(MapView<'_>) -> R>(map: u32, f: F) -> Result<R, F> {
         match map {
-            0 if LOG_REQUEST.is_set() => Ok(LOG_REQUEST.with(|p| f(MapView::Request(p)))),
+            0 if LOG_REQUEST.is_set() => Ok(LOG_REQUEST.with(|p| sent(p, f))),
             1 if LOG_REQUEST_TRAILERS.is_set() => Ok(LOG_REQUEST_TRAILERS.with(|h| f(MapView::Plain(h)))),
             2 if LOG_RESPONSE.is_set() => Ok(LOG_RESPONSE.with(|h| f(MapView::Head(h)))),
             3 if LOG_RESPONSE_TRAILERS.is_set() => Ok(LOG_RESPONSE_TRAILERS.with(|h| f(MapView::Plain(h)))),
@@ -112,6 +115,29 @@ fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Opt
     None
 }
 
+/// The final request head of `on_log` as a map: with the fields the proxy
+/// sent after the map's, if any.
+fn sent<R>(p: &request::Parts, f: impl FnOnce(MapView<'_>) -> R) -> R {
+    if LOG_REQUEST_ADDED.is_set() {
+        LOG_REQUEST_ADDED.with(|added| f(MapView::Sent(p, added)))
+    } else {
+        f(MapView::Request(p))
+    }
+}
+
+/// [`with_request`] as a header map (pseudo-headers too, as Envoy's
+/// `request.headers` property).
+fn with_request_map<R>(state: &VmState, f: impl FnOnce(MapView<'_>) -> R) -> Option<R> {
+    state.contexts.get(&state.frame.effective)?;
+    if let Some(p) = state.req_head(state.frame.effective) {
+        return Some(f(MapView::Request(p)));
+    }
+    if state.frame.callback == Callback::Log && LOG_REQUEST.is_set() {
+        return Some(LOG_REQUEST.with(|p| sent(p, f)));
+    }
+    None
+}
+
 fn with_response<R>(state: &VmState, f: impl FnOnce(&ResponseHead) -> R) -> Option<R> {
     state.contexts.get(&state.frame.effective)?;
     if let Some(p) = state.resp_head(state.frame.effective) {
@@ -131,9 +157,9 @@ fn encode_map(out: &mut Vec<u8>, view: MapView<'_>) {
 }
 
 fn header(out: &mut Vec<u8>, state: &VmState, name: &str) -> bool {
-    with_request(state, |p| match p.headers.get(name) {
+    with_request_map(state, |m| match m.get(name.as_bytes()) {
         Some(v) => {
-            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(v);
             true
         }
         None => false,
@@ -206,9 +232,9 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
         }
         ["request", "id"] => out.extend_from_slice(info.request_id.as_bytes()),
         ["request", "protocol"] => out.extend_from_slice(protocol(info.protocol).as_bytes()),
-        ["request", "time"] => int(out, nanos_since_epoch(info.start_time)),
+        ["request", "time"] => int(out, nanos_since_epoch(info.start_time())),
         ["request", "duration"] => {
-            let d = info.start_time.elapsed().unwrap_or_default();
+            let d = info.start.elapsed();
             int(out, i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         }
         ["request", "size"] => int(out, i64::try_from(info.request_body_bytes.get()).unwrap_or(i64::MAX)),
@@ -224,7 +250,7 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
             Some(()) => {}
             None => return false,
         },
-        ["request", "headers"] => match with_request(state, |p| encode_map(out, MapView::Request(p))) {
+        ["request", "headers"] => match with_request_map(state, |m| encode_map(out, m)) {
             Some(()) => {}
             None => return false,
         },

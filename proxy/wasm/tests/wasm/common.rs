@@ -112,12 +112,13 @@ pub fn response(status: u16) -> response::Parts {
 
 pub fn info() -> StreamInfo {
     StreamInfo::new(
-        "req-1".into(),
+        "req-1",
         7,
         "127.0.0.1:40000".parse().expect("addr"),
         "127.0.0.1:8080".parse().expect("addr"),
         Arc::from("main"),
         http::Version::HTTP_11,
+        std::time::Instant::now(),
     )
 }
 
@@ -159,6 +160,7 @@ impl Exchange {
     pub fn log(&mut self) {
         let trailers = HeaderMap::new();
         let view = LogView {
+            request_added: None,
             request: Some(&self.req),
             response: Some(&self.resp),
             request_trailers: None,
