@@ -290,12 +290,16 @@ async fn forwarding_fields_set_before_filters_survive_hop_by_hop_stripping() {
     assert_eq!(h["x-echo-x-sink"], "1", "{h:?}");
 }
 
-/// With a filter chain, `traceparent` is set after the filters (as Envoy's
-/// router sets its trace context): sent upstream once, continuing the
-/// downstream's trace with a new span, whether a filter edited the request
-/// (`sink`) or not (`mini`); `on_log` reads it in the request head as sent.
+/// With a filter chain, the fields the proxy sets reach the upstream exactly
+/// once, whether a filter edited the request (`sink`: they go in the map
+/// first) or only read it (`mini`: they stay beside the map, and the encoder
+/// writes them). `x-request-id` and `x-forwarded-for`/`-proto` are set before
+/// the filters, which read them; spoofed ones are replaced. `traceparent` is
+/// set after the filters (as Envoy's router sets its trace context),
+/// continuing the downstream's trace with a new span. `on_log` reads them all
+/// in the request head as sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traceparent_is_set_after_the_filters_once_and_on_log_reads_it() {
+async fn proxy_fields_reach_filters_on_log_and_the_upstream_once() {
     let backend = echo_backend().await;
     let fixtures = root().join("proxy/wasm/tests/fixtures/Cargo.toml");
     let mini = build_wasm(&fixtures, "wasm32-wasip1", "release").join("mini.wasm");
@@ -307,16 +311,25 @@ async fn traceparent_is_set_after_the_filters_once_and_on_log_reads_it() {
         let addr = proxy.addr("main");
         let req = http::Request::get(format!("http://{addr}/traced"))
             .header("traceparent", incoming)
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-forwarded-proto", "https")
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .unwrap();
         let resp = client().request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
-        let sent: Vec<_> = resp
-            .headers()
-            .get_all("x-echo-traceparent")
-            .iter()
-            .map(|v| v.to_str().unwrap().to_owned())
-            .collect();
+        let all = |field: &str| -> Vec<String> {
+            resp.headers()
+                .get_all(format!("x-echo-{field}").as_str())
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(all("x-forwarded-for"), ["127.0.0.1"], "{name}");
+        assert_eq!(all("x-forwarded-proto"), ["http"], "{name}");
+        let ids = all("x-request-id");
+        assert_eq!(ids.len(), 1, "{name}: {ids:?}");
+        assert!(ids[0].len() == 32 && ids[0].bytes().all(|b| b.is_ascii_hexdigit()), "{name}: {ids:?}");
+        let sent = all("traceparent");
         assert_eq!(sent.len(), 1, "{name}: {sent:?}");
         let sent = &sent[0];
         assert!(
@@ -327,7 +340,8 @@ async fn traceparent_is_set_after_the_filters_once_and_on_log_reads_it() {
         assert_ne!(sent, incoming, "{name}: a new span id for this hop");
         if name == "tiny" {
             let logged = proxy.wait_for_prefix("mini on_log ");
-            assert!(logged.ends_with(&format!(" traceparent={sent}")), "{logged}");
+            let want = format!(" seen=127.0.0.1 xff=127.0.0.1 traceparent={sent}");
+            assert!(logged.ends_with(&want), "{logged}");
         }
     }
 }
@@ -524,7 +538,7 @@ async fn filters_read_encoded_response_fields_in_place_and_decode_them_to_edit()
     );
     assert_eq!(body, "ok");
     // `on_log` reads the head the client got, fields still encoded.
-    proxy.wait_for_prefix("mini on_log server=Up x-mini=tiny traceparent=00-");
+    proxy.wait_for_prefix("mini on_log server=Up x-mini=tiny seen=127.0.0.1 xff=127.0.0.1 traceparent=00-");
     drop(proxy);
 
     // The sink removes `content-length`, so the fields are decoded into a map

@@ -273,11 +273,17 @@ async fn proxy<'a>(
     let mut headers_edited = false;
     if !route.chain.is_empty() {
         // Filters see the request id and the forwarding fields, as Envoy's
-        // set them before its filters run.
-        if let Some(id) = new_id.take() {
-            headers::set_request_id(&mut parts.headers, &id);
-        }
-        headers::set_forwarded(&mut parts.headers, &conn.remote_ip, https, trust_forwarded);
+        // set them before its filters run: kept beside the map until a filter
+        // edits it (see `sluice_filter::ProxyFields`).
+        let kept = headers::take_fields(
+            &mut parts.headers,
+            scanned,
+            new_id.take(),
+            &conn.remote_ip,
+            https,
+            trust_forwarded,
+        )
+        .into_proxy_fields(&conn.remote_ip);
         let mut info = StreamInfo::new(
             log.request_id.clone(),
             conn.id,
@@ -288,6 +294,7 @@ async fn proxy<'a>(
             log.start,
         );
         info.tls = conn.tls.clone();
+        info.keep_proxy_fields(kept);
         *info.route_name.borrow_mut() = Some(route.name.clone());
         let mut run = ChainRun::new(&route.chain, info, listener.config.limits.max_buffered_body_bytes);
         // An origin-form request (HTTP/1.1) keeps its URI and its `host` field,
@@ -383,7 +390,13 @@ async fn proxy<'a>(
             // Without filters, the fields the proxy sets are as the request came.
             let fields = match &chain {
                 None => Fields::AsReceived { present: scanned, new_id },
-                Some(_) => Fields::InMap { present: (!headers_edited).then_some(scanned) },
+                Some(run) => {
+                    let present = (!headers_edited).then_some(scanned);
+                    match run.info().take_proxy_fields() {
+                        kept if kept.is_empty() => Fields::InMap { present },
+                        kept => Fields::Kept { kept, present },
+                    }
+                }
             };
             let upstream_req = UpstreamRequest::prepare(
                 parts,

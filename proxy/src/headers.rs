@@ -11,7 +11,7 @@ use smallvec::SmallVec;
 
 use crate::accesslog::RequestId;
 use crate::error::ProxyError;
-use sluice_filter::EncodedFields;
+use sluice_filter::{EncodedFields, ProxyFields};
 
 /// `x-request-id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -278,6 +278,66 @@ pub fn set_request_id(headers: &mut HeaderMap, id: &[u8; 32]) {
     }
 }
 
+/// Which of the fields [`set_forwarded`] and [`set_request_id`] set are to
+/// be written beside the map (the rest are in it).
+pub(crate) struct Taken {
+    request_id: Option<[u8; 32]>,
+    forwarded_for: bool,
+    forwarded_proto: Option<&'static str>,
+}
+
+impl Taken {
+    /// With a filter chain: the fields kept beside the map while the filters
+    /// run (they read them there; the first edit of the map moves them in).
+    /// `ip` is the downstream's, the `x-forwarded-for` value.
+    pub(crate) fn into_proxy_fields(self, ip: &HeaderValue) -> ProxyFields {
+        ProxyFields {
+            request_id: self.request_id,
+            forwarded_for: self.forwarded_for.then(|| ip.clone()),
+            forwarded_proto: self.forwarded_proto,
+        }
+    }
+}
+
+/// [`set_forwarded`] and (with `new_id`) [`set_request_id`], keeping aside
+/// what they would insert: the request's own fields these replace are
+/// removed; a trusted `x-forwarded-for` is extended in place, a trusted
+/// `x-forwarded-proto` stays. `present`: [`scan_fields`] of the request.
+pub(crate) fn take_fields(
+    headers: &mut HeaderMap,
+    present: u8,
+    new_id: Option<[u8; 32]>,
+    ip: &HeaderValue,
+    https: bool,
+    trusted: bool,
+) -> Taken {
+    use scanned as bit;
+    let has = |b: u8| present & b != 0;
+    let mut taken = Taken { request_id: None, forwarded_for: false, forwarded_proto: None };
+    if let Some(id) = new_id {
+        if has(bit::REQUEST_ID) {
+            headers.remove(&X_REQUEST_ID);
+        }
+        taken.request_id = Some(id);
+    }
+    match (has(bit::FORWARDED_FOR), trusted) {
+        (true, true) => forwarded_for(headers, ip, true),
+        (had, _) => {
+            if had {
+                headers.remove(&X_FORWARDED_FOR);
+            }
+            taken.forwarded_for = true;
+        }
+    }
+    if !(trusted && has(bit::FORWARDED_PROTO) && headers.contains_key(&X_FORWARDED_PROTO)) {
+        if has(bit::FORWARDED_PROTO) {
+            headers.remove(&X_FORWARDED_PROTO);
+        }
+        taken.forwarded_proto = Some(proto(https));
+    }
+    taken
+}
+
 /// The fields the proxy adds to a request, kept out of its header map when
 /// nothing reads the map before the HTTP/1.1 encoder (no filter chain, no
 /// route header edits, an HTTP/1.1 upstream) and written after the request's
@@ -308,33 +368,23 @@ impl<'a> Added<'a> {
         https: bool,
         trusted: bool,
     ) -> Added<'a> {
-        use scanned as bit;
-        let has = |b: u8| present & b != 0;
-        let mut added = Added::default();
-        if let Some(id) = new_id {
-            if has(bit::REQUEST_ID) {
-                headers.remove(&X_REQUEST_ID);
-            }
-            added.request_id = Some(id);
+        let taken = take_fields(headers, present, new_id, ip, https, trusted);
+        let incoming = if present & scanned::TRACEPARENT != 0 { headers.remove(&TRACEPARENT) } else { None };
+        Added {
+            request_id: taken.request_id,
+            forwarded_for: taken.forwarded_for.then_some(ip),
+            forwarded_proto: taken.forwarded_proto,
+            traceparent: Some(traceparent(incoming.as_ref(), request_id)),
         }
-        match (has(bit::FORWARDED_FOR), trusted) {
-            (true, true) => forwarded_for(headers, ip, true),
-            (had, _) => {
-                if had {
-                    headers.remove(&X_FORWARDED_FOR);
-                }
-                added.forwarded_for = Some(ip);
-            }
-        }
-        if !(trusted && has(bit::FORWARDED_PROTO) && headers.contains_key(&X_FORWARDED_PROTO)) {
-            if has(bit::FORWARDED_PROTO) {
-                headers.remove(&X_FORWARDED_PROTO);
-            }
-            added.forwarded_proto = Some(proto(https));
-        }
-        let incoming = if has(bit::TRACEPARENT) { headers.remove(&TRACEPARENT) } else { None };
-        added.traceparent = Some(traceparent(incoming.as_ref(), request_id));
-        added
+    }
+
+    /// Adds the fields the proxy kept beside the map while the filters ran
+    /// (see [`Taken::into_proxy_fields`]); `ip` is the downstream's, their
+    /// `x-forwarded-for`.
+    pub(crate) fn keep(&mut self, kept: &ProxyFields, ip: &'a HeaderValue) {
+        self.request_id = kept.request_id;
+        self.forwarded_for = kept.forwarded_for.is_some().then_some(ip);
+        self.forwarded_proto = kept.forwarded_proto;
     }
 
     /// Only `traceparent`, as [`propagate_traceparent`] would set it, kept

@@ -44,7 +44,6 @@ pub(crate) struct UpstreamRequest<'a> {
 }
 
 /// Where the fields the proxy sets on a request stand.
-#[derive(Clone, Copy)]
 pub(crate) enum Fields {
     /// As the request came: `present` is [`headers::scan_fields`] of
     /// it, `new_id` the request id made for it (not in the map).
@@ -55,6 +54,10 @@ pub(crate) enum Fields {
     /// [`headers::scan_fields`] of the request as it came when no filter
     /// edited its fields (then `connection` and `traceparent` are as it came).
     InMap { present: Option<u8> },
+    /// Filters saw them, and none edited the map: `kept` are those the map
+    /// does not have (set before the filters, kept beside the map while they
+    /// ran), `present` as for `InMap`.
+    Kept { kept: sluice_filter::ProxyFields, present: Option<u8> },
 }
 
 impl<'a> UpstreamRequest<'a> {
@@ -71,10 +74,13 @@ impl<'a> UpstreamRequest<'a> {
         fields: Fields,
     ) -> Result<Self, ProxyError> {
         let h = &mut parts.headers;
-        let named_hop_headers = match fields {
-            Fields::AsReceived { present, .. } => present & headers::scanned::CONNECTION != 0,
-            Fields::InMap { present: Some(present) } => present & headers::scanned::CONNECTION != 0,
-            Fields::InMap { present: None } => h.contains_key(http::header::CONNECTION),
+        let named_hop_headers = match &fields {
+            Fields::AsReceived { present, .. }
+            | Fields::InMap { present: Some(present) }
+            | Fields::Kept { present: Some(present), .. } => present & headers::scanned::CONNECTION != 0,
+            Fields::InMap { present: None } | Fields::Kept { present: None, .. } => {
+                h.contains_key(http::header::CONNECTION)
+            }
         };
         // The `host` field is the authority going upstream, as it came (no
         // filter, no rewrite, and no `connection` field could name it).
@@ -90,7 +96,7 @@ impl<'a> UpstreamRequest<'a> {
         // With filters, `x-forwarded-for`/`-proto` were set before them (as
         // Envoy's connection manager does) and are kept the same way.
         let forwarded = match fields {
-            Fields::InMap { .. } if named_hop_headers => {
+            Fields::InMap { .. } | Fields::Kept { .. } if named_hop_headers => {
                 Some((h.get(&headers::X_FORWARDED_FOR).cloned(), h.get(&headers::X_FORWARDED_PROTO).cloned()))
             }
             _ => None,
@@ -141,6 +147,15 @@ impl<'a> UpstreamRequest<'a> {
             // sets its trace context) is kept aside all the same.
             Fields::InMap { present } if target.route.request_edits.is_empty() && !cluster.is_h2() => {
                 added = headers::Added::traceparent(h, present, request_id);
+            }
+            Fields::Kept { kept, present } if target.route.request_edits.is_empty() && !cluster.is_h2() => {
+                added = headers::Added::traceparent(h, present, request_id);
+                added.keep(&kept, &conn.remote_ip);
+            }
+            Fields::Kept { mut kept, .. } => {
+                kept.move_into(h);
+                target.route.request_edits.apply(h);
+                headers::propagate_traceparent(h, request_id);
             }
             Fields::InMap { .. } => {
                 target.route.request_edits.apply(h);

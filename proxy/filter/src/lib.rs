@@ -23,7 +23,10 @@
 //! request an authority parse and two map edits. The path
 //! has already been normalized (dot segments, merged slashes). Edits to the URI or
 //! the headers must call [`StreamInfo::clear_route_cache`] so the route is
-//! re-evaluated, as Envoy does.
+//! re-evaluated, as Envoy does. `x-request-id` and `x-forwarded-for`/`-proto`,
+//! which the proxy sets before the filters, are in the map for every filter
+//! unless it opts to read them beside it ([`HttpFilter::reads_proxy_fields`],
+//! [`ProxyFields`]).
 //!
 //! # Order
 //!
@@ -53,8 +56,10 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, request, response};
 use sluice_config::FilterSpec;
 
+mod fields;
 mod head;
 
+pub use fields::ProxyFields;
 pub use head::{EncodedFields, ResponseHead};
 
 /// A boxed, possibly `!Send`, future.
@@ -278,6 +283,9 @@ pub struct StreamInfo {
     pub response_body_bytes: Cell<u64>,
     /// Set by a filter that edited request headers: the proxy re-evaluates the route.
     route_cache_cleared: Cell<bool>,
+    /// The fields the proxy set before the filters and kept out of the
+    /// request head's map (see [`ProxyFields`]).
+    proxy_fields: RefCell<ProxyFields>,
 }
 
 impl StreamInfo {
@@ -307,7 +315,34 @@ impl StreamInfo {
             request_body_bytes: Cell::new(0),
             response_body_bytes: Cell::new(0),
             route_cache_cleared: Cell::new(false),
+            proxy_fields: RefCell::new(ProxyFields::default()),
         }
+    }
+
+    /// Keeps the fields the proxy set on the request out of its head's map
+    /// while the filters run (see [`ProxyFields`]).
+    pub fn keep_proxy_fields(&mut self, fields: ProxyFields) {
+        *self.proxy_fields.get_mut() = fields;
+    }
+
+    /// The fields kept out of the request head's map (empty once moved into it).
+    pub fn proxy_fields(&self) -> std::cell::Ref<'_, ProxyFields> {
+        self.proxy_fields.borrow()
+    }
+
+    /// Moves the fields kept aside into the request head's map: before a
+    /// filter edits it, or hands it to anything that reads only the map.
+    pub fn materialize_proxy_fields(&self, map: &mut HeaderMap) {
+        if let Ok(mut f) = self.proxy_fields.try_borrow_mut()
+            && !f.is_empty()
+        {
+            f.move_into(map);
+        }
+    }
+
+    /// Takes the fields still kept aside (the proxy, once the filters ran).
+    pub fn take_proxy_fields(&self) -> ProxyFields {
+        self.proxy_fields.try_borrow_mut().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default()
     }
 
     /// The wall-clock time the request started: read when asked (rare), so a
@@ -395,6 +430,15 @@ pub enum Resumed {
 /// phase of this filter is called, and [`HttpFilter::poll_resume`] is polled (with
 /// that phase's data) until it is ready.
 pub trait HttpFilter {
+    /// Whether this filter reads the fields the proxy set before the filters
+    /// beside the request head's map ([`StreamInfo::proxy_fields`]) and moves
+    /// them into it before editing it ([`StreamInfo::materialize_proxy_fields`]).
+    /// If not (the default), the chain moves them into the map before calling
+    /// [`HttpFilter::on_request_headers`].
+    fn reads_proxy_fields(&self) -> bool {
+        false
+    }
+
     /// Request headers arrived. `end_of_stream` means there is no body.
     fn on_request_headers(
         &mut self,

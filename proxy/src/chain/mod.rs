@@ -133,6 +133,9 @@ fn headers_decision(action: HeadersAction) -> Result<Option<LocalResponse>, Prox
 /// chain forward, response heads backward.
 trait Head {
     const FORWARD: bool;
+    /// Readies the head for `filter`: a request head gets the fields the
+    /// proxy kept aside, unless the filter reads them beside the map.
+    fn ready(filter: &dyn HttpFilter, head: &mut Self, info: &StreamInfo);
     fn call(
         filter: &mut dyn HttpFilter,
         head: &mut Self,
@@ -144,6 +147,11 @@ trait Head {
 
 impl Head for request::Parts {
     const FORWARD: bool = true;
+    fn ready(filter: &dyn HttpFilter, head: &mut Self, info: &StreamInfo) {
+        if !filter.reads_proxy_fields() {
+            info.materialize_proxy_fields(&mut head.headers);
+        }
+    }
     fn call(
         f: &mut dyn HttpFilter,
         h: &mut Self,
@@ -159,6 +167,7 @@ impl Head for request::Parts {
 
 impl Head for ResponseHead {
     const FORWARD: bool = false;
+    fn ready(_: &dyn HttpFilter, _: &mut Self, _: &StreamInfo) {}
     fn call(
         f: &mut dyn HttpFilter,
         h: &mut Self,
@@ -185,6 +194,7 @@ async fn run_heads<H: Head>(
         let i = if H::FORWARD { k } else { n - 1 - k };
         let action = {
             let mut f = held.value().ok_or_else(busy)?;
+            H::ready(&*f.list[i], head, &sh.info);
             H::call(&mut *f.list[i], head, &sh.info, eos).map_err(action_err)?
         };
         let action = match action {
@@ -244,7 +254,8 @@ impl ChainRun {
 
     /// Keeps the request head `on_log` reads: the filters' when the proxy
     /// answered itself. Moved, not copied.
-    pub fn keep_request_head(&mut self, head: request::Parts) {
+    pub fn keep_request_head(&mut self, mut head: request::Parts) {
+        self.shared.info.materialize_proxy_fields(&mut head.headers);
         *self.shared.request_head.borrow_mut() = Some(head);
     }
 

@@ -25,6 +25,8 @@ struct Gate {
     open: AtomicBool,
     waker: Mutex<Option<Waker>>,
     logs: AtomicUsize,
+    /// `x-forwarded-for` as the request headers phase saw it in the map.
+    seen: Mutex<Option<HeaderValue>>,
 }
 
 impl Gate {
@@ -43,10 +45,13 @@ struct Pausing(Arc<Gate>);
 impl HttpFilter for Pausing {
     fn on_request_headers(
         &mut self,
-        _: &mut request::Parts,
+        head: &mut request::Parts,
         _: &StreamInfo,
         _: bool,
     ) -> Result<HeadersAction, FilterError> {
+        if let Ok(mut seen) = self.0.seen.lock() {
+            *seen = head.headers.get("x-forwarded-for").cloned();
+        }
         Ok(HeadersAction::Continue)
     }
     fn on_request_body(
@@ -151,14 +156,8 @@ fn poll(body: &mut ProxyBody) -> Poll<Option<Frame<Bytes>>> {
     Pin::new(body).poll_frame(&mut cx).map(|f| f.and_then(Result::ok))
 }
 
-#[test]
-fn a_paused_body_filter_resumes_where_it_stopped() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let Ok(rt) = rt else { panic!("runtime") };
-    let gate = Arc::new(Gate::default());
-    let chain: crate::router::Chain =
-        Arc::from(vec![Arc::new(Factory(gate.clone())) as Arc<dyn FilterFactory>]);
-    let info = StreamInfo::new(
+fn stream_info() -> StreamInfo {
+    StreamInfo::new(
         "id",
         1,
         ([127, 0, 0, 1], 1).into(),
@@ -166,7 +165,43 @@ fn a_paused_body_filter_resumes_where_it_stopped() {
         "l".into(),
         http::Version::HTTP_11,
         std::time::Instant::now(),
-    );
+    )
+}
+
+/// A filter that does not read the fields the proxy kept beside the map
+/// (every native one, by default) finds them in the map.
+#[test]
+fn a_native_filter_finds_the_proxy_fields_in_the_map() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let Ok(rt) = rt else { panic!("runtime") };
+    let gate = Arc::new(Gate::default());
+    let chain: crate::router::Chain =
+        Arc::from(vec![Arc::new(Factory(gate.clone())) as Arc<dyn FilterFactory>]);
+    let mut info = stream_info();
+    info.keep_proxy_fields(sluice_filter::ProxyFields {
+        request_id: None,
+        forwarded_for: Some(HeaderValue::from_static("10.1.2.3")),
+        forwarded_proto: Some("http"),
+    });
+    rt.block_on(async {
+        let mut run = ChainRun::new(&chain, info, 1 << 20);
+        let (mut head, _) = http::Request::get("/").body(()).unwrap_or_default().into_parts();
+        assert!(matches!(run.request_headers(&mut head, true).await, Ok(None)));
+        let seen = gate.seen.lock().ok().and_then(|s| s.clone());
+        assert_eq!(seen, Some(HeaderValue::from_static("10.1.2.3")));
+        assert_eq!(head.headers.get("x-forwarded-proto").map(HeaderValue::as_bytes), Some(&b"http"[..]));
+        assert!(run.info().take_proxy_fields().is_empty(), "moved into the map, not sent twice");
+    });
+}
+
+#[test]
+fn a_paused_body_filter_resumes_where_it_stopped() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let Ok(rt) = rt else { panic!("runtime") };
+    let gate = Arc::new(Gate::default());
+    let chain: crate::router::Chain =
+        Arc::from(vec![Arc::new(Factory(gate.clone())) as Arc<dyn FilterFactory>]);
+    let info = stream_info();
     rt.block_on(async {
         let mut run = ChainRun::new(&chain, info, 1 << 20);
         let mut trailers = HeaderMap::new();

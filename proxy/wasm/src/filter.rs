@@ -40,7 +40,10 @@ trait Phase {
     /// Takes this phase's resume flag.
     fn resumed(sig: &mut Signal) -> bool;
     /// The callback's size argument (entries or bytes).
-    fn arg(value: &Self::Value) -> usize;
+    fn arg(value: &Self::Value, info: &StreamInfo) -> usize;
+    /// Readies the data to be parked in the context (a pause): a request
+    /// head takes in the fields the proxy kept beside its map.
+    fn settle(value: &mut Self::Value, info: &StreamInfo);
     /// The VM's slot for this phase's data and its owner (the heads only).
     fn live(live: &mut LiveHeads) -> Option<(&mut u32, &mut Self::Value)>;
     fn invoke(vm: &mut Vm, id: u32, arg: usize, eos: bool) -> Result<i32, VmFailure>;
@@ -77,7 +80,7 @@ impl Placeholder for HeaderMap {
 }
 
 macro_rules! phase {
-    ($name:ident, $value:ty, $cb:expr, $body:expr, $variant:ident, $flag:ident, $arg:expr, $live:expr, $invoke:expr) => {
+    ($name:ident, $value:ty, $cb:expr, $body:expr, $variant:ident, $flag:ident, $arg:expr, $settle:expr, $live:expr, $invoke:expr) => {
         struct $name;
         impl Phase for $name {
             type Value = $value;
@@ -98,9 +101,13 @@ macro_rules! phase {
             fn resumed(sig: &mut Signal) -> bool {
                 std::mem::take(&mut sig.$flag)
             }
-            fn arg(value: &$value) -> usize {
-                let f: fn(&$value) -> usize = $arg;
-                f(value)
+            fn arg(value: &$value, info: &StreamInfo) -> usize {
+                let f: fn(&$value, &StreamInfo) -> usize = $arg;
+                f(value, info)
+            }
+            fn settle(value: &mut $value, info: &StreamInfo) {
+                let f: fn(&mut $value, &StreamInfo) = $settle;
+                f(value, info)
             }
             fn live(live: &mut LiveHeads) -> Option<(&mut u32, &mut $value)> {
                 let f: fn(&mut LiveHeads) -> Option<(&mut u32, &mut $value)> = $live;
@@ -121,7 +128,8 @@ phase!(
     false,
     ReqHead,
     resume_request,
-    |v| MapView::Request(v).count(),
+    |v, i| MapView::Request(v).count() + i.proxy_fields().len(),
+    |v, i| i.materialize_proxy_fields(&mut v.headers),
     |l| Some((&mut l.request_owner, &mut l.request)),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
 );
@@ -132,7 +140,8 @@ phase!(
     true,
     ReqBody,
     resume_request,
-    |v| v.len(),
+    |v, _| v.len(),
+    |_, _| {},
     |_| None,
     |vm, cb, id, n, eos| vm.body(cb, id, n, eos)
 );
@@ -143,7 +152,8 @@ phase!(
     false,
     ReqTrailers,
     resume_request,
-    |v| v.len(),
+    |v, _| v.len(),
+    |_, _| {},
     |_| None,
     |vm, cb, id, n, _| vm.trailers(cb, id, n)
 );
@@ -154,7 +164,8 @@ phase!(
     false,
     RespHead,
     resume_response,
-    |v| MapView::Head(v).count(),
+    |v, _| MapView::Head(v).count(),
+    |_, _| {},
     |l| Some((&mut l.response_owner, &mut l.response)),
     |vm, cb, id, n, eos| vm.headers(cb, id, n, eos)
 );
@@ -165,7 +176,8 @@ phase!(
     true,
     RespBody,
     resume_response,
-    |v| v.len(),
+    |v, _| v.len(),
+    |_, _| {},
     |_| None,
     |vm, cb, id, n, eos| vm.body(cb, id, n, eos)
 );
@@ -176,7 +188,8 @@ phase!(
     false,
     RespTrailers,
     resume_response,
-    |v| v.len(),
+    |v, _| v.len(),
+    |_, _| {},
     |_| None,
     |vm, cb, id, n, _| vm.trailers(cb, id, n)
 );
@@ -218,7 +231,7 @@ fn find_ctx(slot: &mut WorkerSlot, c: CtxRef) -> Option<&mut HttpCtx> {
 /// Moves a phase's data where host calls read and edit it: a head into the
 /// VM's live slot (one swap), anything else (or a head while the slot is
 /// taken) into the context.
-fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> bool {
+fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value, info: &StreamInfo) -> bool {
     if let Some(vm) = slot.vm.as_mut().filter(|vm| vm.generation == c.generation) {
         let VmState { contexts, live, .. } = vm.store.data_mut();
         let Some(ctx) = contexts.get_mut(&c.id) else { return false };
@@ -233,6 +246,7 @@ fn park<P: Phase>(slot: &mut WorkerSlot, c: CtxRef, value: &mut P::Value) -> boo
     }
     let Some(ctx) = find_ctx(slot, c) else { return false };
     P::resumed(&mut ctx.signal);
+    P::settle(value, info);
     P::park(ctx, std::mem::replace(value, P::Value::fresh()));
     true
 }
@@ -288,11 +302,12 @@ fn swap_head<T>(a: &mut T, b: &mut T) {
 
 /// The guest paused: the context keeps the phase's data until it decides (the
 /// live slot gets a new placeholder).
-fn hold<P: Phase>(live: &mut LiveHeads, ctx: &mut HttpCtx, id: u32) {
+fn hold<P: Phase>(live: &mut LiveHeads, ctx: &mut HttpCtx, id: u32, info: &StreamInfo) {
     if let Some((owner, v)) = P::live(live)
         && *owner == id
     {
         *owner = 0;
+        P::settle(v, info);
         P::park(ctx, std::mem::replace(v, P::Value::fresh()));
     }
 }
@@ -474,8 +489,8 @@ impl WasmFilter {
         };
         let slot = &mut *guard;
         let (c, new) = context(&mut self.ctx, inner, slot, P::CALLBACK).map_err(Failed::Policy)?;
-        let arg = P::arg(value);
-        let parked = park::<P>(slot, c, value);
+        let arg = P::arg(value, info);
+        let parked = park::<P>(slot, c, value, info);
         let outcome = match slot.vm.as_mut() {
             None => Err(lost(slot, &inner.plugin, P::CALLBACK)),
             Some(vm) => match if new {
@@ -492,7 +507,7 @@ impl WasmFilter {
                         let step = decide::<P>(ctx, action, eos);
                         // A pause leaves the data parked.
                         if step.is_none() && parked {
-                            hold::<P>(live, ctx, c.id);
+                            hold::<P>(live, ctx, c.id, info);
                         } else {
                             take_back::<P>(Some(live), Some(ctx), c.id, value, info);
                         }
@@ -634,6 +649,12 @@ fn resumed(step: Step) -> Resumed {
 }
 
 impl HttpFilter for WasmFilter {
+    /// Host calls read the fields the proxy kept beside the map and move them
+    /// in on the first edit (or a pause).
+    fn reads_proxy_fields(&self) -> bool {
+        true
+    }
+
     fn on_request_headers(
         &mut self,
         head: &mut request::Parts,

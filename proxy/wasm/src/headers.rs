@@ -7,7 +7,7 @@ use http::header::{HOST, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, StatusCode, Uri, request, response};
 use sluice_abi::Status;
-use sluice_filter::{EncodedFields, ResponseHead};
+use sluice_filter::{EncodedFields, ProxyFields, ResponseHead};
 
 /// A readable header map.
 #[derive(Clone, Copy)]
@@ -16,6 +16,9 @@ pub(crate) enum MapView<'a> {
     /// A request as sent upstream: its head, then the fields the proxy wrote
     /// after the map's (`on_log`).
     Sent(&'a request::Parts, &'a EncodedFields),
+    /// A request in its headers phase: its head, then the fields the proxy
+    /// set before the filters and kept beside the map.
+    Kept(&'a request::Parts, &'a ProxyFields),
     /// A callout's response.
     Response(&'a response::Parts),
     /// The stream's response: its fields may still be encoded.
@@ -33,6 +36,12 @@ impl<'a> MapView<'a> {
                 request_for_each(p, &mut f);
                 for (k, v) in added.iter() {
                     f(k, v);
+                }
+            }
+            MapView::Kept(p, kept) => {
+                request_for_each(p, &mut f);
+                for (k, v) in kept.iter() {
+                    f(k.as_bytes(), v);
                 }
             }
             MapView::Response(p) => {
@@ -53,6 +62,7 @@ impl<'a> MapView<'a> {
         match self {
             MapView::Request(p) => 4 + p.headers.len() - hidden_hosts(p),
             MapView::Sent(p, added) => MapView::Request(p).count() + added.count,
+            MapView::Kept(p, kept) => MapView::Request(p).count() + kept.len(),
             MapView::Response(p) => 1 + p.headers.len(),
             MapView::Head(h) => 1 + h.len(),
             MapView::Plain(h) => h.len(),
@@ -115,6 +125,7 @@ impl<'a> MapView<'a> {
             MapView::Sent(p, added) => MapView::Request(p)
                 .get(key)
                 .or_else(|| added.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v)),
+            MapView::Kept(p, kept) => MapView::Request(p).get(key).or_else(|| kept.get(key)),
             MapView::Response(p) => match key {
                 b":status" => Some(p.status.as_str().as_bytes()),
                 _ => lookup(&p.headers, key),

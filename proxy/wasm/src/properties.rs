@@ -115,6 +115,27 @@ fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Opt
     None
 }
 
+/// The live request head (its headers phase is running) as a map: with the
+/// fields the proxy set before the filters and keeps beside the map (in the
+/// request's stream info, in scope for the call).
+pub(crate) fn request_map<R>(p: &request::Parts, f: impl FnOnce(MapView<'_>) -> R) -> R {
+    if INFO.is_set() {
+        return INFO.with(|info| {
+            let kept = info.proxy_fields();
+            if kept.is_empty() { f(MapView::Request(p)) } else { f(MapView::Kept(p, &kept)) }
+        });
+    }
+    f(MapView::Request(p))
+}
+
+/// Moves the fields the proxy keeps beside the live request head's map into
+/// it: before the first edit, or before the head is parked (a pause).
+pub(crate) fn materialize(map: &mut http::HeaderMap) {
+    if INFO.is_set() {
+        INFO.with(|info| info.materialize_proxy_fields(map));
+    }
+}
+
 /// The final request head of `on_log` as a map: with the fields the proxy
 /// sent after the map's, if any.
 fn sent<R>(p: &request::Parts, f: impl FnOnce(MapView<'_>) -> R) -> R {
@@ -128,8 +149,12 @@ fn sent<R>(p: &request::Parts, f: impl FnOnce(MapView<'_>) -> R) -> R {
 /// [`with_request`] as a header map (pseudo-headers too, as Envoy's
 /// `request.headers` property).
 fn with_request_map<R>(state: &VmState, f: impl FnOnce(MapView<'_>) -> R) -> Option<R> {
-    state.contexts.get(&state.frame.effective)?;
-    if let Some(p) = state.req_head(state.frame.effective) {
+    let id = state.frame.effective;
+    state.contexts.get(&id)?;
+    if state.live.request_owner == id {
+        return Some(request_map(&state.live.request, f));
+    }
+    if let Some(p) = state.req_head(id) {
         return Some(f(MapView::Request(p)));
     }
     if state.frame.callback == Callback::Log && LOG_REQUEST.is_set() {

@@ -18,6 +18,12 @@ use crate::state::{Callback, VmState};
 /// Calls `f` with a readable view of `map` for the current call.
 fn with_map<R>(st: &VmState, map: i32, f: impl FnOnce(MapView<'_>) -> R) -> Result<R, Status> {
     let map = MapType::from_u32(map as u32).ok_or(Status::BadArgument)?;
+    // The live request head (its headers phase is running): with the fields
+    // the proxy keeps beside its map.
+    let id = st.frame.effective;
+    if map == MapType::HttpRequestHeaders && id != 0 && st.live.request_owner == id {
+        return Ok(crate::properties::request_map(&st.live.request, f));
+    }
     let callout = st.callout.as_ref().and_then(|c| c.response.as_ref());
     let view = match map {
         MapType::HttpCallResponseHeaders => callout.map(|r| MapView::Response(&r.head)),
@@ -55,7 +61,11 @@ fn with_map_mut<R>(
         return Err(Status::BadArgument);
     };
     let mut map_mut = match kind {
-        MapType::HttpRequestHeaders if live.request_owner == id => Some(MapMut::Request(&mut live.request)),
+        MapType::HttpRequestHeaders if live.request_owner == id => {
+            // The first edit moves the fields the proxy kept aside into the map.
+            crate::properties::materialize(&mut live.request.headers);
+            Some(MapMut::Request(&mut live.request))
+        }
         MapType::HttpRequestHeaders => ctx.req_head_mut().map(MapMut::Request),
         MapType::HttpRequestTrailers => ctx.req_trailers_mut().map(MapMut::Plain),
         MapType::HttpResponseHeaders if live.response_owner == id => {
