@@ -342,6 +342,14 @@ async fn proxy_fields_reach_filters_on_log_and_the_upstream_once() {
             let logged = proxy.wait_for_prefix("mini on_log ");
             let want = format!(" seen=127.0.0.1 xff=127.0.0.1 traceparent={sent}");
             assert!(logged.ends_with(&want), "{logged}");
+        } else {
+            // A filter that pauses without editing the request (a callout)
+            // finds the fields in the head when it resumes; they are sent once.
+            let (status, headers, _) = get(addr, "/callout-readonly").await;
+            assert_eq!(status, 200);
+            assert_eq!(headers["x-echo-x-seen-after-pause"], "127.0.0.1", "{headers:?}");
+            assert_eq!(headers.get_all("x-echo-x-forwarded-for").iter().count(), 1, "{headers:?}");
+            assert_eq!(headers.get_all("x-echo-x-request-id").iter().count(), 1, "{headers:?}");
         }
     }
 }
