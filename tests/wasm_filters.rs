@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use support::{Backend, Sluice, build_wasm, client, eventually, get, root};
+use support::{Backend, Sluice, build_wasm, client, eventually, get, get_with, root};
 
 /// The `sink` fixture: a proxy-wasm 0.2.5 filter exercising every host-call family.
 fn sink() -> PathBuf {
@@ -276,15 +276,13 @@ async fn forwarding_fields_set_before_filters_survive_hop_by_hop_stripping() {
     let backend = echo_backend().await;
     let proxy = Sluice::start(&config(backend.addr, &sink(), "x", "closed"));
     let addr = proxy.addr("main");
-    let req = http::Request::get(format!("http://{addr}/plain"))
-        .header("connection", "keep-alive, x-forwarded-for, x-forwarded-proto")
-        .header("x-forwarded-for", "6.6.6.6")
-        .header("x-forwarded-proto", "https")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = client().request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let h = resp.headers();
+    let fields = [
+        ("connection", "keep-alive, x-forwarded-for, x-forwarded-proto"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+    ];
+    let (status, h, _) = get_with(addr, "/plain", &fields).await;
+    assert_eq!(status, 200);
     assert_eq!(h["x-echo-x-forwarded-for"], "127.0.0.1", "{h:?}");
     assert_eq!(h["x-echo-x-forwarded-proto"], "http", "{h:?}");
     assert_eq!(h["x-echo-x-sink"], "1", "{h:?}");
@@ -309,16 +307,12 @@ async fn proxy_fields_reach_filters_on_log_and_the_upstream_once() {
             &config(backend.addr, &module, "x", "closed").replace("name: sink", &format!("name: {name}")),
         );
         let addr = proxy.addr("main");
-        let req = http::Request::get(format!("http://{addr}/traced"))
-            .header("traceparent", incoming)
-            .header("x-forwarded-for", "6.6.6.6")
-            .header("x-forwarded-proto", "https")
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        let resp = client().request(req).await.unwrap();
-        assert_eq!(resp.status(), 200);
+        let fields =
+            [("traceparent", incoming), ("x-forwarded-for", "6.6.6.6"), ("x-forwarded-proto", "https")];
+        let (status, headers, _) = get_with(addr, "/traced", &fields).await;
+        assert_eq!(status, 200);
         let all = |field: &str| -> Vec<String> {
-            resp.headers()
+            headers
                 .get_all(format!("x-echo-{field}").as_str())
                 .iter()
                 .map(|v| v.to_str().unwrap().to_owned())

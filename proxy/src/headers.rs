@@ -13,12 +13,9 @@ use crate::accesslog::RequestId;
 use crate::error::ProxyError;
 use sluice_filter::{EncodedFields, ProxyFields};
 
-/// `x-request-id`.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// `x-forwarded-for`.
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// `x-forwarded-proto`.
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `x-request-id`, `x-forwarded-for`, `x-forwarded-proto`: named where the
+/// filter seam keeps them aside ([`ProxyFields`]).
+pub use sluice_filter::{X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
 /// `traceparent`.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");

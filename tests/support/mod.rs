@@ -177,7 +177,20 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
 
 /// GET `http://addr{path}`, returning (status, headers, body text).
 pub async fn get(addr: SocketAddr, path: &str) -> (u16, http::HeaderMap, String) {
-    let req = http::Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap();
+    get_with(addr, path, &[]).await
+}
+
+/// [`get`] with these request fields.
+pub async fn get_with(
+    addr: SocketAddr,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> (u16, http::HeaderMap, String) {
+    let mut req = http::Request::get(format!("http://{addr}{path}"));
+    for (name, value) in fields {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(Bytes::new())).unwrap();
     let resp = client().request(req).await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();

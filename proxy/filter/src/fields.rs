@@ -30,13 +30,12 @@ pub struct ProxyFields {
     pub forwarded_proto: Option<&'static str>,
 }
 
-const REQUEST_ID: &str = "x-request-id";
-const FORWARDED_FOR: &str = "x-forwarded-for";
-const FORWARDED_PROTO: &str = "x-forwarded-proto";
-// Made at compile time (`from_static` called at run time checks the name).
-const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
-const FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static(FORWARDED_FOR);
-const FORWARDED_PROTO_NAME: HeaderName = HeaderName::from_static(FORWARDED_PROTO);
+/// `x-request-id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-forwarded-for`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `x-forwarded-proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 impl ProxyFields {
     /// How many fields there are.
@@ -53,9 +52,9 @@ impl ProxyFields {
 
     /// Each field's name and value, in the order the proxy writes them.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
-        let id = self.request_id.as_ref().map(|id| (REQUEST_ID, &id[..]));
-        let xff = self.forwarded_for.as_ref().map(|v| (FORWARDED_FOR, v.as_bytes()));
-        let xfp = self.forwarded_proto.map(|p| (FORWARDED_PROTO, p.as_bytes()));
+        let id = self.request_id.as_ref().map(|id| (X_REQUEST_ID.as_str(), &id[..]));
+        let xff = self.forwarded_for.as_ref().map(|v| (X_FORWARDED_FOR.as_str(), v.as_bytes()));
+        let xfp = self.forwarded_proto.map(|p| (X_FORWARDED_PROTO.as_str(), p.as_bytes()));
         id.into_iter().chain(xff).chain(xfp)
     }
 
@@ -70,13 +69,13 @@ impl ProxyFields {
         if let Some(id) = self.request_id.take()
             && let Ok(v) = HeaderValue::from_bytes(&id)
         {
-            map.insert(REQUEST_ID_NAME, v);
+            map.insert(X_REQUEST_ID.clone(), v);
         }
         if let Some(v) = self.forwarded_for.take() {
-            map.insert(FORWARDED_FOR_NAME, v);
+            map.insert(X_FORWARDED_FOR.clone(), v);
         }
         if let Some(p) = self.forwarded_proto.take() {
-            map.insert(FORWARDED_PROTO_NAME, HeaderValue::from_static(p));
+            map.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(p));
         }
     }
 }

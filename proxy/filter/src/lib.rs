@@ -59,7 +59,7 @@ use sluice_config::FilterSpec;
 mod fields;
 mod head;
 
-pub use fields::ProxyFields;
+pub use fields::{ProxyFields, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
 pub use head::{EncodedFields, ResponseHead};
 
 /// A boxed, possibly `!Send`, future.

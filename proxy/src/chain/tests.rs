@@ -156,6 +156,16 @@ fn poll(body: &mut ProxyBody) -> Poll<Option<Frame<Bytes>>> {
     Pin::new(body).poll_frame(&mut cx).map(|f| f.and_then(Result::ok))
 }
 
+/// A runtime, and a chain of one [`Pausing`] filter behind its gate.
+fn gated_chain() -> (tokio::runtime::Runtime, Arc<Gate>, crate::router::Chain) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let Ok(rt) = rt else { panic!("runtime") };
+    let gate = Arc::new(Gate::default());
+    let chain: crate::router::Chain =
+        Arc::from(vec![Arc::new(Factory(gate.clone())) as Arc<dyn FilterFactory>]);
+    (rt, gate, chain)
+}
+
 fn stream_info() -> StreamInfo {
     StreamInfo::new(
         "id",
@@ -172,11 +182,7 @@ fn stream_info() -> StreamInfo {
 /// (every native one, by default) finds them in the map.
 #[test]
 fn a_native_filter_finds_the_proxy_fields_in_the_map() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let Ok(rt) = rt else { panic!("runtime") };
-    let gate = Arc::new(Gate::default());
-    let chain: crate::router::Chain =
-        Arc::from(vec![Arc::new(Factory(gate.clone())) as Arc<dyn FilterFactory>]);
+    let (rt, gate, chain) = gated_chain();
     let mut info = stream_info();
     info.keep_proxy_fields(sluice_filter::ProxyFields {
         request_id: None,
@@ -196,11 +202,7 @@ fn a_native_filter_finds_the_proxy_fields_in_the_map() {
 
 #[test]
 fn a_paused_body_filter_resumes_where_it_stopped() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-    let Ok(rt) = rt else { panic!("runtime") };
-    let gate = Arc::new(Gate::default());
-    let chain: crate::router::Chain =
-        Arc::from(vec![Arc::new(Factory(gate.clone())) as Arc<dyn FilterFactory>]);
+    let (rt, gate, chain) = gated_chain();
     let info = stream_info();
     rt.block_on(async {
         let mut run = ChainRun::new(&chain, info, 1 << 20);
