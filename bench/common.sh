@@ -35,3 +35,14 @@ build_bench_filters() { # build_bench_filters LOG: build them for wasm32-wasip1,
   cargo build --release --target wasm32-wasip1 --manifest-path "$ROOT/bench/filters/Cargo.toml" \
     --target-dir "$BENCH_FILTERS_OUT" >>"$1" 2>&1
 }
+
+start_backend() { # start_backend DIR: the bench's nginx backend from DIR/backend.conf, its pid in PIDS
+  nginx -e "$1/backend.stderr.log" -c "$1/backend.conf" &
+  PIDS+=($!)
+  wait_ready "http://127.0.0.1:$BACKEND_H1/"
+}
+
+wait_ready() { # wait_ready URL: until it answers 2xx (-k: TLS too), or die (the caller's)
+  for _ in $(seq 300); do curl -fsk -o /dev/null "$1" && return 0; sleep 0.1; done
+  die "no answer from $1"
+}

@@ -31,7 +31,7 @@ PY=${PYTHON:-python3}
 
 die() { printf 'instructions: %s\n' "$*" >&2; exit 1; }
 # shellcheck source=bench/common.sh
-source "$BENCH_DIR/common.sh" # install_pkgs, build_bench_filters
+source "$BENCH_DIR/common.sh" # install_pkgs, build_bench_filters, start_backend, wait_ready
 export PATH="$PATH:/usr/sbin:/sbin"
 
 need=()
@@ -71,14 +71,7 @@ if ((FILTERS > 0)); then
   cp "$BENCH_FILTERS_WASM/noop_sdk.wasm" "$RUN/wasm/sdk.wasm"
   WASM_DIR="$RUN/wasm" "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/sluice-wasm.yaml" "$RUN/sluice-wasm.yaml"
 fi
-nginx -e "$RUN/backend.stderr.log" -c "$RUN/backend.conf" &
-PIDS+=($!)
-
-wait_ready() { # wait_ready URL
-  for _ in $(seq 300); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
-  die "no answer from $1"
-}
-wait_ready "http://127.0.0.1:$BACKEND_H1/"
+start_backend "$RUN"
 
 count() { # count NAME REQUESTS CMD...: Ir of CMD serving REQUESTS requests
   local name=$1 n=$2; shift 2

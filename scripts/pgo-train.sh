@@ -21,7 +21,7 @@ PY=${PYTHON:-python3}
 log() { printf 'pgo-train: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 # shellcheck source=bench/common.sh
-source "$BENCH_DIR/common.sh" # install_pkgs, build_bench_filters
+source "$BENCH_DIR/common.sh" # install_pkgs, build_bench_filters, start_backend, wait_ready
 export PATH="$PATH:/usr/sbin:/sbin"
 
 need=()
@@ -65,14 +65,7 @@ openssl x509 -req -in "$R/leaf.csr" -CA "$R/ca.pem" -CAkey "$R/ca.key" -CAcreate
   -extfile "$R/leaf.ext" -out "$R/leaf.pem" 2>/dev/null
 
 "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/nginx-backend.conf" "$R/backend.conf"
-nginx -e "$R/backend.stderr.log" -c "$R/backend.conf" &
-PIDS+=($!)
-
-wait_ready() { # wait_ready URL
-  for _ in $(seq 300); do curl -fsk -o /dev/null "$1" && return 0; sleep 0.1; done
-  die "no answer from $1"
-}
-wait_ready "http://127.0.0.1:$BACKEND_H1/"
+start_backend "$R"
 
 route() { # route CLUSTER: a virtual host forwarding everything to CLUSTER
   printf '    virtual_hosts:\n      - name: all\n        domains: ["*"]\n        routes:\n          - forward: { cluster: %s }\n' "$1"
