@@ -120,7 +120,9 @@ load() { # HTTP/1.1 keep-alive on the plaintext listener: 50 connections, then 1
 }
 
 h2_ok() { # h2_ok URL N: h2load, failing unless every request got a 2xx
-  h2load -n "$2" -c 10 -m 10 -t 1 "$1" | grep -qE "status codes: $2 2xx" || { log "h2load $1 failed"; return 1; }
+  local out
+  out=$(h2load -n "$2" -c 10 -m 10 -t 1 "$1") || return 1
+  grep -qE "status codes: $2 2xx" <<<"$out" || { log "h2load $1: $(grep -E '^(requests|status codes):' <<<"$out")"; return 1; }
 }
 
 mesh() {
