@@ -9,7 +9,7 @@
 #   1. HTTP/1.1 keep-alive (wrk: 50 connections, then 1), h2c (h2load);
 #      TLS downstream with ALPN http/1.1 (wrk) and h2 (h2load) to an HTTP/2
 #      upstream; a mesh hop (plaintext in, TLS + client certificate + HTTP/2
-#      to the proxy's own TLS listener).
+#      to the proxy's own TLS listener): scripts/pgo-train.yaml.
 #   2. The bench's wasm filter chains: 1 and 3 no-op filters, 3 header-rewrite
 #      filters (bench/filters, built for wasm32-wasip1).
 set -euo pipefail
@@ -46,7 +46,7 @@ trap cleanup EXIT
 export RUN_DIR=$R WORKERS=2 BACKEND_WORKERS=1 CASE=train
 export BACKEND_H1=$PORT_BASE BACKEND_H2=$((PORT_BASE + 1)) PORT_H1=$((PORT_BASE + 2))
 export PORT_H2=$((PORT_BASE + 3)) ADMIN_PORT=$((PORT_BASE + 4))
-P_TLS=$((PORT_BASE + 5)) P_HOP=$((PORT_BASE + 6))
+export PORT_TLS=$((PORT_BASE + 5)) PORT_HOP=$((PORT_BASE + 6))
 
 build_bench_filters "$R/filters-build.log" || die "building bench/filters failed: $(tail -n1 "$R/filters-build.log")"
 mkdir -p "$R/wasm"
@@ -67,33 +67,7 @@ openssl x509 -req -in "$R/leaf.csr" -CA "$R/ca.pem" -CAkey "$R/ca.key" -CAcreate
 "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/nginx-backend.conf" "$R/backend.conf"
 start_backend "$R"
 
-route() { # route CLUSTER: a virtual host forwarding everything to CLUSTER
-  printf '    virtual_hosts:\n      - name: all\n        domains: ["*"]\n        routes:\n          - forward: { cluster: %s }\n' "$1"
-}
-{
-  echo "admin: { address: \"127.0.0.1:$ADMIN_PORT\" }"
-  echo "workers: $WORKERS"
-  echo "listeners:"
-  echo "  - name: plain"
-  echo "    address: \"127.0.0.1:$PORT_H1\""
-  route backend
-  echo "  - name: tls"
-  echo "    address: \"127.0.0.1:$P_TLS\""
-  echo "    tls:"
-  echo "      certificates: [{ cert: \"$R/leaf.pem\", key: \"$R/leaf.key\" }]"
-  echo "      client_ca: \"$R/ca.pem\""
-  route backend_h2
-  echo "  - name: hop"
-  echo "    address: \"127.0.0.1:$P_HOP\""
-  route mesh
-  echo "clusters:"
-  echo "  - { name: backend, endpoints: [\"127.0.0.1:$BACKEND_H1\"] }"
-  echo "  - { name: backend_h2, protocol: http2, endpoints: [\"127.0.0.1:$BACKEND_H2\"] }"
-  echo "  - name: mesh"
-  echo "    protocol: http2"
-  echo "    endpoints: [\"127.0.0.1:$P_TLS\"]"
-  echo "    tls: { ca: \"$R/ca.pem\", sni: localhost, client_certificate: { cert: \"$R/leaf.pem\", key: \"$R/leaf.key\" } }"
-} >"$R/mesh.yaml"
+"$PY" "$BENCH_DIR/bench.py" render "$ROOT/scripts/pgo-train.yaml" "$R/mesh.yaml"
 
 run() { # run NAME CONFIG CMD...: one proxy process serving the traffic CMD... makes
   local name=$1 config=$2 pid rc=0
@@ -128,9 +102,9 @@ h2_ok() { # h2_ok URL N: h2load, failing unless every request got a 2xx
 mesh() {
   load &&
     h2_ok "http://127.0.0.1:$PORT_H1/" 60000 &&
-    wrk_ok -t2 -c20 -d3s "https://127.0.0.1:$P_TLS/" &&
-    h2_ok "https://127.0.0.1:$P_TLS/" 30000 &&
-    wrk_ok -t2 -c20 -d3s "http://127.0.0.1:$P_HOP/"
+    wrk_ok -t2 -c20 -d3s "https://127.0.0.1:$PORT_TLS/" &&
+    h2_ok "https://127.0.0.1:$PORT_TLS/" 30000 &&
+    wrk_ok -t2 -c20 -d3s "http://127.0.0.1:$PORT_HOP/"
 }
 run mesh "$R/mesh.yaml" mesh
 
