@@ -80,14 +80,20 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def tree_cpu_ticks(pid: int) -> int:
-    """utime+stime, in clock ticks, summed over pid and its descendants."""
-    total = 0
+def tree_cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime), in clock ticks, summed over pid and its descendants."""
+    user = system = 0
     for p in process_tree(pid):
         f = _stat_fields(p)
         if f is not None:
-            total += int(f[11]) + int(f[12])  # fields 14 and 15: utime, stime
-    return total
+            user += int(f[11])  # field 14
+            system += int(f[12])  # field 15
+    return user, system
+
+
+def tree_cpu_ticks(pid: int) -> int:
+    """utime+stime, in clock ticks, summed over pid and its descendants."""
+    return sum(tree_cpu_split(pid))
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -386,13 +392,13 @@ def cmd_measure(a: argparse.Namespace) -> int:
     watched = {"backend": a.backend_pid, **({"proxy": a.proxy_pid} if a.proxy_pid else {})}
     trees0 = {k: set(process_tree(pid)) for k, pid in watched.items()}
     m0 = machine_ticks()
-    p0 = tree_cpu_ticks(a.proxy_pid) if a.proxy_pid else 0
+    p0 = tree_cpu_split(a.proxy_pid) if a.proxy_pid else (0, 0)
     b0 = tree_cpu_ticks(a.backend_pid)
     t0 = time.monotonic()
     poller.start()
     out, lg_cpu = _run_timed(build(a.duration, log))
     t1 = time.monotonic()
-    p1 = tree_cpu_ticks(a.proxy_pid) if a.proxy_pid else 0
+    p1 = tree_cpu_split(a.proxy_pid) if a.proxy_pid else (0, 0)
     b1 = tree_cpu_ticks(a.backend_pid)
     m1 = machine_ticks()
     stop.set()
@@ -419,7 +425,8 @@ def cmd_measure(a: argparse.Namespace) -> int:
 
     wall = t1 - t0
     busy_ticks = m1[0] - m0[0]
-    proxy_s = (p1 - p0) / CLK_TCK
+    proxy_s = (sum(p1) - sum(p0)) / CLK_TCK
+    proxy_sys_s = (p1[1] - p0[1]) / CLK_TCK
     backend_s = (b1 - b0) / CLK_TCK
     machine_busy_s = busy_ticks / CLK_TCK
     other_s = max(0.0, machine_busy_s - proxy_s - backend_s - lg_cpu)
@@ -431,6 +438,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
         "proxy_cpu_s": round(proxy_s, 3) if sample else None,
         "proxy_cpu_pct": round(100 * proxy_s / wall, 1) if sample else None,
         "proxy_us_per_req": round(1e6 * proxy_s / req, 2) if sample else None,
+        "proxy_sys_us_per_req": round(1e6 * proxy_sys_s / req, 2) if sample else None,
         "backend_cpu_pct": round(100 * backend_s / wall, 1),
         "backend_us_per_req": round(1e6 * backend_s / req, 2),
         "loadgen_cpu_pct": round(100 * lg_cpu / wall, 1),
@@ -506,7 +514,7 @@ def summarize(recs: list[dict], case_order: list[str]) -> dict:
         rs = quiet or all_rs
         s = {k: _med([r.get(k) for r in rs]) for k in (
             "rps", "p50_ms", "p99_ms", "proxy_cpu_pct", "proxy_us_per_req",
-            "backend_us_per_req", "loadgen_cpu_pct", "other_cpu_pct",
+            "proxy_sys_us_per_req", "backend_us_per_req", "loadgen_cpu_pct", "other_cpu_pct",
             "rss_idle_kib", "rss_loaded_kib")}
         s["runs"] = len(rs)
         s["all_noisy"] = not quiet
@@ -693,10 +701,12 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
             rows.append([r["run"], _fmt(r["rps"], 0),
                          _fmt(r["p50_ms"], nd), _fmt(r["p99_ms"], nd),
                          str(r["errors"] + r["non2xx"]), _fmt(r["proxy_cpu_pct"], 0),
-                         _fmt(r["proxy_us_per_req"], 1), _fmt(r["backend_cpu_pct"], 0),
+                         _fmt(r["proxy_us_per_req"], 1), _fmt(r.get("proxy_sys_us_per_req"), 1),
+                         _fmt(r["backend_cpu_pct"], 0),
                          _fmt(r["loadgen_cpu_pct"], 0), _fmt(r["other_cpu_pct"], 1) + noisy])
         out.append(_table(["run", "req/s", "p50 ms", "p99 ms", "errors", "proxy CPU %",
-                           "proxy µs/req", "backend CPU %", "loadgen CPU %", "other CPU %"],
+                           "proxy µs/req", "of it kernel", "backend CPU %", "loadgen CPU %",
+                           "other CPU %"],
                           rows, md))
         out.append(f"(CPU % is of one core; {NCPU} cores = {100 * NCPU} %. "
                    f"* = other CPU > {NOISY_OTHER_PCT:.0f} %: noisy run, distrust it.)")
@@ -720,12 +730,14 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
             rows.append([case + (" *" if s["all_noisy"] else "") + f" ({s['runs']})",
                          _fmt(s["rps"], 0), _fmt(s["p50_ms"], nd), _fmt(s["p99_ms"], nd),
                          str(s["errors"]), _fmt(s["proxy_cpu_pct"], 0),
-                         _fmt(s["proxy_us_per_req"], 1), rss, _fmt(s["backend_us_per_req"], 1),
+                         _fmt(s["proxy_us_per_req"], 1), _fmt(s["proxy_sys_us_per_req"], 1), rss,
+                         _fmt(s["backend_us_per_req"], 1),
                          _fmt(s["other_cpu"], 1),
                          _fmt(s["x_direct_rps"], 2), _fmt(s["x_nginx_rps"], 2),
                          _fmt(s["x_nginx_cpu"], 2), _fmt(s["x_nginx_p99"], 2)])
         out.append(_table(["case (runs)", "req/s", "p50 ms", "p99 ms", "errors", "proxy CPU %",
-                           "proxy CPU µs/req", "RSS idle → loaded MiB", "backend µs/req",
+                           "proxy CPU µs/req", "of it kernel", "RSS idle → loaded MiB",
+                           "backend µs/req",
                            "other CPU % (max)", "req/s ÷ direct", "req/s ÷ nginx",
                            "CPU/req ÷ nginx", "p99 ÷ nginx"], rows, md))
         out.append("")
