@@ -344,6 +344,19 @@ async fn proxy_fields_reach_filters_on_log_and_the_upstream_once() {
             assert_eq!(headers["x-echo-x-seen-after-pause"], "127.0.0.1", "{headers:?}");
             assert_eq!(headers.get_all("x-echo-x-forwarded-for").iter().count(), 1, "{headers:?}");
             assert_eq!(headers.get_all("x-echo-x-request-id").iter().count(), 1, "{headers:?}");
+            // An edit of a field the proxy set before the filters replaces
+            // it (the others are still sent, once); a removal stands.
+            let (status, headers, _) = get(addr, "/own-id").await;
+            assert_eq!(status, 200);
+            let ids: Vec<_> = headers.get_all("x-echo-x-request-id").iter().collect();
+            assert_eq!(ids, ["filter-id"], "{headers:?}");
+            assert_eq!(headers.get_all("x-echo-x-forwarded-for").iter().count(), 1, "{headers:?}");
+            assert_eq!(headers.get_all("x-echo-traceparent").iter().count(), 1, "{headers:?}");
+            let (status, headers, _) = get(addr, "/drop-xff").await;
+            assert_eq!(status, 200);
+            assert!(headers.get("x-echo-x-forwarded-for").is_none(), "{headers:?}");
+            assert_eq!(headers.get_all("x-echo-x-forwarded-proto").iter().count(), 1, "{headers:?}");
+            assert_eq!(headers.get_all("x-echo-x-request-id").iter().count(), 1, "{headers:?}");
         }
     }
 }

@@ -327,15 +327,30 @@ async fn proxy<'a>(
         headers_edited = run.info().take_route_cache_cleared();
         if headers_edited {
             target.from_host = false;
-            target.authority = match parts.uri.authority() {
-                Some(a) => a.as_str().to_owned(),
-                None => parts.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned(),
+            // Most edits leave the authority, path and query as they were:
+            // compared, not copied again.
+            let authority = match parts.uri.authority() {
+                Some(a) => a.as_str().as_bytes(),
+                None => parts.headers.get(HOST).map_or(&b""[..], HeaderValue::as_bytes),
             };
+            if authority != target.authority.as_bytes() {
+                target.authority = match parts.uri.authority() {
+                    Some(a) => a.as_str().to_owned(),
+                    None => {
+                        parts.headers.get(HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned()
+                    }
+                };
+            }
             let p = parts.uri.path();
-            target.path = normalize_path(p)
-                .ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?
-                .into_owned();
-            target.query = parts.uri.query().map(str::to_owned);
+            if p != target.path {
+                target.path = normalize_path(p)
+                    .ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?
+                    .into_owned();
+            }
+            let query = parts.uri.query();
+            if query != target.query.as_deref() {
+                target.query = query.map(str::to_owned);
+            }
             let rerouted = router
                 .route(
                     &target.authority,
@@ -347,12 +362,14 @@ async fn proxy<'a>(
                 .ok_or_else(|| {
                     ProxyError::new(Side::Downstream, ErrorKind::NoRoute, "no route after filters")
                 })?;
-            target.route = rerouted;
-            seen.route = Some(&rerouted.name);
-            if log_on {
-                log.route = Some(rerouted.name.clone());
+            if !Arc::ptr_eq(rerouted, target.route) {
+                target.route = rerouted;
+                seen.route = Some(&rerouted.name);
+                if log_on {
+                    log.route = Some(rerouted.name.clone());
+                }
+                *run.info().route_name.borrow_mut() = Some(rerouted.name.clone());
             }
-            *run.info().route_name.borrow_mut() = Some(rerouted.name.clone());
         }
         chain = Some(run);
     }
@@ -384,14 +401,17 @@ async fn proxy<'a>(
             if let Some(run) = &chain {
                 *run.info().cluster_name.borrow_mut() = Some(t.cluster.name.clone());
             }
-            // Unless a filter edited the request headers, `x-request-id` is the
-            // id this request was given; after an edit the header is read again.
-            let known_id = (!headers_edited).then_some(log.request_id.as_bytes());
+            // Unless a filter edited a field the proxy manages, `x-request-id`
+            // is the id this request was given and the scan of the head as it
+            // came still holds; after such an edit the map is read again.
+            let fields_edited =
+                headers_edited && chain.as_ref().is_some_and(|r| r.info().proxy_fields_edited());
+            let known_id = (!fields_edited).then_some(log.request_id.as_bytes());
             // Without filters, the fields the proxy sets are as the request came.
             let fields = match &chain {
                 None => Fields::AsReceived { present: scanned, new_id },
                 Some(run) => {
-                    let present = (!headers_edited).then_some(scanned);
+                    let present = (!fields_edited).then_some(scanned);
                     match run.info().take_proxy_fields() {
                         kept if kept.is_empty() => Fields::InMap { present },
                         kept => Fields::Kept { kept, present },

@@ -10,9 +10,12 @@
 //! ([`HttpFilter::reads_proxy_fields`](crate::HttpFilter::reads_proxy_fields))
 //! reads them beside the map and puts them in it
 //! ([`StreamInfo::materialize_proxy_fields`](crate::StreamInfo::materialize_proxy_fields))
-//! before its first edit of the map; any other filter gets a map that has
-//! them. When no filter put them in the map, the proxy writes them after
-//! the request's own fields, as it does without filters.
+//! before an edit that touches a field the proxy manages
+//! ([`is_proxy_managed`]); any other filter gets a map that has them. When
+//! no filter put them in the map, the proxy writes them after the request's
+//! own fields, as it does without filters: after any field a filter added,
+//! which HTTP allows (the order of fields with different names carries no
+//! meaning, RFC 9110 §5.3).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -36,6 +39,22 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `x-forwarded-proto`.
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Whether `name` (in any case) is a field the proxy sets or reads on the way
+/// upstream: `x-request-id`, `x-forwarded-for`, `x-forwarded-proto`,
+/// `traceparent` or `connection`. An edit to any other field leaves what the
+/// proxy knows of these as it was.
+pub fn is_proxy_managed(name: &[u8]) -> bool {
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    match name.len() {
+        10 => is("connection"),
+        11 => is("traceparent"),
+        12 => is("x-request-id"),
+        15 => is("x-forwarded-for"),
+        17 => is("x-forwarded-proto"),
+        _ => false,
+    }
+}
 
 impl ProxyFields {
     /// How many fields there are.
@@ -102,5 +121,15 @@ mod tests {
         assert_eq!(map["x-request-id"], "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(map["x-forwarded-for"], "10.0.0.1");
         assert_eq!(map["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn proxy_managed_names_in_any_case() {
+        for n in ["x-request-id", "X-Forwarded-For", "x-forwarded-proto", "Traceparent", "CONNECTION"] {
+            assert!(is_proxy_managed(n.as_bytes()), "{n}");
+        }
+        for n in ["x-request-ids", "x-forwarded-host", "x-wasm-filter", "host", "", "connectio"] {
+            assert!(!is_proxy_managed(n.as_bytes()), "{n}");
+        }
     }
 }

@@ -59,7 +59,7 @@ use sluice_config::FilterSpec;
 mod fields;
 mod head;
 
-pub use fields::{ProxyFields, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
+pub use fields::{ProxyFields, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID, is_proxy_managed};
 pub use head::{EncodedFields, ResponseHead};
 
 /// A boxed, possibly `!Send`, future.
@@ -283,6 +283,9 @@ pub struct StreamInfo {
     pub response_body_bytes: Cell<u64>,
     /// Set by a filter that edited request headers: the proxy re-evaluates the route.
     route_cache_cleared: Cell<bool>,
+    /// Set when a filter edited (or may have edited) a field the proxy sets
+    /// or reads on the way upstream (see [`is_proxy_managed`]).
+    proxy_fields_edited: Cell<bool>,
     /// The fields the proxy set before the filters and kept out of the
     /// request head's map (see [`ProxyFields`]).
     proxy_fields: RefCell<ProxyFields>,
@@ -315,6 +318,7 @@ impl StreamInfo {
             request_body_bytes: Cell::new(0),
             response_body_bytes: Cell::new(0),
             route_cache_cleared: Cell::new(false),
+            proxy_fields_edited: Cell::new(false),
             proxy_fields: RefCell::new(ProxyFields::default()),
         }
     }
@@ -359,6 +363,22 @@ impl StreamInfo {
     /// Takes the "route cache cleared" flag (used by the proxy).
     pub fn take_route_cache_cleared(&self) -> bool {
         self.route_cache_cleared.replace(false)
+    }
+
+    /// Records that a filter edited, or may have edited, a field the proxy
+    /// manages ([`is_proxy_managed`]). A filter that reads the proxy's fields
+    /// beside the map ([`HttpFilter::reads_proxy_fields`]) calls it when it
+    /// edits one of them (with [`StreamInfo::clear_route_cache`]); for any
+    /// other filter the chain assumes it might.
+    pub fn mark_proxy_fields_edited(&self) {
+        self.proxy_fields_edited.set(true);
+    }
+
+    /// Whether a filter edited, or may have edited, a field the proxy manages:
+    /// if not, those fields stand as the proxy found and set them, even after
+    /// other edits to the head.
+    pub fn proxy_fields_edited(&self) -> bool {
+        self.proxy_fields_edited.get()
     }
 }
 
@@ -431,10 +451,12 @@ pub enum Resumed {
 /// that phase's data) until it is ready.
 pub trait HttpFilter {
     /// Whether this filter reads the fields the proxy set before the filters
-    /// beside the request head's map ([`StreamInfo::proxy_fields`]) and moves
-    /// them into it before editing it ([`StreamInfo::materialize_proxy_fields`]).
-    /// If not (the default), the chain moves them into the map before calling
-    /// [`HttpFilter::on_request_headers`].
+    /// beside the request head's map ([`StreamInfo::proxy_fields`]), moves
+    /// them into it before an edit that touches them
+    /// ([`StreamInfo::materialize_proxy_fields`]), and reports such an edit
+    /// ([`StreamInfo::mark_proxy_fields_edited`]). If not (the default), the
+    /// chain moves them into the map before calling
+    /// [`HttpFilter::on_request_headers`], and assumes the filter edits them.
     fn reads_proxy_fields(&self) -> bool {
         false
     }

@@ -150,6 +150,8 @@ impl Head for request::Parts {
     fn ready(filter: &dyn HttpFilter, head: &mut Self, info: &StreamInfo) {
         if !filter.reads_proxy_fields() {
             info.materialize_proxy_fields(&mut head.headers);
+            // It does not say what it edits: assume the worst.
+            info.mark_proxy_fields_edited();
         }
     }
     fn call(

@@ -277,9 +277,13 @@ fn take_back<P: Phase>(
     info: &StreamInfo,
 ) {
     if P::CALLBACK == Callback::RequestHeaders
-        && ctx.as_mut().is_some_and(|c| std::mem::take(&mut c.req_edited))
+        && let Some(c) = ctx.as_mut()
+        && std::mem::take(&mut c.req_edited)
     {
         info.clear_route_cache();
+        if std::mem::take(&mut c.req_fields_edited) {
+            info.mark_proxy_fields_edited();
+        }
     }
     if let Some((owner, v)) = live.and_then(P::live)
         && *owner == id

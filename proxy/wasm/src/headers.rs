@@ -192,11 +192,24 @@ fn each(h: &HeaderMap, mut f: impl FnMut(&[u8], &[u8])) {
     }
 }
 
-/// A look-up by the guest's bytes: `http` parses a `&str` key on the stack, so
-/// no name is allocated (a name that is not UTF-8 is not a header name).
+/// Up to this many values, a look-up scans the map.
+const SCAN_MAX: usize = 12;
+
+/// A look-up by the guest's bytes, in any case. A small map (most heads) is
+/// scanned, a length check per field mostly, where a hashed look-up checks
+/// the key against the standard names and hashes a custom one byte by byte.
+/// A larger map is looked up by hash: `http` parses a `&str` key on the
+/// stack, so no name is allocated (a name that is not UTF-8 is not a header
+/// name).
 fn lookup<'a>(h: &'a HeaderMap, key: &[u8]) -> Option<&'a [u8]> {
     if key.first() == Some(&b':') || h.is_empty() {
         return None;
+    }
+    if h.len() <= SCAN_MAX {
+        return h
+            .iter()
+            .find(|(k, _)| k.as_str().len() == key.len() && k.as_str().as_bytes().eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_bytes());
     }
     h.get(std::str::from_utf8(key).ok()?).map(HeaderValue::as_bytes)
 }
@@ -263,11 +276,16 @@ fn write_plain(h: &mut HeaderMap, key: &[u8], v: &[u8], how: Write) -> Result<()
         Write::Add => {
             h.append(k, v);
         }
-        Write::Replace => {
+        Write::Replace => match h.entry(k) {
+            http::header::Entry::Vacant(e) => {
+                e.insert(v);
+            }
             // Envoy moves a replaced header to the end of the map.
-            h.remove(&k);
-            h.append(k, v);
-        }
+            http::header::Entry::Occupied(e) => {
+                let (k, _) = e.remove_entry();
+                h.append(k, v);
+            }
+        },
     }
     Ok(())
 }
@@ -423,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn lookups_and_removals_by_bytes_ignore_case_and_bad_names() {
+    fn lookups_and_removals_by_bytes_ignore_case_and_bad_names() -> Result<(), Status> {
         let mut h = HeaderMap::new();
         h.append("x-tenant", HeaderValue::from_static("a"));
         assert_eq!(lookup(&h, b"X-Tenant"), Some(&b"a"[..]));
@@ -432,6 +450,34 @@ mod tests {
         MapMut::Plain(&mut h).remove(&[0xff]);
         MapMut::Plain(&mut h).remove(b"X-TENANT");
         assert!(h.is_empty());
+        // Past SCAN_MAX values the look-up hashes: the same answers.
+        for i in 0..=SCAN_MAX {
+            MapMut::Plain(&mut h).write(
+                format!("x-f{i}").as_bytes(),
+                i.to_string().as_bytes(),
+                Write::Add,
+            )?;
+        }
+        h.append("x-f0", HeaderValue::from_static("second"));
+        assert!(h.len() > SCAN_MAX);
+        assert_eq!(lookup(&h, b"X-F0"), Some(&b"0"[..]), "the first value");
+        assert_eq!(lookup(&h, b"x-f12"), Some(&b"12"[..]));
+        assert_eq!(lookup(&h, b"x-f13"), None);
+        assert_eq!(lookup(&h, b"x-f0\xff"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_replaced_field_moves_to_the_end_with_one_value() -> Result<(), Status> {
+        let mut h = HeaderMap::new();
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        h.append("x-b", HeaderValue::from_static("3"));
+        MapMut::Plain(&mut h).write(b"X-A", b"4", Write::Replace)?;
+        MapMut::Plain(&mut h).write(b"x-c", b"5", Write::Replace)?;
+        let got: Vec<_> = pairs(MapView::Plain(&h)).into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(got, ["x-b=3", "x-a=4", "x-c=5"]);
+        Ok(())
     }
 
     #[test]

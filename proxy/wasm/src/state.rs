@@ -141,6 +141,8 @@ pub(crate) struct HttpCtx {
     pub parked: Parked,
     /// The guest edited request headers or pseudo-headers: clear the route cache.
     pub req_edited: bool,
+    /// Among them a field the proxy manages (`sluice_filter::is_proxy_managed`).
+    pub req_fields_edited: bool,
     pub signal: Signal,
     pub waker: Option<Waker>,
     /// `proxy_set_property` values, read back by `proxy_get_property`.

@@ -48,9 +48,12 @@ fn with_map<R>(st: &VmState, map: i32, f: impl FnOnce(MapView<'_>) -> R) -> Resu
 }
 
 /// Calls `f` with a writable view of `map` (BAD_ARGUMENT outside its window).
+/// `managed`: the edit may touch a field the proxy manages
+/// (`sluice_filter::is_proxy_managed`).
 fn with_map_mut<R>(
     st: &mut VmState,
     map: i32,
+    managed: bool,
     f: impl FnOnce(&mut MapMut<'_>) -> Result<R, Status>,
 ) -> Result<R, Status> {
     let kind = MapType::from_u32(map as u32).ok_or(Status::BadArgument)?;
@@ -62,8 +65,12 @@ fn with_map_mut<R>(
     };
     let mut map_mut = match kind {
         MapType::HttpRequestHeaders if live.request_owner == id => {
-            // The first edit moves the fields the proxy kept aside into the map.
-            crate::properties::materialize(&mut live.request.headers);
+            // An edit of a field the proxy manages moves those it kept aside
+            // into the map first; any other leaves them beside it, to be
+            // written after the map's fields.
+            if managed {
+                crate::properties::materialize(&mut live.request.headers);
+            }
             Some(MapMut::Request(&mut live.request))
         }
         MapType::HttpRequestHeaders => ctx.req_head_mut().map(MapMut::Request),
@@ -83,6 +90,7 @@ fn with_map_mut<R>(
     let result = f(map_mut);
     if edited && result.is_ok() {
         ctx.req_edited = true;
+        ctx.req_fields_edited |= managed;
     }
     result
 }
@@ -102,7 +110,7 @@ impl Key {
         } else {
             k.heap = bytes.to_vec();
         }
-        k.buf.make_ascii_lowercase();
+        k.buf[..k.len.min(128)].make_ascii_lowercase();
         k.heap.make_ascii_lowercase();
         k
     }
@@ -164,7 +172,7 @@ pub(super) fn write_value(
     let (data, st) = mem.data_and_store_mut(&mut *c);
     let key = slice(data, kp, kn)?;
     let value = slice(data, vp, vn)?;
-    with_map_mut(st, map, |m| m.write(key, value, how))?;
+    with_map_mut(st, map, sluice_filter::is_proxy_managed(key), |m| m.write(key, value, how))?;
     Ok(())
 }
 
@@ -172,7 +180,7 @@ pub(super) fn remove_value(c: &mut Caller<'_, VmState>, map: i32, kp: i32, kn: i
     let mem = memory(c)?;
     let (data, st) = mem.data_and_store_mut(&mut *c);
     let key = slice(data, kp, kn)?;
-    with_map_mut(st, map, |m| {
+    with_map_mut(st, map, sluice_filter::is_proxy_managed(key), |m| {
         m.remove(key);
         Ok(())
     })?;
@@ -184,7 +192,8 @@ pub(super) fn set_pairs(c: &mut Caller<'_, VmState>, map: i32, p: i32, n: i32) -
     let (data, st) = mem.data_and_store_mut(&mut *c);
     let bytes = slice(data, p, n)?;
     let pairs = sluice_abi::pairs::decode(bytes).map_err(|_| Status::BadArgument)?;
-    with_map_mut(st, map, |m| m.replace_all(&pairs))?;
+    // The whole map is replaced: the kept fields go with it unless given back.
+    with_map_mut(st, map, true, |m| m.replace_all(&pairs))?;
     Ok(())
 }
 
