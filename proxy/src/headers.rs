@@ -223,32 +223,16 @@ fn set(entry: Entry<'_, HeaderValue>, value: HeaderValue) {
 }
 
 /// The fields the forwarding path looks for in a request, as bits (see
-/// [`scan_fields`]): those the proxy sets, and `connection`, which says
-/// whether any field is hop-by-hop by name.
-pub(crate) mod scanned {
-    pub(crate) const REQUEST_ID: u8 = 1;
-    pub(crate) const FORWARDED_FOR: u8 = 2;
-    pub(crate) const FORWARDED_PROTO: u8 = 4;
-    pub(crate) const TRACEPARENT: u8 = 8;
-    pub(crate) const CONNECTION: u8 = 16;
-}
+/// [`scan_fields`]): the ones the proxy manages, defined with the filters'
+/// view of them so that an edit a filter reports as not touching them
+/// leaves the scan valid.
+pub(crate) use sluice_filter::managed as scanned;
 
 /// Which of the [`scanned`] fields a request has: one pass over the names (a
 /// length check each, mostly), where a lookup per field hashes its name (a
 /// custom one byte by byte).
 pub(crate) fn scan_fields(headers: &HeaderMap) -> u8 {
-    use scanned as bit;
-    headers.keys().fold(0u8, |acc, n| {
-        let n = n.as_str();
-        acc | match n.len() {
-            10 if n == "connection" => bit::CONNECTION,
-            11 if n == "traceparent" => bit::TRACEPARENT,
-            12 if n == "x-request-id" => bit::REQUEST_ID,
-            15 if n == "x-forwarded-for" => bit::FORWARDED_FOR,
-            17 if n == "x-forwarded-proto" => bit::FORWARDED_PROTO,
-            _ => 0,
-        }
-    })
+    headers.keys().fold(0u8, |acc, n| acc | sluice_filter::managed_field(n.as_str().as_bytes()))
 }
 
 /// The request's id: a well-formed incoming `x-request-id` (`present` says

@@ -40,20 +40,39 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 /// `x-forwarded-proto`.
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Whether `name` (in any case) is a field the proxy sets or reads on the way
-/// upstream: `x-request-id`, `x-forwarded-for`, `x-forwarded-proto`,
-/// `traceparent` or `connection`. An edit to any other field leaves what the
-/// proxy knows of these as it was.
-pub fn is_proxy_managed(name: &[u8]) -> bool {
+/// The fields the proxy manages on the way upstream, as bits: those it sets,
+/// and `connection`, which says whether any field is hop-by-hop by name. The
+/// proxy scans a request for them once ([`managed_field`] per name); an edit
+/// to any other field leaves that scan valid.
+pub mod managed {
+    /// `x-request-id`.
+    pub const REQUEST_ID: u8 = 1;
+    /// `x-forwarded-for`.
+    pub const FORWARDED_FOR: u8 = 2;
+    /// `x-forwarded-proto`.
+    pub const FORWARDED_PROTO: u8 = 4;
+    /// `traceparent`.
+    pub const TRACEPARENT: u8 = 8;
+    /// `connection`.
+    pub const CONNECTION: u8 = 16;
+}
+
+/// Which [`managed`] field `name` (in any case) is, as its bit; 0 for any other.
+pub fn managed_field(name: &[u8]) -> u8 {
     let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
     match name.len() {
-        10 => is("connection"),
-        11 => is("traceparent"),
-        12 => is("x-request-id"),
-        15 => is("x-forwarded-for"),
-        17 => is("x-forwarded-proto"),
-        _ => false,
+        10 if is("connection") => managed::CONNECTION,
+        11 if is("traceparent") => managed::TRACEPARENT,
+        12 if is("x-request-id") => managed::REQUEST_ID,
+        15 if is("x-forwarded-for") => managed::FORWARDED_FOR,
+        17 if is("x-forwarded-proto") => managed::FORWARDED_PROTO,
+        _ => 0,
     }
+}
+
+/// Whether `name` (in any case) is a field the proxy manages ([`managed`]).
+pub fn is_proxy_managed(name: &[u8]) -> bool {
+    managed_field(name) != 0
 }
 
 impl ProxyFields {

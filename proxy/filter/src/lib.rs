@@ -59,7 +59,9 @@ use sluice_config::FilterSpec;
 mod fields;
 mod head;
 
-pub use fields::{ProxyFields, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID, is_proxy_managed};
+pub use fields::{
+    ProxyFields, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID, is_proxy_managed, managed, managed_field,
+};
 pub use head::{EncodedFields, ResponseHead};
 
 /// A boxed, possibly `!Send`, future.

@@ -107,11 +107,10 @@ impl Key {
         let mut k = Key { buf: [0; 128], len: bytes.len(), heap: Vec::new() };
         if bytes.len() <= k.buf.len() {
             k.buf[..bytes.len()].copy_from_slice(bytes);
+            k.buf[..bytes.len()].make_ascii_lowercase();
         } else {
-            k.heap = bytes.to_vec();
+            k.heap = bytes.to_ascii_lowercase();
         }
-        k.buf[..k.len.min(128)].make_ascii_lowercase();
-        k.heap.make_ascii_lowercase();
         k
     }
 
