@@ -52,13 +52,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, request, response};
 use sluice_config::FilterSpec;
 
+mod body;
 mod fields;
 mod head;
 
+pub use body::BodyBuf;
 pub use fields::{
     ProxyFields, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID, is_proxy_managed, managed, managed_field,
 };
@@ -407,13 +409,13 @@ pub enum PhaseData<'a> {
     /// `on_request_headers`.
     RequestHeaders(&'a mut request::Parts),
     /// `on_request_body`.
-    RequestBody(&'a mut BytesMut),
+    RequestBody(&'a mut BodyBuf),
     /// `on_request_trailers`.
     RequestTrailers(&'a mut HeaderMap),
     /// `on_response_headers`.
     ResponseHeaders(&'a mut ResponseHead),
     /// `on_response_body`.
-    ResponseBody(&'a mut BytesMut),
+    ResponseBody(&'a mut BodyBuf),
     /// `on_response_trailers`.
     ResponseTrailers(&'a mut HeaderMap),
 }
@@ -474,7 +476,7 @@ pub trait HttpFilter {
     /// A request body chunk (or everything buffered so far).
     fn on_request_body(
         &mut self,
-        body: &mut BytesMut,
+        body: &mut BodyBuf,
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<BodyAction, FilterError>;
@@ -497,7 +499,7 @@ pub trait HttpFilter {
     /// A response body chunk (or everything buffered so far).
     fn on_response_body(
         &mut self,
-        body: &mut BytesMut,
+        body: &mut BodyBuf,
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<BodyAction, FilterError>;
@@ -561,7 +563,7 @@ pub async fn response_headers<F: HttpFilter + ?Sized>(
 /// Runs `on_request_body` to its decision, waiting while it is paused.
 pub async fn request_body<F: HttpFilter + ?Sized>(
     filter: &mut F,
-    body: &mut BytesMut,
+    body: &mut BodyBuf,
     info: &StreamInfo,
     end_of_stream: bool,
 ) -> Result<BodyAction, FilterError> {
@@ -574,7 +576,7 @@ pub async fn request_body<F: HttpFilter + ?Sized>(
 /// Runs `on_response_body` to its decision, waiting while it is paused.
 pub async fn response_body<F: HttpFilter + ?Sized>(
     filter: &mut F,
-    body: &mut BytesMut,
+    body: &mut BodyBuf,
     info: &StreamInfo,
     end_of_stream: bool,
 ) -> Result<BodyAction, FilterError> {

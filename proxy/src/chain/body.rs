@@ -6,10 +6,10 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame};
-use sluice_filter::{BodyAction, HeadersAction, PhaseData, ResponseHead};
+use sluice_filter::{BodyAction, BodyBuf, HeadersAction, PhaseData, ResponseHead};
 
 use super::{Failure, Shared, action_err, overflow, reset_error};
 use crate::body::{BoxError, ProxyBody};
@@ -35,7 +35,9 @@ pub(crate) struct FilterBody {
     shared: Rc<Shared>,
     request: bool,
     /// One buffer per filter, plus the chain's output (inline for short chains).
-    bufs: smallvec::SmallVec<[BytesMut; 4]>,
+    /// A chunk stays shared with the connection's read buffer until a filter
+    /// writes it (see [`BodyBuf`]).
+    bufs: smallvec::SmallVec<[BodyBuf; 4]>,
     run: Option<Run>,
     /// Holding the filter lock (a frame is in the chain).
     held: bool,
@@ -84,14 +86,9 @@ impl FilterBody {
             let counter = if self.request { &info.request_body_bytes } else { &info.response_body_bytes };
             counter.set(counter.get() + d.len() as u64);
             if self.bufs.is_empty() {
-                self.bufs.push(BytesMut::new());
+                self.bufs.push(BodyBuf::new());
             }
-            if self.bufs[0].is_empty() {
-                // Take the chunk over without copying when nothing else shares it.
-                self.bufs[0] = d.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            } else {
-                self.bufs[0].extend_from_slice(&d);
-            }
+            self.bufs[0].extend(d);
         }
         self.run = Some(Run { eos, trailers, step: 0, in_trailers: false, paused: false, out: Bytes::new() });
         Poll::Ready(Ok(()))
@@ -106,7 +103,7 @@ impl FilterBody {
         let Some(run) = self.run.as_mut() else { return Poll::Ready(Ok(Out::Nothing)) };
         let n = g.list.len();
         if self.bufs.len() < n + 1 {
-            self.bufs.resize(n + 1, BytesMut::new());
+            self.bufs.resize(n + 1, BodyBuf::new());
         }
         let (request, info, bufs) = (self.request, &sh.info, &mut self.bufs);
         while !run.in_trailers && run.step < n {
@@ -153,7 +150,7 @@ impl FilterBody {
             }
         }
         if !run.in_trailers {
-            run.out = std::mem::take(&mut bufs[n]).freeze();
+            run.out = bufs[n].take();
             if run.eos {
                 self.ended = true;
             }
@@ -230,12 +227,12 @@ impl FilterBody {
 
 /// Hands filter `step`'s buffer to the next one: a move when the next buffer is
 /// empty (the common case), an append otherwise.
-fn pass_on(bufs: &mut [BytesMut], step: usize) {
+fn pass_on(bufs: &mut [BodyBuf], step: usize) {
     if bufs[step + 1].is_empty() {
         bufs.swap(step, step + 1);
     } else {
-        let moved = std::mem::take(&mut bufs[step]);
-        bufs[step + 1].extend_from_slice(&moved);
+        let moved = bufs[step].take();
+        bufs[step + 1].extend(moved);
     }
 }
 

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sluice_config::FilterSpec;
 use sluice_filter::{
     CalloutClient, CalloutError, CalloutResponse, FilterLoader, LoadContext, LocalBoxFuture, LogView,
@@ -179,7 +179,8 @@ fn main() {
                     for f in filters.iter_mut() {
                         sluice_filter::response_headers(&mut **f, &mut resp, &info, false).await.unwrap();
                     }
-                    let mut body = BytesMut::from(&b"hello from backend\n"[..]);
+                    // As the proxy hands it on: shared with the read buffer.
+                    let mut body = sluice_filter::BodyBuf::from(Bytes::from_static(b"hello from backend\n"));
                     for f in filters.iter_mut() {
                         sluice_filter::response_body(&mut **f, &mut body, &info, true).await.unwrap();
                     }

@@ -12,12 +12,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
 use http::{HeaderMap, request};
 use sluice_config::FailPolicy;
 use sluice_filter::{
-    BodyAction, FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView, PhaseData,
-    ResponseHead, Resumed, StreamInfo,
+    BodyAction, BodyBuf, FilterError, FilterErrorKind, HeadersAction, HttpFilter, LocalResponse, LogView,
+    PhaseData, ResponseHead, Resumed, StreamInfo,
 };
 
 use crate::factory::{FactoryInner, Plugin, WorkerHold, WorkerSlot};
@@ -67,9 +66,9 @@ impl Placeholder for ResponseHead {
     }
 }
 
-impl Placeholder for BytesMut {
+impl Placeholder for BodyBuf {
     fn fresh() -> Self {
-        BytesMut::new()
+        BodyBuf::new()
     }
 }
 
@@ -135,7 +134,7 @@ phase!(
 );
 phase!(
     ReqBody,
-    BytesMut,
+    BodyBuf,
     Callback::RequestBody,
     true,
     ReqBody,
@@ -171,7 +170,7 @@ phase!(
 );
 phase!(
     RespBody,
-    BytesMut,
+    BodyBuf,
     Callback::ResponseBody,
     true,
     RespBody,
@@ -670,7 +669,7 @@ impl HttpFilter for WasmFilter {
 
     fn on_request_body(
         &mut self,
-        body: &mut BytesMut,
+        body: &mut BodyBuf,
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<BodyAction, FilterError> {
@@ -696,7 +695,7 @@ impl HttpFilter for WasmFilter {
 
     fn on_response_body(
         &mut self,
-        body: &mut BytesMut,
+        body: &mut BodyBuf,
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<BodyAction, FilterError> {
@@ -753,7 +752,7 @@ impl HttpFilter for Unavailable {
     }
     fn on_request_body(
         &mut self,
-        _: &mut BytesMut,
+        _: &mut BodyBuf,
         _: &StreamInfo,
         _: bool,
     ) -> Result<BodyAction, FilterError> {
@@ -776,7 +775,7 @@ impl HttpFilter for Unavailable {
     }
     fn on_response_body(
         &mut self,
-        _: &mut BytesMut,
+        _: &mut BodyBuf,
         _: &StreamInfo,
         _: bool,
     ) -> Result<BodyAction, FilterError> {

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, request};
 use sluice_abi::ids::IdHasher;
-use sluice_filter::{CalloutResponse, LocalResponse, ResponseHead};
+use sluice_filter::{BodyBuf, CalloutResponse, LocalResponse, ResponseHead};
 use tokio::sync::mpsc::UnboundedSender;
 use wasmtime::{Memory, ResourceLimiter, TypedFunc};
 
@@ -101,10 +101,10 @@ pub(crate) enum Parked {
     #[default]
     None,
     ReqHead(Box<request::Parts>),
-    ReqBody(BytesMut),
+    ReqBody(BodyBuf),
     ReqTrailers(HeaderMap),
     RespHead(Box<ResponseHead>),
-    RespBody(BytesMut),
+    RespBody(BodyBuf),
     RespTrailers(HeaderMap),
 }
 
@@ -127,10 +127,10 @@ macro_rules! parked_access {
 
 impl HttpCtx {
     parked_access!(req_head, req_head_mut, ReqHead, request::Parts);
-    parked_access!(req_body, req_body_mut, ReqBody, BytesMut);
+    parked_access!(req_body, req_body_mut, ReqBody, BodyBuf);
     parked_access!(req_trailers, req_trailers_mut, ReqTrailers, HeaderMap);
     parked_access!(resp_head, resp_head_mut, RespHead, ResponseHead);
-    parked_access!(resp_body, resp_body_mut, RespBody, BytesMut);
+    parked_access!(resp_body, resp_body_mut, RespBody, BodyBuf);
     parked_access!(resp_trailers, resp_trailers_mut, RespTrailers, HeaderMap);
 }
 
@@ -285,7 +285,7 @@ macro_rules! parked_as_is {
         }
     )*};
 }
-parked_as_is!(BytesMut, HeaderMap);
+parked_as_is!(BodyBuf, HeaderMap);
 
 /// The heads of the header phase being run, kept in the VM rather than in the
 /// context: a head moves into the guest's reach and back with one swap each

@@ -5,8 +5,8 @@
 //! `on_configure`. Outside its window a map reads as empty, a value as
 //! NOT_FOUND, and a write is refused with BAD_ARGUMENT.
 
-use bytes::BytesMut;
 use sluice_abi::{BufferType, MapType, Status};
+use sluice_filter::BodyBuf;
 use wasmtime::Caller;
 
 use crate::headers::{MapMut, MapView, Write};
@@ -258,8 +258,9 @@ pub(super) fn get_buffer_status(
 
 /// Replaces `size` bytes at `start` with the data: `(0, 0)` prepends, `(0, ≥len)`
 /// replaces everything, `start ≥ len` appends (Envoy's three cases), and any other
-/// range is spliced.
-fn splice(buf: &mut BytesMut, start: u64, size: u64, data: &[u8]) {
+/// range is spliced. A body still shared with the connection's read buffer is
+/// copied first unless it is replaced whole.
+fn splice(buf: &mut BodyBuf, start: u64, size: u64, data: &[u8]) {
     let len = buf.len() as u64;
     let start = start.min(len);
     let end = start.saturating_add(size).min(len);
@@ -270,10 +271,12 @@ fn splice(buf: &mut BytesMut, start: u64, size: u64, data: &[u8]) {
     } else if start == buf.len() {
         buf.extend_from_slice(data);
     } else {
-        let tail = buf.split_off(end);
-        buf.truncate(start);
-        buf.extend_from_slice(data);
-        buf.unsplit(tail);
+        buf.edit(|buf| {
+            let tail = buf.split_off(end);
+            buf.truncate(start);
+            buf.extend_from_slice(data);
+            buf.unsplit(tail);
+        });
     }
 }
 
@@ -319,13 +322,17 @@ pub(super) fn get_configuration(c: &mut Caller<'_, VmState>, ret_ptr: i32, ret_s
 #[cfg(test)]
 mod tests {
     use super::splice;
-    use bytes::BytesMut;
+    use bytes::Bytes;
+    use sluice_filter::BodyBuf;
 
     #[test]
     fn splice_covers_envoys_cases() {
         let run = |start, size, data: &[u8]| {
-            let mut b = BytesMut::from(&b"hello"[..]);
+            let read_buf = Bytes::from_static(b"hello, and more");
+            let mut b = BodyBuf::from(read_buf.slice(..5));
             splice(&mut b, start, size, data);
+            // The buffer the chunk came from is never written through it.
+            assert_eq!(&read_buf[..], b"hello, and more");
             b
         };
         assert_eq!(&run(0, 0, b">")[..], b">hello");

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, request, response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -145,7 +145,11 @@ impl Exchange {
         sluice_filter::request_headers(&mut *self.filter, &mut self.req, &self.info, eos).await
     }
 
-    pub async fn request_body(&mut self, body: &mut BytesMut, eos: bool) -> Result<BodyAction, FilterError> {
+    pub async fn request_body(
+        &mut self,
+        body: &mut sluice_filter::BodyBuf,
+        eos: bool,
+    ) -> Result<BodyAction, FilterError> {
         sluice_filter::request_body(&mut *self.filter, body, &self.info, eos).await
     }
 
@@ -153,7 +157,11 @@ impl Exchange {
         sluice_filter::response_headers(&mut *self.filter, &mut self.resp, &self.info, eos).await
     }
 
-    pub async fn response_body(&mut self, body: &mut BytesMut, eos: bool) -> Result<BodyAction, FilterError> {
+    pub async fn response_body(
+        &mut self,
+        body: &mut sluice_filter::BodyBuf,
+        eos: bool,
+    ) -> Result<BodyAction, FilterError> {
         sluice_filter::response_body(&mut *self.filter, body, &self.info, eos).await
     }
 

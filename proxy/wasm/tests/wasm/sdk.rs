@@ -4,8 +4,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use sluice_filter::{BodyAction, EncodedFields, FilterErrorKind, FilterFactory, HeadersAction, ResponseHead};
+use bytes::Bytes;
+use sluice_filter::{
+    BodyAction, BodyBuf, EncodedFields, FilterErrorKind, FilterFactory, HeadersAction, ResponseHead,
+};
 
 use crate::common::{Exchange, TestCallouts, backend, fixture, host, host_with, metric, run, spec};
 
@@ -134,18 +136,25 @@ fn bodies_buffer_and_rewrite() {
         let (factory, _, _host) = sink("cfg").await;
         let mut ex = Exchange::new(&factory, "http://a.test/upload");
         assert!(matches!(ex.request_headers(false).await, Ok(HeadersAction::Continue)));
-        let mut body = BytesMut::from(&b"a sec"[..]);
+        // Chunks as the proxy reads them: slices of a connection's read buffer.
+        let read_buf = Bytes::from_static(b"a sec|hello");
+        let mut body = BodyBuf::from(read_buf.slice(..5));
         assert!(matches!(ex.request_body(&mut body, false).await, Ok(BodyAction::Buffer)));
         body.extend_from_slice(b"ret here");
         assert!(matches!(ex.request_body(&mut body, true).await, Ok(BodyAction::Continue)));
         assert_eq!(&body[..], b"redacted");
 
         assert!(matches!(ex.response_headers(false).await, Ok(HeadersAction::Continue)));
-        let mut body = BytesMut::from(&b"hello"[..]);
+        let chunk = read_buf.slice(6..);
+        let mut body = BodyBuf::from(chunk.clone());
         assert!(matches!(ex.response_body(&mut body, false).await, Ok(BodyAction::Buffer)));
+        // Read, not written: still the bytes that came in, not a copy.
+        assert_eq!(body.as_ptr(), chunk.as_ptr());
         body.extend_from_slice(b" world");
         assert!(matches!(ex.response_body(&mut body, true).await, Ok(BodyAction::Continue)));
         assert_eq!(&body[..], b"hello world!");
+        // The guest's rewrites went to copies: the read buffer is as it came.
+        assert_eq!(&read_buf[..], b"a sec|hello");
 
         ex.log();
         // (No proxy in front of the host here: nothing set the forwarding fields.)
