@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 /// later writes reuse that buffer. Most filters never write the body, so a
 /// chain passes it on without copying, however large it is. As small as the
 /// `Bytes` it holds: it is moved through every filter of a chain.
-#[derive(Default, Clone, PartialEq, Eq)]
+#[derive(Default, Clone)]
 pub struct BodyBuf(Bytes);
 
 impl BodyBuf {
@@ -38,8 +38,8 @@ impl BodyBuf {
     pub fn extend(&mut self, data: Bytes) {
         if self.0.is_empty() {
             self.0 = data;
-        } else if !data.is_empty() {
-            self.edit(|m| m.extend_from_slice(&data));
+        } else {
+            self.extend_from_slice(&data);
         }
     }
 
@@ -55,11 +55,6 @@ impl BodyBuf {
         self.0 = Bytes::new();
     }
 
-    /// The bytes (no copy).
-    pub fn freeze(self) -> Bytes {
-        self.0
-    }
-
     /// Takes the bytes, leaving the buffer empty.
     pub fn take(&mut self) -> Bytes {
         std::mem::take(&mut self.0)
@@ -73,27 +68,9 @@ impl Deref for BodyBuf {
     }
 }
 
-impl AsRef<[u8]> for BodyBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 impl From<Bytes> for BodyBuf {
     fn from(b: Bytes) -> Self {
         BodyBuf(b)
-    }
-}
-
-impl From<BytesMut> for BodyBuf {
-    fn from(m: BytesMut) -> Self {
-        BodyBuf(m.freeze())
-    }
-}
-
-impl From<&[u8]> for BodyBuf {
-    fn from(s: &[u8]) -> Self {
-        BodyBuf(Bytes::copy_from_slice(s))
     }
 }
 
@@ -113,8 +90,8 @@ mod tests {
         let chunk = read_buf.slice(0..5);
         let mut b = BodyBuf::from(chunk.clone());
         assert_eq!(&b[..], b"hello");
-        // Reading and freezing copy nothing: the same bytes come back.
-        assert_eq!(b.clone().freeze().as_ptr(), chunk.as_ptr());
+        // Reading and taking copy nothing: the same bytes come back.
+        assert_eq!(b.clone().take().as_ptr(), chunk.as_ptr());
         b.edit(|m| m.extend_from_slice(b"!"));
         assert_ne!(b.as_ptr(), chunk.as_ptr());
         assert_eq!(&b[..], b"hello!");
