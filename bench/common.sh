@@ -42,7 +42,7 @@ start_backend() { # start_backend DIR: the bench's nginx backend from DIR/backen
   wait_ready "http://127.0.0.1:$BACKEND_H1/"
 }
 
-wait_ready() { # wait_ready URL: until it answers 2xx (-k: TLS too), or die (the caller's)
-  for _ in $(seq 300); do curl -fsk -o /dev/null "$1" && return 0; sleep 0.1; done
+wait_ready() { # wait_ready URL: until it answers 2xx (-k: TLS too) within WAIT_SECS (30), or die
+  for _ in $(seq $((${WAIT_SECS:-30} * 10))); do curl -fsk -o /dev/null "$1" && return 0; sleep 0.1; done
   die "no answer from $1"
 }

@@ -28,6 +28,8 @@ ROOT=$(dirname "$BENCH_DIR")
 PY=${PYTHON:-python3}
 : "${N:=10000}" "${WARM:=1000}" "${CONNS:=10}" "${WORKERS:=2}" "${PORT_BASE:=18280}"
 : "${INSTALL:=1}" "${SLUICE_BIN:=}" "${KEEP:=0}" "${FILTERS:=0}" "${FILTER:=noop}"
+# Under valgrind a proxy (compiling its filters) takes longer to answer.
+export WAIT_SECS=${WAIT_SECS:-180}
 
 die() { printf 'instructions: %s\n' "$*" >&2; exit 1; }
 # shellcheck source=bench/common.sh
@@ -78,7 +80,9 @@ count() { # count NAME REQUESTS CMD...: Ir of CMD serving REQUESTS requests
   local out="$RUN/$name.$n.callgrind"
   valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >"$RUN/$name.$n.log" 2>&1 &
   local pid=$!
+  PIDS+=("$pid") # a proxy left behind would answer the next one's requests
   wait_ready "http://127.0.0.1:$PORT_H1/"
+  kill -0 "$pid" 2>/dev/null || die "$name exited: $(grep -v '^==' "$RUN/$name.$n.log" | tail -n1)"
   local done
   done=$(h2load --h1 -n "$n" -c "$CONNS" -t 1 "http://127.0.0.1:$PORT_H1/" | awk '/^requests:/ {print $8}')
   [[ "$done" == "$n" ]] || die "$name: $done of $n requests succeeded"

@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 
 use crate::callout::{CalloutResponse, GrpcResponse, Token};
 use crate::config;
+use crate::dispatch::{self, Kept};
 use crate::error::{ConfigError, Error};
 use crate::http::Http;
 use crate::root::Root;
@@ -146,9 +147,15 @@ pub trait RootContext: 'static {
 /// Callbacks come in the lifecycle order: request headers, request body chunks,
 /// request trailers, response headers, response body chunks, response trailers,
 /// `on_log`, `on_done`. Callout responses arrive in between while a phase is paused.
+///
+/// Implement only the callbacks the filter needs: one the type leaves to its
+/// default costs next to nothing, since after its first call the SDK answers it
+/// without reaching the context (a no-op filter pays for little more than its
+/// context's creation and deletion).
 pub trait HttpContext: 'static {
     /// Request headers arrived (`end_of_stream`: there is no body).
     fn on_request_headers(&mut self, _http: &mut Http, _end_of_stream: bool) -> Result<Action, Error> {
+        dispatch::kept::<Self>(Kept::RequestHeaders);
         Ok(Action::Continue)
     }
 
@@ -159,16 +166,19 @@ pub trait HttpContext: 'static {
         _body_size: usize,
         _end_of_stream: bool,
     ) -> Result<BodyAction, Error> {
+        dispatch::kept::<Self>(Kept::RequestBody);
         Ok(BodyAction::Continue)
     }
 
     /// Request trailers arrived.
     fn on_request_trailers(&mut self, _http: &mut Http) -> Result<Action, Error> {
+        dispatch::kept::<Self>(Kept::RequestTrailers);
         Ok(Action::Continue)
     }
 
     /// Response headers arrived (`end_of_stream`: there is no body).
     fn on_response_headers(&mut self, _http: &mut Http, _end_of_stream: bool) -> Result<Action, Error> {
+        dispatch::kept::<Self>(Kept::ResponseHeaders);
         Ok(Action::Continue)
     }
 
@@ -179,11 +189,13 @@ pub trait HttpContext: 'static {
         _body_size: usize,
         _end_of_stream: bool,
     ) -> Result<BodyAction, Error> {
+        dispatch::kept::<Self>(Kept::ResponseBody);
         Ok(BodyAction::Continue)
     }
 
     /// Response trailers arrived.
     fn on_response_trailers(&mut self, _http: &mut Http) -> Result<Action, Error> {
+        dispatch::kept::<Self>(Kept::ResponseTrailers);
         Ok(Action::Continue)
     }
 
@@ -212,6 +224,7 @@ pub trait HttpContext: 'static {
 
     /// Final logging: request and response headers are readable.
     fn on_log(&mut self, _http: &mut Http) -> Result<(), Error> {
+        dispatch::kept::<Self>(Kept::Log);
         Ok(())
     }
 

@@ -177,6 +177,91 @@ fn host_errors_are_descriptive_and_fail_closed_by_default() {
     assert!(line.contains("request headers are available in on_request_headers"), "{line}");
 }
 
+// === callbacks left to their default ===
+
+/// Keeps every default: after the first request the dispatcher answers each
+/// callback itself.
+#[derive(Default)]
+struct PassRoot;
+
+impl RootContext for PassRoot {
+    type Config = ();
+    type Http = ();
+    fn new_http(&mut self, _: &mut Root) {}
+}
+
+#[test]
+fn a_filter_keeping_every_default_passes_every_request_through_unchanged() {
+    let host = TestHost::new::<PassRoot>().start().unwrap();
+    for i in 0..3 {
+        let body = format!("request {i}");
+        let r = host
+            .request()
+            .method("POST")
+            .chunks([&body[..4], &body[4..]])
+            .trailer("x-sum", "1")
+            .upstream(
+                TestResponse::new(200).header("x-n", &i.to_string()).chunks(["a", "b"]).trailer("x-t", "2"),
+            )
+            .send();
+        let up = r.upstream_request();
+        assert_eq!(up.body_text(), body);
+        assert_eq!(up.trailer("x-sum"), Some("1"));
+        let down = r.response();
+        assert_eq!(down.status(), Some(200));
+        assert_eq!(down.header("x-n"), Some(i.to_string().as_str()));
+        assert_eq!(down.body_text(), "ab");
+        assert_eq!(down.trailer("x-t"), Some("2"));
+    }
+}
+
+#[derive(Default)]
+struct WrapRoot;
+
+impl RootContext for WrapRoot {
+    type Config = ();
+    type Http = Wrapper;
+    fn new_http(&mut self, _: &mut Root) -> Wrapper {
+        Wrapper(Passive)
+    }
+}
+
+/// Keeps every default.
+struct Passive;
+
+impl HttpContext for Passive {}
+
+/// Delegates to [`Passive`]'s defaults, then does its own work: its callbacks
+/// are its own and must run on every request.
+struct Wrapper(Passive);
+
+impl HttpContext for Wrapper {
+    fn on_response_headers(&mut self, http: &mut Http, eos: bool) -> Result<Action, Error> {
+        let action = self.0.on_response_headers(http, eos)?;
+        http.response().set_header("x-wrapped", "1")?;
+        Ok(action)
+    }
+
+    fn on_response_body(&mut self, http: &mut Http, size: usize, eos: bool) -> Result<BodyAction, Error> {
+        let action = self.0.on_response_body(http, size, eos)?;
+        if !eos {
+            return Ok(BodyAction::BufferUntilEnd);
+        }
+        http.response().body().append("|wrapped")?;
+        Ok(action)
+    }
+}
+
+#[test]
+fn a_context_that_delegates_to_another_types_default_runs_its_own_callbacks_every_time() {
+    let host = TestHost::new::<WrapRoot>().start().unwrap();
+    for _ in 0..3 {
+        let r = host.request().upstream(TestResponse::new(200).chunks(["a", "b"])).send();
+        assert_eq!(r.response().header("x-wrapped"), Some("1"));
+        assert_eq!(r.response().body_text(), "ab|wrapped");
+    }
+}
+
 // === timers, resume from the root, shared data ===
 
 #[derive(Default)]

@@ -57,6 +57,8 @@ struct StatusRecord {
     pause_timeouts: u64,
     failed_workers: usize,
     reloading_workers: usize,
+    /// The HTTP callbacks a VM of the plugin declared no-ops (union).
+    noop_http: u32,
 }
 
 impl Plugin {
@@ -73,6 +75,11 @@ impl Plugin {
     pub fn count_fail_open(&self) {
         self.fail_open.inc();
         self.status.lock().fail_open += 1;
+    }
+
+    /// A VM of the plugin declared these HTTP callbacks no-ops.
+    pub fn record_noop(&self, bits: u32) {
+        self.status.lock().noop_http |= bits;
     }
 
     pub fn count_pause_timeout(&self) {
@@ -394,6 +401,7 @@ impl FilterFactory for FactoryInner {
             "reloads": st.reloads,
             "fail_open_passes": st.fail_open,
             "pause_timeouts": st.pause_timeouts,
+            "noop_callbacks": crate::state::noop_names(st.noop_http),
             "last_error": st.last_error,
         })
     }

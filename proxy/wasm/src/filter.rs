@@ -409,6 +409,10 @@ fn new_context(
 /// in one guest call when that is `on_request_headers` (see [`crate::fuse`]).
 fn first_call<P: Phase>(vm: &mut Vm, id: u32, arg: usize, eos: bool) -> Result<i32, VmFailure> {
     if P::CALLBACK == Callback::RequestHeaders {
+        if vm.store.data().skips(P::CALLBACK) {
+            vm.context_create(id)?;
+            return Ok(0);
+        }
         return vm.start_request(id, arg, eos);
     }
     vm.context_create(id)?;
@@ -492,6 +496,10 @@ impl WasmFilter {
         };
         let slot = &mut *guard;
         let (c, new) = context(&mut self.ctx, inner, slot, P::CALLBACK).map_err(Failed::Policy)?;
+        // A callback the guest declared a no-op continues without it.
+        if !new && slot.vm.as_ref().is_some_and(|vm| vm.store.data().skips(P::CALLBACK)) {
+            return Ok(Some(Step::Continue));
+        }
         let arg = P::arg(value, info);
         let parked = park::<P>(slot, c, value, info);
         let outcome = match slot.vm.as_mut() {
@@ -598,9 +606,13 @@ impl WasmFilter {
         let slot = &mut *guard;
         slot.orphans.retain(|(g, id, _)| !(*g == c.generation && *id == c.id));
         let Some(vm) = slot.vm.as_mut().filter(|vm| vm.generation == c.generation) else { return };
-        let result = match view {
-            Some((view, info)) => LogScope::enter(view, info, || vm.finish(c.id)),
-            None => vm.finish(c.id),
+        let result = if vm.store.data().skips_log_and_done() {
+            vm.delete(c.id)
+        } else {
+            match view {
+                Some((view, info)) => LogScope::enter(view, info, || vm.finish(c.id)),
+                None => vm.finish(c.id),
+            }
         };
         vm.store.data_mut().release_context(c.id);
         match result {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, request};
+use sluice_abi::foreign::noop;
 use sluice_abi::ids::IdHasher;
 use sluice_filter::{BodyBuf, CalloutResponse, LocalResponse, ResponseHead};
 use tokio::sync::mpsc::UnboundedSender;
@@ -72,6 +73,49 @@ impl Callback {
             Callback::Allocate => "allocator",
         }
     }
+
+    /// The callback's bit in [`noop`] (0 for those the set cannot hold).
+    fn noop_bit(self) -> u32 {
+        match self {
+            Callback::RequestHeaders => noop::REQUEST_HEADERS,
+            Callback::RequestBody => noop::REQUEST_BODY,
+            Callback::RequestTrailers => noop::REQUEST_TRAILERS,
+            Callback::ResponseHeaders => noop::RESPONSE_HEADERS,
+            Callback::ResponseBody => noop::RESPONSE_BODY,
+            Callback::ResponseTrailers => noop::RESPONSE_TRAILERS,
+            Callback::Log => noop::LOG,
+            Callback::Done => noop::DONE,
+            _ => 0,
+        }
+    }
+}
+
+/// Every bit of [`noop`].
+const NOOP_ALL: u32 = noop::REQUEST_HEADERS
+    | noop::REQUEST_BODY
+    | noop::REQUEST_TRAILERS
+    | noop::RESPONSE_HEADERS
+    | noop::RESPONSE_BODY
+    | noop::RESPONSE_TRAILERS
+    | noop::LOG
+    | noop::DONE;
+
+/// The names of the callbacks in a [`noop`] set, for logs and the admin API.
+pub(crate) fn noop_names(bits: u32) -> Vec<&'static str> {
+    [
+        Callback::RequestHeaders,
+        Callback::RequestBody,
+        Callback::RequestTrailers,
+        Callback::ResponseHeaders,
+        Callback::ResponseBody,
+        Callback::ResponseTrailers,
+        Callback::Log,
+        Callback::Done,
+    ]
+    .into_iter()
+    .filter(|c| bits & c.noop_bit() != 0)
+    .map(Callback::name)
+    .collect()
 }
 
 /// The callback being run: its context, and the effective context host calls act on.
@@ -363,6 +407,9 @@ pub(crate) struct VmState {
     pub mailbox: Option<UnboundedSender<u32>>,
     /// `proxy_set_property` values set on the root context.
     pub root_properties: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The HTTP callbacks the guest declared no-ops ([`noop`] bits, see
+    /// [`VmState::declare_noop`]); the filter skips them.
+    pub noop_http: u32,
 }
 
 impl VmState {
@@ -388,7 +435,38 @@ impl VmState {
             log: LogState::default(),
             mailbox: None,
             root_properties: Vec::new(),
+            noop_http: 0,
         }
+    }
+
+    /// Adds to the HTTP callbacks the guest declared no-ops (the foreign
+    /// function `sluice.noop_http_callbacks`). A trailers callback counts only
+    /// with its body's: trailers deliver the last call of a body buffered until
+    /// its end. Returns the new set when it grew.
+    pub fn declare_noop(&mut self, bits: u32) -> Option<u32> {
+        let mut set = self.noop_http | (bits & NOOP_ALL);
+        if set & noop::REQUEST_BODY == 0 {
+            set &= !noop::REQUEST_TRAILERS;
+        }
+        if set & noop::RESPONSE_BODY == 0 {
+            set &= !noop::RESPONSE_TRAILERS;
+        }
+        (set != self.noop_http).then(|| {
+            self.noop_http = set;
+            set
+        })
+    }
+
+    /// `callback` is a declared no-op: the filter answers it without the guest.
+    #[inline]
+    pub fn skips(&self, callback: Callback) -> bool {
+        self.noop_http & callback.noop_bit() != 0
+    }
+
+    /// `on_log` and `on_done` are declared no-ops: a context ends with `on_delete` alone.
+    #[inline]
+    pub fn skips_log_and_done(&self) -> bool {
+        self.noop_http & (noop::LOG | noop::DONE) == noop::LOG | noop::DONE
     }
 
     /// Makes HTTP context `id` (in the context table: no allocation).

@@ -277,6 +277,15 @@ impl Vm {
         Ok(())
     }
 
+    /// `on_delete` alone, for a guest that declared `on_log` and `on_done` no-ops.
+    pub fn delete(&mut self, id: u32) -> Result<(), VmFailure> {
+        let (ex, store) = (&self.ex, &mut self.store);
+        match ex.on_delete.as_ref() {
+            Some(f) => call(store, Callback::Delete, id, |s| f.call(s, id as i32)),
+            None => Ok(()),
+        }
+    }
+
     /// Names the callback a fused call failed in, from its phase global (one of
     /// the call's own: a call stopped before its first set leaves the last call's).
     fn in_phase(&mut self, mut failure: VmFailure, own: &[Callback]) -> VmFailure {

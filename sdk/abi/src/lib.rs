@@ -320,3 +320,31 @@ pub mod properties {
     /// `connection.uri_san_peer_certificate`.
     pub const PEER_URI_SAN: &[&str] = &["connection", "uri_san_peer_certificate"];
 }
+
+/// Foreign functions (`proxy_call_foreign_function`) Sluice defines. Hosts that
+/// do not know a name answer `NotFound` (Envoy does), so calling one is safe
+/// anywhere.
+pub mod foreign {
+    /// `args`: a `u32`, little-endian, of [`noop`] bits; no result. The calling
+    /// VM declares that its HTTP contexts answer those callbacks `Continue` and
+    /// do nothing else in them, for every context, now and later (the set only
+    /// grows). The host may then skip them, as Sluice does. The Sluice SDK
+    /// declares the callbacks a filter leaves to their default.
+    pub const NOOP_HTTP_CALLBACKS: &str = "sluice.noop_http_callbacks";
+
+    /// The bits of [`NOOP_HTTP_CALLBACKS`].
+    pub mod noop {
+        pub const REQUEST_HEADERS: u32 = 1;
+        pub const REQUEST_BODY: u32 = 1 << 1;
+        /// Only with [`REQUEST_BODY`]: trailers may end a buffered body, whose
+        /// last body call then comes from the trailers callback.
+        pub const REQUEST_TRAILERS: u32 = 1 << 2;
+        pub const RESPONSE_HEADERS: u32 = 1 << 3;
+        pub const RESPONSE_BODY: u32 = 1 << 4;
+        /// Only with [`RESPONSE_BODY`], as for the request.
+        pub const RESPONSE_TRAILERS: u32 = 1 << 5;
+        pub const LOG: u32 = 1 << 6;
+        /// `on_done` of an HTTP context answers `true` (done) and does nothing else.
+        pub const DONE: u32 = 1 << 7;
+    }
+}

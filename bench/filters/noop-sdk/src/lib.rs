@@ -1,6 +1,6 @@
 //! The no-op filter written with the Sluice SDK: the floor cost of a filter
 //! built with it (the `noop` filter is the same, on the upstream SDK).
-use sluice_sdk::{HttpContext, Root, RootContext};
+use sluice_sdk::{Action, Error, Http, HttpContext, Root, RootContext};
 
 #[derive(Default)]
 struct NoopRoot;
@@ -16,6 +16,12 @@ impl RootContext for NoopRoot {
 
 struct Noop;
 
-impl HttpContext for Noop {}
+// Like the upstream `noop`, it answers request headers with Continue; the other
+// callbacks keep their defaults.
+impl HttpContext for Noop {
+    fn on_request_headers(&mut self, _http: &mut Http, _end_of_stream: bool) -> Result<Action, Error> {
+        Ok(Action::Continue)
+    }
+}
 
 sluice_sdk::filter!(NoopRoot);

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sluice_abi::{LogLevel, MetricType, Status};
+use sluice_abi::{LogLevel, MetricType, Status, foreign};
 use tracing::level_filters::LevelFilter;
 use wasmtime::Caller;
 
@@ -11,7 +11,7 @@ use crate::memory::{
     HostResult, give_bytes, memory, range, read_vec, slice, store_u32, store_u64, write_u32,
 };
 use crate::metrics::GuestMetric;
-use crate::state::{Deferred, GUEST_TARGET, VmState};
+use crate::state::{Deferred, GUEST_TARGET, VmState, noop_names};
 
 pub(super) fn log(c: &mut Caller<'_, VmState>, level: i32, p: i32, n: i32) -> HostResult {
     let level = LogLevel::from_u32(level as u32).ok_or(Status::BadArgument)?;
@@ -119,6 +119,29 @@ pub(super) fn get_property(
         return Err(Status::NotFound.into());
     }
     give_bytes(c, &out, ret_ptr, ret_size)
+}
+
+/// `proxy_call_foreign_function`: Sluice's one foreign function,
+/// [`foreign::NOOP_HTTP_CALLBACKS`] (no result, so the result pointers are left
+/// alone); any other name is `NotFound`, as in Envoy.
+pub(super) fn call_foreign_function(
+    c: &mut Caller<'_, VmState>,
+    np: i32,
+    nn: i32,
+    ap: i32,
+    an: i32,
+) -> HostResult {
+    let mem = memory(c)?;
+    let (data, st) = mem.data_and_store_mut(&mut *c);
+    if slice(data, np, nn)? != foreign::NOOP_HTTP_CALLBACKS.as_bytes() {
+        return Err(Status::NotFound.into());
+    }
+    let bits = <[u8; 4]>::try_from(slice(data, ap, an)?).map_err(|_| Status::BadArgument)?;
+    if let Some(set) = st.declare_noop(u32::from_le_bytes(bits)) {
+        st.plugin.record_noop(set);
+        tracing::debug!(plugin = %st.plugin.name, callbacks = ?noop_names(set), "guest declared no-op HTTP callbacks");
+    }
+    Ok(())
 }
 
 pub(super) fn set_property(c: &mut Caller<'_, VmState>, pp: i32, pn: i32, vp: i32, vn: i32) -> HostResult {

@@ -267,7 +267,9 @@ pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<VmState>> {
     l.func_wrap(
         m,
         "proxy_call_foreign_function",
-        |_: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| Ok(sluice_abi::Status::NotFound as i32),
+        |mut c: C<'_>, np: i32, nn: i32, ap: i32, an: i32, _ret_ptr: i32, _ret_size: i32| {
+            status(misc::call_foreign_function(&mut c, np, nn, ap, an))
+        },
     )?;
     // Emscripten extras.
     l.func_wrap(m, "emscripten_notify_memory_growth", |_: C<'_>, _: i32| {})?;

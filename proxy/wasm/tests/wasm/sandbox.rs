@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_config::{FailPolicy, FilterSpec, ReloadPolicy};
-use sluice_filter::{FilterErrorKind, FilterFactory, HeadersAction};
+use sluice_filter::{BodyAction, BodyBuf, FilterErrorKind, FilterFactory, HeadersAction};
 
 use crate::common::{Exchange, host, metric, run, spec};
 
@@ -462,4 +462,61 @@ fn fail_reload_builds_a_fresh_vm_after_backoff_with_a_crash_loop_cap() {
     });
     assert_eq!(factory.status()["state"], "failed");
     assert_eq!(metric(&registry, "sluice_wasm_reloads_total", r#"plugin="reloader""#), Some(3.0));
+}
+
+/// The foreign function `sluice.noop_http_callbacks`: callbacks a guest
+/// declares no-ops are no longer called (these trap if they are), the others
+/// still are, and a trailers callback counts only with its body's.
+#[test]
+fn callbacks_declared_no_ops_are_skipped() {
+    // Declares response headers, response trailers (ignored: the body callback
+    // is not declared), on_log and on_done (0xe8). Request headers checks that
+    // every earlier request's context was deleted, and the status answers:
+    // NotFound for another name, BadArgument for a short argument.
+    let bytes = module(
+        r#"(import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))"#,
+        r#"(if (i32.ne (global.get $started) (global.get $deleted)) (then unreachable))
+           (global.set $started (i32.add (global.get $started) (i32.const 1)))
+           (if (i32.ne (call $ff (i32.const 80) (i32.const 4) (i32.const 64) (i32.const 4) (i32.const 0) (i32.const 0))
+                       (i32.const 1)) (then unreachable))
+           (if (i32.ne (call $ff (i32.const 16) (i32.const 26) (i32.const 64) (i32.const 3) (i32.const 0) (i32.const 0))
+                       (i32.const 2)) (then unreachable))
+           (if (i32.ne (call $ff (i32.const 16) (i32.const 26) (i32.const 64) (i32.const 4) (i32.const 0) (i32.const 0))
+                       (i32.const 0)) (then unreachable))
+           (i32.const 0)"#,
+        r#"(data (i32.const 16) "sluice.noop_http_callbacks")
+           (data (i32.const 64) "\e8\00\00\00")
+           (data (i32.const 80) "nope")
+           (global $started (mut i32) (i32.const 0))
+           (global $deleted (mut i32) (i32.const 0))
+           (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) unreachable)
+           (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) (i32.const 1))
+           (func (export "proxy_on_response_trailers") (param i32 i32) (result i32) (i32.const 1))
+           (func (export "proxy_on_log") (param i32) unreachable)
+           (func (export "proxy_on_done") (param i32) (result i32) unreachable)
+           (func (export "proxy_on_delete") (param i32)
+             (global.set $deleted (i32.add (global.get $deleted) (i32.const 1))))"#,
+    );
+    let (host, _) = host();
+    let factory = host.load_bytes(&spec("quiet"), &bytes, &[]).expect("load");
+    run(async {
+        for _ in 0..3 {
+            let mut ex = Exchange::new(&factory, "http://a.test/");
+            assert!(matches!(ex.request_headers(false).await, Ok(HeadersAction::Continue)));
+            assert!(matches!(ex.response_headers(false).await, Ok(HeadersAction::Continue)));
+            // The body callback runs: it asks to buffer.
+            let mut body = BodyBuf::new();
+            body.extend_from_slice(b"chunk");
+            assert!(matches!(ex.response_body(&mut body, false).await, Ok(BodyAction::Buffer)));
+            // So do trailers: they pause.
+            let mut trailers = http::HeaderMap::new();
+            let paused = ex.filter.on_response_trailers(&mut trailers, &ex.info);
+            assert!(matches!(paused, Ok(HeadersAction::Pause)));
+            ex.log();
+        }
+    });
+    let status = factory.status();
+    assert_eq!(status["state"], "ok", "{status}");
+    assert_eq!(status["traps"], serde_json::json!({}), "{status}");
+    assert_eq!(status["noop_callbacks"], serde_json::json!(["on_response_headers", "on_log", "on_done"]));
 }

@@ -7,11 +7,12 @@
 //! a context that is unknown or already running breaks the host contract: that, and
 //! only that, traps (after a CRITICAL log line saying why).
 
+use std::any::TypeId;
 use std::cell::RefCell;
 use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
-use sluice_abi::{BufferType, GrpcStatus, LogLevel, PeerType, Status, StreamType};
+use sluice_abi::{BufferType, LogLevel, Status, StreamType};
 
 use crate::callout::{CalloutResponse, GrpcResponse, Token};
 use crate::context::{Action, BodyAction, Child, HttpContext, RootContext, StreamContext};
@@ -23,6 +24,15 @@ use crate::shared::Queue;
 use crate::sys;
 use crate::table::{IdMap, IdTable};
 use crate::tcp::Tcp;
+
+mod callout;
+mod kept;
+mod tcp;
+
+pub(crate) use callout::*;
+pub(crate) use kept::{Kept, kept};
+use kept::{answer_kept, kept_body, kept_headers};
+pub(crate) use tcp::*;
 
 // === erased root ===
 
@@ -53,6 +63,8 @@ pub(crate) trait ErasedRoot {
     fn done(&mut self, root: &mut Root) -> bool;
     fn log(&mut self, root: &mut Root);
     fn new_child(&mut self, root: &mut Root) -> ErasedChild;
+    /// The type of the root's HTTP contexts.
+    fn http_type(&self) -> TypeId;
 }
 
 impl<R: RootContext> ErasedRoot for R {
@@ -121,6 +133,10 @@ impl<R: RootContext> ErasedRoot for R {
             Child::Stream(s) => ErasedChild::Stream(s),
         }
     }
+
+    fn http_type(&self) -> TypeId {
+        TypeId::of::<R::Http>()
+    }
 }
 
 // === guest state ===
@@ -146,6 +162,12 @@ pub(crate) struct Guest {
     /// Every context, by id (one table: one look-up finds any kind).
     contexts: IdTable<Ctx>,
     callouts: IdMap<Callout>,
+    /// The type of the HTTP contexts (one root type per guest, so one type).
+    http_type: Option<TypeId>,
+    /// The [`Kept`] callbacks: those that type leaves to their default.
+    kept: u32,
+    /// What the host was last told of them (see [`declaration`]).
+    declared: u32,
 }
 
 /// A context of any kind; `None` while its callback runs.
@@ -160,6 +182,9 @@ impl Guest {
         factory: None,
         contexts: IdTable::EMPTY,
         callouts: IdMap::with_hasher(BuildHasherDefault::new()),
+        http_type: None,
+        kept: 0,
+        declared: 0,
     };
 
     /// A guest whose roots are made by `factory`.
@@ -339,6 +364,7 @@ pub(crate) fn on_context_create(id: u32, parent: u32) {
         let duplicate = with_guest(|g| {
             let known = g.contexts.contains(id);
             if !known {
+                g.http_type = Some(root.http_type());
                 g.contexts.insert(id, Ctx::Root(Some(root)));
             }
             known
@@ -421,6 +447,9 @@ pub(crate) fn on_done(id: u32) -> bool {
 }
 
 pub(crate) fn on_log(id: u32) {
+    if answer_kept(id, Kept::Log, |_| Some(())).is_some() {
+        return;
+    }
     match kind(id) {
         Some(Kind::Root) => with_root(id, "proxy_on_log", |r, root| r.log(root)),
         Some(Kind::Http) => {
@@ -549,6 +578,9 @@ fn final_body_call(c: &mut dyn HttpContext, http: &mut Http, stream: StreamType)
 }
 
 pub(crate) fn on_request_headers(id: u32, _num_headers: usize, eos: bool) -> u32 {
+    if let Some(raw) = answer_kept(id, Kept::RequestHeaders, |s| kept_headers(s, Phase::RequestHeaders)) {
+        return raw;
+    }
     with_http(id, "proxy_on_request_headers", Phase::RequestHeaders, None, |c, http| {
         let r = c.on_request_headers(http, eos);
         headers_result(c, http, StreamType::HttpRequest, "on_request_headers", r)
@@ -556,6 +588,14 @@ pub(crate) fn on_request_headers(id: u32, _num_headers: usize, eos: bool) -> u32
 }
 
 pub(crate) fn on_request_body(id: u32, size: usize, eos: bool) -> u32 {
+    let kept = answer_kept(id, Kept::RequestBody, |s| {
+        s.request_body_size = size;
+        s.last_phase = Some(Phase::RequestBody);
+        Some(kept_body(&mut s.request_until_end, eos))
+    });
+    if let Some(raw) = kept {
+        return raw;
+    }
     with_http(id, "proxy_on_request_body", Phase::RequestBody, Some(size), |c, http| {
         http.state.request_body_size = size;
         if http.state.request_until_end && !eos {
@@ -568,6 +608,13 @@ pub(crate) fn on_request_body(id: u32, size: usize, eos: bool) -> u32 {
 }
 
 pub(crate) fn on_request_trailers(id: u32, _num_trailers: usize) -> u32 {
+    // A body buffered until its end owes the filter its end-of-body call first.
+    let kept = answer_kept(id, Kept::RequestTrailers, |s| {
+        (!s.request_until_end).then(|| kept_headers(s, Phase::RequestTrailers)).flatten()
+    });
+    if let Some(raw) = kept {
+        return raw;
+    }
     with_http(id, "proxy_on_request_trailers", Phase::RequestTrailers, None, |c, http| {
         if http.state.request_until_end {
             let raw = final_body_call(c, http, StreamType::HttpRequest);
@@ -581,6 +628,9 @@ pub(crate) fn on_request_trailers(id: u32, _num_trailers: usize) -> u32 {
 }
 
 pub(crate) fn on_response_headers(id: u32, _num_headers: usize, eos: bool) -> u32 {
+    if let Some(raw) = answer_kept(id, Kept::ResponseHeaders, |s| kept_headers(s, Phase::ResponseHeaders)) {
+        return raw;
+    }
     with_http(id, "proxy_on_response_headers", Phase::ResponseHeaders, None, |c, http| {
         let r = c.on_response_headers(http, eos);
         headers_result(c, http, StreamType::HttpResponse, "on_response_headers", r)
@@ -588,6 +638,14 @@ pub(crate) fn on_response_headers(id: u32, _num_headers: usize, eos: bool) -> u3
 }
 
 pub(crate) fn on_response_body(id: u32, size: usize, eos: bool) -> u32 {
+    let kept = answer_kept(id, Kept::ResponseBody, |s| {
+        s.response_body_size = size;
+        s.last_phase = Some(Phase::ResponseBody);
+        Some(kept_body(&mut s.response_until_end, eos))
+    });
+    if let Some(raw) = kept {
+        return raw;
+    }
     with_http(id, "proxy_on_response_body", Phase::ResponseBody, Some(size), |c, http| {
         http.state.response_body_size = size;
         if http.state.response_until_end && !eos {
@@ -600,6 +658,12 @@ pub(crate) fn on_response_body(id: u32, size: usize, eos: bool) -> u32 {
 }
 
 pub(crate) fn on_response_trailers(id: u32, _num_trailers: usize) -> u32 {
+    let kept = answer_kept(id, Kept::ResponseTrailers, |s| {
+        (!s.response_until_end).then(|| kept_headers(s, Phase::ResponseTrailers)).flatten()
+    });
+    if let Some(raw) = kept {
+        return raw;
+    }
     with_http(id, "proxy_on_response_trailers", Phase::ResponseTrailers, None, |c, http| {
         if http.state.response_until_end {
             let raw = final_body_call(c, http, StreamType::HttpResponse);
@@ -610,183 +674,4 @@ pub(crate) fn on_response_trailers(id: u32, _num_trailers: usize) -> u32 {
         let r = c.on_response_trailers(http);
         headers_result(c, http, StreamType::HttpResponse, "on_response_trailers", r)
     })
-}
-
-// === callouts ===
-
-fn take_callout(token: u32, grpc: bool) -> Option<Callout> {
-    with_guest(|g| match g.callouts.get(&token) {
-        Some(c) if c.grpc == grpc => g.callouts.remove(&token),
-        _ => None,
-    })
-}
-
-/// Delivers a callout result to the HTTP context that made it, then resumes its
-/// paused stream if the filter says `Continue`.
-fn deliver_to_http(
-    context: u32,
-    name: &str,
-    f: impl FnOnce(&mut dyn HttpContext, &mut Http) -> Result<Action, Error>,
-) {
-    if let Err(raw) = sys::set_effective_context(context) {
-        let e = HostError::new("proxy_set_effective_context", format!("{context}"), raw);
-        log(LogLevel::Error, &format!("{name}: cannot switch to context {context}: {e}"));
-        return;
-    }
-    with_http(context, name, Phase::Callout, None, |c, http| {
-        let r = f(c, http);
-        let action = match r {
-            Ok(a) => a,
-            Err(e) => {
-                report(name, &e);
-                c.on_error(http, e)
-            }
-        };
-        if action == Action::Continue
-            && let Err(e) = http.resume()
-        {
-            report(name, &e.into());
-        }
-    });
-}
-
-pub(crate) fn on_http_call_response(
-    root_id: u32,
-    token: u32,
-    num_headers: usize,
-    body_size: usize,
-    num_trailers: usize,
-) {
-    let Some(callout) = take_callout(token, false) else {
-        log(LogLevel::Warn, &format!("on_http_call_response: ignoring unknown callout token {token}"));
-        return;
-    };
-    let response = CalloutResponse::fetch(num_headers, body_size, num_trailers);
-    match kind(callout.context) {
-        Some(Kind::Http) => deliver_to_http(callout.context, "on_http_call_response", |c, http| {
-            c.on_http_call_response(http, Token(token), response?)
-        }),
-        Some(Kind::Root) => {
-            let r = with_root(callout.context, "proxy_on_http_call_response", |r, root| {
-                r.http_call_response(root, Token(token), response?)
-            });
-            if let Err(e) = r {
-                report("on_http_call_response", &e);
-            }
-        }
-        _ => log(
-            LogLevel::Warn,
-            &format!("on_http_call_response: context of token {token} (root {root_id}) is gone"),
-        ),
-    }
-}
-
-fn deliver_grpc(token: u32, response: Result<GrpcResponse, HostError>) {
-    let Some(callout) = take_callout(token, true) else {
-        // Unknown gRPC tokens are ignored, as the Rust SDK does (e.g. the close that
-        // follows a delivered unary response).
-        return;
-    };
-    match kind(callout.context) {
-        Some(Kind::Http) => deliver_to_http(callout.context, "on_grpc_call_response", |c, http| {
-            c.on_grpc_call_response(http, Token(token), response?)
-        }),
-        Some(Kind::Root) => {
-            let r = with_root(callout.context, "proxy_on_grpc_receive", |r, root| {
-                r.grpc_call_response(root, Token(token), response?)
-            });
-            if let Err(e) = r {
-                report("on_grpc_call_response", &e);
-            }
-        }
-        _ => {}
-    }
-}
-
-pub(crate) fn on_grpc_receive(_root_id: u32, token: u32, size: usize) {
-    let known = with_guest(|g| g.callouts.get(&token).is_some_and(|c| c.grpc));
-    if !known {
-        return;
-    }
-    let message = match sys::get_buffer_bytes(BufferType::GrpcReceiveBuffer.as_u32(), 0, size) {
-        Ok(m) => Ok(GrpcResponse {
-            status: GrpcStatus::Ok,
-            raw_status: 0,
-            message: Some(m.unwrap_or_default()),
-            status_message: String::new(),
-        }),
-        Err(raw) => Err(HostError::new("proxy_get_buffer_bytes", "grpc message", raw)),
-    };
-    deliver_grpc(token, message);
-}
-
-pub(crate) fn on_grpc_close(_root_id: u32, token: u32, status: u32) {
-    let known = with_guest(|g| g.callouts.get(&token).is_some_and(|c| c.grpc));
-    if !known {
-        return;
-    }
-    let response = crate::host::status().map(|(_, message)| GrpcResponse {
-        status: GrpcStatus::from_u32(status).unwrap_or(GrpcStatus::Unknown),
-        raw_status: status,
-        message: None,
-        status_message: message,
-    });
-    deliver_grpc(token, response);
-}
-
-// Unary calls get no metadata callbacks; streams are not supported yet.
-#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-pub(crate) fn on_grpc_receive_initial_metadata(_root_id: u32, _token: u32, _num_elements: usize) {}
-
-#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
-pub(crate) fn on_grpc_receive_trailing_metadata(_root_id: u32, _token: u32, _num_elements: usize) {}
-
-// === TCP ===
-
-fn tcp_result(ctx: &mut dyn StreamContext, tcp: &mut Tcp, name: &str, r: Result<Action, Error>) -> u32 {
-    let action = match r {
-        Ok(a) => a,
-        Err(e) => {
-            report(name, &e);
-            ctx.on_error(tcp, e)
-        }
-    };
-    action.as_raw()
-}
-
-pub(crate) fn on_new_connection(id: u32) -> u32 {
-    with_stream(id, "proxy_on_new_connection", 0, |c, tcp| {
-        let r = c.on_new_connection(tcp);
-        tcp_result(c, tcp, "on_new_connection", r)
-    })
-}
-
-pub(crate) fn on_downstream_data(id: u32, size: usize, eos: bool) -> u32 {
-    with_stream(id, "proxy_on_downstream_data", size, |c, tcp| {
-        let r = c.on_downstream_data(tcp, size, eos);
-        tcp_result(c, tcp, "on_downstream_data", r)
-    })
-}
-
-pub(crate) fn on_upstream_data(id: u32, size: usize, eos: bool) -> u32 {
-    with_stream(id, "proxy_on_upstream_data", size, |c, tcp| {
-        let r = c.on_upstream_data(tcp, size, eos);
-        tcp_result(c, tcp, "on_upstream_data", r)
-    })
-}
-
-fn peer(raw: u32) -> PeerType {
-    PeerType::from_u32(raw).unwrap_or(PeerType::Unknown)
-}
-
-pub(crate) fn on_downstream_connection_close(id: u32, peer_type: u32) {
-    with_stream(id, "proxy_on_downstream_connection_close", 0, |c, tcp| {
-        c.on_downstream_close(tcp, peer(peer_type))
-    });
-}
-
-pub(crate) fn on_upstream_connection_close(id: u32, peer_type: u32) {
-    with_stream(id, "proxy_on_upstream_connection_close", 0, |c, tcp| {
-        c.on_upstream_close(tcp, peer(peer_type))
-    });
 }
