@@ -576,7 +576,7 @@ def targets(summary: dict) -> list[str]:
 # wasm filter cases: <proxy>-<filter><count> against <proxy>
 
 FILTER_CASE = re.compile(r"^(?P<proxy>[a-z0-9]+)-(?P<kind>[a-z]+)(?P<n>\d+)$")
-FILTER_NAME = {"noop": "no-op", "hdr": "header rewrite"}
+FILTER_NAME = {"noop": "no-op", "sdk": "no-op (Sluice SDK)", "hdr": "header rewrite"}
 
 
 def _slope(points: list[tuple[int, float | None]]) -> float | None:
@@ -661,7 +661,7 @@ def filter_targets(fs: dict) -> list[str]:
                          + (" (noisy)" if noisy else ""))
 
     h1, lat = fs.get("h1", {}), fs.get("lat", {})
-    for kind in ("noop", "hdr"):
+    for kind in FILTER_NAME:
         name = FILTER_NAME.get(kind, kind)
         s, e = h1.get("sluice", {}).get(kind), h1.get("envoy", {}).get(kind)
         if s:

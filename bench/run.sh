@@ -81,8 +81,8 @@ source "$BENCH_DIR/common.sh" # sluice_desc, install_pkgs, build_bench_filters
 # filter cases follow their no-filter baseline, so that within a round they run
 # a few minutes apart at most.
 GROUP_BASE=direct,sluice,nginx,haproxy,envoy
-SLUICE_FILTERS=sluice-noop1,sluice-noop3,sluice-noop5,sluice-hdr1,sluice-hdr3,sluice-hdr5
-ENVOY_FILTERS=envoy-noop1,envoy-hdr1,envoy-hdr3,envoy-hdr5
+SLUICE_FILTERS=sluice-noop1,sluice-noop3,sluice-noop5,sluice-sdk1,sluice-sdk3,sluice-sdk5,sluice-hdr1,sluice-hdr3,sluice-hdr5
+ENVOY_FILTERS=envoy-noop1,envoy-sdk1,envoy-hdr1,envoy-hdr3,envoy-hdr5
 GROUP_WASM=sluice,$SLUICE_FILTERS,envoy,$ENVOY_FILTERS
 GROUP_ALL=direct,sluice,$SLUICE_FILTERS,nginx,haproxy,envoy,$ENVOY_FILTERS
 expand_cases() {
@@ -225,7 +225,7 @@ NGINX_COPY=sb-httpd
 #   vars:   optional NAME=VALUE[,NAME=VALUE...] set while rendering this case's templates
 #           (only there: "$WORKERS" in the command line is the global one);
 #           a template can repeat lines with `#@repeat NAME` ... `#@end` (@I@ = 1..NAME).
-#           FILTER=noop|hdr names the bench filter (@WASM_DIR@/@FILTER@.wasm) and makes
+#           FILTER=noop|sdk|hdr names the bench filter (@WASM_DIR@/@FILTER@.wasm) and makes
 #           the script build bench/filters/ first.
 # Filter cases are named <proxy>-<filter><count> (the report pairs them with <proxy>).
 # To add a case, add a template to bench/peers/, a line here and, if it needs them, ports.
@@ -239,7 +239,7 @@ CASE_TABLE=(
   "envoy   | $P_ENVOY      | $P_ENVOY      | $P_ENVOY_ADMIN  | $ENVOY_CMD {envoy.yaml}             | http | tree | h1,h2,lat"
 )
 # The filter cases: one VM per filter and worker in both proxies (Envoy: a vm_id each).
-for kind in noop hdr; do
+for kind in noop sdk hdr; do
   for n in 1 3 5; do
     CASE_TABLE+=("sluice-$kind$n | $P_SLUICE | $P_SLUICE | $P_SLUICE_ADMIN | $SLUICE_CMD {sluice-wasm.yaml} | http | tree | $FILTER_PROTOS | FILTERS=$n,FILTER=$kind")
     CASE_TABLE+=("envoy-$kind$n | $P_ENVOY | $P_ENVOY | $P_ENVOY_ADMIN | $ENVOY_CMD {envoy-wasm.yaml} | http | tree | $FILTER_PROTOS | FILTERS=$n,FILTER=$kind")
@@ -276,7 +276,7 @@ case_protos() { # case_protos CASE: the protocols this case runs, in PROTOS orde
 
 # --- the bench filters ---------------------------------------------------------
 # Built by build_bench_filters (common.sh); the modules are copied into the run dir
-# as noop.wasm and hdr.wasm, the names the case table uses.
+# as noop.wasm, sdk.wasm and hdr.wasm, the names the case table uses.
 if ((NEED_FILTERS)); then
   log "building the bench filters (bench/filters, wasm32-wasip1; log: $RAW/filters-build.log)"
   if ! build_bench_filters "$RAW/filters-build.log"; then
@@ -304,7 +304,7 @@ cp "$(command -v nginx)" "$RUN_DIR/$NGINX_COPY"
 export WASM_DIR="$RUN_DIR/wasm"
 if ((NEED_FILTERS)); then
   mkdir -p "$WASM_DIR"
-  for pair in noop:noop hdr:header_rewrite; do
+  for pair in noop:noop sdk:noop_sdk hdr:header_rewrite; do
     src="$BENCH_FILTERS_WASM/${pair#*:}.wasm"
     [[ ! -f "$src" ]] || cp "$src" "$WASM_DIR/${pair%%:*}.wasm"
   done

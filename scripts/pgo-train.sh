@@ -10,8 +10,9 @@
 #      TLS downstream with ALPN http/1.1 (wrk) and h2 (h2load) to an HTTP/2
 #      upstream; a mesh hop (plaintext in, TLS + client certificate + HTTP/2
 #      to the proxy's own TLS listener): scripts/pgo-train.yaml.
-#   2. The bench's wasm filter chains: 1 and 3 no-op filters, 3 header-rewrite
-#      filters (bench/filters, built for wasm32-wasip1).
+#   2. The bench's wasm filter chains: 1 and 3 no-op filters, 3 no-op filters on
+#      the Sluice SDK (whose callbacks left to their default the host skips), 3
+#      header-rewrite filters (bench/filters, built for wasm32-wasip1).
 set -euo pipefail
 BIN=$(realpath "$1")
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -52,6 +53,7 @@ build_bench_filters "$R/filters-build.log" || die "building bench/filters failed
 mkdir -p "$R/wasm"
 cp "$BENCH_FILTERS_WASM/noop.wasm" "$R/wasm/noop.wasm"
 cp "$BENCH_FILTERS_WASM/header_rewrite.wasm" "$R/wasm/hdr.wasm"
+cp "$BENCH_FILTERS_WASM/noop_sdk.wasm" "$R/wasm/sdk.wasm"
 
 # Throwaway certificates: a CA, and a localhost certificate it signed that
 # serves the TLS listener and is the mesh hop's client certificate.
@@ -108,7 +110,7 @@ mesh() {
 }
 run mesh "$R/mesh.yaml" mesh
 
-for chain in "1 noop" "3 noop" "3 hdr"; do
+for chain in "1 noop" "3 noop" "3 sdk" "3 hdr"; do
   read -r FILTERS FILTER <<<"$chain"
   export FILTERS FILTER WASM_DIR="$R/wasm"
   "$PY" "$BENCH_DIR/bench.py" render "$BENCH_DIR/peers/sluice-wasm.yaml" "$R/wasm-$FILTERS-$FILTER.yaml"

@@ -10,9 +10,10 @@ use crate::context::Action;
 use crate::http::{HttpState, Phase};
 use crate::sys;
 
-/// The [`HttpContext`] callbacks whose default ([`Action::Continue`], nothing
-/// else) a filter may keep. The default records, on its first call, that the
-/// guest's HTTP context type keeps it, and from then on the dispatcher answers
+/// The [`HttpContext`](crate::HttpContext) callbacks whose default
+/// ([`Action::Continue`], nothing else) a filter may keep. The default records,
+/// on its first call, that the guest's HTTP context type keeps it, and from
+/// then on the dispatcher answers
 /// that callback itself: one look-up, the SDK's own bookkeeping, no call into
 /// the context. A no-op callback so costs a few dozen instructions instead of a
 /// few hundred. The dispatcher also tells the host (the foreign function
