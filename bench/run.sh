@@ -360,7 +360,9 @@ tool_versions() {
   if ((NEED_FILTERS)); then
     local f
     for f in "$WASM_DIR"/*.wasm; do
-      [[ -f "$f" ]] && echo "filter $(basename "$f"): $(stat -c %s "$f") bytes, sha256 $(sha256sum "$f" | cut -c1-12) (bench/filters, proxy-wasm 0.2.5, wasm32-wasip1)"
+      local sdk="proxy-wasm 0.2.5"
+      [[ "$(basename "$f")" != sdk.wasm ]] || sdk="the Sluice SDK"
+      [[ -f "$f" ]] && echo "filter $(basename "$f"): $(stat -c %s "$f") bytes, sha256 $(sha256sum "$f" | cut -c1-12) (bench/filters, $sdk, wasm32-wasip1)"
     done
   fi
 }
