@@ -42,12 +42,11 @@ pub(crate) fn kept<T: ?Sized + 'static>(which: Kept) {
         if g.http_type != Some(TypeId::of::<T>()) {
             return None;
         }
+        // What the host was told follows from what was kept before.
+        let before = g.kept;
         g.kept |= which as u32;
         let mask = declaration(g.kept);
-        (mask != g.declared).then(|| {
-            g.declared = mask;
-            mask
-        })
+        (before == 0 || mask != declaration(before)).then_some(mask)
     });
     if let Some(mask) = declare {
         // Hosts that do not know the function answer NotFound: nothing to do.

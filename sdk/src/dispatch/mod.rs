@@ -166,8 +166,6 @@ pub(crate) struct Guest {
     http_type: Option<TypeId>,
     /// The [`Kept`] callbacks: those that type leaves to their default.
     kept: u32,
-    /// What the host was last told of them (see [`declaration`]).
-    declared: u32,
 }
 
 /// A context of any kind; `None` while its callback runs.
@@ -184,7 +182,6 @@ impl Guest {
         callouts: IdMap::with_hasher(BuildHasherDefault::new()),
         http_type: None,
         kept: 0,
-        declared: 0,
     };
 
     /// A guest whose roots are made by `factory`.
