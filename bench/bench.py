@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -108,6 +109,24 @@ def tree_rss_kib(pid: int) -> int:
         except OSError:
             pass
     return total
+
+
+def tree_faults(pid: int) -> tuple[int, int]:
+    """(minor, major) page faults, summed over pid and its descendants."""
+    minor = major = 0
+    for p in process_tree(pid):
+        f = _stat_fields(p)
+        if f is not None:
+            minor += int(f[7])  # field 10
+            major += int(f[9])  # field 12
+    return minor, major
+
+
+def steal_ticks() -> int:
+    """Clock ticks all CPUs spent waiting for the hypervisor since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()
+    return int(parts[8]) if len(parts) > 8 else 0
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -393,12 +412,16 @@ def cmd_measure(a: argparse.Namespace) -> int:
     trees0 = {k: set(process_tree(pid)) for k, pid in watched.items()}
     m0 = machine_ticks()
     p0 = tree_cpu_split(a.proxy_pid) if a.proxy_pid else (0, 0)
+    f0 = tree_faults(a.proxy_pid) if a.proxy_pid else (0, 0)
+    s0 = steal_ticks()
     b0 = tree_cpu_ticks(a.backend_pid)
     t0 = time.monotonic()
     poller.start()
     out, lg_cpu = _run_timed(build(a.duration, log))
     t1 = time.monotonic()
     p1 = tree_cpu_split(a.proxy_pid) if a.proxy_pid else (0, 0)
+    f1 = tree_faults(a.proxy_pid) if a.proxy_pid else (0, 0)
+    s1 = steal_ticks()
     b1 = tree_cpu_ticks(a.backend_pid)
     m1 = machine_ticks()
     stop.set()
@@ -444,6 +467,11 @@ def cmd_measure(a: argparse.Namespace) -> int:
         "loadgen_cpu_pct": round(100 * lg_cpu / wall, 1),
         "other_cpu_pct": round(100 * other_s / wall, 1),
         "machine_busy_pct": round(100 * machine_busy_s / wall, 1),
+        # CPU time the hypervisor gave to someone else, and the proxy's page faults:
+        # what moves a proxy's µs per request when its instructions do not.
+        "steal_pct": round(100 * (s1 - s0) / CLK_TCK / wall, 1),
+        "proxy_minflt_per_kreq": round(1000 * (f1[0] - f0[0]) / req, 2) if sample else None,
+        "proxy_majflt_per_kreq": round(1000 * (f1[1] - f0[1]) / req, 3) if sample else None,
         "busy_before_pct": None if busy_before is None else round(busy_before, 1),
         "ncpu": NCPU,
         "rss_idle_kib": a.rss_idle if sample else None,
@@ -454,7 +482,8 @@ def cmd_measure(a: argparse.Namespace) -> int:
     print(f"  {a.case:<14} {a.proto}  rep {a.rep}: {rec['rps']:>9,.0f} req/s  "
           f"p50 {_fmt(rec['p50_ms'], 2)} ms  p99 {_fmt(rec['p99_ms'], 2)} ms  "
           f"proxy {_fmt(rec['proxy_us_per_req'], 1)} µs/req  "
-          f"errors {rec['errors'] + rec['non2xx']}  other CPU {rec['other_cpu_pct']} %"
+          f"errors {rec['errors'] + rec['non2xx']}  other CPU {rec['other_cpu_pct']} %  "
+          f"steal {rec['steal_pct']} %"
           + (f"  INVALID: {rec['invalid']}" if invalid else ""))
     return 3 if invalid else 0
 
@@ -515,11 +544,14 @@ def summarize(recs: list[dict], case_order: list[str]) -> dict:
         s = {k: _med([r.get(k) for r in rs]) for k in (
             "rps", "p50_ms", "p99_ms", "proxy_cpu_pct", "proxy_us_per_req",
             "proxy_sys_us_per_req", "backend_us_per_req", "loadgen_cpu_pct", "other_cpu_pct",
-            "rss_idle_kib", "rss_loaded_kib")}
+            "rss_idle_kib", "rss_loaded_kib", "steal_pct")}
         s["runs"] = len(rs)
         s["all_noisy"] = not quiet
         s["rps_min"] = min(r["rps"] for r in rs)
         s["rps_max"] = max(r["rps"] for r in rs)
+        # Every valid run by round, noisy or not: a round's pair shares its noise.
+        s["rps_by_round"] = {f"{r['round'][0]}/{r['round'][1]}": r["rps"]
+                             for r in all_rs if "round" in r}
         s["errors"] = sum(r["errors"] + r["non2xx"] for r in rs)
         s["other_cpu"] = max(r["other_cpu_pct"] for r in rs)
         summary.setdefault(proto, {})[case] = s
@@ -590,6 +622,33 @@ def _slope(points: list[tuple[int, float | None]]) -> float | None:
     return sum((n - mn) * (y - my) for n, y in pts) / den if den else None
 
 
+def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median: the order statistics
+    x(k) and x(n+1-k) with the largest k such that P(Binomial(n, 1/2) < k) <= (1-level)/2.
+    None when n is too small for any such k (n < 6 at 95 %)."""
+    xs, n = sorted(xs), len(xs)
+    tail, k, acc = (1 - level) / 2, 0, 0.0
+    while k < n:
+        acc_next = acc + math.comb(n, k) / 2 ** n  # P(B <= k)
+        if acc_next > tail:
+            break
+        acc, k = acc_next, k + 1
+    return (xs[k - 1], xs[n - k]) if k >= 1 else None
+
+
+def paired_ratio(s: dict, base: dict) -> dict | None:
+    """req/s ÷ the baseline's req/s of the same round, over the rounds both ran in:
+    the median of those pairs and its 95 % interval. A round's two runs are a few
+    seconds to a minute apart, so slow drifts of the host cancel in the pair."""
+    a, b = s.get("rps_by_round") or {}, base.get("rps_by_round") or {}
+    pairs = [a[k] / b[k] for k in a if k in b and b[k]]
+    if len(pairs) < 2:
+        return None
+    ci = median_ci(pairs)
+    return {"n": len(pairs), "median": statistics.median(pairs),
+            "lo": ci[0] if ci else None, "hi": ci[1] if ci else None}
+
+
 def filter_summary(summary: dict) -> dict:
     """Per protocol, proxy and filter kind: for each filter count N, req/s ÷ the same
     proxy without filters and the added CPU µs/request, p50 and p99 (µs) per filter,
@@ -615,6 +674,7 @@ def filter_summary(summary: dict) -> dict:
             return (s[key] - base[key]) * scale / n
 
         rows = {n: {"rps_ratio": _ratio(s["rps"], base["rps"]),
+                    "paired": paired_ratio(s, base),
                     **{k: per_filter(s, n, key, sc) for k, key, sc in keys},
                     "noisy": s["all_noisy"] or base["all_noisy"]}
                 for n, s in sorted(by_n.items())}
@@ -642,9 +702,12 @@ def render_filters(fs: dict, md: bool) -> list[str]:
                 for n, r in list(e["rows"].items()) + [("fit", e["fit"])]:
                     rows.append([proxy, FILTER_NAME.get(kind, kind),
                                  str(n) + (" *" if r["noisy"] else ""),
-                                 _fmt(r.get("rps_ratio"), 3), _fmt(r["cpu_us"], 2),
+                                 _fmt(r.get("rps_ratio"), 3),
+                                 _fmt((r.get("paired") or {}).get("median"), 3),
+                                 _fmt(r["cpu_us"], 2),
                                  _fmt(r["p50_us"], 1), _fmt(r["p99_us"], 1)])
         out.append(_table(["proxy", "filter", "filters", "req/s ÷ no filter",
+                           "same, median of the rounds' pairs",
                            "+CPU µs/req per filter", "+p50 µs per filter",
                            "+p99 µs per filter"], rows, md))
         out.append("")
@@ -674,9 +737,17 @@ def filter_targets(fs: dict) -> list[str]:
                 env = ""
                 if e and e["rows"].get(3):
                     env = f"; Envoy+V8 here: {100 * e['rows'][3]['rps_ratio']:.0f} %"
+                pr = r3.get("paired")
+                paired = ""
+                if pr:
+                    ci = (f", 95 % interval {100 * pr['lo']:.1f}–{100 * pr['hi']:.1f} %"
+                          if pr["lo"] is not None else "")
+                    paired = (f"; round by round: median {100 * pr['median']:.1f} %{ci} "
+                              f"over {pr['n']} rounds")
                 check(f"HTTP/1.1: 3 {name} filters keep >= 90 % of no-filter req/s",
                       r3["rps_ratio"], lambda v: v >= 0.90,
-                      f"{_fmt(100 * r3['rps_ratio'], 1)} %{env}", r3["noisy"])
+                      f"{_fmt(100 * r3['rps_ratio'], 1)} % (median ÷ median){paired}{env}",
+                      r3["noisy"])
         s, e = lat.get("sluice", {}).get(kind), lat.get("envoy", {}).get(kind)
         if s:
             fit = s["fit"]["p50_us"]
@@ -703,10 +774,12 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
                          str(r["errors"] + r["non2xx"]), _fmt(r["proxy_cpu_pct"], 0),
                          _fmt(r["proxy_us_per_req"], 1), _fmt(r.get("proxy_sys_us_per_req"), 1),
                          _fmt(r["backend_cpu_pct"], 0),
-                         _fmt(r["loadgen_cpu_pct"], 0), _fmt(r["other_cpu_pct"], 1) + noisy])
+                         _fmt(r["loadgen_cpu_pct"], 0), _fmt(r.get("steal_pct"), 1),
+                         _fmt(r.get("proxy_minflt_per_kreq"), 2),
+                         _fmt(r["other_cpu_pct"], 1) + noisy])
         out.append(_table(["run", "req/s", "p50 ms", "p99 ms", "errors", "proxy CPU %",
                            "proxy µs/req", "of it kernel", "backend CPU %", "loadgen CPU %",
-                           "other CPU %"],
+                           "steal %", "proxy faults/1k req", "other CPU %"],
                           rows, md))
         out.append(f"(CPU % is of one core; {NCPU} cores = {100 * NCPU} %. "
                    f"* = other CPU > {NOISY_OTHER_PCT:.0f} %: noisy run, distrust it.)")
@@ -732,13 +805,13 @@ def render_report(recs: list[dict], summary: dict, case_order: list[str], meta: 
                          str(s["errors"]), _fmt(s["proxy_cpu_pct"], 0),
                          _fmt(s["proxy_us_per_req"], 1), _fmt(s["proxy_sys_us_per_req"], 1), rss,
                          _fmt(s["backend_us_per_req"], 1),
-                         _fmt(s["other_cpu"], 1),
+                         _fmt(s["other_cpu"], 1), _fmt(s["steal_pct"], 1),
                          _fmt(s["x_direct_rps"], 2), _fmt(s["x_nginx_rps"], 2),
                          _fmt(s["x_nginx_cpu"], 2), _fmt(s["x_nginx_p99"], 2)])
         out.append(_table(["case (runs)", "req/s", "p50 ms", "p99 ms", "errors", "proxy CPU %",
                            "proxy CPU µs/req", "of it kernel", "RSS idle → loaded MiB",
                            "backend µs/req",
-                           "other CPU % (max)", "req/s ÷ direct", "req/s ÷ nginx",
+                           "other CPU % (max)", "steal %", "req/s ÷ direct", "req/s ÷ nginx",
                            "CPU/req ÷ nginx", "p99 ÷ nginx"], rows, md))
         out.append("")
     fs = filter_summary(summary)
@@ -763,6 +836,7 @@ def cmd_report(a: argparse.Namespace) -> int:
         for p in sorted((src / "raw").glob("*.json")):
             r = json.loads(p.read_text())
             r["run"] = f"{r['case']} {r['proto']} #{r['rep']}" + (f" ({src.name})" if k else "")
+            r["round"] = (k, r["rep"])  # pairs a case with its baseline of the same round
             recs.append(r)
     read = lambda name: (d / name).read_text() if (d / name).exists() else ""
     meta = {

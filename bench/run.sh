@@ -345,9 +345,16 @@ start_case() {
 }
 
 check_group() { # the started process must lead its own process group (stop_group relies on it)
-  local pgid
-  pgid=$(ps -o pgid= -p "$1" 2>/dev/null | tr -d ' ') || return 0
-  [[ -z "$pgid" || "$pgid" == "$1" ]] || die "pid $1 is not a process-group leader (pgid $pgid); run bench/run.sh as a script, not sourced"
+  # `setsid CMD &` forks first and calls setsid(2) in the child: right after the
+  # fork the child is still in our group. Give it up to 2 s to get there (seen
+  # once in ~90 starts, when `ps` ran before the child's setsid).
+  local pgid tries
+  for ((tries = 0; tries < 100; tries++)); do
+    pgid=$(ps -o pgid= -p "$1" 2>/dev/null | tr -d ' ') || return 0
+    [[ -z "$pgid" || "$pgid" == "$1" ]] && return 0
+    sleep 0.02
+  done
+  die "pid $1 is not a process-group leader (pgid $pgid); run bench/run.sh as a script, not sourced"
 }
 
 tool_versions() {
