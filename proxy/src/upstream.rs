@@ -572,6 +572,9 @@ pub(crate) async fn forward(
     }
     route.response_edits.apply(&mut parts.headers);
     parts.version = if log.protocol == Version::HTTP_2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    // Every filter ignores the rest of the response: the body goes out as it
+    // came, and `on_log` needs no head (see `HttpFilter::ignores_response`).
+    let mut unwrapped = false;
     if let Some(run) = &mut chain {
         let end_of_stream = http_body::Body::is_end_stream(&body);
         let mut head = sluice_filter::ResponseHead::with_encoded(parts, body.take_verbatim());
@@ -588,7 +591,10 @@ pub(crate) async fn forward(
         let encoded;
         (parts, encoded) = head.into_parts();
         body.set_verbatim(encoded);
-        body = run.wrap_response_body(body);
+        unwrapped = run.ignores_response();
+        if !unwrapped {
+            body = run.wrap_response_body(body);
+        }
     }
     let status = parts.status.as_u16();
     log.status = status;
@@ -596,11 +602,17 @@ pub(crate) async fn forward(
     // The HTTP/1.1 server hands a chain's body the head once it is encoded
     // (`ProxyBody::keep_head`); otherwise the chain keeps a copy for `on_log`.
     let handed_back = log.protocol != Version::HTTP_2 && body.keeps_head();
-    let head =
-        chain.as_ref().filter(|_| !handed_back).map(|_| crate::chain::LogHead::from_response(&parts, &body));
+    let head = chain
+        .as_ref()
+        .filter(|_| !handed_back && !unwrapped)
+        .map(|_| crate::chain::LogHead::from_response(&parts, &body));
     let body = body.on_end(move |end, n| {
         drop(inflight);
         if let Some(mut run) = chain {
+            if unwrapped {
+                // What the chain's body would have counted (`response.size`).
+                run.info().response_body_bytes.set(n);
+            }
             run.log(head.as_ref());
         }
         done.done(end, n);

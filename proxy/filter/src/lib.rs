@@ -465,6 +465,17 @@ pub trait HttpFilter {
         false
     }
 
+    /// Whether, for this request, this filter does nothing with the response
+    /// body or trailers and nothing in [`HttpFilter::on_log`]: its callbacks
+    /// for them would return at once (a wasm filter that declared them
+    /// no-ops). Asked once the response-header phase is over. When every
+    /// filter of the chain says so, the response body is not wrapped in the
+    /// chain, and no copy of the response head is kept for `on_log`. The
+    /// default, `false`, is always correct.
+    fn ignores_response(&self) -> bool {
+        false
+    }
+
     /// Request headers arrived. `end_of_stream` means there is no body.
     fn on_request_headers(
         &mut self,

@@ -304,6 +304,15 @@ impl ChainRun {
         }
     }
 
+    /// Every filter ignores the rest of the response
+    /// ([`HttpFilter::ignores_response`]): its body need not go through the
+    /// chain, and `on_log` reads no response head.
+    pub fn ignores_response(&self) -> bool {
+        let Some(held) = self.shared.filters.try_hold() else { return false };
+        let Some(f) = held.value() else { return false };
+        f.list.iter().all(|filter| filter.ignores_response())
+    }
+
     /// Streams the request body through `on_request_body` / `on_request_trailers`.
     /// A body-less request is passed through untouched (no body callbacks, as in Envoy).
     pub fn wrap_request_body(&mut self, body: ProxyBody) -> ProxyBody {

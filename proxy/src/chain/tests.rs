@@ -27,6 +27,8 @@ struct Gate {
     logs: AtomicUsize,
     /// `x-forwarded-for` as the request headers phase saw it in the map.
     seen: Mutex<Option<HeaderValue>>,
+    /// What the filter answers to `ignores_response`.
+    ignores: AtomicBool,
 }
 
 impl Gate {
@@ -43,6 +45,9 @@ impl Gate {
 struct Pausing(Arc<Gate>);
 
 impl HttpFilter for Pausing {
+    fn ignores_response(&self) -> bool {
+        self.0.ignores.load(Ordering::SeqCst)
+    }
     fn on_request_headers(
         &mut self,
         head: &mut request::Parts,
@@ -259,4 +264,24 @@ fn a_body_no_filter_writes_is_not_copied() {
         }
         assert!(matches!(poll(&mut body), Poll::Ready(None)));
     });
+}
+
+/// The response is left out of the chain only when every filter ignores it,
+/// and never while a phase holds the filters.
+#[test]
+fn the_response_skips_the_chain_only_when_every_filter_ignores_it() {
+    let (a, b) = (Arc::new(Gate::default()), Arc::new(Gate::default()));
+    let chain: crate::router::Chain = Arc::from(vec![
+        Arc::new(Factory(a.clone())) as Arc<dyn FilterFactory>,
+        Arc::new(Factory(b.clone())) as Arc<dyn FilterFactory>,
+    ]);
+    let run = ChainRun::new(&chain, stream_info(), 1 << 20);
+    assert!(!run.ignores_response());
+    a.ignores.store(true, Ordering::SeqCst);
+    assert!(!run.ignores_response(), "the second filter still reads the response");
+    b.ignores.store(true, Ordering::SeqCst);
+    assert!(run.ignores_response());
+    let held = run.shared.filters.try_hold();
+    assert!(held.is_some());
+    assert!(!run.ignores_response(), "a phase holds the filters");
 }

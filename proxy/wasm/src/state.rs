@@ -469,6 +469,15 @@ impl VmState {
         self.noop_http & (noop::LOG | noop::DONE) == noop::LOG | noop::DONE
     }
 
+    /// The response body, its trailers, `on_log` and `on_done` are all
+    /// declared no-ops: nothing of a request after its response head reaches
+    /// the guest but `on_delete`.
+    #[inline]
+    pub fn ignores_response(&self) -> bool {
+        const AFTER_HEAD: u32 = noop::RESPONSE_BODY | noop::RESPONSE_TRAILERS | noop::LOG | noop::DONE;
+        self.noop_http & AFTER_HEAD == AFTER_HEAD
+    }
+
     /// Makes HTTP context `id` (in the context table: no allocation).
     pub fn new_context(&mut self, id: u32) {
         self.contexts.insert(id);

@@ -508,6 +508,7 @@ fn callbacks_declared_no_ops_are_skipped() {
             let mut body = BodyBuf::new();
             body.extend_from_slice(b"chunk");
             assert!(matches!(ex.response_body(&mut body, false).await, Ok(BodyAction::Buffer)));
+            assert!(!ex.filter.ignores_response(), "its response body callback is not declared");
             // So do trailers: they pause.
             let mut trailers = http::HeaderMap::new();
             let paused = ex.filter.on_response_trailers(&mut trailers, &ex.info);
@@ -519,4 +520,52 @@ fn callbacks_declared_no_ops_are_skipped() {
     assert_eq!(status["state"], "ok", "{status}");
     assert_eq!(status["traps"], serde_json::json!({}), "{status}");
     assert_eq!(status["noop_callbacks"], serde_json::json!(["on_response_headers", "on_log", "on_done"]));
+}
+
+/// A guest that declared every callback after the response head a no-op
+/// (0xf0: response body and trailers, on_log, on_done) tells the chain so,
+/// which then leaves the response body unwrapped and keeps no head for on_log.
+/// Those callbacks trap if called; on_delete still runs.
+#[test]
+fn a_filter_that_declared_the_rest_of_the_response_ignores_it() {
+    let bytes = module(
+        r#"(import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))"#,
+        r#"(if (i32.ne (global.get $started) (global.get $deleted)) (then unreachable))
+           (global.set $started (i32.add (global.get $started) (i32.const 1)))
+           (drop (call $ff (i32.const 16) (i32.const 26) (i32.const 64) (i32.const 4) (i32.const 0) (i32.const 0)))
+           (i32.const 0)"#,
+        r#"(data (i32.const 16) "sluice.noop_http_callbacks")
+           (data (i32.const 64) "\f0\00\00\00")
+           (global $started (mut i32) (i32.const 0))
+           (global $deleted (mut i32) (i32.const 0))
+           (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) unreachable)
+           (func (export "proxy_on_response_trailers") (param i32 i32) (result i32) unreachable)
+           (func (export "proxy_on_log") (param i32) unreachable)
+           (func (export "proxy_on_done") (param i32) (result i32) unreachable)
+           (func (export "proxy_on_delete") (param i32)
+             (global.set $deleted (i32.add (global.get $deleted) (i32.const 1))))"#,
+    );
+    let (host, _) = host();
+    let factory = host.load_bytes(&spec("ignores"), &bytes, &[]).expect("load");
+    run(async {
+        for _ in 0..3 {
+            let mut ex = Exchange::new(&factory, "http://a.test/");
+            assert!(!ex.filter.ignores_response(), "no context yet");
+            assert!(matches!(ex.request_headers(false).await, Ok(HeadersAction::Continue)));
+            assert!(matches!(ex.response_headers(false).await, Ok(HeadersAction::Continue)));
+            assert!(ex.filter.ignores_response());
+            // Were they called anyway, they would return at once.
+            let mut body = BodyBuf::new();
+            body.extend_from_slice(b"chunk");
+            assert!(matches!(ex.response_body(&mut body, true).await, Ok(BodyAction::Continue)));
+            ex.log();
+        }
+    });
+    let status = factory.status();
+    assert_eq!(status["state"], "ok", "{status}");
+    assert_eq!(status["traps"], serde_json::json!({}), "{status}");
+    assert_eq!(
+        status["noop_callbacks"],
+        serde_json::json!(["on_response_body", "on_response_trailers", "on_log", "on_done"])
+    );
 }
