@@ -466,13 +466,15 @@ pub trait HttpFilter {
     }
 
     /// Whether, for this request, this filter does nothing with the response
-    /// body or trailers and nothing in [`HttpFilter::on_log`]: its callbacks
+    /// body, nothing in [`HttpFilter::on_log`], and, when `trailers` (the
+    /// response may still carry trailers), nothing with them: its callbacks
     /// for them would return at once (a wasm filter that declared them
     /// no-ops). Asked once the response-header phase is over. When every
     /// filter of the chain says so, the response body is not wrapped in the
     /// chain, and no copy of the response head is kept for `on_log`. The
     /// default, `false`, is always correct.
-    fn ignores_response(&self) -> bool {
+    fn ignores_response(&self, trailers: bool) -> bool {
+        let _ = trailers;
         false
     }
 

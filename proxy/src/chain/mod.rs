@@ -305,12 +305,13 @@ impl ChainRun {
     }
 
     /// Every filter ignores the rest of the response
-    /// ([`HttpFilter::ignores_response`]): its body need not go through the
-    /// chain, and `on_log` reads no response head.
-    pub fn ignores_response(&self) -> bool {
+    /// ([`HttpFilter::ignores_response`]; `trailers`: the response may still
+    /// carry trailers): its body need not go through the chain, and `on_log`
+    /// reads no response head.
+    pub fn ignores_response(&self, trailers: bool) -> bool {
         let Some(held) = self.shared.filters.try_hold() else { return false };
         let Some(f) = held.value() else { return false };
-        f.list.iter().all(|filter| filter.ignores_response())
+        f.list.iter().all(|filter| filter.ignores_response(trailers))
     }
 
     /// Streams the request body through `on_request_body` / `on_request_trailers`.

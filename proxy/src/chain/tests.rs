@@ -45,7 +45,7 @@ impl Gate {
 struct Pausing(Arc<Gate>);
 
 impl HttpFilter for Pausing {
-    fn ignores_response(&self) -> bool {
+    fn ignores_response(&self, _trailers: bool) -> bool {
         self.0.ignores.load(Ordering::SeqCst)
     }
     fn on_request_headers(
@@ -276,12 +276,12 @@ fn the_response_skips_the_chain_only_when_every_filter_ignores_it() {
         Arc::new(Factory(b.clone())) as Arc<dyn FilterFactory>,
     ]);
     let run = ChainRun::new(&chain, stream_info(), 1 << 20);
-    assert!(!run.ignores_response());
+    assert!(!run.ignores_response(true));
     a.ignores.store(true, Ordering::SeqCst);
-    assert!(!run.ignores_response(), "the second filter still reads the response");
+    assert!(!run.ignores_response(true), "the second filter still reads the response");
     b.ignores.store(true, Ordering::SeqCst);
-    assert!(run.ignores_response());
+    assert!(run.ignores_response(true));
     let held = run.shared.filters.try_hold();
     assert!(held.is_some());
-    assert!(!run.ignores_response(), "a phase holds the filters");
+    assert!(!run.ignores_response(true), "a phase holds the filters");
 }

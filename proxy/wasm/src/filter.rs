@@ -673,10 +673,12 @@ impl HttpFilter for WasmFilter {
     /// Only for a context of the live VM, not paused, whose guest declared
     /// every callback after the response head a no-op: those callbacks would
     /// return at once (see `run_guest`), and `finish` calls `on_delete` alone.
-    fn ignores_response(&self) -> bool {
+    fn ignores_response(&self, trailers: bool) -> bool {
         let Some(c) = self.ctx.filter(|_| self.paused.is_none()) else { return false };
         let Ok(slot) = self.inner.slot().try_borrow() else { return false };
-        slot.vm.as_ref().is_some_and(|vm| vm.generation == c.generation && vm.store.data().ignores_response())
+        slot.vm
+            .as_ref()
+            .is_some_and(|vm| vm.generation == c.generation && vm.store.data().ignores_response(trailers))
     }
 
     fn on_request_headers(

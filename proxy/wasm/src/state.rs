@@ -469,13 +469,14 @@ impl VmState {
         self.noop_http & (noop::LOG | noop::DONE) == noop::LOG | noop::DONE
     }
 
-    /// The response body, its trailers, `on_log` and `on_done` are all
-    /// declared no-ops: nothing of a request after its response head reaches
-    /// the guest but `on_delete`.
+    /// The response body, `on_log`, `on_done` and, when `trailers` may still
+    /// come, the trailers callback are all declared no-ops: nothing of a
+    /// request after its response head reaches the guest but `on_delete`.
     #[inline]
-    pub fn ignores_response(&self) -> bool {
-        const AFTER_HEAD: u32 = noop::RESPONSE_BODY | noop::RESPONSE_TRAILERS | noop::LOG | noop::DONE;
-        self.noop_http & AFTER_HEAD == AFTER_HEAD
+    pub fn ignores_response(&self, trailers: bool) -> bool {
+        let after_head =
+            noop::RESPONSE_BODY | noop::LOG | noop::DONE | if trailers { noop::RESPONSE_TRAILERS } else { 0 };
+        self.noop_http & after_head == after_head
     }
 
     /// Makes HTTP context `id` (in the context table: no allocation).

@@ -508,7 +508,7 @@ fn callbacks_declared_no_ops_are_skipped() {
             let mut body = BodyBuf::new();
             body.extend_from_slice(b"chunk");
             assert!(matches!(ex.response_body(&mut body, false).await, Ok(BodyAction::Buffer)));
-            assert!(!ex.filter.ignores_response(), "its response body callback is not declared");
+            assert!(!ex.filter.ignores_response(false), "its response body callback is not declared");
             // So do trailers: they pause.
             let mut trailers = http::HeaderMap::new();
             let paused = ex.filter.on_response_trailers(&mut trailers, &ex.info);
@@ -522,20 +522,18 @@ fn callbacks_declared_no_ops_are_skipped() {
     assert_eq!(status["noop_callbacks"], serde_json::json!(["on_response_headers", "on_log", "on_done"]));
 }
 
-/// A guest that declared every callback after the response head a no-op
-/// (0xf0: response body and trailers, on_log, on_done) tells the chain so,
-/// which then leaves the response body unwrapped and keeps no head for on_log.
-/// Those callbacks trap if called; on_delete still runs.
-#[test]
-fn a_filter_that_declared_the_rest_of_the_response_ignores_it() {
-    let bytes = module(
+/// A module whose request-headers callback declares `bits` (a WAT data
+/// string) and whose callbacks after the response head trap if called.
+fn declaring_after_head(bits: &str) -> Vec<u8> {
+    module(
         r#"(import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))"#,
         r#"(if (i32.ne (global.get $started) (global.get $deleted)) (then unreachable))
            (global.set $started (i32.add (global.get $started) (i32.const 1)))
            (drop (call $ff (i32.const 16) (i32.const 26) (i32.const 64) (i32.const 4) (i32.const 0) (i32.const 0)))
            (i32.const 0)"#,
-        r#"(data (i32.const 16) "sluice.noop_http_callbacks")
-           (data (i32.const 64) "\f0\00\00\00")
+        &format!(
+            r#"(data (i32.const 16) "sluice.noop_http_callbacks")
+           (data (i32.const 64) "{bits}")
            (global $started (mut i32) (i32.const 0))
            (global $deleted (mut i32) (i32.const 0))
            (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) unreachable)
@@ -543,17 +541,27 @@ fn a_filter_that_declared_the_rest_of_the_response_ignores_it() {
            (func (export "proxy_on_log") (param i32) unreachable)
            (func (export "proxy_on_done") (param i32) (result i32) unreachable)
            (func (export "proxy_on_delete") (param i32)
-             (global.set $deleted (i32.add (global.get $deleted) (i32.const 1))))"#,
-    );
+             (global.set $deleted (i32.add (global.get $deleted) (i32.const 1))))"#
+        ),
+    )
+}
+
+/// A guest that declared every callback after the response head a no-op
+/// (0xf0: response body and trailers, on_log, on_done) tells the chain so,
+/// which then leaves the response body unwrapped and keeps no head for on_log.
+/// Those callbacks trap if called; on_delete still runs.
+#[test]
+fn a_filter_that_declared_the_rest_of_the_response_ignores_it() {
     let (host, _) = host();
-    let factory = host.load_bytes(&spec("ignores"), &bytes, &[]).expect("load");
+    let factory =
+        host.load_bytes(&spec("ignores"), &declaring_after_head(r"\f0\00\00\00"), &[]).expect("load");
     run(async {
         for _ in 0..3 {
             let mut ex = Exchange::new(&factory, "http://a.test/");
-            assert!(!ex.filter.ignores_response(), "no context yet");
+            assert!(!ex.filter.ignores_response(false), "no context yet");
             assert!(matches!(ex.request_headers(false).await, Ok(HeadersAction::Continue)));
             assert!(matches!(ex.response_headers(false).await, Ok(HeadersAction::Continue)));
-            assert!(ex.filter.ignores_response());
+            assert!(ex.filter.ignores_response(true));
             // Were they called anyway, they would return at once.
             let mut body = BodyBuf::new();
             body.extend_from_slice(b"chunk");
@@ -568,4 +576,22 @@ fn a_filter_that_declared_the_rest_of_the_response_ignores_it() {
         status["noop_callbacks"],
         serde_json::json!(["on_response_body", "on_response_trailers", "on_log", "on_done"])
     );
+}
+
+/// Without the trailers callback (0xd0), the rest of the response is ignored
+/// only when no trailers can come (an HTTP/1.1 response of known length).
+#[test]
+fn a_filter_that_keeps_its_trailers_callback_ignores_only_a_response_without_trailers() {
+    let (host, _) = host();
+    let factory =
+        host.load_bytes(&spec("no-trailers"), &declaring_after_head(r"\d0\00\00\00"), &[]).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        assert!(matches!(ex.request_headers(false).await, Ok(HeadersAction::Continue)));
+        assert!(ex.filter.ignores_response(false));
+        assert!(!ex.filter.ignores_response(true), "trailers may still come, and would reach the guest");
+        ex.log();
+    });
+    let status = factory.status();
+    assert_eq!(status["noop_callbacks"], serde_json::json!(["on_response_body", "on_log", "on_done"]));
 }
