@@ -81,15 +81,21 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def tree_cpu_split(pid: int) -> tuple[int, int]:
-    """(utime, stime), in clock ticks, summed over pid and its descendants."""
-    user = system = 0
+def _tree_sums(pid: int, a: int, b: int) -> tuple[int, int]:
+    """Two /proc/<pid>/stat fields (indexes into `_stat_fields`), summed over pid
+    and its descendants."""
+    x = y = 0
     for p in process_tree(pid):
         f = _stat_fields(p)
         if f is not None:
-            user += int(f[11])  # field 14
-            system += int(f[12])  # field 15
-    return user, system
+            x += int(f[a])
+            y += int(f[b])
+    return x, y
+
+
+def tree_cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime), in clock ticks, summed over pid and its descendants."""
+    return _tree_sums(pid, 11, 12)  # fields 14, 15
 
 
 def tree_cpu_ticks(pid: int) -> int:
@@ -113,13 +119,7 @@ def tree_rss_kib(pid: int) -> int:
 
 def tree_faults(pid: int) -> tuple[int, int]:
     """(minor, major) page faults, summed over pid and its descendants."""
-    minor = major = 0
-    for p in process_tree(pid):
-        f = _stat_fields(p)
-        if f is not None:
-            minor += int(f[7])  # field 10
-            major += int(f[9])  # field 12
-    return minor, major
+    return _tree_sums(pid, 7, 9)  # fields 10, 12
 
 
 def steal_ticks() -> int:

@@ -560,8 +560,7 @@ pub(crate) async fn forward(
     }
 
     let (mut parts, mut body) = resp.into_parts();
-    // Trailers need chunked coding: an HTTP/1.x response of known length has none.
-    let trailers = parts.version > Version::HTTP_11 || http_body::Body::size_hint(&body).exact().is_none();
+    let upstream_version = parts.version;
     if !stripped {
         headers::strip_hop_by_hop(&mut parts.headers, false);
     }
@@ -593,6 +592,9 @@ pub(crate) async fn forward(
         let encoded;
         (parts, encoded) = head.into_parts();
         body.set_verbatim(encoded);
+        // Trailers need chunked coding: an HTTP/1.x response of known length has none.
+        let trailers =
+            upstream_version > Version::HTTP_11 || http_body::Body::size_hint(&body).exact().is_none();
         unwrapped = run.ignores_response(trailers);
         if !unwrapped {
             body = run.wrap_response_body(body);
