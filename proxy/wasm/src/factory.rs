@@ -18,7 +18,7 @@ use crate::host::HostShared;
 use crate::metrics::GuestMetric;
 use crate::module::{AbiVersion, CompiledModule};
 use crate::state::HttpCtx;
-use crate::vm::{Vm, VmFailure, ticks_for};
+use crate::vm::{POOL_EXHAUSTED, Vm, VmFailure, ticks_for};
 
 /// Everything the VMs of one loaded filter share.
 pub(crate) struct Plugin {
@@ -55,6 +55,8 @@ struct StatusRecord {
     reloads: u64,
     fail_open: u64,
     pause_timeouts: u64,
+    /// Worker VM starts refused because the VM pool was full.
+    pool_exhausted: u64,
     failed_workers: usize,
     reloading_workers: usize,
     /// The HTTP callbacks a VM of the plugin declared no-ops (union).
@@ -103,6 +105,8 @@ pub(crate) struct WorkerSlot {
     /// Contexts of a failed VM, kept until their request picks its data back up.
     pub orphans: Vec<(u64, u32, HttpCtx)>,
     next_ctx: u32,
+    /// The last attempt to start a VM found the VM pool full.
+    starved: bool,
 }
 
 enum Health {
@@ -126,6 +130,7 @@ impl WorkerSlot {
             last_error: None,
             orphans: Vec::new(),
             next_ctx: 1,
+            starved: false,
         }
     }
 
@@ -168,12 +173,14 @@ impl WorkerSlot {
                         tracing::info!(plugin = %plugin.name, "wasm VM rebuilt after a failure");
                     }
                     self.health = Health::Ready;
+                    self.starved = false;
                     self.next_ctx = 1;
                     self.vm = Some(vm);
                     if let Some(vm) = self.vm.as_mut() {
                         crate::callout::flush(inner, vm);
                     }
                 }
+                Err(failure) if failure.label == POOL_EXHAUSTED => return Err(self.starved(inner, failure)),
                 Err(failure) => {
                     if reloading {
                         let mut st = plugin.status.lock();
@@ -184,6 +191,24 @@ impl WorkerSlot {
             }
         }
         self.vm.as_mut().ok_or_else(|| inner.plugin.error(FilterErrorKind::Internal, "none", "no VM".into()))
+    }
+
+    /// The VM could not start because the VM pool is full. That is the host's
+    /// limit, not the guest's failure: no fail policy beyond this request (closed
+    /// answers 503, open skips the filter), no backoff, and no state change, so
+    /// the next request tries again and gets a VM as soon as a slot frees (in a
+    /// hot swap, when the old chain's VMs are dropped). Logged once per streak.
+    fn starved(&mut self, inner: &FactoryInner, failure: VmFailure) -> FilterError {
+        let plugin = &inner.plugin;
+        let err = plugin.error(FilterErrorKind::Unavailable, "vm_start", failure.message);
+        plugin.host.metrics.pool_exhausted.with_label_values(&[&*plugin.name]).inc();
+        if !std::mem::replace(&mut self.starved, true) {
+            tracing::warn!(plugin = %plugin.name, reason = %err.reason, "wasm VM not started: the VM pool is full");
+        }
+        let mut st = plugin.status.lock();
+        st.pool_exhausted += 1;
+        st.last_error = Some(err.to_string());
+        err
     }
 
     fn unavailable(&self, inner: &FactoryInner) -> FilterError {
@@ -340,7 +365,7 @@ impl WasmFactory {
         });
         // Validate: instantiate and configure one VM now, then drop it.
         Vm::new(&module, plugin.clone(), false, 0, true).map_err(|f| match f.label {
-            "rejected" | "instantiate" => f.message,
+            "rejected" | "instantiate" | POOL_EXHAUSTED => f.message,
             _ => format!("{} failed: {}", f.callback.name(), f.message),
         })?;
         let inner = Arc::new_cyclic(|weak| FactoryInner {
@@ -401,6 +426,7 @@ impl FilterFactory for FactoryInner {
             "reloads": st.reloads,
             "fail_open_passes": st.fail_open,
             "pause_timeouts": st.pause_timeouts,
+            "pool_exhausted": st.pool_exhausted,
             "noop_callbacks": crate::state::noop_names(st.noop_http),
             "last_error": st.last_error,
         })

@@ -246,6 +246,11 @@ fn cached_name(key: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName
 }
 
 /// A writable header map.
+/// Most fields a map written by a guest may hold, and most pairs a guest may hand
+/// over in one call: far above any real head (Envoy's codecs default to 100),
+/// well below the `http` crate's own limit (~24k fields), past which its maps panic.
+pub(crate) const MAX_GUEST_FIELDS: usize = 8192;
+
 pub(crate) enum MapMut<'a> {
     Request(&'a mut request::Parts),
     Response(&'a mut ResponseHead),
@@ -345,6 +350,15 @@ fn set_request_pseudo(p: &mut request::Parts, key: &[u8], v: &[u8]) -> Result<()
 }
 
 impl MapMut<'_> {
+    /// Fields in the map (a repeated name counts once per value).
+    pub fn len(&self) -> usize {
+        match self {
+            MapMut::Request(p) => p.headers.len(),
+            MapMut::Response(h) => h.len(),
+            MapMut::Plain(h) => h.len(),
+        }
+    }
+
     /// Adds or replaces a value. Pseudo-headers are always replaced.
     pub fn write(&mut self, key: &[u8], v: &[u8], how: Write) -> Result<(), Status> {
         match self {
@@ -393,7 +407,7 @@ impl MapMut<'_> {
     pub fn replace_all(&mut self, pairs: &[(&[u8], &[u8])]) -> Result<(), Status> {
         let is_request = matches!(self, MapMut::Request(_));
         let special = |k: &[u8]| k.first() == Some(&b':') || (is_request && k.eq_ignore_ascii_case(b"host"));
-        let mut fresh = HeaderMap::with_capacity(pairs.len());
+        let mut fresh = HeaderMap::try_with_capacity(pairs.len()).map_err(|_| Status::BadArgument)?;
         for (k, v) in pairs {
             if !special(k) {
                 fresh.append(name(k)?, value(v)?);

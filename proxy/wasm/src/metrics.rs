@@ -21,11 +21,13 @@ pub(crate) struct HostMetrics {
     pub timeouts: IntCounterVec,
     pub reloads: IntCounterVec,
     pub fail_open: IntCounterVec,
+    pub pool_exhausted: IntCounterVec,
     pub vms: IntGaugeVec,
     pub vm_start: HistogramVec,
     pub vm_instantiate: HistogramVec,
     pub module_cache: IntCounterVec,
     pub callouts: IntCounterVec,
+    pub log_dropped: IntCounterVec,
 }
 
 impl HostMetrics {
@@ -94,6 +96,12 @@ impl HostMetrics {
                 "Requests that skipped a failed wasm filter (fail policy open)",
                 &["plugin"],
             )?,
+            pool_exhausted: counter(
+                registry,
+                "sluice_wasm_vm_pool_exhausted_total",
+                "Worker wasm VMs not started because the VM pool (max_instances) was full, by plugin",
+                &["plugin"],
+            )?,
             vms,
             vm_start,
             vm_instantiate,
@@ -108,6 +116,12 @@ impl HostMetrics {
                 "sluice_wasm_callouts_total",
                 "Callouts made by wasm filters",
                 &["plugin", "kind", "result"],
+            )?,
+            log_dropped: counter(
+                registry,
+                "sluice_wasm_log_lines_dropped_total",
+                "Guest log lines dropped because a callback emitted more than 100, by plugin",
+                &["plugin"],
             )?,
         })
     }

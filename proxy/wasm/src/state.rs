@@ -191,6 +191,11 @@ pub(crate) struct HttpCtx {
     pub waker: Option<Waker>,
     /// `proxy_set_property` values, read back by `proxy_get_property`.
     pub properties: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Bytes the guest wrote into header and trailer maps of this request
+    /// (checked against the plugin's memory cap).
+    pub header_bytes_written: usize,
+    /// A header write of this request was refused over the quota (logged once).
+    pub quota_hit: bool,
 }
 
 /// The response of a callout, readable during its callback.
@@ -271,12 +276,30 @@ pub(crate) struct LogState {
     pub fatal_from_stderr: bool,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Lines emitted in the current callback.
+    pub lines: u32,
+    /// Lines dropped in the current callback, past [`MAX_LINES_PER_CALLBACK`].
+    pub dropped: u32,
 }
 
 const MAX_CAPTURED_LINES: usize = 32;
 const MAX_LINE: usize = 2048;
+/// Most log lines (`proxy_log`, stdout, stderr) one callback may emit: a guest
+/// logging in a loop cannot flood the proxy's log. The rest are counted.
+pub(crate) const MAX_LINES_PER_CALLBACK: u32 = 100;
 
 impl LogState {
+    /// Counts a line the subscriber would emit: whether it may be.
+    pub fn admit(&mut self) -> bool {
+        if self.lines < MAX_LINES_PER_CALLBACK {
+            self.lines += 1;
+            true
+        } else {
+            self.dropped = self.dropped.saturating_add(1);
+            false
+        }
+    }
+
     pub fn capture(&mut self, level: &str, line: &str) {
         if let Some(lines) = &mut self.capture
             && lines.len() < MAX_CAPTURED_LINES
@@ -289,6 +312,23 @@ impl LogState {
         self.fatal_from_stderr = false;
         self.last_fatal = Some(truncate(line, MAX_LINE).to_string());
     }
+}
+
+/// At the end of a callback: reports the log lines it dropped, if any.
+pub(crate) fn report_dropped_lines(st: &mut VmState, callback: Callback) {
+    let dropped = std::mem::take(&mut st.log.dropped);
+    if dropped == 0 {
+        return;
+    }
+    let plugin = &*st.plugin.name;
+    st.plugin.host.metrics.log_dropped.with_label_values(&[plugin]).inc_by(u64::from(dropped));
+    tracing::warn!(
+        target: GUEST_TARGET,
+        plugin,
+        callback = callback.name(),
+        dropped,
+        "guest log lines dropped: more than {MAX_LINES_PER_CALLBACK} in one callback"
+    );
 }
 
 pub(crate) fn truncate(s: &str, max: usize) -> &str {

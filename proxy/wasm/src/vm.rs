@@ -20,6 +20,10 @@ use crate::state::{CallFrame, Callback, VmState};
 #[error("guest called proc_exit({0})")]
 pub(crate) struct GuestExit(pub i32);
 
+/// [`VmFailure::label`] of a VM that could not start because every slot of the
+/// pooling allocator was taken: the host's limit, not the module's fault.
+pub(crate) const POOL_EXHAUSTED: &str = "pool_exhausted";
+
 /// Why a VM failed: it is never called again.
 #[derive(Debug, Clone)]
 pub(crate) struct VmFailure {
@@ -122,10 +126,21 @@ impl Vm {
             callback,
             message,
         };
-        let instance = module
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| fail(Callback::Initialize, format!("cannot instantiate: {e:#}")))?;
+        let instance = module.pre.instantiate(&mut store).map_err(|e| {
+            if e.is::<wasmtime::PoolConcurrencyLimitError>() {
+                // Not the module's fault: every slot of the VM pool is taken.
+                VmFailure {
+                    kind: FilterErrorKind::Unavailable,
+                    label: POOL_EXHAUSTED,
+                    callback: Callback::Initialize,
+                    message: format!(
+                        "the wasm VM pool is full ({e:#}); raise max_instances or load fewer filters"
+                    ),
+                }
+            } else {
+                fail(Callback::Initialize, format!("cannot instantiate: {e:#}"))
+            }
+        })?;
         let idx = &module.exports;
         let memory = instance.get_module_export(&mut store, &idx.memory).and_then(Extern::into_memory);
         let alloc = typed::<i32, i32>(&instance, &mut store, Some(&idx.allocator)).ok().flatten();
@@ -381,12 +396,16 @@ fn call_in<R>(
         let st = store.data_mut();
         st.frame = CallFrame { callback, ctx, effective: ctx };
         st.log.last_fatal = None;
+        st.log.lines = 0;
         st.limiter.oom = false;
     }
     let result = f(store);
     let st = store.data_mut();
     st.frame = CallFrame { callback: Callback::None, ctx: 0, effective: 0 };
     crate::wasi::flush_lines(st);
+    if st.log.dropped > 0 {
+        crate::state::report_dropped_lines(st, callback);
+    }
     result.map_err(|e| classify(store.data(), callback, e))
 }
 

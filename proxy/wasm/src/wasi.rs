@@ -203,11 +203,16 @@ fn emit(st: &mut VmState, fd: i32) {
     }
     let line = String::from_utf8_lossy(&bytes);
     let plugin = &*st.plugin.name;
+    // As `proxy_log`'s lines: only those emitted count against the callback's quota.
     if fd == 1 {
-        tracing::info!(target: GUEST_TARGET, plugin, stream = "stdout", "{line}");
+        if tracing::enabled!(target: GUEST_TARGET, tracing::Level::INFO) && st.log.admit() {
+            tracing::info!(target: GUEST_TARGET, plugin, stream = "stdout", "{line}");
+        }
         st.log.capture("stdout", &line);
     } else {
-        tracing::error!(target: GUEST_TARGET, plugin, stream = "stderr", "{line}");
+        if tracing::enabled!(target: GUEST_TARGET, tracing::Level::ERROR) && st.log.admit() {
+            tracing::error!(target: GUEST_TARGET, plugin, stream = "stderr", "{line}");
+        }
         st.log.capture("stderr", &line);
         // Rust's default panic hook writes the panic to stderr: keep it for the
         // trap message unless the guest logged a CRITICAL line.

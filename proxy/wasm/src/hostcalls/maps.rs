@@ -9,7 +9,7 @@ use sluice_abi::{BufferType, MapType, Status};
 use sluice_filter::BodyBuf;
 use wasmtime::Caller;
 
-use crate::headers::{MapMut, MapView, Write};
+use crate::headers::{MAX_GUEST_FIELDS, MapMut, MapView, Write};
 use crate::memory::{HostResult, give, memory, range, slice, store_u32, write_u32};
 use crate::module::AbiVersion;
 use crate::properties::LogScope;
@@ -47,13 +47,29 @@ fn with_map<R>(st: &VmState, map: i32, f: impl FnOnce(MapView<'_>) -> R) -> Resu
     Ok(f(MapView::Empty))
 }
 
-/// Calls `f` with a writable view of `map` (BAD_ARGUMENT outside its window).
-/// `managed`: the edit may touch a field the proxy manages
-/// (`sluice_filter::is_proxy_managed`).
+/// What a map edit may add, checked against the guest's quota: at most
+/// [`MAX_GUEST_FIELDS`] fields in a map, and per request at most the plugin's
+/// memory cap in bytes written into maps. Without it a guest looping on
+/// `proxy_add_header_map_value` would grow host memory past its sandbox (or
+/// reach the `http` crate's limit, where its maps panic).
+#[derive(Clone, Copy)]
+enum Growth {
+    /// A removal.
+    Nothing,
+    /// One field written (added or replaced), of `bytes` (name and value).
+    One { bytes: usize },
+    /// The whole map replaced by `fields` fields of `bytes`.
+    All { fields: usize, bytes: usize },
+}
+
+/// Calls `f` with a writable view of `map` (BAD_ARGUMENT outside its window, or
+/// past the quota: see [`Growth`]). `managed`: the edit may touch a field the
+/// proxy manages (`sluice_filter::is_proxy_managed`).
 fn with_map_mut<R>(
     st: &mut VmState,
     map: i32,
     managed: bool,
+    growth: Growth,
     f: impl FnOnce(&mut MapMut<'_>) -> Result<R, Status>,
 ) -> Result<R, Status> {
     let kind = MapType::from_u32(map as u32).ok_or(Status::BadArgument)?;
@@ -63,6 +79,7 @@ fn with_map_mut<R>(
         tracing::warn!(plugin = %plugin.name, callback = callback.name(), map, "header map is not writable here");
         return Err(Status::BadArgument);
     };
+    let written = ctx.header_bytes_written;
     let mut map_mut = match kind {
         MapType::HttpRequestHeaders if live.request_owner == id => {
             // An edit of a field the proxy manages moves those it kept aside
@@ -86,11 +103,34 @@ fn with_map_mut<R>(
         tracing::warn!(plugin = %plugin.name, callback = callback.name(), map, "header map is not writable in this callback");
         return Err(Status::BadArgument);
     };
-    let edited = kind == MapType::HttpRequestHeaders;
-    let result = f(map_mut);
-    if edited && result.is_ok() {
-        ctx.req_edited = true;
-        ctx.req_fields_edited |= managed;
+    let (fields, bytes) = match growth {
+        Growth::Nothing => (0, 0),
+        Growth::One { bytes } => (map_mut.len().saturating_add(1), bytes),
+        Growth::All { fields, bytes } => (fields, bytes),
+    };
+    let cap = usize::try_from(plugin.limits.memory_bytes).unwrap_or(usize::MAX);
+    let over = fields > MAX_GUEST_FIELDS || written.saturating_add(bytes) > cap;
+    let result = if over { Err(Status::BadArgument) } else { f(map_mut) };
+    if over {
+        if !std::mem::replace(&mut ctx.quota_hit, true) {
+            tracing::warn!(
+                plugin = %plugin.name,
+                callback = callback.name(),
+                map,
+                fields,
+                bytes_written = written.saturating_add(bytes),
+                "header map write refused: over the quota ({MAX_GUEST_FIELDS} fields per map, \
+                 limits.memory_bytes ({cap}) bytes written per request)"
+            );
+        }
+        return result;
+    }
+    if result.is_ok() {
+        ctx.header_bytes_written = written.saturating_add(bytes);
+        if kind == MapType::HttpRequestHeaders {
+            ctx.req_edited = true;
+            ctx.req_fields_edited |= managed;
+        }
     }
     result
 }
@@ -171,7 +211,8 @@ pub(super) fn write_value(
     let (data, st) = mem.data_and_store_mut(&mut *c);
     let key = slice(data, kp, kn)?;
     let value = slice(data, vp, vn)?;
-    with_map_mut(st, map, sluice_filter::is_proxy_managed(key), |m| m.write(key, value, how))?;
+    let growth = Growth::One { bytes: key.len().saturating_add(value.len()) };
+    with_map_mut(st, map, sluice_filter::is_proxy_managed(key), growth, |m| m.write(key, value, how))?;
     Ok(())
 }
 
@@ -179,7 +220,7 @@ pub(super) fn remove_value(c: &mut Caller<'_, VmState>, map: i32, kp: i32, kn: i
     let mem = memory(c)?;
     let (data, st) = mem.data_and_store_mut(&mut *c);
     let key = slice(data, kp, kn)?;
-    with_map_mut(st, map, sluice_filter::is_proxy_managed(key), |m| {
+    with_map_mut(st, map, sluice_filter::is_proxy_managed(key), Growth::Nothing, |m| {
         m.remove(key);
         Ok(())
     })?;
@@ -192,7 +233,8 @@ pub(super) fn set_pairs(c: &mut Caller<'_, VmState>, map: i32, p: i32, n: i32) -
     let bytes = slice(data, p, n)?;
     let pairs = sluice_abi::pairs::decode(bytes).map_err(|_| Status::BadArgument)?;
     // The whole map is replaced: the kept fields go with it unless given back.
-    with_map_mut(st, map, true, |m| m.replace_all(&pairs))?;
+    let growth = Growth::All { fields: pairs.len(), bytes: bytes.len() };
+    with_map_mut(st, map, true, growth, |m| m.replace_all(&pairs))?;
     Ok(())
 }
 

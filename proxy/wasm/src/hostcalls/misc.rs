@@ -1,9 +1,11 @@
 //! Logging, time, timers, contexts, status, properties, metrics, shared data
 //! and shared queues.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_abi::{LogLevel, MetricType, Status, foreign};
+use tracing::Level;
 use tracing::level_filters::LevelFilter;
 use wasmtime::Caller;
 
@@ -21,13 +23,17 @@ pub(super) fn log(c: &mut Caller<'_, VmState>, level: i32, p: i32, n: i32) -> Ho
     let plugin = &*st.plugin.name;
     let keep = st.log.capture.is_some() || level == LogLevel::Critical;
     if keep {
-        let msg = String::from_utf8_lossy(bytes);
+        let msg = clip(bytes);
         st.log.capture(level_name(level), &msg);
         if level == LogLevel::Critical {
             st.log.fatal(&msg);
         }
     }
-    let msg = || String::from_utf8_lossy(bytes);
+    // Only lines the subscriber would emit count against the callback's quota.
+    if !enabled(level) || !st.log.admit() {
+        return Ok(());
+    }
+    let msg = || clip(bytes);
     match level {
         LogLevel::Trace => tracing::trace!(target: GUEST_TARGET, plugin, "{}", msg()),
         LogLevel::Debug => tracing::debug!(target: GUEST_TARGET, plugin, "{}", msg()),
@@ -38,6 +44,32 @@ pub(super) fn log(c: &mut Caller<'_, VmState>, level: i32, p: i32, n: i32) -> Ho
         }
     }
     Ok(())
+}
+
+/// Longest guest log message emitted whole; a longer one is cut, with its size.
+const MAX_MESSAGE: usize = 16 * 1024;
+
+/// A guest's log message as text, cut at [`MAX_MESSAGE`] bytes.
+fn clip(bytes: &[u8]) -> Cow<'_, str> {
+    match bytes.get(..MAX_MESSAGE) {
+        Some(head) if bytes.len() > MAX_MESSAGE => Cow::Owned(format!(
+            "{}… [{} bytes, cut at {MAX_MESSAGE}]",
+            String::from_utf8_lossy(head),
+            bytes.len()
+        )),
+        _ => String::from_utf8_lossy(bytes),
+    }
+}
+
+/// Whether the subscriber emits guest lines of this level.
+fn enabled(level: LogLevel) -> bool {
+    match level {
+        LogLevel::Trace => tracing::enabled!(target: GUEST_TARGET, Level::TRACE),
+        LogLevel::Debug => tracing::enabled!(target: GUEST_TARGET, Level::DEBUG),
+        LogLevel::Info => tracing::enabled!(target: GUEST_TARGET, Level::INFO),
+        LogLevel::Warn => tracing::enabled!(target: GUEST_TARGET, Level::WARN),
+        LogLevel::Error | LogLevel::Critical => tracing::enabled!(target: GUEST_TARGET, Level::ERROR),
+    }
 }
 
 fn level_name(level: LogLevel) -> &'static str {
@@ -335,4 +367,26 @@ pub(super) fn get_metric(c: &mut Caller<'_, VmState>, id: i32, ret: i32) -> Host
         GuestMetric::Histogram(_) => return Err(Status::BadArgument.into()),
     };
     store_u64(c, ret, value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_log_message_is_cut_with_its_size() {
+        assert_eq!(clip(b"short"), "short");
+        let long = vec![b'a'; MAX_MESSAGE + 10];
+        let cut = clip(&long);
+        assert!(cut.starts_with(&"a".repeat(MAX_MESSAGE)), "kept the head");
+        assert!(
+            cut.ends_with(&format!("… [{} bytes, cut at {MAX_MESSAGE}]", MAX_MESSAGE + 10)),
+            "{}",
+            &cut[MAX_MESSAGE..]
+        );
+        assert_eq!(
+            cut.len(),
+            MAX_MESSAGE + format!("… [{} bytes, cut at {MAX_MESSAGE}]", MAX_MESSAGE + 10).len()
+        );
+    }
 }

@@ -64,6 +64,10 @@ pub(super) fn send_local_response(
     let body = Bytes::copy_from_slice(slice(data, body.0, body.1)?);
     let pairs =
         sluice_abi::pairs::decode(slice(data, headers.0, headers.1)?).map_err(|_| Status::BadArgument)?;
+    if pairs.len() > crate::headers::MAX_GUEST_FIELDS {
+        tracing::warn!(plugin = %st.plugin.name, fields = pairs.len(), "proxy_send_local_response: too many header fields");
+        return Err(Status::BadArgument.into());
+    }
     let mut hdrs = Vec::with_capacity(pairs.len());
     for (k, v) in pairs {
         if k.first() == Some(&b':') {

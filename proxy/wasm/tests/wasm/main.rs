@@ -1,12 +1,14 @@
 //! Integration tests of the wasm host: one binary, a module per topic.
 //!
 //! `sandbox` drives inline WAT modules (traps, deadlines, memory, hostile host
-//! calls, admission); `sdk` drives filters written against the upstream
+//! calls, admission); `quotas` what a guest can make the host hold, and the
+//! VM pool; `sdk` drives filters written against the upstream
 //! `proxy-wasm` crate 0.2.5 (`tests/fixtures`), built once per run, against a
 //! real hyper server for callouts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod loading;
+mod quotas;
 mod sandbox;
 mod sdk;

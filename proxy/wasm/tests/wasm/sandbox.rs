@@ -10,7 +10,7 @@ use crate::common::{Exchange, host, metric, run, spec};
 
 /// A minimal proxy-wasm module. `imports` adds imports, `headers` is the body of
 /// `proxy_on_request_headers (ctx, n, eos) -> action`, `extra` adds items.
-fn module(imports: &str, headers: &str, extra: &str) -> Vec<u8> {
+pub(crate) fn module(imports: &str, headers: &str, extra: &str) -> Vec<u8> {
     let src = format!(
         r#"(module
   (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))

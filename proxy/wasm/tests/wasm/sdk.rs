@@ -1,7 +1,7 @@
 //! Filters written against the upstream `proxy-wasm` crate 0.2.5, driven through
 //! `HttpFilter` on a worker-like runtime, with callouts to a real hyper server.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -9,7 +9,9 @@ use sluice_filter::{
     BodyAction, BodyBuf, EncodedFields, FilterErrorKind, FilterFactory, HeadersAction, ResponseHead,
 };
 
-use crate::common::{Exchange, TestCallouts, backend, fixture, host, host_with, metric, run, spec};
+use crate::common::{
+    Exchange, TestCallouts, backend, captured_logs, fixture, host, host_with, metric, run, spec,
+};
 
 fn header(ex: &Exchange, name: &str) -> String {
     ex.req.headers.get(name).map(|v| v.to_str().unwrap_or_default().to_string()).unwrap_or_default()
@@ -260,36 +262,6 @@ fn properties() {
         let (ex, _) = get(&factory, "http://a.test/props").await;
         assert_eq!(header(&ex, "x-props"), "sink|127.0.0.1:40000|40000|req-1|/props|true|set");
     });
-}
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The process-wide log capture (a scoped subscriber races with callsite
-/// interest caching when tests run in parallel, so the capture is global).
-fn captured_logs() -> &'static Captured {
-    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-    CAPTURED.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("global subscriber");
-        captured
-    })
 }
 
 #[test]
