@@ -182,7 +182,8 @@ pub(super) fn set_property(c: &mut Caller<'_, VmState>, pp: i32, pn: i32, vp: i3
     let path = slice(data, pp, pn)?;
     let path = path.strip_suffix(&[0]).unwrap_or(path).to_vec();
     let value = slice(data, vp, vn)?.to_vec();
-    if value.len() > crate::shared::MAX_VALUE_BYTES {
+    // 256 entries per context (below) of at most 1 MiB each, path and value.
+    if value.len() > crate::shared::MAX_VALUE_BYTES || path.len() > crate::shared::MAX_VALUE_BYTES {
         return Err(Status::BadArgument.into());
     }
     let id = st.frame.effective;

@@ -8,7 +8,7 @@ use sluice_filter::{FilterErrorKind, FilterFactory, HeadersAction};
 use sluice_wasm::{HostOptions, WasmHost};
 
 use crate::common::{Exchange, TestCallouts, captured_logs, host, metric, run, spec};
-use crate::sandbox::module;
+use crate::sandbox::{checks_pass, module};
 
 #[test]
 fn header_writes_past_the_quota_are_refused_not_a_panic() {
@@ -112,19 +112,24 @@ fn a_vm_has_at_most_1024_callouts_in_flight() {
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
       (br_if $l (i32.lt_u (local.get $i) (i32.const 1100))))
     (i32.const 0)"#;
-    let extra = r#"
-  (func $expect (param $got i32) (param $want i32)
-    (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
-  (data (i32.const 16) "c")
+    // Cluster `c`, and the serialized pairs `:method: GET`, `:path: /`, `:authority: a`.
+    let data = r#"(data (i32.const 16) "c")
   (data (i32.const 256) "\03\00\00\00\07\00\00\00\03\00\00\00\05\00\00\00\01\00\00\00\0a\00\00\00\01\00\00\00:method\00GET\00:path\00/\00:authority\00a\00")"#;
-    let bytes = module(imports, headers, extra);
-    let (host, _) = host();
-    let factory = host.load_bytes(&spec("caller"), &bytes, &["c".to_string()]).expect("load");
-    run(async {
-        let mut ex = Exchange::new(&factory, "http://a.test/");
-        assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
-    });
-    assert_eq!(factory.status()["traps"], serde_json::json!({}));
+    checks_pass("caller", imports, headers, data, &["c".to_string()]);
+}
+
+#[test]
+fn a_property_path_or_value_over_1_mib_is_refused() {
+    let imports = r#"
+  (import "env" "proxy_set_property" (func $set (param i32 i32 i32 i32) (result i32)))"#;
+    // Memory grows to ~2.1 MiB; paths and values over 1 MiB are refused (a path after its trailing NUL is cut)
+    // (BAD_ARGUMENT), a small one is set; anything else traps.
+    let headers = r#"(drop (memory.grow (i32.const 32)))
+    (call $expect (call $set (i32.const 4096) (i32.const 1048600) (i32.const 16) (i32.const 1)) (i32.const 2))
+    (call $expect (call $set (i32.const 16) (i32.const 3) (i32.const 4096) (i32.const 1048600)) (i32.const 2))
+    (call $expect (call $set (i32.const 16) (i32.const 3) (i32.const 16) (i32.const 1)) (i32.const 0))
+    (i32.const 0)"#;
+    checks_pass("setter", imports, headers, r#"(data (i32.const 16) "abc")"#, &[]);
 }
 
 #[test]

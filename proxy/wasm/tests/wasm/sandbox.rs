@@ -46,6 +46,28 @@ fn load_err(bytes: &[u8]) -> String {
     }
 }
 
+/// Runs one request through a module whose `on_request_headers` is `checks`:
+/// host calls wrapped in `(call $expect CALL WANTED_STATUS)`, which traps on
+/// any other status. Passes when the request continues without a trap.
+/// `data` adds data segments; `clusters` are the callout clusters.
+pub(crate) fn checks_pass(name: &str, imports: &str, checks: &str, data: &str, clusters: &[String]) {
+    let extra = format!(
+        r#"
+  (func $expect (param $got i32) (param $want i32)
+    (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
+  {data}"#
+    );
+    let bytes = module(imports, checks, &extra);
+    let (host, _) = host();
+    let factory = host.load_bytes(&spec(name), &bytes, clusters).expect("load");
+    run(async {
+        let mut ex = Exchange::new(&factory, "http://a.test/");
+        let action = ex.request_headers(true).await.expect("no trap");
+        assert!(matches!(action, HeadersAction::Continue));
+    });
+    assert_eq!(factory.status()["traps"], serde_json::json!({}));
+}
+
 #[test]
 fn worker_vm_start_observes_instantiate_and_start_time() {
     let (host, registry) = host();
@@ -279,18 +301,7 @@ fn hostile_pointers_get_invalid_memory_access() {
     (call $expect (call $call (i32.const 16) (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 10) (i32.const -4)) (i32.const 6))
     (call $expect (call $fd_write (i32.const 1) (i32.const -8) (i32.const 1) (i32.const 8)) (i32.const 21))
     (i32.const 0)"#;
-    let extra = r#"
-  (func $expect (param $got i32) (param $want i32)
-    (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
-  (data (i32.const 16) "abc")"#;
-    let bytes = module(imports, headers, extra);
-    let (host, _) = host();
-    let factory = host.load_bytes(&spec("hostile"), &bytes, &[]).expect("load");
-    run(async {
-        let mut ex = Exchange::new(&factory, "http://a.test/");
-        let action = ex.request_headers(true).await.expect("no trap");
-        assert!(matches!(action, HeadersAction::Continue));
-    });
+    checks_pass("hostile", imports, headers, r#"(data (i32.const 16) "abc")"#, &[]);
 }
 
 #[test]
