@@ -230,6 +230,40 @@ fn infinite_loop_ends_within_budget() {
 }
 
 #[test]
+fn a_request_paused_forever_ends_at_the_pause_timeout() {
+    // `on_request_headers` pauses and nothing ever resumes it (no callout, no
+    // continue): the request fails by its policy when `pause_timeout` passes.
+    let bytes = module("", "(i32.const 1)", "");
+    let mut s = spec("sleeper");
+    s.limits.pause_timeout = Duration::from_millis(100);
+    let (host, registry) = host();
+    let factory = host.load_bytes(&s, &bytes, &[]).expect("load");
+    run(async {
+        for round in 1..=2 {
+            let mut ex = Exchange::new(&factory, "http://a.test/");
+            let started = Instant::now();
+            let err = ex.request_headers(true).await.expect_err("pause timeout");
+            let elapsed = started.elapsed();
+            assert_eq!((err.kind, err.callback), (FilterErrorKind::Timeout, "on_request_headers"));
+            assert!(err.reason.contains("100 ms pause_timeout"), "{}", err.reason);
+            assert!(elapsed >= Duration::from_millis(100) && elapsed < Duration::from_secs(2), "{elapsed:?}");
+            ex.log();
+            let timeouts =
+                metric(&registry, "sluice_wasm_timeouts_total", r#"plugin="sleeper",what="pause""#);
+            assert_eq!(timeouts, Some(f64::from(round)));
+        }
+    });
+    // A pause timeout is the request's, not the VM's: nothing trapped, the VM serves on.
+    let status = factory.status();
+    assert_eq!(
+        (status["state"].as_str(), status["pause_timeouts"].as_u64()),
+        (Some("ok"), Some(2)),
+        "{status}"
+    );
+    assert_eq!(status["traps"], serde_json::json!({}));
+}
+
+#[test]
 fn memory_growth_past_the_cap_is_refused() {
     // Grows by 2000 pages (125 MiB) over an 8 MiB cap: memory.grow returns -1,
     // which the guest checks; then it traps as a Rust allocator would.
