@@ -245,12 +245,12 @@ fn cached_name(key: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName
     })
 }
 
-/// A writable header map.
 /// Most fields a map written by a guest may hold, and most pairs a guest may hand
 /// over in one call: far above any real head (Envoy's codecs default to 100),
 /// well below the `http` crate's own limit (~24k fields), past which its maps panic.
 pub(crate) const MAX_GUEST_FIELDS: usize = 8192;
 
+/// A writable header map.
 pub(crate) enum MapMut<'a> {
     Request(&'a mut request::Parts),
     Response(&'a mut ResponseHead),

@@ -286,7 +286,7 @@ const MAX_CAPTURED_LINES: usize = 32;
 const MAX_LINE: usize = 2048;
 /// Most log lines (`proxy_log`, stdout, stderr) one callback may emit: a guest
 /// logging in a loop cannot flood the proxy's log. The rest are counted.
-pub(crate) const MAX_LINES_PER_CALLBACK: u32 = 100;
+const MAX_LINES_PER_CALLBACK: u32 = 100;
 
 impl LogState {
     /// Counts a line the subscriber would emit: whether it may be.
@@ -314,12 +314,9 @@ impl LogState {
     }
 }
 
-/// At the end of a callback: reports the log lines it dropped, if any.
+/// At the end of a callback that dropped log lines: counts and reports them.
 pub(crate) fn report_dropped_lines(st: &mut VmState, callback: Callback) {
     let dropped = std::mem::take(&mut st.log.dropped);
-    if dropped == 0 {
-        return;
-    }
     let plugin = &*st.plugin.name;
     st.plugin.host.metrics.log_dropped.with_label_values(&[plugin]).inc_by(u64::from(dropped));
     tracing::warn!(

@@ -129,14 +129,9 @@ impl Vm {
         let instance = module.pre.instantiate(&mut store).map_err(|e| {
             if e.is::<wasmtime::PoolConcurrencyLimitError>() {
                 // Not the module's fault: every slot of the VM pool is taken.
-                VmFailure {
-                    kind: FilterErrorKind::Unavailable,
-                    label: POOL_EXHAUSTED,
-                    callback: Callback::Initialize,
-                    message: format!(
-                        "the wasm VM pool is full ({e:#}); raise max_instances or load fewer filters"
-                    ),
-                }
+                let message =
+                    format!("the wasm VM pool is full ({e:#}); raise max_instances or load fewer filters");
+                VmFailure { label: POOL_EXHAUSTED, ..fail(Callback::Initialize, message) }
             } else {
                 fail(Callback::Initialize, format!("cannot instantiate: {e:#}"))
             }

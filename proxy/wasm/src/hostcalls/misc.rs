@@ -22,25 +22,28 @@ pub(super) fn log(c: &mut Caller<'_, VmState>, level: i32, p: i32, n: i32) -> Ho
     let bytes = slice(data, p, n)?;
     let plugin = &*st.plugin.name;
     let keep = st.log.capture.is_some() || level == LogLevel::Critical;
+    // Only lines the subscriber would emit count against the callback's quota.
+    let emit = enabled(level) && st.log.admit();
+    if !keep && !emit {
+        return Ok(());
+    }
+    let msg = clip(bytes);
     if keep {
-        let msg = clip(bytes);
         st.log.capture(level_name(level), &msg);
         if level == LogLevel::Critical {
             st.log.fatal(&msg);
         }
     }
-    // Only lines the subscriber would emit count against the callback's quota.
-    if !enabled(level) || !st.log.admit() {
+    if !emit {
         return Ok(());
     }
-    let msg = || clip(bytes);
     match level {
-        LogLevel::Trace => tracing::trace!(target: GUEST_TARGET, plugin, "{}", msg()),
-        LogLevel::Debug => tracing::debug!(target: GUEST_TARGET, plugin, "{}", msg()),
-        LogLevel::Info => tracing::info!(target: GUEST_TARGET, plugin, "{}", msg()),
-        LogLevel::Warn => tracing::warn!(target: GUEST_TARGET, plugin, "{}", msg()),
+        LogLevel::Trace => tracing::trace!(target: GUEST_TARGET, plugin, "{msg}"),
+        LogLevel::Debug => tracing::debug!(target: GUEST_TARGET, plugin, "{msg}"),
+        LogLevel::Info => tracing::info!(target: GUEST_TARGET, plugin, "{msg}"),
+        LogLevel::Warn => tracing::warn!(target: GUEST_TARGET, plugin, "{msg}"),
         LogLevel::Error | LogLevel::Critical => {
-            tracing::error!(target: GUEST_TARGET, plugin, level = level_name(level), "{}", msg())
+            tracing::error!(target: GUEST_TARGET, plugin, level = level_name(level), "{msg}")
         }
     }
     Ok(())
@@ -51,14 +54,10 @@ const MAX_MESSAGE: usize = 16 * 1024;
 
 /// A guest's log message as text, cut at [`MAX_MESSAGE`] bytes.
 fn clip(bytes: &[u8]) -> Cow<'_, str> {
-    match bytes.get(..MAX_MESSAGE) {
-        Some(head) if bytes.len() > MAX_MESSAGE => Cow::Owned(format!(
-            "{}… [{} bytes, cut at {MAX_MESSAGE}]",
-            String::from_utf8_lossy(head),
-            bytes.len()
-        )),
-        _ => String::from_utf8_lossy(bytes),
-    }
+    let Some(head) = bytes.get(..MAX_MESSAGE).filter(|_| bytes.len() > MAX_MESSAGE) else {
+        return String::from_utf8_lossy(bytes);
+    };
+    Cow::Owned(format!("{}… [{} bytes, cut at {MAX_MESSAGE}]", String::from_utf8_lossy(head), bytes.len()))
 }
 
 /// Whether the subscriber emits guest lines of this level.
