@@ -394,14 +394,39 @@ fn call_in<R>(
         st.log.lines = 0;
         st.limiter.oom = false;
     }
-    let result = f(store);
+    // A host call that panics (a Sluice bug) unwinds through the guest's frames
+    // to here: wasmtime resumes the panic past them. The guest is left
+    // mid-callback (its shadow stack not popped), so the VM fails like a trap,
+    // and is never called again, instead of unwinding into the connection task.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *store)));
     let st = store.data_mut();
     st.frame = CallFrame { callback: Callback::None, ctx: 0, effective: 0 };
     crate::wasi::flush_lines(st);
     if st.log.dropped > 0 {
         crate::state::report_dropped_lines(st, callback);
     }
-    result.map_err(|e| classify(store.data(), callback, e))
+    match result {
+        Ok(result) => result.map_err(|e| classify(store.data(), callback, e)),
+        Err(payload) => Err(host_panic(callback, payload.as_ref())),
+    }
+}
+
+/// [`VmFailure::label`] of a VM whose host call panicked.
+pub(crate) const HOST_PANIC: &str = "host_panic";
+
+/// The failure of a callback in which a host call panicked with `payload`.
+fn host_panic(callback: Callback, payload: &(dyn std::any::Any + Send)) -> VmFailure {
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    VmFailure {
+        kind: FilterErrorKind::Internal,
+        label: HOST_PANIC,
+        callback,
+        message: format!("a host call panicked ({what}): a Sluice bug; the VM is discarded"),
+    }
 }
 
 /// A [`Rare`] callback, resolved now if this is its first call.
@@ -515,7 +540,8 @@ fn classify(state: &VmState, callback: Callback, err: wasmtime::Error) -> VmFail
                 trap.map_or_else(|| format!("{err:#}"), |t| t.to_string())
             )
         }
-        (_, Some(t)) => format!("wasm trap: {t}"),
+        // wasmtime's own text already reads "wasm trap: …".
+        (_, Some(t)) => t.to_string(),
         (_, None) => format!("{err:#}"),
     };
     let message = match &state.log.last_fatal {
@@ -532,6 +558,89 @@ pub(crate) fn ticks_for(budget: Duration, tick: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use bytes::Bytes;
+    use sluice_config::{FailPolicy, FilterSpec, ReloadPolicy};
+    use sluice_filter::{CalloutClient, CalloutError, CalloutResponse, LocalBoxFuture, StreamInfo};
+
+    struct NoCallouts;
+
+    impl CalloutClient for NoCallouts {
+        fn call(
+            &self,
+            cluster: &str,
+            _: http::Request<Bytes>,
+            _: Duration,
+        ) -> LocalBoxFuture<'static, Result<CalloutResponse, CalloutError>> {
+            let cluster = cluster.to_owned();
+            Box::pin(async move { Err(CalloutError::UnknownCluster(cluster)) })
+        }
+    }
+
+    /// A host call that panics (here the test build's hook; in the field a
+    /// Sluice bug, such as the `fd_write` overflow the fuzzer found) fails the
+    /// VM like a trap: the request gets the fail policy's answer, nothing
+    /// unwinds into the worker, and the next request gets a fresh VM.
+    #[test]
+    #[allow(clippy::expect_used)]
+    fn a_panicking_host_call_fails_the_vm_not_the_worker() {
+        let wat = format!(
+            r#"(module
+              (import "env" "{hook}" (func $panic (result i32)))
+              (memory (export "memory") 1)
+              (func (export "proxy_abi_version_0_2_1"))
+              (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+              (func (export "proxy_on_context_create") (param i32 i32))
+              (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                ;; Panics for a request with a body to come.
+                (if (i32.eqz (local.get 2)) (then (drop (call $panic))))
+                (i32.const 0)))"#,
+            hook = crate::hostcalls::TEST_PANIC
+        );
+        let bytes = wat::parse_str(wat).expect("wat");
+        let registry = prometheus::Registry::new();
+        let host = crate::WasmHost::new(crate::HostOptions::default(), &registry, Arc::new(NoCallouts))
+            .expect("host");
+        let reload = ReloadPolicy { base: Duration::ZERO, ..ReloadPolicy::default() };
+        let spec = FilterSpec {
+            name: "panicky".into(),
+            module: "inline.wasm".into(),
+            root_id: String::new(),
+            vm_config: None,
+            config: None,
+            fail_policy: FailPolicy::Reload(reload),
+            limits: Default::default(),
+            env: Default::default(),
+        };
+        let factory = host.load_bytes(&spec, &bytes, &[]).expect("load");
+        let info = StreamInfo::new(
+            "req-1",
+            1,
+            "127.0.0.1:40000".parse().expect("addr"),
+            "127.0.0.1:8080".parse().expect("addr"),
+            Arc::from("main"),
+            http::Version::HTTP_11,
+            Instant::now(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let (factory, info) = (&factory, &info);
+        let (first, second) = tokio::task::LocalSet::new().block_on(&rt, async {
+            let one = |end_of_stream: bool| async move {
+                let mut filter = factory.new_filter(info);
+                let (mut req, ()) = http::Request::new(()).into_parts();
+                sluice_filter::request_headers(&mut *filter, &mut req, info, end_of_stream).await
+            };
+            (one(false).await, one(true).await)
+        });
+        let err = first.expect_err("the panic fails the request");
+        assert_eq!(err.kind, FilterErrorKind::Internal);
+        assert_eq!(err.callback, "on_request_headers");
+        assert!(err.reason.contains("a host call panicked (the test hook panics)"), "{}", err.reason);
+        assert!(second.is_ok(), "a fresh VM serves the next request: {second:?}");
+        let status = factory.status();
+        assert_eq!(status["traps"], serde_json::json!({ HOST_PANIC: 1 }), "{status}");
+        assert_eq!(status["reloads"], 1, "{status}");
+    }
 
     #[test]
     fn deadline_is_budget_plus_one_tick() {

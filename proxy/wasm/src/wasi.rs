@@ -51,6 +51,11 @@ const NOTSUP: i32 = 58;
 const MAX_RANDOM: usize = 64 * 1024;
 /// Longest line kept in a stdout/stderr buffer.
 const MAX_LINE: usize = 4096;
+/// Bytes one `fd_write` takes at most; the rest is a short write, which
+/// callers loop on. Host code runs past the epoch deadline, and iovecs may
+/// all point at the same memory: uncapped, one call could make the host read
+/// terabytes.
+const MAX_WRITE: u32 = 1 << 20;
 
 type C<'a> = Caller<'a, VmState>;
 
@@ -142,7 +147,8 @@ fn environ_get(c: &mut C<'_>, ptrs: i32, buf: i32) -> Result<(), i32> {
     let area = range(data.len(), buf, total as i32).map_err(fault)?;
     let mut at = area.start;
     for (i, e) in env.iter().enumerate() {
-        write_u32(data, ptrs + (i as i32) * 4, at as u32).map_err(fault)?;
+        // In u32 arithmetic: a pointer past 2 GiB is negative as an i32.
+        write_u32(data, (ptrs as u32).wrapping_add(4 * i as u32) as i32, at as u32).map_err(fault)?;
         data[at..at + e.len()].copy_from_slice(e.as_bytes());
         data[at + e.len()] = 0;
         at += e.len() + 1;
@@ -171,17 +177,22 @@ fn fd_write(c: &mut C<'_>, fd: i32, iovs: i32, n: i32, ret: i32) -> Result<(), i
     let mem = memory(c).map_err(fault)?;
     let (data, st) = mem.data_and_store_mut(&mut *c);
     range(data.len(), ret, 4).map_err(fault)?;
-    let count = n as u32 as usize;
-    let table = range(data.len(), iovs, (count.checked_mul(8).ok_or(FAULT)?) as i32).map_err(fault)?;
+    // The iovec table's size in 64-bit arithmetic: `n` up to 2^32 - 1 entries of
+    // 8 bytes must not wrap to a small length (the fuzzer found that one).
+    let table_len = u32::try_from(u64::from(n as u32) * 8).map_err(fault)?;
+    let table = range(data.len(), iovs, table_len as i32).map_err(fault)?;
     let mut written = 0u32;
-    for i in 0..count {
-        let at = table.start + i * 8;
-        let ptr = u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as i32;
-        let len = u32::from_le_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]) as i32;
-        let r = range(data.len(), ptr, len).map_err(fault)?;
-        written = written.saturating_add(len as u32);
-        for &b in &data[r] {
+    for at in table.step_by(8) {
+        let word = |at: usize| data.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+        let (Some(ptr), Some(len)) = (word(at), word(at + 4)) else { return Err(FAULT) };
+        let r = range(data.len(), ptr as i32, len as i32).map_err(fault)?;
+        let take = len.min(MAX_WRITE - written);
+        for &b in &data[r.start..r.start + take as usize] {
             line_byte(st, fd, b);
+        }
+        written += take;
+        if written == MAX_WRITE {
+            break;
         }
     }
     write_u32(data, ret, written).map_err(fault)

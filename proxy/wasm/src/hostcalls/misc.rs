@@ -248,7 +248,7 @@ pub(super) fn register_queue(c: &mut Caller<'_, VmState>, p: i32, n: i32, ret: i
         st.deferred.push(Deferred::Mailbox(rx));
     }
     let Some(tx) = st.mailbox.as_ref() else { return Err(Status::InternalFailure.into()) };
-    let id = st.plugin.host.shared.register_queue(&st.plugin.name, name, tx);
+    let id = st.plugin.host.shared.register_queue(&st.plugin.name, name, tx)?;
     write_u32(data, ret, id)?;
     Ok(())
 }

@@ -66,6 +66,11 @@ pub(crate) const ENV_IMPORTS: &[&str] = &[
     "pthread_equal",
 ];
 
+/// Test builds only: an `env` import whose host function panics, standing for a
+/// host-call bug (see `vm::call_in`).
+#[cfg(test)]
+pub(crate) const TEST_PANIC: &str = "sluice_test_panic";
+
 /// Module names the WASI subset is registered under.
 pub(crate) const WASI_MODULES: &[&str] = &["wasi_snapshot_preview1", "wasi_unstable"];
 
@@ -78,6 +83,8 @@ type C<'a> = Caller<'a, VmState>;
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<VmState>> {
     let mut l = Linker::new(engine);
     let m = "env";
+    #[cfg(test)]
+    l.func_wrap(m, TEST_PANIC, |_: C<'_>| -> i32 { panic!("the test hook panics") })?;
     // Logging, time, contexts.
     l.func_wrap(m, "proxy_log", |mut c: C<'_>, level: i32, p: i32, n: i32| {
         status(misc::log(&mut c, level, p, n))

@@ -2,12 +2,13 @@
 //!
 //! `sandbox` drives inline WAT modules (traps, deadlines, memory, hostile host
 //! calls, admission); `quotas` what a guest can make the host hold, and the
-//! VM pool; `sdk` drives filters written against the upstream
+//! VM pool; `fuzz` random host-call sequences with hostile arguments; `sdk` drives filters written against the upstream
 //! `proxy-wasm` crate 0.2.5 (`tests/fixtures`), built once per run, against a
 //! real hyper server for callouts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod fuzz;
 mod loading;
 mod quotas;
 mod sandbox;

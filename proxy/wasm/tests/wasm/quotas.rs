@@ -1,5 +1,5 @@
-//! Quotas: what a guest can make the host hold (header maps, log lines), and
-//! the VM pool.
+//! Quotas: what a guest can make the host hold (header maps, log lines) or
+//! do in one host call (`fd_write`), and the VM pool.
 
 use std::sync::Arc;
 
@@ -185,4 +185,23 @@ fn a_full_vm_pool_answers_fast_and_a_freed_slot_serves_again() {
     assert_eq!(closed.status()["vms"], 1);
     assert!(matches!(request(&open), Ok(HeadersAction::Continue)), "the slot is taken again");
     assert_eq!(metric(&registry, "sluice_wasm_vm_pool_exhausted_total", r#"plugin="open""#), Some(2.0));
+}
+
+/// Host code runs past the epoch deadline, so one host call must be bounded
+/// work: 8,191 iovecs all pointing at the same 64 KiB (512 MiB in all) are
+/// written 1 MiB at most, a short write the guest's libc loops on.
+#[test]
+fn one_fd_write_takes_at_most_1_mib() {
+    let imports = r#"
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))"#;
+    let checks = "(local $i i32)
+    (loop $fill
+      (i32.store (i32.add (i32.const 65536) (i32.mul (local.get $i) (i32.const 8))) (i32.const 0))
+      (i32.store (i32.add (i32.const 65540) (i32.mul (local.get $i) (i32.const 8))) (i32.const 65536))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $fill (i32.lt_u (local.get $i) (i32.const 8191))))
+    (call $expect (call $fd_write (i32.const 2) (i32.const 65536) (i32.const 8191) (i32.const 131064)) (i32.const 0))
+    (call $expect (i32.load (i32.const 131064)) (i32.const 1048576))
+    (i32.const 0)";
+    checks_pass("writer", imports, checks, "", &[]);
 }

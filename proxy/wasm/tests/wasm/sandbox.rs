@@ -144,6 +144,7 @@ fn trap_fails_closed_and_names_plugin_and_callback() {
         assert_eq!(err.callback, "on_request_headers");
         assert!(err.reason.contains("boom"), "{}", err.reason);
         assert!(err.reason.contains("unreachable"), "{}", err.reason);
+        assert_eq!(err.reason.matches("wasm trap").count(), 1, "said once: {}", err.reason);
         // Fail closed: the VM is not reused, later requests fail too.
         let mut ex2 = Exchange::new(&factory, "http://a.test/");
         let err = ex2.request_headers(true).await.expect_err("still failed");
