@@ -172,6 +172,50 @@ async fn a_filter_answers_from_the_request_body_phase() {
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "/upload!");
 }
 
+/// The body a filter buffers (the sink pauses each body until its end) is
+/// bounded by the listener's `max_buffered_body_bytes`: past it a request gets
+/// 413 and a response 500, and the proxy serves on. Each body declares 8 KiB
+/// and sends 4 KiB, so the end never comes and only the limit can answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_buffered_past_the_limit_gets_413_or_500() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Never answers: the request side alone decides.
+    let (silent, _silent) = raw_backend(b"").await;
+    let mut response = b"HTTP/1.1 200 OK\r\nContent-Length: 8192\r\n\r\n".to_vec();
+    response.extend([b'a'; 4096]);
+    let (big, _big) = raw_backend(Box::leak(response.into_boxed_slice())).await;
+    let yaml = config(silent, &sink(), "cfg", "closed")
+        .replace("    filters:", "    limits: { max_buffered_body_bytes: 1024 }\n    filters:")
+        .replace(
+            "          - forward: { cluster: backend }",
+            "          - match: { path: /big }\n            forward: { cluster: big }\n          - forward: { cluster: backend }",
+        )
+        .replace("clusters:", &format!("clusters:\n  - name: big\n    endpoints: [\"{big}\"]"));
+    let proxy = Sluice::start(&yaml);
+    let addr = proxy.addr("main");
+
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 8192\r\n\r\n").await.unwrap();
+    s.write_all(&[b'b'; 4096]).await.unwrap();
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed without an answer: {:?}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&chunk[..n]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 413 "), "{}", String::from_utf8_lossy(&head));
+
+    // The head waits for the first body bytes, so nothing went out when the
+    // limit was hit: a 500, not a closed connection.
+    let (status, headers, _) = get(addr, "/big").await;
+    assert_eq!(status, 500, "a response body over the limit");
+    assert_eq!(headers["x-sluice-reason"], "response_too_large");
+    // The limit is the proxy's, not a filter failure.
+    let (_, _, filters) = get(proxy.admin, "/filters").await;
+    assert!(filters.contains("\"state\": \"ok\""), "{filters}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_run_without_the_pooling_allocator() {
     let backend = echo_backend().await;
@@ -246,6 +290,31 @@ async fn swapping_filter_config_under_load_fails_no_request() {
     let (status, headers, _) = get(addr, "/plain").await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-config"], "v2");
+
+    // So is a malformed module (reliability case 9): a truncated copy, then WAT
+    // text. The error names the field, the file and the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&module).unwrap();
+    for (name, content, reason) in [
+        ("truncated.wasm", &bytes[..bytes.len() / 2], "invalid module"),
+        ("text.wasm", b"(module)".as_slice(), "not a WebAssembly binary"),
+    ] {
+        let bad = dir.path().join(name);
+        std::fs::write(&bad, content).unwrap();
+        proxy.write_config(&config(backend.addr, &bad, "v3", "closed"));
+        // (Skipping any late line about an earlier file.)
+        let err = loop {
+            let rejected = proxy.wait_for("config rejected; the previous config keeps serving");
+            let err = rejected["fields"]["error"].as_str().unwrap().to_owned();
+            if err.contains(name) {
+                break err;
+            }
+        };
+        assert!(err.contains("listeners[0].filters[0]") && err.contains(reason), "{err}");
+        let (status, headers, _) = get(addr, "/plain").await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-config"], "v2", "the old chain serves");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -275,8 +275,15 @@ impl Body for FilterBody {
                 Err(f) => {
                     this.run = None;
                     this.done = true;
+                    // An error travels with the body too: a downstream writer
+                    // that has written nothing yet answers with it (a response
+                    // over the buffer limit gets its 500).
+                    let e: BoxError = match &f {
+                        Failure::Error(e) => Box::new(e.clone()),
+                        Failure::Local(_) => "stopped by filter".into(),
+                    };
                     *this.shared.failure.borrow_mut() = Some(f);
-                    return Poll::Ready(Some(Err("stopped by filter".into())));
+                    return Poll::Ready(Some(Err(e)));
                 }
             }
         }

@@ -178,6 +178,12 @@ impl ResponseWriter {
         }
     }
 
+    /// No byte of the response was written yet (the head goes out with the
+    /// first body bytes, or once the body has none ready).
+    pub(crate) fn untouched(&self) -> bool {
+        self.head_pos == 0
+    }
+
     /// Writes the head and the body until the body ends (`Ready(Ok)`), or
     /// fails. Holds the connection's core only while writing, never while
     /// polling the body (which may read the request body from it).
@@ -217,11 +223,17 @@ impl ResponseWriter {
                     }
                     Poll::Ready(Some(Err(e))) => {
                         self.body = None;
-                        return Poll::Ready(Err(ProxyError::new(
-                            Side::Upstream,
-                            ErrorKind::UpstreamReset,
-                            format!("response body: {e}"),
-                        )));
+                        // A proxy-made failure (a response filter's, or its
+                        // buffer limit) keeps its side and kind.
+                        let e = match e.downcast::<ProxyError>() {
+                            Ok(e) => *e,
+                            Err(e) => ProxyError::new(
+                                Side::Upstream,
+                                ErrorKind::UpstreamReset,
+                                format!("response body: {e}"),
+                            ),
+                        };
+                        return Poll::Ready(Err(e));
                     }
                     Poll::Pending => body_pending = true,
                 }

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use super::AcceptCtx;
 use super::conn::{Activity, Control};
 use crate::body::ProxyBody;
-use crate::error::{ProxyError, error_response};
+use crate::error::{ProxyError, Side, error_response};
 use crate::forward::{ConnInfo, handle};
 use crate::h1::Io;
 use crate::h1::request::{Core, DownstreamBody, RequestHead, parse_request};
@@ -155,6 +155,15 @@ pub(super) async fn serve(
         drop(guard);
         if let Err(e) = written {
             if let Some(e) = e {
+                // Sluice itself failed the response (a response filter, or the
+                // body it buffers past `max_buffered_body_bytes`) before a byte
+                // of it went out: answer with that error, as Envoy does before
+                // the headers are sent. Once bytes went out, closing is all
+                // that is left.
+                if e.side == Side::Internal && writer.untouched() {
+                    refuse(&core, &conn, &e, &mut writer, &mut head_buf, control).await;
+                    return None;
+                }
                 tracing::debug!(listener = %cx.name, error = %e, "downstream response failed");
             }
             return None;
@@ -262,7 +271,8 @@ async fn send(
     .await
 }
 
-/// Answers a request the codec refused (400, 431), then closes.
+/// Answers with `e` (a request the codec refused, 400 or 431, or a response
+/// Sluice failed before writing any of it), then closes.
 async fn refuse(
     core: &RefCell<Core>,
     conn: &ConnInfo,
@@ -272,7 +282,7 @@ async fn refuse(
     control: &Control,
 ) {
     conn.shared.metrics.local_replies.with_label_values(&[e.reason()]).inc();
-    tracing::debug!(listener = %conn.listener, remote = %conn.remote, error = %e, "request rejected");
+    tracing::debug!(listener = %conn.listener, remote = %conn.remote, error = %e, "answered with an error, closing");
     let (parts, body) = error_response(e, false).into_parts();
     let asked = Asked { head: false, http10: false };
     let (framing, _) = encode_head(&parts, &body, asked, false, head_buf);

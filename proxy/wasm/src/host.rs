@@ -349,7 +349,13 @@ impl FilterLoader for WasmHost {
     fn load(&self, spec: &FilterSpec, cx: &LoadContext<'_>) -> Result<Arc<dyn FilterFactory>, LoadError> {
         let span = tracing::info_span!("wasm_load", plugin = %spec.name);
         let _enter = span.enter();
-        let result = self.read_module(spec, cx).and_then(|bytes| self.load_inner(spec, &bytes, cx.clusters));
+        let result = self.read_module(spec, cx).and_then(|bytes| {
+            // The error names the module, as its read errors do.
+            self.load_inner(spec, &bytes, cx.clusters).map_err(|mut e| {
+                e.reason = format!("module `{}`: {}", spec.module, e.reason);
+                e
+            })
+        });
         self.record_load(spec, &result);
         result
     }
