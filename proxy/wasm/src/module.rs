@@ -179,17 +179,6 @@ fn detect_abi(module: &Module) -> Result<AbiVersion, String> {
     }
 }
 
-/// Test builds admit the test hook's import too.
-fn test_import(name: &str) -> bool {
-    #[cfg(test)]
-    return name == crate::hostcalls::TEST_PANIC;
-    #[cfg(not(test))]
-    {
-        let _ = name;
-        false
-    }
-}
-
 fn check_imports(module: &Module) -> Result<(), String> {
     for import in module.imports() {
         let (m, n) = (import.module(), import.name());
@@ -197,7 +186,8 @@ fn check_imports(module: &Module) -> Result<(), String> {
             return Err(format!("disallowed import `{m}::{n}`: only function imports are allowed"));
         }
         let allowed = if m == "env" {
-            ENV_IMPORTS.contains(&n) || test_import(n)
+            // Test builds admit the test hook's import too.
+            ENV_IMPORTS.contains(&n) || (cfg!(test) && n == crate::hostcalls::TEST_PANIC)
         } else if WASI_MODULES.contains(&m) {
             if !WASI_IMPORTS.contains(&n) {
                 return Err(format!(

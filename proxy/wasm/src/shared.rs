@@ -44,8 +44,6 @@ struct Scope {
 struct Queues {
     by_name: HashMap<(String, Vec<u8>), u32>,
     by_id: HashMap<u32, Queue>,
-    /// Queues per scope.
-    count: HashMap<String, usize>,
     next_id: u32,
 }
 
@@ -124,11 +122,10 @@ impl SharedState {
         let id = match q.by_name.get(&key) {
             Some(id) => *id,
             None => {
-                let count = q.count.entry(scope.to_string()).or_default();
-                if *count >= MAX_QUEUES {
+                // Counted on registration only (rare: at VM start).
+                if q.by_name.keys().filter(|(s, _)| s == scope).count() >= MAX_QUEUES {
                     return Err(Status::BadArgument);
                 }
-                *count += 1;
                 q.next_id += 1;
                 let id = q.next_id;
                 q.by_name.insert(key, id);
