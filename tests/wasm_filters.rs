@@ -211,6 +211,15 @@ async fn a_body_buffered_past_the_limit_gets_413_or_500() {
     let (status, headers, _) = get(addr, "/big").await;
     assert_eq!(status, 500, "a response body over the limit");
     assert_eq!(headers["x-sluice-reason"], "response_too_large");
+    // The request's metrics (and access log line) count the 500 that went
+    // downstream, not the upstream's 200 that never did.
+    let (_, _, metrics) = get(proxy.admin, "/metrics").await;
+    let count = |class: &str| {
+        let series = format!("sluice_requests_total{{class=\"{class}\",cluster=\"big\",");
+        metrics.lines().find(|l| l.starts_with(&series)).and_then(|l| l.rsplit(' ').next()).map(str::to_owned)
+    };
+    assert_eq!(count("5xx").as_deref(), Some("1"), "{metrics}");
+    assert_eq!(count("2xx").as_deref(), Some("0"), "{metrics}");
     // The limit is the proxy's, not a filter failure.
     let (_, _, filters) = get(proxy.admin, "/filters").await;
     assert!(filters.contains("\"state\": \"ok\""), "{filters}");

@@ -25,6 +25,15 @@ pub enum BodyEnd {
     Failed,
     /// It was dropped before its end (the peer went away).
     Dropped,
+    /// Sluice failed it before any byte of it went out and answered the
+    /// request with this error response instead (see
+    /// [`ProxyBody::end_replaced`]).
+    Replaced {
+        /// The status sent downstream.
+        status: u16,
+        /// The error's reason (`x-sluice-reason`).
+        reason: &'static str,
+    },
 }
 
 /// Runs once when a body ends: `(how, bytes)`.
@@ -155,6 +164,13 @@ impl ProxyBody {
         self
     }
 
+    /// Ends a body that failed with a Sluice-made error before any byte of it
+    /// went out, when the server answered the request with that error instead:
+    /// the finisher records the answer's status, not the abandoned one's.
+    pub(crate) fn end_replaced(mut self, status: u16, reason: &'static str) {
+        self.finish(BodyEnd::Replaced { status, reason });
+    }
+
     fn finish(&mut self, end: BodyEnd) {
         if let Some(f) = self.finisher.take() {
             f(end, self.bytes);
@@ -200,6 +216,10 @@ impl Body for ProxyBody {
                     this.finish(BodyEnd::Complete);
                 }
             }
+            // A failure Sluice made may yet be answered with an error response
+            // (HTTP/1.1, nothing written yet): whoever holds the body ends it,
+            // with `end_replaced`, or drops it.
+            Poll::Ready(Some(Err(e))) if crate::error::is_internal(&**e) => {}
             Poll::Ready(Some(Err(_))) => this.finish(BodyEnd::Failed),
             Poll::Ready(None) => this.finish(BodyEnd::Complete),
             Poll::Pending => {}

@@ -168,6 +168,13 @@ impl From<FilterError> for ProxyError {
     }
 }
 
+/// Whether a body's error is a failure Sluice made itself (a response
+/// filter's, or a buffer limit), which a server may still answer with an
+/// error response when nothing of the response went out.
+pub(crate) fn is_internal(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    e.downcast_ref::<ProxyError>().is_some_and(|e| e.side == Side::Internal)
+}
+
 /// gRPC status for an HTTP status, as Envoy maps local replies.
 pub fn grpc_status_for(status: StatusCode) -> u32 {
     match status.as_u16() {

@@ -156,10 +156,20 @@ impl Completion {
     }
 
     pub(crate) fn done(self, end: BodyEnd, bytes: u64) {
+        // Sluice answered with an error instead of the response it failed.
+        let replaced = match end {
+            BodyEnd::Replaced { status, reason } => Some((status, reason)),
+            _ => None,
+        };
         if let Some(m) = &self.metrics {
-            m.record(self.status, crate::clock::now().saturating_duration_since(self.start));
+            let status = replaced.map_or(self.status, |(s, _)| s);
+            m.record(status, crate::clock::now().saturating_duration_since(self.start));
         }
-        if let Some(l) = self.log {
+        if let Some(mut l) = self.log {
+            if let Some((status, reason)) = replaced {
+                l.status = status;
+                l.reason = Some(reason);
+            }
             l.emit(self.format, bytes, end == BodyEnd::Complete);
         }
     }

@@ -178,10 +178,13 @@ impl ResponseWriter {
         }
     }
 
-    /// No byte of the response was written yet (the head goes out with the
-    /// first body bytes, or once the body has none ready).
-    pub(crate) fn untouched(&self) -> bool {
-        self.head_pos == 0
+    /// Whether the server answers a failed response with its error instead of
+    /// closing: Sluice made the failure (a response filter, or the body it
+    /// buffers past `max_buffered_body_bytes`) and no byte of the response was
+    /// written yet (the head goes out with the first body bytes, or once the
+    /// body has none ready). Envoy does the same before the headers are sent.
+    pub(crate) fn answers(&self, e: &ProxyError) -> bool {
+        e.side == Side::Internal && self.head_pos == 0
     }
 
     /// Writes the head and the body until the body ends (`Ready(Ok)`), or
@@ -222,7 +225,7 @@ impl ResponseWriter {
                         continue;
                     }
                     Poll::Ready(Some(Err(e))) => {
-                        self.body = None;
+                        let body = self.body.take();
                         // A proxy-made failure (a response filter's, or its
                         // buffer limit) keeps its side and kind.
                         let e = match e.downcast::<ProxyError>() {
@@ -233,6 +236,11 @@ impl ResponseWriter {
                                 format!("response body: {e}"),
                             ),
                         };
+                        // The server answers with the error instead: the
+                        // request's metrics and access log say so.
+                        if let (true, Some(body)) = (self.answers(&e), body) {
+                            body.end_replaced(e.status().as_u16(), e.reason());
+                        }
                         return Poll::Ready(Err(e));
                     }
                     Poll::Pending => body_pending = true,

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use super::AcceptCtx;
 use super::conn::{Activity, Control};
 use crate::body::ProxyBody;
-use crate::error::{ProxyError, Side, error_response};
+use crate::error::{ProxyError, error_response};
 use crate::forward::{ConnInfo, handle};
 use crate::h1::Io;
 use crate::h1::request::{Core, DownstreamBody, RequestHead, parse_request};
@@ -155,12 +155,10 @@ pub(super) async fn serve(
         drop(guard);
         if let Err(e) = written {
             if let Some(e) = e {
-                // Sluice itself failed the response (a response filter, or the
-                // body it buffers past `max_buffered_body_bytes`) before a byte
-                // of it went out: answer with that error, as Envoy does before
-                // the headers are sent. Once bytes went out, closing is all
-                // that is left.
-                if e.side == Side::Internal && writer.untouched() {
+                // Sluice itself failed the response before a byte of it went
+                // out: answer with that error. Once bytes went out, closing is
+                // all that is left.
+                if writer.answers(&e) {
                     refuse(&core, &conn, &e, &mut writer, &mut head_buf, control).await;
                     return None;
                 }
