@@ -6,6 +6,13 @@
 //! ids, bytes that almost parse as a header map. The guest's allocator is
 //! hostile in some cases too (null, past the end, across the end).
 //!
+//! Calls that only do something after an earlier one (enqueue on a queue that
+//! `register_shared_queue` made, increment a metric that `define_metric`
+//! defined, cancel a callout by its token, a `set_shared_data` with the CAS a
+//! `get_shared_data` answered, a header map the host returned) are reached
+//! because most calls are wired: their answers go to a slot of their kind, and
+//! later calls read their ids, CAS values and spans from it (see [`WIRES`]).
+//!
 //! What must hold, whatever the calls:
 //! - the host never panics (proptest reports the smallest sequence that does);
 //! - every call answers a status of the ABI (a WASI errno for WASI calls): the
@@ -30,6 +37,9 @@ const MEMORY: u32 = 2 * 65536;
 const WORDS_AT: u32 = 256;
 const RANDOM_AT: u32 = 16384;
 const SCRATCH_AT: u32 = 65536;
+/// The scratch area's 8-byte slots: few, so that a later call often reads what
+/// an earlier one wrote.
+const SLOTS: u32 = 16;
 
 /// The `env` imports, each with its parameters (each answers an i32):
 /// `e` an enum value or id, `s` a span (pointer and length: two i32s), `o` an
@@ -120,13 +130,17 @@ const WORDS: &[&[u8]] = &[
     b"up",
     b"sluice.noop_http_callbacks",
     b"test.Svc",
+    b"Get",
     b"\x02\x00\x00\x00\x03\x00\x00\x00\x01\x00\x00\x00\x07\x00\x00\x00\x03\x00\x00\x00x-a\x001\x00:status\x00200\x00",
-    // A callout's head: `:method: GET`, `:path: /`, `:authority: up`.
-    b"\x03\x00\x00\x00\x07\x00\x00\x00\x03\x00\x00\x00\x05\x00\x00\x00\x01\x00\x00\x00\x0a\x00\x00\x00\x02\x00\x00\x00:method\x00GET\x00:path\x00/\x00:authority\x00up\x00",
-    // An empty map, and a u32 (a foreign function's argument, a queue item).
-    b"\x00\x00\x00\x00",
+    CALLOUT_HEAD,
+    EMPTY_MAP,
     b"\x01\x00\x00\x00",
 ];
+
+/// A callout's head: `:method: GET`, `:path: /`, `:authority: up`.
+const CALLOUT_HEAD: &[u8] = b"\x03\x00\x00\x00\x07\x00\x00\x00\x03\x00\x00\x00\x05\x00\x00\x00\x01\x00\x00\x00\x0a\x00\x00\x00\x02\x00\x00\x00:method\x00GET\x00:path\x00/\x00:authority\x00up\x00";
+/// An empty map; as a u32, 0 (a foreign function's argument, a queue item).
+const EMPTY_MAP: &[u8] = b"\x00\x00\x00\x00";
 
 /// Where each word sits (NUL-terminated, one after another), and its length.
 fn words() -> Vec<(u32, u32)> {
@@ -146,38 +160,73 @@ fn words() -> Vec<(u32, u32)> {
 const HOSTILE: &[u32] =
     &[0, MEMORY - 4, MEMORY - 1, MEMORY, MEMORY + 8, 0x7fff_ffff, 0x8000_0000, 0xffff_fff0, u32::MAX];
 
-/// A span: mostly a word (or part of one), else random bytes, else hostile.
-fn span() -> impl Strategy<Value = (u32, u32)> {
+/// An i32 argument.
+#[derive(Debug, Clone, Copy)]
+enum Arg {
+    Const(u32),
+    /// What an earlier call wrote in this scratch slot (an id, a token, a CAS
+    /// value, a pointer or a size the host returned), or 0.
+    Slot(u32),
+}
+
+impl Arg {
+    fn wat(self) -> String {
+        match self {
+            Arg::Const(v) => format!("(i32.const {})", v as i32),
+            Arg::Slot(slot) => format!("(i32.load (i32.const {}))", SCRATCH_AT + 8 * slot),
+        }
+    }
+}
+
+fn slot() -> impl Strategy<Value = Arg> {
+    (0..SLOTS).prop_map(Arg::Slot)
+}
+
+fn consts(s: impl Strategy<Value = (u32, u32)>) -> impl Strategy<Value = (Arg, Arg)> {
+    s.prop_map(|(at, len)| (Arg::Const(at), Arg::Const(len)))
+}
+
+/// A span: mostly a word (or part of one), else random bytes, else one the host
+/// returned, else hostile.
+fn span() -> impl Strategy<Value = (Arg, Arg)> {
     let spots = words();
     prop_oneof![
-        8 => proptest::sample::select(spots.clone()),
-        1 => (proptest::sample::select(spots), 0u32..4).prop_map(|((at, len), cut)| (at, len.saturating_sub(cut))),
-        1 => (0u32..512, 0u32..512).prop_map(|(at, len)| (RANDOM_AT + at, len)),
-        2 => (proptest::sample::select(HOSTILE), prop_oneof![0u32..16, proptest::sample::select(HOSTILE)]),
-        1 => (any::<u32>(), any::<u32>()),
+        8 => consts(proptest::sample::select(spots.clone())),
+        1 => consts((proptest::sample::select(spots), 0u32..4).prop_map(|((at, len), cut)| (at, len.saturating_sub(cut)))),
+        1 => consts((0u32..512, 0u32..512).prop_map(|(at, len)| (RANDOM_AT + at, len))),
+        1 => (slot(), slot()),
+        2 => consts((proptest::sample::select(HOSTILE), prop_oneof![0u32..16, proptest::sample::select(HOSTILE)])),
+        1 => consts((any::<u32>(), any::<u32>())),
     ]
 }
 
-/// An out-pointer: mostly a free 8-byte slot of the scratch area, else hostile.
+/// An out-pointer: mostly a slot of the scratch area, else hostile.
 fn out() -> impl Strategy<Value = u32> {
     prop_oneof![
-        6 => (0u32..64).prop_map(|slot| SCRATCH_AT + 8 * slot),
+        6 => (0..SLOTS).prop_map(|slot| SCRATCH_AT + 8 * slot),
         2 => proptest::sample::select(HOSTILE),
         1 => any::<u32>(),
     ]
 }
 
 /// An enum value or id: mostly small (every map, buffer and stream type, log
-/// level and context id in use; the request's own most), sometimes anything.
-fn enum_value() -> impl Strategy<Value = u32> {
-    prop_oneof![6 => 0u32..3, 3 => 0u32..10, 1 => any::<u32>()]
+/// level and context id in use; the request's own most), or one an earlier
+/// call answered, sometimes anything.
+fn enum_value() -> impl Strategy<Value = Arg> {
+    prop_oneof![
+        6 => (0u32..3).prop_map(Arg::Const),
+        3 => (0u32..10).prop_map(Arg::Const),
+        3 => slot(),
+        1 => any::<u32>().prop_map(Arg::Const),
+    ]
 }
 
-fn number() -> impl Strategy<Value = u32> {
+fn number() -> impl Strategy<Value = Arg> {
     prop_oneof![
-        4 => proptest::sample::select(vec![0, 1, 5, 10, 200, 403, 503, 1000]),
-        2 => proptest::sample::select(HOSTILE),
-        1 => any::<u32>(),
+        4 => proptest::sample::select(vec![0, 1, 5, 10, 200, 403, 503, 1000]).prop_map(Arg::Const),
+        2 => proptest::sample::select(HOSTILE).prop_map(Arg::Const),
+        1 => slot(),
+        1 => any::<u32>().prop_map(Arg::Const),
     ]
 }
 
@@ -185,30 +234,140 @@ fn long() -> impl Strategy<Value = i64> {
     prop_oneof![-2i64..4, Just(i64::MAX), Just(i64::MIN), any::<i64>()]
 }
 
+/// The slots wired calls write their answers to and read their arguments from.
+const QUEUE: u32 = 0;
+const METRIC: u32 = 1;
+const TOKEN: u32 = 2;
+const CAS: u32 = 3;
+/// A returned buffer's pointer and size (a span read from them is `(DATA, DATA + 1)`).
+const DATA: u32 = 4;
+
+/// What a wired argument does: `(import, argument position in its signature, slot)`.
+/// An out-pointer writes the slot; an id or number reads it; a span reads
+/// `DATA` and the slot after it.
+const WIRES: &[(&str, usize, u32)] = &[
+    ("proxy_register_shared_queue", 1, QUEUE),
+    ("proxy_resolve_shared_queue", 2, QUEUE),
+    ("proxy_enqueue_shared_queue", 0, QUEUE),
+    ("proxy_enqueue_shared_queue", 1, DATA),
+    ("proxy_dequeue_shared_queue", 0, QUEUE),
+    ("proxy_dequeue_shared_queue", 1, DATA),
+    ("proxy_dequeue_shared_queue", 2, DATA + 1),
+    ("proxy_define_metric", 2, METRIC),
+    ("proxy_increment_metric", 0, METRIC),
+    ("proxy_record_metric", 0, METRIC),
+    ("proxy_get_metric", 0, METRIC),
+    ("proxy_http_call", 5, TOKEN),
+    ("proxy_grpc_call", 6, TOKEN),
+    ("proxy_grpc_stream", 4, TOKEN),
+    ("proxy_grpc_send", 0, TOKEN),
+    ("proxy_grpc_cancel", 0, TOKEN),
+    ("proxy_grpc_close", 0, TOKEN),
+    ("proxy_get_shared_data", 1, DATA),
+    ("proxy_get_shared_data", 2, DATA + 1),
+    ("proxy_get_shared_data", 3, CAS),
+    ("proxy_set_shared_data", 1, DATA),
+    ("proxy_set_shared_data", 2, CAS),
+    ("proxy_get_buffer_bytes", 3, DATA),
+    ("proxy_get_buffer_bytes", 4, DATA + 1),
+    ("proxy_set_buffer_bytes", 3, DATA),
+    ("proxy_get_header_map_pairs", 1, DATA),
+    ("proxy_get_header_map_pairs", 2, DATA + 1),
+    ("proxy_set_header_map_pairs", 1, DATA),
+    ("proxy_get_header_map_value", 2, DATA),
+    ("proxy_get_header_map_value", 3, DATA + 1),
+    ("proxy_add_header_map_value", 2, DATA),
+    ("proxy_get_property", 1, DATA),
+    ("proxy_get_property", 2, DATA + 1),
+    ("proxy_set_property", 1, DATA),
+    ("proxy_call_foreign_function", 2, DATA),
+    ("proxy_call_foreign_function", 3, DATA + 1),
+];
+
+fn wire(name: &str, position: usize) -> Option<u32> {
+    WIRES.iter().find(|&&(n, p, _)| n == name && p == position).map(|&(_, _, slot)| slot)
+}
+
+/// The words a wired callout's spans take, so that it gets past its checks:
+/// `(import, span position, word)`.
+const WORD_WIRES: &[(&str, usize, &[u8])] = &[
+    ("proxy_http_call", 0, b"up"),
+    ("proxy_http_call", 1, CALLOUT_HEAD),
+    ("proxy_grpc_call", 0, b"up"),
+    ("proxy_grpc_call", 1, b"test.Svc"),
+    ("proxy_grpc_call", 2, b"Get"),
+    ("proxy_grpc_call", 3, EMPTY_MAP),
+    ("proxy_grpc_stream", 0, b"up"),
+    ("proxy_grpc_stream", 1, b"test.Svc"),
+    ("proxy_grpc_stream", 2, b"Get"),
+    ("proxy_grpc_stream", 3, EMPTY_MAP),
+];
+
+fn word_wire(name: &str, position: usize) -> Option<(u32, u32)> {
+    let (_, _, word) = WORD_WIRES.iter().find(|&&(n, p, _)| n == name && p == position)?;
+    let index = WORDS.iter().position(|w| w == word)?;
+    words().get(index).copied()
+}
+
 /// One host call: the import, and enough values of each kind for any signature.
 #[derive(Debug, Clone)]
 struct Call {
     /// Index into `ENV` then `WASI`.
     import: usize,
-    spans: Vec<(u32, u32)>,
+    /// Its wired arguments (see [`WIRES`]) take their slots.
+    wired: bool,
+    spans: Vec<(Arg, Arg)>,
     outs: Vec<u32>,
-    enums: Vec<u32>,
-    numbers: Vec<u32>,
+    enums: Vec<Arg>,
+    numbers: Vec<Arg>,
     longs: Vec<i64>,
 }
 
-fn call() -> impl Strategy<Value = Call> {
+/// Calls that work together, in an order where the later ones can use what the
+/// earlier ones answered (through [`WIRES`]).
+const FAMILIES: &[&[&str]] = &[
+    &["proxy_register_shared_queue", "proxy_enqueue_shared_queue", "proxy_dequeue_shared_queue"],
+    &["proxy_define_metric", "proxy_increment_metric", "proxy_record_metric", "proxy_get_metric"],
+    &["proxy_set_shared_data", "proxy_get_shared_data", "proxy_set_shared_data"],
+    &["proxy_grpc_call", "proxy_grpc_cancel"],
+    &["proxy_grpc_stream", "proxy_grpc_send", "proxy_grpc_close"],
+    &["proxy_http_call", "proxy_grpc_cancel"],
+    &["proxy_get_header_map_pairs", "proxy_set_header_map_pairs"],
+    &["proxy_get_header_map_value", "proxy_add_header_map_value"],
+    &["proxy_get_property", "proxy_set_property"],
+    &["proxy_get_buffer_bytes", "proxy_set_buffer_bytes"],
+];
+
+fn env_import(name: &str) -> usize {
+    ENV.iter().position(|&(n, _)| n == name).unwrap_or_else(|| panic!("no import {name}"))
+}
+
+/// Mostly one call to any import; sometimes a family, wired.
+fn calls() -> impl Strategy<Value = Vec<Call>> {
+    let family = proptest::sample::select(FAMILIES).prop_flat_map(|family| {
+        family
+            .iter()
+            .map(|name| call_to(Just(env_import(name))).prop_map(|c| Call { wired: true, ..c }))
+            .collect::<Vec<_>>()
+    });
+    let step = prop_oneof![3 => call_to(0..ENV.len() + WASI.len()).prop_map(|c| vec![c]), 1 => family];
+    proptest::collection::vec(step, 1..25).prop_map(|steps| steps.into_iter().flatten().take(40).collect())
+}
+
+fn call_to(import: impl Strategy<Value = usize>) -> impl Strategy<Value = Call> {
     use proptest::collection::vec;
     (
-        0..ENV.len() + WASI.len(),
+        import,
+        proptest::bool::weighted(0.75),
         vec(span(), 5),
         vec(out(), 4),
         vec(enum_value(), 3),
         vec(number(), 3),
         vec(long(), 2),
     )
-        .prop_map(|(import, spans, outs, enums, numbers, longs)| Call {
+        .prop_map(|(import, wired, spans, outs, enums, numbers, longs)| Call {
             import,
+            wired,
             spans,
             outs,
             enums,
@@ -234,18 +393,33 @@ impl Call {
         let (prefix, name, sig, check) = self.import();
         let (mut spans, mut outs, mut enums, mut numbers, mut longs) =
             (self.spans.iter(), self.outs.iter(), self.enums.iter(), self.numbers.iter(), self.longs.iter());
-        let i32 = |v: Option<&u32>| format!("(i32.const {})", v.copied().unwrap_or(0) as i32);
         let args: Vec<String> = sig
             .chars()
-            .map(|kind| match kind {
-                's' => {
-                    let (at, len) = spans.next().copied().unwrap_or((0, 0));
-                    format!("{} {}", i32(Some(&at)), i32(Some(&len)))
+            .enumerate()
+            .map(|(position, kind)| {
+                // A wired argument takes its slot (or word) over the drawn value.
+                let slot = self.wired.then(|| wire(name, position)).flatten();
+                let word = self.wired.then(|| word_wire(name, position)).flatten();
+                let pick =
+                    |drawn: Option<&Arg>| slot.map_or(drawn.copied().unwrap_or(Arg::Const(0)), Arg::Slot);
+                match kind {
+                    's' => {
+                        let drawn = spans.next().copied().unwrap_or((Arg::Const(0), Arg::Const(0)));
+                        let (at, len) = match (slot, word) {
+                            (Some(slot), _) => (Arg::Slot(slot), Arg::Slot(slot + 1)),
+                            (None, Some((at, len))) => (Arg::Const(at), Arg::Const(len)),
+                            (None, None) => drawn,
+                        };
+                        format!("{} {}", at.wat(), len.wat())
+                    }
+                    'o' => {
+                        let drawn = outs.next().copied().unwrap_or(0);
+                        Arg::Const(slot.map_or(drawn, |slot| SCRATCH_AT + 8 * slot)).wat()
+                    }
+                    'e' => pick(enums.next()).wat(),
+                    'n' => pick(numbers.next()).wat(),
+                    _ => format!("(i64.const {})", longs.next().copied().unwrap_or(0)),
                 }
-                'o' => i32(outs.next()),
-                'e' => i32(enums.next()),
-                'n' => i32(numbers.next()),
-                _ => format!("(i64.const {})", longs.next().copied().unwrap_or(0)),
             })
             .collect();
         format!("    (call {check} (call ${prefix}_{name} {}))\n", args.join(" "))
@@ -308,8 +482,12 @@ fn case() -> impl Strategy<Value = Case> {
         1 => Just(Alloc::Max),
     ];
     let random = proptest::collection::vec(any::<u8>(), 0..512);
-    (place, alloc, random, proptest::collection::vec(call(), 1..40))
-        .prop_map(|(place, alloc, random, calls)| Case { place, alloc, random, calls })
+    (place, alloc, random, calls()).prop_map(|(place, alloc, random, calls)| Case {
+        place,
+        alloc,
+        random,
+        calls,
+    })
 }
 
 /// `bytes` as a WAT string literal.
