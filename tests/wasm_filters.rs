@@ -184,13 +184,20 @@ async fn a_body_buffered_past_the_limit_gets_413_or_500() {
     let mut response = b"HTTP/1.1 200 OK\r\nContent-Length: 8192\r\n\r\n".to_vec();
     response.extend([b'a'; 4096]);
     let (big, _big) = raw_backend(Box::leak(response.into_boxed_slice())).await;
+    // Reads what the filter's `on_log` saw (`/get/last_log`).
+    let echo = echo_backend().await;
     let yaml = config(silent, &sink(), "cfg", "closed")
         .replace("    filters:", "    limits: { max_buffered_body_bytes: 1024 }\n    filters:")
         .replace(
             "          - forward: { cluster: backend }",
-            "          - match: { path: /big }\n            forward: { cluster: big }\n          - forward: { cluster: backend }",
+            "          - match: { path: /big }\n            forward: { cluster: big }\n          \
+             - match: { prefix: /get/ }\n            forward: { cluster: echo }\n          \
+             - forward: { cluster: backend }",
         )
-        .replace("clusters:", &format!("clusters:\n  - name: big\n    endpoints: [\"{big}\"]"));
+        .replace(
+            "clusters:",
+            &format!("clusters:\n  - name: big\n    endpoints: [\"{big}\"]\n  - name: echo\n    endpoints: [\"{}\"]", echo.addr),
+        );
     let proxy = Sluice::start(&yaml);
     let addr = proxy.addr("main");
 
@@ -220,6 +227,11 @@ async fn a_body_buffered_past_the_limit_gets_413_or_500() {
     };
     assert_eq!(count("5xx").as_deref(), Some("1"), "{metrics}");
     assert_eq!(count("2xx").as_deref(), Some("0"), "{metrics}");
+    // So does the filters' `on_log`, as in Envoy, where filters see the local
+    // reply that replaced the response.
+    let (_, headers, _) = get(addr, "/get/last_log").await;
+    let logged = headers.get("x-echo-x-value").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(logged.starts_with("/big 500 "), "on_log saw: {logged:?}");
     // The limit is the proxy's, not a filter failure.
     let (_, _, filters) = get(proxy.admin, "/filters").await;
     assert!(filters.contains("\"state\": \"ok\""), "{filters}");

@@ -558,7 +558,7 @@ pub(crate) fn finish_local(
     let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts, &body));
     let body = body.on_end(move |end, n| {
         if let Some(mut run) = chain {
-            run.log(head.as_ref());
+            run.log_end(end, head.as_ref());
         }
         done.done(end, n);
     });

@@ -617,7 +617,7 @@ pub(crate) async fn forward(
                 // What the chain's body would have counted (`response.size`).
                 run.info().response_body_bytes.set(n);
             }
-            run.log(head.as_ref());
+            run.log_end(end, head.as_ref());
         }
         done.done(end, n);
     });

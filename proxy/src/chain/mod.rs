@@ -24,7 +24,7 @@ use sluice_filter::{
     PhaseData, ResponseHead, StreamInfo,
 };
 
-use crate::body::ProxyBody;
+use crate::body::{BodyEnd, ProxyBody};
 use crate::error::{ErrorKind, ProxyError, Side};
 use crate::router::Chain;
 
@@ -54,6 +54,18 @@ impl LogHead {
         parts.headers = p.headers.clone();
         let encoded = body.verbatim().map(|v| Box::new(v.clone()));
         LogHead { head: ResponseHead::with_encoded(parts, encoded) }
+    }
+
+    /// The head of the error response Sluice sent instead of a response it
+    /// failed before any byte went out ([`BodyEnd::Replaced`]): its status
+    /// and the fields `error_response` gives a non-gRPC reply.
+    fn replaced(status: u16, reason: &'static str) -> Self {
+        use http::header::{CONTENT_TYPE, HeaderValue};
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        parts.headers.insert("x-sluice-reason", HeaderValue::from_static(reason));
+        LogHead { head: ResponseHead::with_encoded(parts, None) }
     }
 }
 
@@ -330,6 +342,17 @@ impl ChainRun {
             return body;
         }
         ProxyBody::filter(body::FilterBody::new(body, self.shared.clone(), request))
+    }
+
+    /// [`ChainRun::log`] at the end of the response body: a response Sluice
+    /// replaced with its error is logged with the error's head, as Envoy's
+    /// filters see the local reply that replaced a response.
+    pub fn log_end(&mut self, end: BodyEnd, response: Option<&LogHead>) {
+        let replaced = match end {
+            BodyEnd::Replaced { status, reason } => Some(LogHead::replaced(status, reason)),
+            _ => None,
+        };
+        self.log(replaced.as_ref().or(response));
     }
 
     /// Runs `on_log` on every filter, in order. The response head is
