@@ -54,6 +54,7 @@ mod hostcalls;
 mod memory;
 mod metrics;
 mod module;
+mod phase;
 mod properties;
 mod shared;
 mod state;
