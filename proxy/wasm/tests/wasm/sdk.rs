@@ -28,6 +28,8 @@ async fn sink(config: &str) -> (Arc<dyn FilterFactory>, prometheus::Registry, sl
     callouts.clusters.insert("backend".into(), addr);
     let (host, registry) = host_with(callouts);
     let mut s = spec("sink");
+    // `/loop` loops until the deadline.
+    s.limits.callback_timeout = Duration::from_millis(50);
     s.config = Some(serde_json::Value::String(config.into()));
     s.vm_config = Some(serde_json::json!({"vm": 1}));
     let factory = host.load_bytes(&s, &fixture("sink"), &["backend".to_string()]).expect("load sink");
