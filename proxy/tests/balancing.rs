@@ -14,7 +14,7 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 
-const WAIT: Duration = Duration::from_secs(5);
+const WAIT: Duration = Duration::from_secs(30);
 
 fn cluster_config(backends: &[SocketAddr], cluster_extra: &str) -> String {
     config_yaml(1, "", "- forward: { cluster: backend }", &backend_cluster(backends, cluster_extra))
@@ -336,8 +336,9 @@ async fn outlier_detection_ejects_unreachable_endpoints_and_lets_them_back() {
     assert_eq!(endpoint_state(&p, dead).await["ejected"], true);
 
     // An ejection expires after base_ejection_time: with a short one, the endpoint comes back.
-    let extra =
-        "outlier_detection: { consecutive_5xx: 2, base_ejection_time: 200ms, max_ejection_percent: 50 }";
+    // (2 s: long enough that the ejection is still on when the admin page is read
+    // on a loaded machine.)
+    let extra = "outlier_detection: { consecutive_5xx: 2, base_ejection_time: 2s, max_ejection_percent: 50 }";
     let p = TestProxy::start(&cluster_config(&[a.addr, flaky.addr], extra)).await;
     let mut c = h1_connect(p.addr("main")).await;
     for _ in 0..8 {

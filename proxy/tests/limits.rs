@@ -14,12 +14,13 @@ use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends `bytes` on a fresh connection; returns what came back and whether the
-/// proxy closed the connection (EOF or reset) within two seconds.
+/// proxy closed the connection (EOF or reset) within 15 s (it returns at the
+/// close: the bound only matters when a test fails).
 async fn exchange(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
         let mut buf = [0u8; 4096];
         loop {
             match s.read(&mut buf).await {
@@ -139,7 +140,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     // Read the response, then wait for the proxy to close the idle connection.
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => return t.elapsed(),
@@ -148,10 +149,10 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
         }
     })
     .await
-    .expect("the idle connection is still open after 5s");
+    .expect("the idle connection is still open after 15s");
     assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
     assert!(closed >= Duration::from_millis(400), "closed before the idle timeout: {closed:?}");
-    assert!(closed < Duration::from_secs(3), "closed late: {closed:?}");
+    assert!(closed < Duration::from_secs(10), "closed late: {closed:?}");
 }
 
 /// Sends one byte every 50 ms (a head that never ends) until the proxy
@@ -168,14 +169,14 @@ async fn dribble_until_closed(s: &mut tokio::net::TcpStream, t: Instant) -> Dura
             // A 408 may come first; the close follows.
             _ => {}
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "the dribbling connection is still open after 5s");
+        assert!(t.elapsed() < Duration::from_secs(15), "the dribbling connection is still open after 15s");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_read_timeout_stops_slowloris() {
     let backend = Backend::named("b").await;
-    let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 300ms, idle_timeout: 5s")).await;
+    let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 300ms, idle_timeout: 60s")).await;
     let addr = p.addr("main");
 
     // A client dribbling its head one byte every 50 ms never finishes it.
@@ -184,7 +185,7 @@ async fn header_read_timeout_stops_slowloris() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let closed_at = dribble_until_closed(&mut s, t).await;
     assert!(closed_at >= Duration::from_millis(300), "closed before the timeout: {closed_at:?}");
-    assert!(closed_at < Duration::from_secs(2), "closed late: {closed_at:?}");
+    assert!(closed_at < Duration::from_secs(10), "closed late: {closed_at:?}");
 
     // A connection that sends nothing at all gets the header read timeout too
     // (not the much longer idle timeout), so silent sockets cannot hold slots.
@@ -192,7 +193,7 @@ async fn header_read_timeout_stops_slowloris() {
     let (out, closed) = exchange(addr, b"").await;
     assert!(closed, "a silent new connection stays open: {out}");
     assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert_eq!(backend.hits(), 0);
     // A normal request is unaffected.
     assert_eq!(get(addr, "/").await.0.status, 200);
@@ -223,18 +224,20 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_dribbling_its_next_head_is_cut_after_header_read_timeout() {
     let backend = Backend::named("b").await;
-    let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 300ms, idle_timeout: 5s")).await;
+    let p = TestProxy::start(&config(backend.addr, "header_read_timeout: 300ms, idle_timeout: 60s")).await;
     let mut s = tokio::net::TcpStream::connect(p.addr("main")).await.unwrap();
+    // Counted from before the first request: the proxy's timer for the next
+    // head starts once the first response is out, so never earlier than this.
+    let t = Instant::now();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let first = read_response(&mut s).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
 
     // The second request's head comes one byte every 50 ms and never ends.
-    let t = Instant::now();
     s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let closed_at = dribble_until_closed(&mut s, t).await;
     assert!(closed_at >= Duration::from_millis(300), "closed before the timeout: {closed_at:?}");
-    assert!(closed_at < Duration::from_secs(2), "closed late: {closed_at:?}");
+    assert!(closed_at < Duration::from_secs(10), "closed late: {closed_at:?}");
     assert_eq!(backend.hits(), 1);
 }
 

@@ -13,7 +13,7 @@ use common::*;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 
-const WAIT: Duration = Duration::from_secs(5);
+const WAIT: Duration = Duration::from_secs(30);
 
 fn routes_config(routes: &str, backend: SocketAddr, cluster_extra: &str) -> String {
     config_yaml(2, "", routes, &backend_cluster(&[backend], cluster_extra))
@@ -241,8 +241,7 @@ async fn drain_finishes_in_flight_work_and_refuses_new_connections() {
     eventually("both requests reach the backend", WAIT, || async { backend.hits() == 2 }).await;
 
     let p2 = p.clone();
-    let t = Instant::now();
-    let drained = tokio::spawn(async move { p2.proxy.drain(Duration::from_secs(10)).await });
+    let drained = tokio::spawn(async move { p2.proxy.drain(Duration::from_secs(60)).await });
 
     // Not ready any more, still alive.
     eventually("readyz turns 503", WAIT, || async { get_text(p.admin(), "/readyz").await.0 == 503 }).await;
@@ -255,6 +254,7 @@ async fn drain_finishes_in_flight_work_and_refuses_new_connections() {
     assert!(!drained.is_finished(), "the drain must wait for in-flight requests");
 
     // The in-flight requests complete; the HTTP/1.1 one is told the connection closes.
+    let t = Instant::now();
     release.notify_waiters();
     let (((parts, body), mut c1), (parts2, body2)) = (held1.await.unwrap(), held2.await.unwrap());
     assert_eq!(parts.status, 200);
@@ -263,7 +263,8 @@ async fn drain_finishes_in_flight_work_and_refuses_new_connections() {
     assert_eq!(parts2.status, 200);
     assert_eq!(body2, "finished");
     drained.await.unwrap();
-    assert!(t.elapsed() < Duration::from_secs(5), "the drain ended when the work did: {:?}", t.elapsed());
+    // Well before the 60 s drain timeout: the drain ended when the work did.
+    assert!(t.elapsed() < Duration::from_secs(30), "the drain ended when the work did: {:?}", t.elapsed());
     // Both downstream connections are closed.
     assert!(c1.ready().await.is_err());
     let req = Request::get(format!("http://{addr}/")).body(Full::new(Bytes::new())).unwrap();
@@ -289,7 +290,7 @@ async fn drain_timeout_bounds_the_wait() {
     let t = Instant::now();
     p.proxy.drain(Duration::from_millis(300)).await;
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(3), "{took:?}");
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(10), "{took:?}");
     // The stuck exchange is cut, not left hanging.
     let r = tokio::time::timeout(WAIT, stuck).await.expect("the stuck request was not cut").unwrap();
     assert!(r.is_err(), "{r:?}");

@@ -150,7 +150,7 @@ async fn dns_named_endpoints_are_resolved() {
     let p = TestProxy::start(&yaml).await;
     let addr = p.addr("main");
     // The first resolution runs in the background after start.
-    eventually("the DNS-named endpoint answers", std::time::Duration::from_secs(5), || async move {
+    eventually("the DNS-named endpoint answers", std::time::Duration::from_secs(30), || async move {
         let (parts, body) = get(addr, "/").await;
         parts.status == 200 && &body[..] == b"by-name"
     })
