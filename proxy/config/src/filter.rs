@@ -18,6 +18,12 @@ pub struct FilterSpec {
     /// The plugin's root id (selects a plugin inside a multi-plugin module).
     #[serde(default)]
     pub root_id: String,
+    /// The scope of the plugin's shared data and queues, Envoy's
+    /// `vm_config.vm_id`: plugins naming the same `vm_id` share them (a
+    /// service plugin filling a cache an HTTP filter reads). Default: the
+    /// plugin's name, so each plugin has its own.
+    #[serde(default)]
+    pub vm_id: Option<String>,
     /// VM configuration, given to `on_vm_start`: any YAML value (passed as JSON bytes)
     /// or a string (passed as its raw bytes).
     #[serde(default)]

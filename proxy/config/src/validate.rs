@@ -358,6 +358,11 @@ fn check_chain(c: &mut Checker, at: &str, chain: &[FilterSpec]) {
         if f.module.is_empty() {
             c.fail(format!("{fat}.module"), "must not be empty");
         }
+        if let Some(id) = &f.vm_id
+            && (id.is_empty() || id.len() > 256)
+        {
+            c.fail(format!("{fat}.vm_id"), "must be 1 to 256 bytes when set");
+        }
         if let Some(d) = f.module_digest()
             && (d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
         {

@@ -156,4 +156,9 @@ fn filter_specs_parse_in_every_form() {
     assert!(load(&dup).unwrap_err().contains("duplicate filter name `a`"));
     let digest = yaml.replace("sha256:0000", "sha256:zz00");
     assert!(load(&digest).unwrap_err().contains("64 lowercase hex"));
+    let vm_id = yaml.replace("        fail_policy: open", "        fail_policy: open\n        vm_id: cache");
+    assert_eq!(load(&vm_id).unwrap().config().listeners[0].filters[0].vm_id.as_deref(), Some("cache"));
+    let empty = yaml.replace("        fail_policy: open", "        fail_policy: open\n        vm_id: \"\"");
+    let err = load(&empty).unwrap_err();
+    assert!(err.contains("listeners[0].filters[0].vm_id: must be 1 to 256 bytes when set"), "{err}");
 }

@@ -293,6 +293,10 @@ pub struct StreamInfo {
     /// The fields the proxy set before the filters and kept out of the
     /// request head's map (see [`ProxyFields`]).
     proxy_fields: RefCell<ProxyFields>,
+    /// The request head once it left the filters (see [`StreamInfo::set_sent_request`]).
+    sent_request: RefCell<Option<request::Parts>>,
+    /// The fields the proxy added to it after the filters, kept out of its map.
+    sent_request_added: RefCell<Option<EncodedFields>>,
 }
 
 impl StreamInfo {
@@ -324,7 +328,29 @@ impl StreamInfo {
             route_cache_cleared: Cell::new(false),
             proxy_fields_edited: Cell::new(false),
             proxy_fields: RefCell::new(ProxyFields::default()),
+            sent_request: RefCell::new(None),
+            sent_request_added: RefCell::new(None),
         }
+    }
+
+    /// Hands back the request head once it left the filters: as the upstream
+    /// client sent it (with the fields it wrote after the map's, `added`), or
+    /// as the proxy answered it itself. Moved, not copied. The response phases
+    /// and `on_log` read the request from it (as Envoy's request properties
+    /// do for the whole stream).
+    pub fn set_sent_request(&self, head: request::Parts, added: Option<EncodedFields>) {
+        *self.sent_request.borrow_mut() = Some(head);
+        *self.sent_request_added.borrow_mut() = added;
+    }
+
+    /// The request head handed back by [`StreamInfo::set_sent_request`], if it was.
+    pub fn sent_request(&self) -> std::cell::Ref<'_, Option<request::Parts>> {
+        self.sent_request.borrow()
+    }
+
+    /// The fields the proxy wrote after the sent request head's map, if any.
+    pub fn sent_request_added(&self) -> std::cell::Ref<'_, Option<EncodedFields>> {
+        self.sent_request_added.borrow()
     }
 
     /// Keeps the fields the proxy set on the request out of its head's map

@@ -87,11 +87,6 @@ struct Shared {
     /// The response head, handed back by the HTTP/1.1 server once encoded
     /// (see `ProxyBody::keep_head`), for `on_log`.
     response_head: RefCell<Option<ResponseHead>>,
-    /// The request head for `on_log` (see [`ChainRun::keep_request_head`]).
-    request_head: RefCell<Option<request::Parts>>,
-    /// The fields the proxy added to it after the filters, kept out of its
-    /// map (see [`ChainRun::sent_request`]).
-    request_added: RefCell<Option<EncodedFields>>,
 }
 
 /// One request's run through its filter chain.
@@ -239,8 +234,6 @@ impl ChainRun {
                 failure: RefCell::new(None),
                 max_buffer,
                 response_head: RefCell::new(None),
-                request_head: RefCell::new(None),
-                request_added: RefCell::new(None),
             }),
         }
     }
@@ -266,18 +259,18 @@ impl ChainRun {
         run_heads(sh, &held, head, end_of_stream).await
     }
 
-    /// Keeps the request head `on_log` reads: the filters' when the proxy
-    /// answered itself. Moved, not copied.
+    /// Keeps the request head the response phases and `on_log` read: the
+    /// filters' when the proxy answered itself. Moved, not copied.
     pub fn keep_request_head(&mut self, mut head: request::Parts) {
         self.shared.info.materialize_proxy_fields(&mut head.headers);
-        *self.shared.request_head.borrow_mut() = Some(head);
+        self.shared.info.set_sent_request(head, None);
     }
 
-    /// The request head as the upstream client sent it, handed back for
-    /// `on_log` (moved, not copied), with the fields it wrote after the map's.
+    /// The request head as the upstream client sent it, handed back for the
+    /// response phases and `on_log` (moved, not copied), with the fields it
+    /// wrote after the map's.
     pub fn sent_request(&self, head: request::Parts, added: Option<EncodedFields>) {
-        *self.shared.request_head.borrow_mut() = Some(head);
-        *self.shared.request_added.borrow_mut() = added;
+        self.shared.info.set_sent_request(head, added);
     }
 
     /// Runs `on_response_headers` backward. `Some` is a local response.
@@ -363,8 +356,8 @@ impl ChainRun {
         let Some(mut f) = held.value() else { return };
         let f = &mut *f;
         let kept = sh.response_head.borrow();
-        let request = sh.request_head.borrow();
-        let request_added = sh.request_added.borrow();
+        let request = sh.info.sent_request();
+        let request_added = sh.info.sent_request_added();
         let view = LogView {
             request: request.as_ref(),
             request_added: request_added.as_ref(),

@@ -24,6 +24,8 @@ use crate::vm::{POOL_EXHAUSTED, Vm, VmFailure, ticks_for};
 pub(crate) struct Plugin {
     pub name: Arc<str>,
     pub root_id: String,
+    /// The scope of shared data and queues: the spec's `vm_id`, or the name.
+    pub vm_id: Arc<str>,
     pub vm_config: Vec<u8>,
     pub plugin_config: Vec<u8>,
     /// WASI environment, as `K=V` strings.
@@ -107,6 +109,15 @@ pub(crate) struct WorkerSlot {
     next_ctx: u32,
     /// The last attempt to start a VM found the VM pool full.
     starved: bool,
+}
+
+impl Drop for WorkerSlot {
+    /// A live VM (one that did not fail) shuts its root context down.
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.as_mut() {
+            vm.shutdown();
+        }
+    }
 }
 
 enum Health {
@@ -343,6 +354,7 @@ impl WasmFactory {
         let plugin = Arc::new(Plugin {
             name: Arc::from(spec.name.as_str()),
             root_id: spec.root_id.clone(),
+            vm_id: Arc::from(spec.vm_id.as_deref().unwrap_or(&spec.name)),
             vm_config: spec.vm_config_bytes(),
             plugin_config: spec.plugin_config_bytes(),
             env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -363,11 +375,13 @@ impl WasmFactory {
             vm_count: AtomicU64::new(0),
             host,
         });
-        // Validate: instantiate and configure one VM now, then drop it.
-        Vm::new(&module, plugin.clone(), false, 0, true).map_err(|f| match f.label {
-            "rejected" | "instantiate" | POOL_EXHAUSTED => f.message,
-            _ => format!("{} failed: {}", f.callback.name(), f.message),
-        })?;
+        // Validate: instantiate and configure one VM now, then shut it down.
+        Vm::new(&module, plugin.clone(), false, 0, true)
+            .map_err(|f| match f.label {
+                "rejected" | "instantiate" | POOL_EXHAUSTED => f.message,
+                _ => format!("{} failed: {}", f.callback.name(), f.message),
+            })?
+            .shutdown();
         let inner = Arc::new_cyclic(|weak| FactoryInner {
             plugin,
             module,
@@ -417,6 +431,7 @@ impl FilterFactory for FactoryInner {
             "digest": p.digest,
             "abi_version": p.abi.as_str(),
             "root_id": p.root_id,
+            "vm_id": &*p.vm_id,
             "fail_policy": policy,
             "vms": p.vm_count.load(Ordering::Relaxed),
             "state": state,

@@ -157,6 +157,20 @@ struct Paused {
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
+/// Whether a callback's return value stops the phase, as Envoy reads the C++
+/// SDK's statuses (the Rust SDK returns 0 or 1): headers stop on
+/// StopIteration (1), StopAllIterationAndBuffer (3) and
+/// StopAllIterationAndWatermark (4); a body on StopIterationAndBuffer (1),
+/// StopIterationAndWatermark (2) and StopIterationNoBuffer (3); trailers on
+/// StopIteration (1). Anything else continues (ContinueAndEndStream too).
+fn stops(callback: Callback, action: i32) -> bool {
+    match callback {
+        Callback::RequestHeaders | Callback::ResponseHeaders => matches!(action, 1 | 3 | 4),
+        Callback::RequestBody | Callback::ResponseBody => matches!(action, 1..=3),
+        _ => action == 1,
+    }
+}
+
 /// What the guest decided, or `None` when it paused and must be waited for.
 fn decide<P: Phase>(ctx: &mut HttpCtx, action: i32, eos: bool) -> Option<Step> {
     if let Some(local) = ctx.signal.local.take() {
@@ -166,7 +180,7 @@ fn decide<P: Phase>(ctx: &mut HttpCtx, action: i32, eos: bool) -> Option<Step> {
         return Some(Step::Reset);
     }
     let resumed = P::resumed(&mut ctx.signal);
-    if action == 0 || resumed {
+    if !stops(P::CALLBACK, action) || resumed {
         return Some(Step::Continue);
     }
     if P::BODY && !eos {

@@ -55,6 +55,9 @@ pub(crate) struct ExportIndices {
     pub allocator: ModuleExport,
     /// `_initialize`, else `_start` (`true`: a command module's).
     pub init: Option<(ModuleExport, bool)>,
+    /// After `_initialize` only: `main` (`true`: called with (0, 0)), else
+    /// `__main_void`, as Envoy's C++ host calls them.
+    pub main: Option<(ModuleExport, bool)>,
     pub on_context_create: ModuleExport,
     pub on_vm_start: Option<ModuleExport>,
     pub on_configure: Option<ModuleExport>,
@@ -84,10 +87,17 @@ impl ExportIndices {
         let at = |name: &str| module.get_export_index(name);
         let required = |name: &str| at(name).ok_or_else(|| format!("missing export `{name}`"));
         let init = at(ex::INITIALIZE).map(|e| (e, false)).or_else(|| at(ex::START).map(|e| (e, true)));
+        let main = match init {
+            Some((_, false)) => {
+                at(ex::MAIN).map(|e| (e, true)).or_else(|| at(ex::MAIN_VOID).map(|e| (e, false)))
+            }
+            _ => None,
+        };
         Ok(ExportIndices {
             memory: required("memory")?,
             allocator: at(ex::ON_MEMORY_ALLOCATE).map_or_else(|| required(ex::MALLOC), Ok)?,
             init,
+            main,
             on_context_create: required(ex::ON_CONTEXT_CREATE)?,
             on_vm_start: at(ex::ON_VM_START),
             on_configure: at(ex::ON_CONFIGURE),

@@ -103,7 +103,8 @@ fn segments(path: &[u8]) -> Vec<&str> {
 }
 
 /// The request head visible to this call: the context's (while in, or paused
-/// in, its headers phase) or the final one in `on_log`.
+/// in, its headers phase), the final one in `on_log`, or the one the proxy
+/// sent on once the filters let it go (the response phases).
 fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Option<R> {
     state.contexts.get(&state.frame.effective)?;
     if let Some(p) = state.req_head(state.frame.effective) {
@@ -112,7 +113,20 @@ fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Opt
     if state.frame.callback == Callback::Log && LOG_REQUEST.is_set() {
         return Some(LOG_REQUEST.with(|p| f(p)));
     }
-    None
+    with_sent(state, |p, _| f(p))
+}
+
+/// The request head once it left the filters, from the request's stream info
+/// (in scope for a filter's call), with the fields the proxy wrote after its map.
+/// Only for the context called: the stream info is its request's.
+fn with_sent<R>(state: &VmState, f: impl FnOnce(&request::Parts, Option<&EncodedFields>) -> R) -> Option<R> {
+    if !INFO.is_set() || state.frame.effective != state.frame.ctx {
+        return None;
+    }
+    INFO.with(|info| {
+        let (head, added) = (info.sent_request(), info.sent_request_added());
+        head.as_ref().map(|p| f(p, added.as_ref()))
+    })
 }
 
 /// The live request head (its headers phase is running) as a map: with the
@@ -160,7 +174,10 @@ fn with_request_map<R>(state: &VmState, f: impl FnOnce(MapView<'_>) -> R) -> Opt
     if state.frame.callback == Callback::Log && LOG_REQUEST.is_set() {
         return Some(LOG_REQUEST.with(|p| sent(p, f)));
     }
-    None
+    with_sent(state, |p, added| match added {
+        Some(added) => f(MapView::Sent(p, added)),
+        None => f(MapView::Request(p)),
+    })
 }
 
 fn with_response<R>(state: &VmState, f: impl FnOnce(&ResponseHead) -> R) -> Option<R> {
@@ -172,6 +189,11 @@ fn with_response<R>(state: &VmState, f: impl FnOnce(&ResponseHead) -> R) -> Opti
         return Some(LOG_RESPONSE.with(|p| f(p)));
     }
     None
+}
+
+/// The response trailers, in `on_log` when the response had them.
+fn log_trailers<R>(f: impl FnOnce(&HeaderMap) -> R) -> Option<R> {
+    LOG_RESPONSE_TRAILERS.is_set().then(|| LOG_RESPONSE_TRAILERS.with(|t| f(t)))
 }
 
 fn encode_map(out: &mut Vec<u8>, view: MapView<'_>) {
@@ -209,7 +231,7 @@ pub(crate) fn get(state: &VmState, path: &[u8], out: &mut Vec<u8>) -> bool {
     match segs.as_slice() {
         ["plugin_name"] => out.extend_from_slice(plugin.name.as_bytes()),
         ["plugin_root_id"] => out.extend_from_slice(plugin.root_id.as_bytes()),
-        ["plugin_vm_id"] => out.extend_from_slice(plugin.name.as_bytes()),
+        ["plugin_vm_id"] => out.extend_from_slice(plugin.vm_id.as_bytes()),
         _ => {
             if !INFO.is_set() {
                 return false;
@@ -313,6 +335,35 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
                 None => return false,
             }
         }
+        // Envoy's sizes: the head's `byteSize` (names and values) plus the body.
+        ["request", "total_size"] => {
+            let Some(head) = with_request_map(state, |m| m.byte_size()) else { return false };
+            let total = head as u64 + info.request_body_bytes.get();
+            int(out, i64::try_from(total).unwrap_or(i64::MAX));
+        }
+        ["response", "total_size"] => {
+            let Some(head) = with_response(state, |h| MapView::Head(h).byte_size()) else { return false };
+            let trailers = log_trailers(|t| MapView::Plain(t).byte_size()).unwrap_or(0);
+            let total = (head + trailers) as u64 + info.response_body_bytes.get();
+            int(out, i64::try_from(total).unwrap_or(i64::MAX));
+        }
+        // From the trailers (`on_log`), else the head (a trailers-only answer).
+        ["response", "grpc_status"] => {
+            let parse = |v: &[u8]| std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<i64>().ok());
+            let code = log_trailers(|t| t.get("grpc-status").and_then(|v| parse(v.as_bytes())))
+                .flatten()
+                .or_else(|| {
+                    with_response(state, |h| MapView::Head(h).get(b"grpc-status").and_then(parse)).flatten()
+                });
+            match code {
+                Some(c) => int(out, c),
+                None => return false,
+            }
+        }
+        ["response", "trailers"] => match log_trailers(|t| encode_map(out, MapView::Plain(t))) {
+            Some(()) => {}
+            None => return false,
+        },
         ["request", "referer"] => return header(out, state, "referer"),
         ["request", "useragent"] => return header(out, state, "user-agent"),
         ["upstream", "address"] => match info.upstream_address.get() {

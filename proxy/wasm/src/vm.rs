@@ -159,6 +159,7 @@ impl Vm {
                 call_in(&mut vm.store, Callback::Initialize, 0, plugin.start_deadline_ticks, |s| {
                     init.call(s, ())
                 })?;
+                vm.main(idx.main.as_ref(), plugin.start_deadline_ticks)?;
             }
             Some((start, true)) => {
                 let r = call_in(&mut vm.store, Callback::Initialize, 0, plugin.start_deadline_ticks, |s| {
@@ -195,6 +196,27 @@ impl Vm {
         }
         vm.store.data_mut().log.capture = None;
         Ok(vm)
+    }
+
+    /// A reactor's `main(0, 0)` or `__main_void()` after `_initialize`, as Envoy's
+    /// C++ host calls it (some modules register their root contexts there); its
+    /// result is ignored. One of another signature is not called.
+    fn main(&mut self, main: Option<&(ModuleExport, bool)>, ticks: u64) -> Result<(), VmFailure> {
+        let (instance, store) = (&self.instance, &mut self.store);
+        match main {
+            Some((at, true)) => {
+                if let Ok(Some(f)) = typed::<(i32, i32), i32>(instance, store, Some(at)) {
+                    call_in(store, Callback::Initialize, 0, ticks, |s| f.call(s, (0, 0)))?;
+                }
+            }
+            Some((at, false)) => {
+                if let Ok(Some(f)) = typed::<(), i32>(instance, store, Some(at)) {
+                    call_in(store, Callback::Initialize, 0, ticks, |s| f.call(s, ()))?;
+                }
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     fn rejected(&mut self, callback: Callback, what: &str) -> VmFailure {
@@ -285,6 +307,24 @@ impl Vm {
             call(store, Callback::Delete, id, |s| f.call(s, id as i32))?;
         }
         Ok(())
+    }
+
+    /// The root context's shutdown, when a VM that did not fail is dropped (its
+    /// filter unloaded or replaced): `on_done(root)`, then `on_delete(root)`,
+    /// Envoy's order. A root answering `false` would wait for `proxy_done` on
+    /// Envoy; here nothing could call back into a VM being dropped (its timers
+    /// and callouts go with it), so `on_delete` follows at once. A failure is
+    /// logged: the VM is going away whatever the policy.
+    pub fn shutdown(&mut self) {
+        let root = self.root_id();
+        let done = match self.ex.on_done.as_ref() {
+            Some(f) => call(&mut self.store, Callback::Done, root, |s| f.call(s, root as i32)).map(|_| ()),
+            None => Ok(()),
+        };
+        if let Err(f) = done.and_then(|()| self.delete(root)) {
+            let plugin = &*self.store.data().plugin.name;
+            tracing::warn!(plugin, callback = f.callback.name(), reason = %f.message, "wasm root context failed at shutdown");
+        }
     }
 
     /// `on_delete` alone, for a guest that declared `on_log` and `on_done` no-ops.
@@ -606,6 +646,7 @@ mod tests {
             name: "panicky".into(),
             module: "inline.wasm".into(),
             root_id: String::new(),
+            vm_id: None,
             vm_config: None,
             config: None,
             fail_policy: FailPolicy::Reload(reload),

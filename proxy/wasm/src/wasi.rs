@@ -2,7 +2,11 @@
 //! rather than with `wasmtime-wasi`: no preopens, no sockets, no filesystem;
 //! stdout/stderr go to `tracing` (per line, with the plugin name); clocks;
 //! `random_get` from the OS; the environment from `FilterSpec::env`; no args.
-//! Modules importing other WASI functions are rejected at load.
+//! The stubs answer what Envoy's C++ host (cpp-host) answers, so the runtimes
+//! that probe them at start-up (Go's `wasip1`: `fd_fdstat_get`,
+//! `fd_fdstat_set_flags`, `poll_oneoff`) start as they do on Envoy. Modules
+//! importing other WASI functions (the filesystem's `path_*`, sockets) are
+//! rejected at load.
 //!
 //! `wasmtime-wasi`'s preview1 adapter is built on its async preview2 core and
 //! blocks on a tokio runtime from sync calls, which does not work inside the
@@ -33,6 +37,7 @@ pub(crate) const ALLOWED: &[&str] = &[
     "fd_close",
     "fd_seek",
     "fd_fdstat_get",
+    "fd_fdstat_set_flags",
     "fd_prestat_get",
     "fd_prestat_dir_name",
     "proc_exit",
@@ -45,7 +50,10 @@ const SUCCESS: i32 = 0;
 const BADF: i32 = 8;
 const FAULT: i32 = 21;
 const INVAL: i32 = 28;
+const NOSYS: i32 = 52;
 const NOTSUP: i32 = 58;
+/// `__WASI_RIGHTS_FD_WRITE`.
+const RIGHTS_FD_WRITE: u64 = 64;
 
 /// Largest `random_get` request (as Envoy's host).
 const MAX_RANDOM: usize = 64 * 1024;
@@ -87,7 +95,7 @@ pub(crate) fn add(l: &mut Linker<VmState>, module: &str) -> wasmtime::Result<()>
     })?;
     l.func_wrap(module, "clock_res_get", |mut c: C<'_>, id: i32, ret: i32| {
         if !(0..=1).contains(&id) {
-            return INVAL;
+            return NOTSUP;
         }
         errno(store64(&mut c, ret, 1))
     })?;
@@ -95,17 +103,21 @@ pub(crate) fn add(l: &mut Linker<VmState>, module: &str) -> wasmtime::Result<()>
         let now = match id {
             0 => SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos(),
             1 => start().elapsed().as_nanos() + 1,
-            _ => return INVAL,
+            _ => return NOTSUP,
         };
         errno(store64(&mut c, ret, u64::try_from(now).unwrap_or(u64::MAX)))
     })?;
     l.func_wrap(module, "fd_write", |mut c: C<'_>, fd: i32, iovs: i32, n: i32, ret: i32| {
         errno(fd_write(&mut c, fd, iovs, n, ret))
     })?;
-    l.func_wrap(module, "fd_read", |_: C<'_>, _: i32, _: i32, _: i32, _: i32| BADF)?;
+    l.func_wrap(module, "fd_read", |_: C<'_>, _: i32, _: i32, _: i32, _: i32| NOSYS)?;
     l.func_wrap(module, "fd_close", |_: C<'_>, _: i32| BADF)?;
     l.func_wrap(module, "fd_seek", |_: C<'_>, _: i32, _: i64, _: i32, _: i32| BADF)?;
-    l.func_wrap(module, "fd_fdstat_get", |_: C<'_>, _: i32, _: i32| BADF)?;
+    l.func_wrap(module, "fd_fdstat_get", |mut c: C<'_>, fd: i32, ret: i32| {
+        errno(fd_fdstat_get(&mut c, fd, ret))
+    })?;
+    // No descriptor's flags can change (there are no descriptors but the log).
+    l.func_wrap(module, "fd_fdstat_set_flags", |_: C<'_>, _: i32, _: i32| NOSYS)?;
     l.func_wrap(module, "fd_prestat_get", |_: C<'_>, _: i32, _: i32| BADF)?;
     l.func_wrap(module, "fd_prestat_dir_name", |_: C<'_>, _: i32, _: i32, _: i32| BADF)?;
     l.func_wrap(module, "proc_exit", |_: C<'_>, code: i32| -> wasmtime::Result<()> {
@@ -115,7 +127,11 @@ pub(crate) fn add(l: &mut Linker<VmState>, module: &str) -> wasmtime::Result<()>
         errno(random_get(&mut c, buf, len))
     })?;
     l.func_wrap(module, "sched_yield", |_: C<'_>| SUCCESS)?;
-    l.func_wrap(module, "poll_oneoff", |_: C<'_>, _: i32, _: i32, _: i32, _: i32| NOTSUP)?;
+    // No event ever comes (cpp-host's answer): nothing to wait for, and a worker
+    // never sleeps in a guest. Go's runtime calls it to sleep and stops on an error.
+    l.func_wrap(module, "poll_oneoff", |mut c: C<'_>, _: i32, _: i32, _: i32, nevents: i32| {
+        errno(store32(&mut c, nevents, 0))
+    })?;
     Ok(())
 }
 
@@ -131,6 +147,26 @@ fn two_u32(c: &mut C<'_>, p1: i32, v1: u32, p2: i32, v2: u32) -> Result<(), i32>
     range(data.len(), p2, 4).map_err(fault)?;
     write_u32(data, p1, v1).map_err(fault)?;
     write_u32(data, p2, v2).map_err(fault)
+}
+
+fn store32(c: &mut C<'_>, p: i32, v: u32) -> Result<(), i32> {
+    let mem = memory(c).map_err(fault)?;
+    write_u32(mem.data_mut(&mut *c), p, v).map_err(fault)
+}
+
+/// stdout and stderr (the log) are write-only character streams; there is no
+/// other descriptor (cpp-host's answer).
+fn fd_fdstat_get(c: &mut C<'_>, fd: i32, ret: i32) -> Result<(), i32> {
+    if fd != 1 && fd != 2 {
+        return Err(BADF);
+    }
+    let mem = memory(c).map_err(fault)?;
+    let data = mem.data_mut(&mut *c);
+    // fdstat: filetype u8, flags u16 (at 2), rights_base u64 (at 8),
+    // rights_inheriting u64 (at 16); 24 bytes.
+    let r = range(data.len(), ret, 24).map_err(fault)?;
+    data[r].fill(0);
+    write_u64(data, (ret as u32).wrapping_add(8) as i32, RIGHTS_FD_WRITE).map_err(fault)
 }
 
 fn store64(c: &mut C<'_>, p: i32, v: u64) -> Result<(), i32> {

@@ -243,6 +243,8 @@ pub mod exports {
     pub const START: &str = "_start";
     /// Called after `_initialize` with (0, 0) when exported.
     pub const MAIN: &str = "main";
+    /// `main` without arguments (wasi-libc's name), called when `main` is not exported.
+    pub const MAIN_VOID: &str = "__main_void";
     /// Allocator (spec name).
     pub const ON_MEMORY_ALLOCATE: &str = "proxy_on_memory_allocate";
     /// Allocator (C name, used by `wasm32-unknown-unknown` Rust modules).

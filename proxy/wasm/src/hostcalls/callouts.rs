@@ -18,12 +18,53 @@ fn utf8(b: &[u8]) -> Result<&str, Status> {
     std::str::from_utf8(b).map_err(|_| Status::BadArgument)
 }
 
+fn known(st: &VmState, cluster: &str) -> bool {
+    st.plugin.clusters.iter().any(|c| c == cluster)
+}
+
 fn check_cluster(st: &VmState, cluster: &str) -> Result<(), Status> {
-    if st.plugin.clusters.iter().any(|c| c == cluster) {
+    if known(st, cluster) {
         return Ok(());
     }
     tracing::warn!(plugin = %st.plugin.name, cluster, "callout to an unknown cluster");
     Err(Status::BadArgument)
+}
+
+/// `envoy.config.core.v3.GrpcService`, the fields a gRPC callout's upstream
+/// may name its cluster with (C++ SDK filters send it serialized).
+#[derive(Clone, PartialEq, prost::Message)]
+struct GrpcService {
+    #[prost(message, optional, tag = "1")]
+    envoy_grpc: Option<EnvoyGrpc>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EnvoyGrpc {
+    #[prost(string, tag = "1")]
+    cluster_name: String,
+}
+
+/// The cluster of a gRPC callout, as Envoy reads `upstream`: a cluster's name,
+/// or a serialized `GrpcService` whose `envoy_grpc` names it. An unknown
+/// cluster is PARSE_FAILURE (Envoy's answer; the Rust SDK panics on anything
+/// but OK, PARSE_FAILURE and INTERNAL_FAILURE), and so is a `GrpcService`
+/// naming no cluster (`google_grpc`, which Sluice cannot call, or a name that
+/// happens to parse as one).
+fn grpc_cluster(st: &VmState, upstream: &[u8]) -> Result<String, Status> {
+    if let Ok(name) = std::str::from_utf8(upstream)
+        && known(st, name)
+    {
+        return Ok(name.to_owned());
+    }
+    let name = match <GrpcService as prost::Message>::decode(upstream) {
+        Ok(GrpcService { envoy_grpc: Some(e) }) => e.cluster_name,
+        _ => String::from_utf8_lossy(upstream).into_owned(),
+    };
+    if known(st, &name) {
+        return Ok(name);
+    }
+    tracing::warn!(plugin = %st.plugin.name, cluster = %name, "gRPC callout to an unknown cluster");
+    Err(Status::ParseFailure)
 }
 
 fn timeout(st: &VmState, ms: i32) -> Duration {
@@ -106,17 +147,20 @@ pub(super) fn grpc_call(
     let (data, st) = mem.data_and_store_mut(&mut *c);
     range(data.len(), ret_token, 4)?;
     let [up, service, method, metadata, message] = parts;
-    let cluster = utf8(slice(data, up.0, up.1)?)?;
-    check_cluster(st, cluster)?;
-    let service = utf8(slice(data, service.0, service.1)?)?;
-    let method = utf8(slice(data, method.0, method.1)?)?;
+    let cluster = grpc_cluster(st, slice(data, up.0, up.1)?)?;
+    // PARSE_FAILURE, not BAD_ARGUMENT, for the same reason as the cluster's.
+    fn text(b: &[u8]) -> Result<&str, Status> {
+        std::str::from_utf8(b).map_err(|_| Status::ParseFailure)
+    }
+    let service = text(slice(data, service.0, service.1)?)?;
+    let method = text(slice(data, method.0, method.1)?)?;
     let metadata =
         sluice_abi::pairs::decode(slice(data, metadata.0, metadata.1)?).map_err(|_| Status::ParseFailure)?;
     let message = slice(data, message.0, message.1)?;
     let timeout = timeout(st, timeout_ms);
-    let request = crate::callout::grpc_request(cluster, service, method, &metadata, message, timeout)
+    let request = crate::callout::grpc_request(&cluster, service, method, &metadata, message, timeout)
         .ok_or(Status::ParseFailure)?;
-    let token = start(st, cluster.to_string(), request, timeout, true)?;
+    let token = start(st, cluster, request, timeout, true)?;
     write_u32(data, ret_token, token)?;
     Ok(())
 }

@@ -214,7 +214,7 @@ pub(super) fn get_shared_data(
         range(data.len(), ret_cas, 4)?;
         let key = slice(data, kp, kn)?;
         let st = c.data();
-        st.plugin.host.shared.get(&st.plugin.name, key)
+        st.plugin.host.shared.get(&st.plugin.vm_id, key)
     };
     let (value, cas) = found.ok_or(Status::NotFound)?;
     give_bytes(c, &value, ret_ptr, ret_size)?;
@@ -233,7 +233,7 @@ pub(super) fn set_shared_data(
     let (data, st) = mem.data_and_store_mut(&mut *c);
     let key = slice(data, kp, kn)?;
     let value = slice(data, vp, vn)?;
-    st.plugin.host.shared.set(&st.plugin.name, key, value, cas as u32)?;
+    st.plugin.host.shared.set(&st.plugin.vm_id, key, value, cas as u32)?;
     Ok(())
 }
 
@@ -248,7 +248,7 @@ pub(super) fn register_queue(c: &mut Caller<'_, VmState>, p: i32, n: i32, ret: i
         st.deferred.push(Deferred::Mailbox(rx));
     }
     let Some(tx) = st.mailbox.as_ref() else { return Err(Status::InternalFailure.into()) };
-    let id = st.plugin.host.shared.register_queue(&st.plugin.name, name, tx)?;
+    let id = st.plugin.host.shared.register_queue(&st.plugin.vm_id, name, tx)?;
     write_u32(data, ret, id)?;
     Ok(())
 }
@@ -267,7 +267,7 @@ pub(super) fn resolve_queue(
     let vm_id = slice(data, vp, vn)?;
     let name = slice(data, p, n)?;
     let scope = if vm_id.is_empty() {
-        &*st.plugin.name
+        &*st.plugin.vm_id
     } else {
         std::str::from_utf8(vm_id).map_err(|_| Status::NotFound)?
     };

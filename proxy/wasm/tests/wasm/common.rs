@@ -87,6 +87,7 @@ pub fn spec(name: &str) -> FilterSpec {
         name: name.into(),
         module: "inline.wasm".into(),
         root_id: String::new(),
+        vm_id: None,
         vm_config: None,
         config: None,
         fail_policy: FailPolicy::Closed,
@@ -100,6 +101,18 @@ pub fn spec(name: &str) -> FilterSpec {
 }
 
 /// Runs a future like a Sluice worker: current-thread runtime inside a `LocalSet`.
+/// Runs one request through `factory`'s request headers (they must continue)
+/// and `on_log`; returns the request header `name` as the filter left it.
+pub fn request_header_set(factory: &Arc<dyn FilterFactory>, name: &str) -> Option<String> {
+    run(async {
+        let mut ex = Exchange::new(factory, "http://a.test/");
+        let action = ex.request_headers(true).await;
+        assert!(matches!(action, Ok(sluice_filter::HeadersAction::Continue)), "{action:?}");
+        ex.log();
+        ex.req.headers.get(name).map(|v| v.to_str().unwrap_or("?").to_owned())
+    })
+}
+
 pub fn run<F: Future>(f: F) -> F::Output {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let local = tokio::task::LocalSet::new();
@@ -170,13 +183,17 @@ impl Exchange {
     }
 
     pub fn log(&mut self) {
-        let trailers = HeaderMap::new();
+        self.log_with_trailers(&HeaderMap::new());
+    }
+
+    /// `on_log` after a response that ended with `trailers`.
+    pub fn log_with_trailers(&mut self, trailers: &HeaderMap) {
         let view = LogView {
             request_added: None,
             request: Some(&self.req),
             response: Some(&self.resp),
             request_trailers: None,
-            response_trailers: Some(&trailers),
+            response_trailers: Some(trailers),
         };
         self.filter.on_log(&view, &self.info);
     }

@@ -105,6 +105,7 @@ const WASI: &[(&str, &str)] = &[
     ("fd_close", "e"),
     ("fd_seek", "eIeo"),
     ("fd_fdstat_get", "eo"),
+    ("fd_fdstat_set_flags", "ee"),
     ("fd_prestat_get", "eo"),
     ("fd_prestat_dir_name", "es"),
     ("random_get", "s"),

@@ -221,8 +221,9 @@ fn infinite_loop_ends_within_budget() {
         let elapsed = started.elapsed();
         assert_eq!(err.kind, FilterErrorKind::Timeout);
         assert!(elapsed >= Duration::from_millis(40), "{elapsed:?}");
-        // Budget + one 10 ms tick, plus scheduling slack on a shared CI box.
-        assert!(elapsed < Duration::from_millis(400), "{elapsed:?}");
+        // Budget + one 10 ms tick, plus scheduling slack on a loaded CI box (the
+        // epoch ticker is a thread too): an infinite loop ends only at the deadline.
+        assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
     });
     assert_eq!(
         metric(&registry, "sluice_wasm_timeouts_total", r#"plugin="looper",what="callback""#),
@@ -247,7 +248,10 @@ fn a_request_paused_forever_ends_at_the_pause_timeout() {
             let elapsed = started.elapsed();
             assert_eq!((err.kind, err.callback), (FilterErrorKind::Timeout, "on_request_headers"));
             assert!(err.reason.contains("100 ms pause_timeout"), "{}", err.reason);
-            assert!(elapsed >= Duration::from_millis(100) && elapsed < Duration::from_secs(2), "{elapsed:?}");
+            assert!(
+                elapsed >= Duration::from_millis(100) && elapsed < Duration::from_secs(10),
+                "{elapsed:?}"
+            );
             ex.log();
             let timeouts =
                 metric(&registry, "sluice_wasm_timeouts_total", r#"plugin="sleeper",what="pause""#);
@@ -475,8 +479,8 @@ fn fail_reload_builds_a_fresh_vm_after_backoff_with_a_crash_loop_cap() {
     let mut s = spec("reloader");
     // Backoffs long enough that a stalled CI machine still asks during them.
     s.fail_policy = FailPolicy::Reload(ReloadPolicy {
-        base: Duration::from_millis(150),
-        max: Duration::from_secs(2),
+        base: Duration::from_millis(500),
+        max: Duration::from_secs(5),
         max_consecutive: 2,
     });
     let (host, registry) = host();
@@ -489,13 +493,14 @@ fn fail_reload_builds_a_fresh_vm_after_backoff_with_a_crash_loop_cap() {
         let mut ex = Exchange::new(&factory, "http://a.test/fine");
         assert_eq!(ex.request_headers(true).await.expect_err("backoff").kind, FilterErrorKind::Unavailable);
         // After it: a fresh VM serves.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(650)).await;
         let mut ex = Exchange::new(&factory, "http://a.test/fine");
         assert!(matches!(ex.request_headers(true).await, Ok(HeadersAction::Continue)));
         ex.log();
         assert_eq!(factory.status()["state"], "ok");
         // Crash loop: trap, reload, trap, reload, trap => failed for good.
-        for wait in [350u64, 650] {
+        // Past each doubled backoff (1 s, then 2 s).
+        for wait in [1_100u64, 2_100] {
             let mut ex = Exchange::new(&factory, "http://a.test/boom");
             assert!(ex.request_headers(true).await.is_err());
             tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -640,4 +645,26 @@ fn a_filter_that_keeps_its_trailers_callback_ignores_only_a_response_without_tra
     });
     let status = factory.status();
     assert_eq!(status["noop_callbacks"], serde_json::json!(["on_response_body", "on_log", "on_done"]));
+}
+
+#[test]
+fn header_statuses_read_as_envoy_reads_them() {
+    // C++ SDK filters may return any FilterHeadersStatus: ContinueAndEndStream
+    // (2) and unknown values continue; StopAllIteration* (3, 4) stop, as 1 does.
+    run(async {
+        for (action, stops) in [(0, false), (1, true), (2, false), (3, true), (4, true), (5, false)] {
+            let mut s = spec("statuses");
+            s.limits.pause_timeout = Duration::from_millis(50);
+            let (host, _) = host();
+            let factory =
+                host.load_bytes(&s, &module("", &format!("(i32.const {action})"), ""), &[]).expect("load");
+            let mut ex = Exchange::new(&factory, "http://a.test/");
+            let r = ex.request_headers(true).await;
+            match stops {
+                false => assert!(matches!(r, Ok(HeadersAction::Continue)), "{action}"),
+                // Nothing resumes it: the pause timeout ends it.
+                true => assert_eq!(r.expect_err("paused").kind, FilterErrorKind::Timeout, "{action}"),
+            }
+        }
+    });
 }

@@ -23,15 +23,22 @@ fn resp_header(ex: &Exchange, name: &str) -> String {
 
 /// A sink factory with a `backend` cluster on a real server.
 async fn sink(config: &str) -> (Arc<dyn FilterFactory>, prometheus::Registry, sluice_wasm::WasmHost) {
+    sink_with(config, |_| {}).await
+}
+
+/// [`sink`], with its spec adjusted by `adjust`.
+async fn sink_with(
+    config: &str,
+    adjust: impl FnOnce(&mut sluice_config::FilterSpec),
+) -> (Arc<dyn FilterFactory>, prometheus::Registry, sluice_wasm::WasmHost) {
     let addr = backend().await;
     let mut callouts = TestCallouts::default();
     callouts.clusters.insert("backend".into(), addr);
     let (host, registry) = host_with(callouts);
     let mut s = spec("sink");
-    // `/loop` loops until the deadline.
-    s.limits.callback_timeout = Duration::from_millis(50);
     s.config = Some(serde_json::Value::String(config.into()));
     s.vm_config = Some(serde_json::json!({"vm": 1}));
+    adjust(&mut s);
     let factory = host.load_bytes(&s, &fixture("sink"), &["backend".to_string()]).expect("load sink");
     (factory, registry, host)
 }
@@ -190,7 +197,8 @@ fn http_callouts_resume_reply_and_time_out() {
         let (ex, action) = get(&factory, "http://a.test/callout-slow").await;
         assert!(matches!(action, HeadersAction::Continue));
         assert_eq!(header(&ex, "x-callout-status"), "504");
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        // The slow backend answers after 5 s.
+        assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
 
         // Unknown cluster: refused synchronously (BAD_ARGUMENT), the filter goes on.
         let (ex, action) = get(&factory, "http://a.test/callout-nowhere").await;
@@ -218,6 +226,14 @@ fn grpc_callouts() {
         let (ex, _) = get(&factory, "http://a.test/grpc-fail").await;
         assert_eq!(header(&ex, "x-grpc-status"), "7");
         assert_eq!(header(&ex, "x-grpc-message"), "denied");
+        // The upstream named by a serialized GrpcService, as C++ SDK filters do.
+        let (ex, _) = get(&factory, "http://a.test/grpc-service").await;
+        assert_eq!(header(&ex, "x-grpc-reply"), "pong:ping");
+        // An unknown cluster: PARSE_FAILURE, as Envoy answers; the SDK returns it
+        // as an error (any other status would make it panic).
+        let (ex, action) = get(&factory, "http://a.test/grpc-nowhere").await;
+        assert!(matches!(action, HeadersAction::Continue));
+        assert_eq!(header(&ex, "x-grpc-error"), "ParseFailure");
     });
 }
 
@@ -263,6 +279,29 @@ fn properties() {
         let (factory, _, _host) = sink("cfg").await;
         let (ex, _) = get(&factory, "http://a.test/props").await;
         assert_eq!(header(&ex, "x-props"), "sink|127.0.0.1:40000|40000|req-1|/props|true|set");
+
+        // At `on_log`: Envoy's sizes (names and values of the head, plus the
+        // body), the gRPC status from the trailers, the trailers themselves.
+        let (mut ex, _) = get(&factory, "http://a.test/sizes").await;
+        ex.info.request_body_bytes.set(100);
+        ex.info.response_body_bytes.set(1000);
+        ex.resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("7"));
+        ex.log_with_trailers(&trailers);
+        let sizes = shared(&factory, "last_sizes").await;
+        let fields: Vec<&str> = sizes.split('|').collect();
+        let request: i64 = fields[0].parse().unwrap_or(0);
+        // The request head: at least `:path` `/sizes` and `:method` `GET`, and the
+        // sink's own `x-sink: 1`.
+        let least = 100 + ":path/sizes".len() + ":methodGET".len() + "x-sink1".len();
+        assert!(request >= least as i64, "{sizes}");
+        // The response head (`:status` 200, the content type), the trailers, the body.
+        let response: i64 = fields[1].parse().unwrap_or(0);
+        let least = 1000 + ":status200".len() + "content-typeapplication/grpc".len() + "grpc-status7".len();
+        assert!(response >= least as i64, "{sizes}");
+        // grpc-status 7; the trailers as a map of one pair: 4 + 8 + 11 + 1 + 1 + 1 bytes.
+        assert_eq!(&fields[2..], ["7", "26"], "{sizes}");
     });
 }
 
@@ -295,7 +334,9 @@ fn guest_panic_and_deadline_name_the_cause() {
         assert_eq!(metric(&registry, "sluice_wasm_traps_total", r#"kind="panic",plugin="sink""#), Some(1.0));
     });
     run(async {
-        let (factory, _, _host) = sink("cfg").await;
+        // `/loop` loops until the deadline.
+        let (factory, _, _host) =
+            sink_with("cfg", |s| s.limits.callback_timeout = Duration::from_millis(50)).await;
         let mut ex = Exchange::new(&factory, "http://a.test/loop");
         let err = ex.request_headers(true).await.expect_err("deadline");
         assert_eq!(err.kind, FilterErrorKind::Timeout);

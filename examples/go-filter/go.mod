@@ -1,0 +1,3 @@
+module example.com/sluice-go-filter
+
+go 1.24
