@@ -187,6 +187,72 @@ async fn a_filter_answers_from_the_request_body_phase() {
     assert_eq!(resp.status(), 200);
     // (The echo backend answers with the path; the sink appends `!`.)
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "/upload!");
+
+    // Properties read after their head's own phase (`/late-body`: path, method,
+    // the request's fields as they went upstream with the sink's `x-sink`, the
+    // response code, the response's fields with the sink's `x-config`): the
+    // request's in the request body phase, both in the response body phase.
+    // Envoy 1.40 answers NOT_FOUND there (docs/wasm-host.md, "Deviations").
+    // Over HTTP/1.1 (the server hands the encoded response head back) and h2c
+    // (a copy), each to an HTTP/1.1 upstream.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for (client, name) in [(client(), "HTTP/1.1"), (h2, "h2c")] {
+        let req = http::Request::post(format!("http://{addr}/late-body"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"data")))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes(),
+            "/late-body|/late-body,POST,true,-,false|/late-body,POST,true,200,true",
+            "{name}"
+        );
+    }
+}
+
+/// Sluice's own error replies go through the filters, as Envoy's do: a
+/// request to an upstream that refuses connections gets a 503 the filter's
+/// response headers phase saw (the `x-config` field it adds), and its `on_log`
+/// sees the 503 and the request path, with Envoy's
+/// `response.code_details`, `response.flags` (UF, 0x20), the attempt count and
+/// the upstream's address. A response from the upstream is `via_upstream`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_error_replies_go_through_the_filters() {
+    let backend = echo_backend().await;
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let yaml = config(backend.addr, &sink(), "cfg", "closed")
+        .replace(
+            "          - forward: { cluster: backend }",
+            "          - match: { prefix: /dead }\n            forward: { cluster: dead }\n          - forward: { cluster: backend }",
+        )
+        + &format!("  - name: dead\n    endpoints: [\"{dead}\"]\n");
+    let proxy = Sluice::start(&yaml);
+    let addr = proxy.addr("main");
+
+    let (status, headers, body) = get(addr, "/dead/details").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers["x-sluice-reason"], "upstream_connect_failure");
+    assert_eq!(headers["x-config"], "cfg");
+    let shared = |key: &'static str| async move {
+        let (_, headers, _) = get(addr, &format!("/get/{key}")).await;
+        headers.get("x-echo-x-value").map(|v| v.to_str().unwrap().to_owned())
+    };
+    let details = eventually(Duration::from_secs(10), || async {
+        shared("last_details").await.filter(|d| d.ends_with("|/dead/details"))
+    })
+    .await;
+    assert_eq!(details, format!("503|upstream_connect_failure|32|1|{dead}|/dead/details"));
+
+    let (status, _, _) = get(addr, "/details").await;
+    assert_eq!(status, 200);
+    let details = eventually(Duration::from_secs(10), || async {
+        shared("last_details").await.filter(|d| d.ends_with("|/details"))
+    })
+    .await;
+    assert_eq!(details, format!("200|via_upstream|0|1|{}|/details", backend.addr));
 }
 
 /// The body a filter buffers (the sink pauses each body until its end) is

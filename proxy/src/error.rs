@@ -121,6 +121,22 @@ impl ProxyError {
         }
     }
 
+    /// Envoy's response flags for this error (`response.flags`; 0 for none
+    /// of those Sluice can tell).
+    pub fn response_flags(&self) -> u64 {
+        use sluice_filter::response_flags as f;
+        match self.kind {
+            ErrorKind::NoRoute => f::NO_ROUTE_FOUND,
+            ErrorKind::NoHealthyUpstream => f::NO_HEALTHY_UPSTREAM,
+            ErrorKind::ConnectFailure | ErrorKind::ConnectTimeout => f::UPSTREAM_CONNECTION_FAILURE,
+            ErrorKind::UpstreamReset => f::UPSTREAM_REMOTE_RESET,
+            ErrorKind::UpstreamProtocol => f::UPSTREAM_PROTOCOL_ERROR,
+            ErrorKind::UpstreamTimeout => f::UPSTREAM_REQUEST_TIMEOUT,
+            ErrorKind::CircuitOpen => f::UPSTREAM_OVERFLOW,
+            _ => 0,
+        }
+    }
+
     /// Whether the downstream connection must close after the reply (the request
     /// may have left unread bytes that could be smuggled as a second request).
     pub fn closes_connection(&self) -> bool {

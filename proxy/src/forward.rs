@@ -185,15 +185,7 @@ fn finish_error(
     seen: Seen<'_>,
 ) -> Response<ProxyBody> {
     let resp = error_response(err, grpc);
-    metrics.local_replies.with_label_values(&[err.reason()]).inc();
-    let (route, cluster) = (seen.route.map(|r| &**r), seen.cluster.map(|c| &**c));
-    match err.side {
-        Side::Upstream | Side::Internal => tracing::warn!(
-            request_id = %log.request_id, route = ?route, cluster = ?cluster, error = %err, "request failed"
-        ),
-        Side::Downstream => tracing::debug!(request_id = %log.request_id, error = %err, "request rejected"),
-    }
-    log.reason = Some(err.reason());
+    record_error(err, metrics, &mut log, (seen.route.map(|r| &**r), seen.cluster.map(|c| &**c)));
     if format != AccessLogFormat::Off {
         log.route = seen.route.cloned();
         log.cluster = seen.cluster.cloned();
@@ -201,6 +193,49 @@ fn finish_error(
     let done = Completion::new(&log, format, seen.metrics.cloned(), err.status().as_u16());
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, body.on_end(move |end, n| done.done(end, n)))
+}
+
+/// Counts and logs an error Sluice answers (`sluice_local_replies_total`; a
+/// warning when the upstream or Sluice failed). `names`: route and cluster.
+fn record_error(
+    err: &ProxyError,
+    metrics: &Metrics,
+    log: &mut RequestLog,
+    names: (Option<&str>, Option<&str>),
+) {
+    metrics.local_replies.with_label_values(&[err.reason()]).inc();
+    let (route, cluster) = names;
+    match err.side {
+        Side::Upstream | Side::Internal => tracing::warn!(
+            request_id = %log.request_id, route = ?route, cluster = ?cluster, error = %err, "request failed"
+        ),
+        Side::Downstream => tracing::debug!(request_id = %log.request_id, error = %err, "request rejected"),
+    }
+    log.reason = Some(err.reason());
+}
+
+/// The error reply to a request whose filters ran: as Envoy sends its own
+/// replies (an upstream connect failure's 503, a timeout's 504), it goes
+/// through the filters' response phases, and their `on_log` sees it, with
+/// Envoy's `response.code_details` and `response.flags` for the error.
+/// `names`: route and cluster.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn finish_error_filtered(
+    err: &ProxyError,
+    grpc: bool,
+    conn: &ConnInfo,
+    dp: &Dataplane,
+    log: &mut RequestLog,
+    names: (&str, &str),
+    metrics: &Arc<RouteMetrics>,
+    mut run: ChainRun,
+) -> Response<ProxyBody> {
+    record_error(err, &conn.shared.metrics, log, (Some(names.0), Some(names.1)));
+    let info = run.info();
+    *info.code_details.borrow_mut() = std::borrow::Cow::Borrowed(err.reason());
+    info.response_flags.set(info.response_flags.get() | err.response_flags());
+    let resp = run.filter_local(error_response(err, grpc)).await;
+    finish_local(resp, log, dp, metrics.clone(), Some(run))
 }
 
 /// The per-request view of where the request goes.
@@ -443,20 +478,8 @@ async fn proxy<'a>(
                 Some(run) => run.wrap_request_body(body),
                 None => body,
             };
-            forward(
-                upstream_req,
-                body,
-                conn,
-                dp,
-                fwd,
-                &t.cluster,
-                t.metrics.clone(),
-                route,
-                log,
-                chain,
-                upgrade,
-            )
-            .await
+            forward(upstream_req, body, conn, dp, fwd, &t.cluster, &t.metrics, route, log, chain, upgrade)
+                .await
         }
     }
 }
@@ -555,10 +578,12 @@ pub(crate) fn finish_local(
     log.status = status;
     let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
     let (parts, body) = resp.into_parts();
-    let head = chain.as_ref().map(|_| crate::chain::LogHead::from_response(&parts, &body));
+    if let Some(run) = &chain {
+        run.keep_response(crate::chain::LogHead::from_response(&parts, &body));
+    }
     let body = body.on_end(move |end, n| {
         if let Some(mut run) = chain {
-            run.log_end(end, head.as_ref());
+            run.log_end(end);
         }
         done.done(end, n);
     });

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, COOKIE, HOST, HeaderValue};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version, request};
 use http_body_util::BodyExt;
 use sluice_config::LbPolicy;
@@ -296,18 +296,73 @@ impl Drop for InFlight {
     }
 }
 
+/// Forwards a request upstream (attempts, retries, the response's way back)
+/// and answers it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
+    template: UpstreamRequest<'_>,
+    body: ProxyBody,
+    conn: &Rc<ConnInfo>,
+    dp: &Dataplane,
+    fwd: &Forward,
+    cluster: &Arc<ClusterState>,
+    metrics: &Arc<RouteMetrics>,
+    route: &Arc<CompiledRoute>,
+    log: &mut RequestLog,
+    chain: Option<ChainRun>,
+    downstream_upgrade: Option<tokio::sync::oneshot::Receiver<crate::server::Upgraded>>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let Some(run) = chain else {
+        return exchange(
+            template,
+            body,
+            conn,
+            dp,
+            fwd,
+            cluster,
+            metrics,
+            route,
+            log,
+            &mut None,
+            downstream_upgrade,
+        )
+        .await;
+    };
+    let grpc = template.method == Method::POST
+        && template.headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut chain = Some(run);
+    let result =
+        exchange(template, body, conn, dp, fwd, cluster, metrics, route, log, &mut chain, downstream_upgrade)
+            .await;
+    match (result, chain) {
+        // As Envoy's own replies (an upstream connect failure's 503, a
+        // timeout's 504), the error's reply goes through the filters' response
+        // phases and their `on_log`. A filter's own failure does not.
+        (Err(err), Some(run)) if !matches!(err.kind, ErrorKind::Filter(_)) => {
+            let names = (&*route.name, &*cluster.name);
+            Ok(Box::pin(crate::forward::finish_error_filtered(
+                &err, grpc, conn, dp, log, names, metrics, run,
+            ))
+            .await)
+        }
+        (result, _) => result,
+    }
+}
+
+/// [`forward`]'s attempts and the response's way back. `chain` is taken by
+/// the response it answers with; left in place with an error.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
     mut template: UpstreamRequest<'_>,
     body: ProxyBody,
     conn: &Rc<ConnInfo>,
     dp: &Dataplane,
     fwd: &Forward,
     cluster: &Arc<ClusterState>,
-    metrics: Arc<RouteMetrics>,
+    metrics: &Arc<RouteMetrics>,
     route: &Arc<CompiledRoute>,
     log: &mut RequestLog,
-    mut chain: Option<ChainRun>,
+    chain: &mut Option<ChainRun>,
     downstream_upgrade: Option<tokio::sync::oneshot::Receiver<crate::server::Upgraded>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let retry = fwd.retry.as_deref();
@@ -371,13 +426,23 @@ pub(crate) async fn forward(
         let breaker = &cluster.config.circuit_breaker;
         if cluster.breaker.requests.load(Ordering::Relaxed) >= breaker.max_requests {
             cluster.metrics.rejected_requests.inc();
+            hand_back_unsent(chain, &mut template, &added);
             return Err(ProxyError::upstream(ErrorKind::CircuitOpen, "max_requests reached"));
         }
-        let endpoint =
-            PICKER.with(|p| p.borrow_mut().pick(cluster, hash, last_endpoint.as_deref())).ok_or_else(
-                || ProxyError::upstream(ErrorKind::NoHealthyUpstream, format!("cluster {}", cluster.name)),
-            )?;
+        let Some(endpoint) = PICKER.with(|p| p.borrow_mut().pick(cluster, hash, last_endpoint.as_deref()))
+        else {
+            hand_back_unsent(chain, &mut template, &added);
+            return Err(ProxyError::upstream(
+                ErrorKind::NoHealthyUpstream,
+                format!("cluster {}", cluster.name),
+            ));
+        };
         log.upstream = Some(endpoint.addr);
+        if let Some(run) = &chain {
+            let info = run.info();
+            info.upstream_address.set(Some(endpoint.addr));
+            info.upstream_attempts.set(attempt);
+        }
         endpoint.active.fetch_add(1, Ordering::Relaxed);
         cluster.breaker.requests.fetch_add(1, Ordering::Relaxed);
         let inflight = InFlight { endpoint };
@@ -473,7 +538,7 @@ pub(crate) async fn forward(
                     return match (failure, chain.take()) {
                         (Failure::Local(local), Some(mut run)) => {
                             let resp = Box::pin(run.local_response(local, log.protocol)).await;
-                            Ok(finish_local(resp, log, dp, metrics, Some(run)))
+                            Ok(finish_local(resp, log, dp, metrics.clone(), Some(run)))
                         }
                         (Failure::Error(err), _) => Err(err),
                         (Failure::Local(_), None) => Err(e),
@@ -556,7 +621,13 @@ pub(crate) async fn forward(
         let (mut parts, _) = resp.into_parts();
         parts.version = Version::HTTP_11;
         log.status = 101;
-        return Ok(finish_local(Response::from_parts(parts, ProxyBody::empty()), log, dp, metrics, None));
+        return Ok(finish_local(
+            Response::from_parts(parts, ProxyBody::empty()),
+            log,
+            dp,
+            metrics.clone(),
+            None,
+        ));
     }
 
     let (mut parts, mut body) = resp.into_parts();
@@ -576,17 +647,22 @@ pub(crate) async fn forward(
     // Every filter ignores the rest of the response: the body goes out as it
     // came, and `on_log` needs no head (see `HttpFilter::ignores_response`).
     let mut unwrapped = false;
-    if let Some(run) = &mut chain {
+    if let Some(run) = chain.as_mut() {
         let end_of_stream = http_body::Body::is_end_stream(&body);
         let mut head = sluice_filter::ResponseHead::with_encoded(parts, body.take_verbatim());
+        *run.info().code_details.borrow_mut() = std::borrow::Cow::Borrowed("via_upstream");
         match run.response_headers(&mut head, end_of_stream).await {
             Ok(None) => {}
             Ok(Some(local)) => {
                 drop(body);
                 let resp = Box::pin(run.local_response(local, log.protocol)).await;
-                return Ok(finish_local(resp, log, dp, metrics, chain));
+                return Ok(finish_local(resp, log, dp, metrics.clone(), chain.take()));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                // A response filter failed: answered without the chain.
+                drop(chain.take());
+                return Err(e);
+            }
         }
         // The fields no filter decoded go back to the encoder still encoded.
         let encoded;
@@ -602,14 +678,15 @@ pub(crate) async fn forward(
     }
     let status = parts.status.as_u16();
     log.status = status;
-    let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
+    let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics.clone()), status);
     // The HTTP/1.1 server hands a chain's body the head once it is encoded
-    // (`ProxyBody::keep_head`); otherwise the chain keeps a copy for `on_log`.
+    // (`ProxyBody::keep_head`); otherwise the chain keeps a copy for the body
+    // phases and `on_log`.
     let handed_back = log.protocol != Version::HTTP_2 && body.keeps_head();
-    let head = chain
-        .as_ref()
-        .filter(|_| !handed_back && !unwrapped)
-        .map(|_| crate::chain::LogHead::from_response(&parts, &body));
+    if let Some(run) = chain.as_ref().filter(|_| !handed_back && !unwrapped) {
+        run.keep_response(crate::chain::LogHead::from_response(&parts, &body));
+    }
+    let chain = chain.take();
     let body = body.on_end(move |end, n| {
         drop(inflight);
         if let Some(mut run) = chain {
@@ -617,11 +694,27 @@ pub(crate) async fn forward(
                 // What the chain's body would have counted (`response.size`).
                 run.info().response_body_bytes.set(n);
             }
-            run.log_end(end, head.as_ref());
+            run.log_end(end);
         }
         done.done(end, n);
     });
     Ok(Response::from_parts(parts, body))
+}
+
+/// Hands the request head to the chain when the request fails before an
+/// attempt sent it (the filters' `on_log` reads it), unless an earlier attempt
+/// handed one back.
+fn hand_back_unsent(
+    chain: &Option<ChainRun>,
+    template: &mut Option<UpstreamRequest<'_>>,
+    added: &headers::Added<'_>,
+) {
+    if let Some(run) = chain
+        && run.info().sent_request().is_none()
+        && let Some(t) = template.take()
+    {
+        run.sent_request(t.into_request(ProxyBody::empty()).into_parts().0, added.encoded());
+    }
 }
 
 /// Takes a retry from the route's budget and the cluster's retry breaker;
@@ -669,8 +762,8 @@ pub(crate) fn pick_endpoint(
 /// body returns its connection to the pool when it completes. `verbatim`: an
 /// HTTP/1.1 response keeps its fields encoded (see `h1::verbatim`).
 /// `added`: fields the proxy sets, kept out of the request's map.
-/// `head_back`: where the request head is handed back once sent (for the
-/// filters' `on_log`; HTTP/2 sends a copy).
+/// `head_back`: where the request head is handed back once encoded (for the
+/// filters' later phases and `on_log`; HTTP/2 sends a copy).
 pub(crate) async fn send_request(
     cluster: &Arc<ClusterState>,
     endpoint: &Arc<Endpoint>,
@@ -680,10 +773,25 @@ pub(crate) async fn send_request(
     head_back: Option<&ChainRun>,
 ) -> Result<h1::Answer, ProxyError> {
     let pool = pool::endpoint_pool(cluster, endpoint);
-    match pool::checkout(cluster, endpoint, &pool).await? {
+    let conn = match pool::checkout(cluster, endpoint, &pool).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            // Never sent: the filters' `on_log` reads it as it would have gone.
+            if let Some(run) = head_back {
+                run.sent_request(req.into_parts().0, added.encoded());
+            }
+            return Err(e);
+        }
+    };
+    match conn {
         Conn::H1(conn) => {
             let (parts, body) = req.into_parts();
             let mut ex = h1::Exchange::start(conn, &parts, added, body, verbatim);
+            // The head is encoded: hand it back before the body phases run
+            // (they read the request's properties and fields from it).
+            if let Some(run) = head_back {
+                run.sent_request(parts, added.encoded());
+            }
             let head = match std::future::poll_fn(|cx| ex.poll_head(cx)).await {
                 Ok(head) => head,
                 // The pooled connection was closed by the upstream while idle:
@@ -700,18 +808,15 @@ pub(crate) async fn send_request(
                 Err(e) => return Err(e),
             };
             let home = Some((pool, cluster.config.pool.max_idle_per_endpoint));
-            if let Some(run) = head_back {
-                run.sent_request(parts, added.encoded());
-            }
             Ok(ex.into_answer(head, home))
         }
         Conn::H2(mut s) => {
             // (`added` is empty: `UpstreamRequest::prepare` keeps fields
             // aside only for an HTTP/1.1 cluster.)
-            s.ready().await.map_err(upstream_error)?;
             if let Some(run) = head_back {
                 run.sent_request(copy_head(&req), None);
             }
+            s.ready().await.map_err(upstream_error)?;
             let resp = s.send_request(req).await.map_err(upstream_error)?;
             Ok(h1::Answer { response: resp.map(ProxyBody::incoming), upgraded: None, stripped: false })
         }

@@ -59,6 +59,7 @@ use sluice_config::FilterSpec;
 mod body;
 mod fields;
 mod head;
+pub mod response_flags;
 
 pub use body::BodyBuf;
 pub use fields::{
@@ -279,8 +280,16 @@ pub struct StreamInfo {
     pub cluster_name: RefCell<Option<Arc<str>>>,
     /// Upstream address of the last attempt.
     pub upstream_address: Cell<Option<SocketAddr>>,
+    /// Attempts made upstream so far (Envoy's `upstream.request_attempt_count`).
+    pub upstream_attempts: Cell<u32>,
     /// Response status, once known.
     pub response_code: Cell<Option<u16>>,
+    /// Where the response came from, as Envoy's `response.code_details`:
+    /// `via_upstream`, the reason of a reply Sluice made for an error, or a
+    /// filter's own details for its local reply. Empty until known.
+    pub code_details: RefCell<std::borrow::Cow<'static, str>>,
+    /// Envoy's response flags for what went wrong (see [`response_flags`]).
+    pub response_flags: Cell<u64>,
     /// Request body bytes seen so far.
     pub request_body_bytes: Cell<u64>,
     /// Response body bytes seen so far.
@@ -297,6 +306,8 @@ pub struct StreamInfo {
     sent_request: RefCell<Option<request::Parts>>,
     /// The fields the proxy added to it after the filters, kept out of its map.
     sent_request_added: RefCell<Option<EncodedFields>>,
+    /// The response head once it left the filters (see [`StreamInfo::set_sent_response`]).
+    sent_response: RefCell<Option<ResponseHead>>,
 }
 
 impl StreamInfo {
@@ -322,7 +333,10 @@ impl StreamInfo {
             route_name: RefCell::new(None),
             cluster_name: RefCell::new(None),
             upstream_address: Cell::new(None),
+            upstream_attempts: Cell::new(0),
             response_code: Cell::new(None),
+            code_details: RefCell::new(std::borrow::Cow::Borrowed("")),
+            response_flags: Cell::new(0),
             request_body_bytes: Cell::new(0),
             response_body_bytes: Cell::new(0),
             route_cache_cleared: Cell::new(false),
@@ -330,14 +344,14 @@ impl StreamInfo {
             proxy_fields: RefCell::new(ProxyFields::default()),
             sent_request: RefCell::new(None),
             sent_request_added: RefCell::new(None),
+            sent_response: RefCell::new(None),
         }
     }
 
     /// Hands back the request head once it left the filters: as the upstream
     /// client sent it (with the fields it wrote after the map's, `added`), or
-    /// as the proxy answered it itself. Moved, not copied. The response phases
-    /// and `on_log` read the request from it (as Envoy's request properties
-    /// do for the whole stream).
+    /// as the proxy answered it itself. Moved, not copied. The later phases
+    /// and `on_log` read the request's properties from it.
     pub fn set_sent_request(&self, head: request::Parts, added: Option<EncodedFields>) {
         *self.sent_request.borrow_mut() = Some(head);
         *self.sent_request_added.borrow_mut() = added;
@@ -351,6 +365,19 @@ impl StreamInfo {
     /// The fields the proxy wrote after the sent request head's map, if any.
     pub fn sent_request_added(&self) -> std::cell::Ref<'_, Option<EncodedFields>> {
         self.sent_request_added.borrow()
+    }
+
+    /// Hands back the response head once it left the filters (as the server
+    /// encoded it, or a copy when the server keeps its own). Moved, not copied
+    /// where the server allows. The response body phases and `on_log` read the
+    /// response's properties from it.
+    pub fn set_sent_response(&self, head: ResponseHead) {
+        *self.sent_response.borrow_mut() = Some(head);
+    }
+
+    /// The response head handed back by [`StreamInfo::set_sent_response`], if it was.
+    pub fn sent_response(&self) -> std::cell::Ref<'_, Option<ResponseHead>> {
+        self.sent_response.borrow()
     }
 
     /// Keeps the fields the proxy set on the request out of its head's map

@@ -203,13 +203,13 @@ impl FilterBody {
         Poll::Ready(Ok(Out::Frame(Frame::trailers(t))))
     }
 
-    /// Keeps the encoded response head for `on_log`, with the fields its
-    /// encoder copied from the inner body (it needs them no more).
+    /// Keeps the encoded response head for the body phases and `on_log`, with
+    /// the fields its encoder copied from the inner body (it needs them no more).
     pub(crate) fn keep_response_head(self: Pin<&mut Self>, parts: http::response::Parts) {
         let this = self.get_mut();
         if !this.request {
             let encoded = this.inner.take_verbatim();
-            *this.shared.response_head.borrow_mut() = Some(ResponseHead::with_encoded(parts, encoded));
+            this.shared.info.set_sent_response(ResponseHead::with_encoded(parts, encoded));
         }
     }
 

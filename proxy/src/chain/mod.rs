@@ -84,9 +84,6 @@ struct Shared {
     info: StreamInfo,
     failure: RefCell<Option<Failure>>,
     max_buffer: usize,
-    /// The response head, handed back by the HTTP/1.1 server once encoded
-    /// (see `ProxyBody::keep_head`), for `on_log`.
-    response_head: RefCell<Option<ResponseHead>>,
 }
 
 /// One request's run through its filter chain.
@@ -233,7 +230,6 @@ impl ChainRun {
                 info,
                 failure: RefCell::new(None),
                 max_buffer,
-                response_head: RefCell::new(None),
             }),
         }
     }
@@ -292,6 +288,8 @@ impl ChainRun {
         local: LocalResponse,
         version: http::Version,
     ) -> Response<ProxyBody> {
+        // Envoy's `response.code_details` for a filter's reply: its details.
+        *self.shared.info.code_details.borrow_mut() = std::borrow::Cow::Owned(local.details.clone());
         let resp = crate::forward::local_reply(local, version);
         self.filter_local(resp).await
     }
@@ -337,25 +335,32 @@ impl ChainRun {
         ProxyBody::filter(body::FilterBody::new(body, self.shared.clone(), request))
     }
 
+    /// Keeps a copy of the response head for the response body phases and
+    /// `on_log`, when the server does not hand its own back
+    /// (`ProxyBody::keep_head`). Before the body is polled.
+    pub fn keep_response(&self, head: LogHead) {
+        self.shared.info.set_sent_response(head.head);
+    }
+
     /// [`ChainRun::log`] at the end of the response body: a response Sluice
     /// replaced with its error is logged with the error's head, as Envoy's
     /// filters see the local reply that replaced a response.
-    pub fn log_end(&mut self, end: BodyEnd, response: Option<&LogHead>) {
+    pub fn log_end(&mut self, end: BodyEnd) {
         let replaced = match end {
             BodyEnd::Replaced { status, reason } => Some(LogHead::replaced(status, reason)),
             _ => None,
         };
-        self.log(replaced.as_ref().or(response));
+        self.log(replaced.as_ref());
     }
 
     /// Runs `on_log` on every filter, in order. The response head is
-    /// `response`, or else the one the server handed back.
+    /// `response`, or else the one kept in the stream info.
     pub fn log(&mut self, response: Option<&LogHead>) {
         let sh = &*self.shared;
         let Some(held) = sh.filters.try_hold() else { return };
         let Some(mut f) = held.value() else { return };
         let f = &mut *f;
-        let kept = sh.response_head.borrow();
+        let kept = sh.info.sent_response();
         let request = sh.info.sent_request();
         let request_added = sh.info.sent_request_added();
         let view = LogView {

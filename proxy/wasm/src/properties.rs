@@ -104,7 +104,7 @@ fn segments(path: &[u8]) -> Vec<&str> {
 
 /// The request head visible to this call: the context's (while in, or paused
 /// in, its headers phase), the final one in `on_log`, or the one the proxy
-/// sent on once the filters let it go (the response phases).
+/// sent on once the filters let it go (the later phases).
 fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Option<R> {
     state.contexts.get(&state.frame.effective)?;
     if let Some(p) = state.req_head(state.frame.effective) {
@@ -180,6 +180,9 @@ fn with_request_map<R>(state: &VmState, f: impl FnOnce(MapView<'_>) -> R) -> Opt
     })
 }
 
+/// The response head visible to this call: the context's (while in, or
+/// paused in, its headers phase), the final one in `on_log`, or the one the
+/// proxy sent downstream (the body phases).
 fn with_response<R>(state: &VmState, f: impl FnOnce(&ResponseHead) -> R) -> Option<R> {
     state.contexts.get(&state.frame.effective)?;
     if let Some(p) = state.resp_head(state.frame.effective) {
@@ -188,7 +191,10 @@ fn with_response<R>(state: &VmState, f: impl FnOnce(&ResponseHead) -> R) -> Opti
     if state.frame.callback == Callback::Log && LOG_RESPONSE.is_set() {
         return Some(LOG_RESPONSE.with(|p| f(p)));
     }
-    None
+    if !INFO.is_set() || state.frame.effective != state.frame.ctx {
+        return None;
+    }
+    INFO.with(|info| info.sent_response().as_ref().map(f))
 }
 
 /// The response trailers, in `on_log` when the response had them.
@@ -366,6 +372,15 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
         },
         ["request", "referer"] => return header(out, state, "referer"),
         ["request", "useragent"] => return header(out, state, "user-agent"),
+        ["response", "code_details"] => {
+            let details = info.code_details.borrow();
+            if details.is_empty() && info.response_code.get().is_none() {
+                return false;
+            }
+            out.extend_from_slice(details.as_bytes());
+        }
+        ["response", "flags"] => uint(out, info.response_flags.get()),
+        ["upstream", "request_attempt_count"] => uint(out, u64::from(info.upstream_attempts.get())),
         ["upstream", "address"] => match info.upstream_address.get() {
             Some(a) => addr(out, a),
             None => return false,
