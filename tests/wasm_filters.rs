@@ -85,9 +85,10 @@ async fn an_envoy_filter_runs_unmodified() {
     let proxy = Sluice::start(&config(backend.addr, &sink(), "hello", "closed"));
     let addr = proxy.addr("main");
 
-    // Local response, and the filter's response phase runs on it.
+    // Local response, and the filter's response phases run on it (as on
+    // Envoy, the body phase too: the sink appends `!` to every body).
     let (status, headers, body) = get(addr, "/hello").await;
-    assert_eq!((status, body.as_str()), (200, "Hello, World!\n"));
+    assert_eq!((status, body.as_str()), (200, "Hello, World!\n!"));
     assert_eq!(headers["x-hello"], "1");
     assert_eq!(headers["x-config"], "hello");
 
@@ -97,9 +98,10 @@ async fn an_envoy_filter_runs_unmodified() {
     assert_eq!(headers["x-echo-x-sink"], "1");
     assert_eq!(headers["x-config"], "hello");
 
-    // A `:path` rewrite by the filter re-evaluates the route.
+    // A `:path` rewrite by the filter re-evaluates the route (to a direct
+    // response, whose body the sink's body phase appends `!` to).
     let (status, _, body) = get(addr, "/rewrite").await;
-    assert_eq!((status, body.as_str()), (200, "rerouted"));
+    assert_eq!((status, body.as_str()), (200, "rerouted!"));
 
     // An HTTP callout to a configured cluster, then resume.
     let (status, headers, body) = get(addr, "/callout").await;
@@ -181,7 +183,8 @@ async fn a_filter_answers_from_the_request_body_phase() {
     let resp = post("forbidden words").await.unwrap();
     assert_eq!(resp.status(), 403);
     assert_eq!(resp.headers()["x-sink-body"], "refused");
-    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "no");
+    // (Its own reply's body goes through its response body phase too.)
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "no!");
     // A body it lets through reaches the upstream.
     let resp = post("fine words").await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -214,7 +217,8 @@ async fn a_filter_answers_from_the_request_body_phase() {
 
 /// Sluice's own error replies go through the filters, as Envoy's do: a
 /// request to an upstream that refuses connections gets a 503 the filter's
-/// response headers phase saw (the `x-config` field it adds), and its `on_log`
+/// response phases saw (the `x-config` field it adds, the `!` it appends to
+/// bodies), and its `on_log`
 /// sees the 503 and the request path, with Envoy's
 /// `response.code_details`, `response.flags` (UF, 0x20), the attempt count and
 /// the upstream's address. A response from the upstream is `via_upstream`.
@@ -236,6 +240,7 @@ async fn sluice_error_replies_go_through_the_filters() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(headers["x-sluice-reason"], "upstream_connect_failure");
     assert_eq!(headers["x-config"], "cfg");
+    assert!(body.ends_with('!'), "{body}");
     let shared = |key: &'static str| async move {
         let (_, headers, _) = get(addr, &format!("/get/{key}")).await;
         headers.get("x-echo-x-value").map(|v| v.to_str().unwrap().to_owned())

@@ -302,7 +302,12 @@ impl ChainRun {
         match self.response_headers(&mut head, eos).await {
             // A second local reply from the response phase replaces the first, once.
             Ok(Some(local)) => crate::forward::local_reply(local, head.version()),
-            Ok(None) => Response::from_parts(head.into_parts().0, body),
+            // The body phases run on it too, as on Envoy (a filter may rewrite
+            // an error page).
+            Ok(None) => {
+                let body = if self.ignores_response(true) { body } else { self.wrap_response_body(body) };
+                Response::from_parts(head.into_parts().0, body)
+            }
             Err(e) => crate::error::error_response(&e, false),
         }
     }
