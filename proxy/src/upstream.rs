@@ -337,8 +337,10 @@ pub(crate) async fn forward(
     match (result, chain) {
         // As Envoy's own replies (an upstream connect failure's 503, a
         // timeout's 504), the error's reply goes through the filters' response
-        // phases and their `on_log`. A filter's own failure does not.
-        (Err(err), Some(run)) if !matches!(err.kind, ErrorKind::Filter(_)) => {
+        // phases and their `on_log`. A filter's own failure does not, nor an
+        // error while a request body paused in a filter is still held (by an
+        // HTTP/2 upstream connection's task): waiting for it could take long.
+        (Err(err), Some(run)) if !matches!(err.kind, ErrorKind::Filter(_)) && run.filters_free() => {
             let names = (&*route.name, &*cluster.name);
             Ok(Box::pin(crate::forward::finish_error_filtered(
                 &err, grpc, conn, dp, log, names, metrics, run,

@@ -312,6 +312,12 @@ impl ChainRun {
         }
     }
 
+    /// No phase of the request holds its filters (a request body paused in a
+    /// filter, still owned by an upstream connection's task, would).
+    pub fn filters_free(&self) -> bool {
+        self.shared.filters.try_hold().is_some()
+    }
+
     /// Every filter ignores the rest of the response
     /// ([`HttpFilter::ignores_response`]; `trailers`: the response may still
     /// carry trailers): its body need not go through the chain, and `on_log`
