@@ -381,6 +381,21 @@ SCENARIOS = [
             get("spoofed steering header", "/other", {"x-sluice-canary": "v2"}),
         ] + [get(f"sticky user-{u}", "/reviews/7", {"x-user-id": f"user-{u}"}) for u in range(6)],
     ),
+    # No route matches a request until the filter sets the header the only
+    # route wants: Envoy runs its filters before the router looks, so does Sluice.
+    dict(
+        name="canary-router-no-default", plugin="canary", module="sluice_filter_canary_router.wasm",
+        routes=[dict(name="canary", header=("x-sluice-canary", "v2"), cluster="canary")],
+        config={
+            "rules": [{"header": {"name": "x-canary", "value": "always"}, "target": "v2"}],
+            "default": "v1",
+            "targets": {"v2": {"authority": "reviews-v2.internal"}},
+            "response_header": "x-served-by",
+        },
+        response_headers=["x-served-by"],
+        upstream_headers=["x-sluice-canary", "host"],
+        requests=[get("steered into the only route", "/reviews/1", {"x-canary": "always"})],
+    ),
     dict(
         name="rate-limit", plugin="ratelimit", module="sluice_filter_rate_limit.wasm",
         config={"rules": [{"name": "per-client", "key": {"header": "x-client"}, "requests": 3, "per": "1h"}]},

@@ -260,6 +260,66 @@ async fn sluice_error_replies_go_through_the_filters() {
     assert_eq!(details, format!("200|via_upstream|0|1|{}|/details", backend.addr));
 }
 
+/// A request no route matches still goes through the listener's filters, as
+/// Envoy's connection manager runs its filters before the router answers 404:
+/// a filter can steer it to a route by editing its headers, and otherwise its
+/// 404 goes through the response phases and `on_log` (flag NR). So does a 404
+/// after a filter's edit left a request that had a route without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_no_route_matches_go_through_the_listener_filters() {
+    let backend = echo_backend().await;
+    let routes = "          - match: { path: /rewritten }\n            direct_response: { status: 200, body: \"rerouted\" }\n          - forward: { cluster: backend }";
+    let yaml = config(backend.addr, &sink(), "cfg", "closed").replace(
+        routes,
+        r#"          - match: { prefix: /get/ }
+            forward: { cluster: backend }
+          - match: { path: /rewrite, headers: [{ name: x-known, exact: "1" }] }
+            forward: { cluster: backend }
+      - name: other
+        domains: ["other.test"]
+        routes:
+          - match: { path: /rewritten, headers: [{ name: x-go, exact: "1" }] }
+            direct_response: { status: 200, body: "rerouted" }"#,
+    );
+    assert!(yaml.contains("other.test"), "{yaml}");
+    let proxy = Sluice::start(&yaml);
+    let addr = proxy.addr("main");
+    let shared = |key: &'static str| async move {
+        let (_, headers, _) = get(addr, &format!("/get/{key}")).await;
+        headers.get("x-echo-x-value").map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    // No route: the filter's response phases and on_log see the 404.
+    let (status, headers, body) = get(addr, "/nowhere/details").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(headers["x-sluice-reason"], "no_route");
+    assert_eq!(headers["x-config"], "cfg", "on_http_response_headers ran");
+    assert!(body.ends_with('!'), "on_http_response_body ran: {body}");
+    let details = eventually(Duration::from_secs(10), || async {
+        shared("last_details").await.filter(|d| d.ends_with("|/nowhere/details"))
+    })
+    .await;
+    assert_eq!(details, "404|no_route|256|0|-|/nowhere/details");
+
+    // No route until the filter's edit (authority other.test, path
+    // /rewritten) makes one match.
+    let (status, _, body) = get_with(addr, "/rewrite", &[("x-go", "1")]).await;
+    assert_eq!((status, body.as_str()), (200, "rerouted!"));
+    // Without x-go the edit leads nowhere: 404 through the filter.
+    let (status, headers, body) = get(addr, "/rewrite").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(headers["x-config"], "cfg");
+    assert!(body.ends_with('!'), "{body}");
+    // A request that had a route (x-known) loses it by the edit: the same.
+    let (status, headers, body) = get_with(addr, "/rewrite", &[("x-known", "1")]).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(headers["x-sluice-reason"], "no_route");
+    assert_eq!(headers["x-config"], "cfg");
+    assert!(body.ends_with('!'), "{body}");
+    let (_, _, metrics) = get(proxy.admin, "/metrics").await;
+    assert!(metrics.contains(r#"sluice_local_replies_total{reason="no_route"} 3"#), "{metrics}");
+}
+
 /// The body a filter buffers (the sink pauses each body until its end) is
 /// bounded by the listener's `max_buffered_body_bytes`: past it a request gets
 /// 413 and a response 500, and the proxy serves on. Each body declares 8 KiB

@@ -122,6 +122,21 @@ struct Seen<'a> {
     metrics: Option<&'a Arc<RouteMetrics>>,
 }
 
+impl<'a> Seen<'a> {
+    /// The route the request goes to now (none for [`Router::no_route`]).
+    ///
+    /// [`Router::no_route`]: crate::router::Router::no_route
+    fn enter(&mut self, route: &'a Arc<CompiledRoute>) {
+        let real = !route.is_no_route();
+        self.route = real.then_some(&route.name);
+        self.metrics = route.local_metrics.as_ref();
+    }
+}
+
+fn no_route(authority: &str, path: &str) -> ProxyError {
+    ProxyError::new(Side::Downstream, ErrorKind::NoRoute, format!("no route for {authority}{path}"))
+}
+
 /// A gRPC request (its errors are answered the gRPC way). gRPC calls are
 /// always POSTs: any other request costs no field lookup.
 fn is_grpc(req: &Request<ProxyBody>) -> bool {
@@ -226,16 +241,31 @@ pub(crate) async fn finish_error_filtered(
     conn: &ConnInfo,
     dp: &Dataplane,
     log: &mut RequestLog,
-    names: (&str, &str),
-    metrics: &Arc<RouteMetrics>,
+    names: (Option<&str>, Option<&str>),
+    metrics: Option<Arc<RouteMetrics>>,
     mut run: ChainRun,
 ) -> Response<ProxyBody> {
-    record_error(err, &conn.shared.metrics, log, (Some(names.0), Some(names.1)));
+    record_error(err, &conn.shared.metrics, log, names);
     let info = run.info();
     *info.code_details.borrow_mut() = std::borrow::Cow::Borrowed(err.reason());
     info.response_flags.set(info.response_flags.get() | err.response_flags());
     let resp = run.filter_local(error_response(err, grpc)).await;
-    finish_local(resp, log, dp, metrics.clone(), Some(run))
+    finish_local(resp, log, dp, metrics, Some(run))
+}
+
+/// [`finish_error_filtered`] for an error found before forwarding, after the
+/// filters' request headers phase (no route, a path a filter broke).
+async fn finish_error_run(
+    err: &ProxyError,
+    grpc: bool,
+    conn: &ConnInfo,
+    dp: &Dataplane,
+    log: &mut RequestLog,
+    seen: Seen<'_>,
+    run: ChainRun,
+) -> Response<ProxyBody> {
+    let names = (seen.route.map(|r| &**r), seen.cluster.map(|c| &**c));
+    finish_error_filtered(err, grpc, conn, dp, log, names, seen.metrics.cloned(), run).await
 }
 
 /// The per-request view of where the request goes.
@@ -259,6 +289,7 @@ async fn proxy<'a>(
     seen: &mut Seen<'a>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let version = req.version();
+    let grpc = is_grpc(&req);
     headers::check_framing(req.headers(), version)?;
     // The HTTP/1.1 codec enforces this itself; HTTP/2 only bounds the bytes.
     if req.headers().len() > listener.config.limits.max_request_headers {
@@ -300,12 +331,15 @@ async fn proxy<'a>(
     }
 
     let router = &listener.router;
-    let route = router.route(&authority, &parts.method, &path, query.as_deref(), &parts.headers).ok_or_else(
-        || ProxyError::new(Side::Downstream, ErrorKind::NoRoute, format!("no route for {authority}{path}")),
-    )?;
-    seen.route = Some(&route.name);
-    seen.metrics = Some(&route.local_metrics);
-    if log_on {
+    // No route: the listener's filters still run, as Envoy's do before its
+    // router answers 404 (and a filter's header edit may yet find one).
+    let route = match router.route(&authority, &parts.method, &path, query.as_deref(), &parts.headers) {
+        Some(route) => route,
+        None if !router.no_route().chain.is_empty() => router.no_route(),
+        None => return Err(no_route(&authority, &path)),
+    };
+    seen.enter(route);
+    if log_on && !route.is_no_route() {
         log.route = Some(route.name.clone());
     }
 
@@ -340,7 +374,9 @@ async fn proxy<'a>(
         );
         info.tls = conn.tls.clone();
         info.keep_proxy_fields(kept);
-        *info.route_name.borrow_mut() = Some(route.name.clone());
+        if !route.is_no_route() {
+            *info.route_name.borrow_mut() = Some(route.name.clone());
+        }
         let mut run = ChainRun::new(&route.chain, info, listener.config.limits.max_buffered_body_bytes);
         // An origin-form request (HTTP/1.1) keeps its URI and its `host` field,
         // which filters see as `:authority`; any other gets the absolute form,
@@ -388,14 +424,18 @@ async fn proxy<'a>(
             }
             let p = parts.uri.path();
             if p != target.path {
-                target.path = normalize_path(p)
-                    .ok_or_else(|| ProxyError::bad_request("invalid path set by filter"))?
-                    .into_owned();
+                let Some(normalized) = normalize_path(p) else {
+                    keep_answered_head(&mut run, parts);
+                    let err = ProxyError::bad_request("invalid path set by filter");
+                    return Ok(Box::pin(finish_error_run(&err, grpc, conn, dp, log, *seen, run)).await);
+                };
+                target.path = normalized.into_owned();
             }
             let query = parts.uri.query();
             if query != target.query.as_deref() {
                 target.query = query.map(str::to_owned);
             }
+            // No route now: a 404 through the filters that ran.
             let rerouted = router
                 .route(
                     &target.authority,
@@ -404,16 +444,15 @@ async fn proxy<'a>(
                     target.query.as_deref(),
                     &parts.headers,
                 )
-                .ok_or_else(|| {
-                    ProxyError::new(Side::Downstream, ErrorKind::NoRoute, "no route after filters")
-                })?;
+                .unwrap_or(router.no_route());
             if !Arc::ptr_eq(rerouted, target.route) {
                 target.route = rerouted;
-                seen.route = Some(&rerouted.name);
+                seen.enter(rerouted);
+                let name = (!rerouted.is_no_route()).then(|| rerouted.name.clone());
                 if log_on {
-                    log.route = Some(rerouted.name.clone());
+                    log.route.clone_from(&name);
                 }
-                *run.info().route_name.borrow_mut() = Some(rerouted.name.clone());
+                *run.info().route_name.borrow_mut() = name;
             }
         }
         chain = Some(run);
@@ -421,8 +460,20 @@ async fn proxy<'a>(
     let route = target.route;
 
     match &route.action {
+        RouteAction::NoRoute => {
+            let err = no_route(&target.authority, &target.path);
+            match chain {
+                Some(mut run) => {
+                    keep_answered_head(&mut run, parts);
+                    Ok(Box::pin(finish_error_run(&err, grpc, conn, dp, log, *seen, run)).await)
+                }
+                None => Err(err),
+            }
+        }
         RouteAction::Direct { status, body: text, content_type } => {
-            keep_answered_head(&mut chain, parts);
+            if let Some(run) = &mut chain {
+                keep_answered_head(run, parts);
+            }
             let mut resp = Response::new(ProxyBody::full(text.clone()));
             *resp.status_mut() = *status;
             if let Some(ct) = content_type {
@@ -432,7 +483,9 @@ async fn proxy<'a>(
             Ok(Box::pin(finish_filtered_local(resp, log, dp, route.local_metrics.clone(), chain)).await)
         }
         RouteAction::Redirect(r) => {
-            keep_answered_head(&mut chain, parts);
+            if let Some(run) = &mut chain {
+                keep_answered_head(run, parts);
+            }
             let resp = redirect(r, https, &target)?;
             Ok(Box::pin(finish_filtered_local(resp, log, dp, route.local_metrics.clone(), chain)).await)
         }
@@ -486,13 +539,11 @@ async fn proxy<'a>(
 
 /// A request the proxy answers itself: `on_log` reads the head the filters
 /// left (`host` is shown as `:authority`).
-fn keep_answered_head(chain: &mut Option<ChainRun>, mut parts: request::Parts) {
-    if let Some(run) = chain {
-        if parts.uri.authority().is_some() {
-            parts.headers.remove(HOST);
-        }
-        run.keep_request_head(parts);
+fn keep_answered_head(run: &mut ChainRun, mut parts: request::Parts) {
+    if parts.uri.authority().is_some() {
+        parts.headers.remove(HOST);
     }
+    run.keep_request_head(parts);
 }
 
 /// The normalized path and query, when normalization changed the request's
@@ -555,7 +606,7 @@ async fn finish_filtered_local(
     resp: Response<ProxyBody>,
     log: &mut RequestLog,
     dp: &Dataplane,
-    metrics: Arc<RouteMetrics>,
+    metrics: Option<Arc<RouteMetrics>>,
     chain: Option<ChainRun>,
 ) -> Response<ProxyBody> {
     match chain {
@@ -571,12 +622,12 @@ pub(crate) fn finish_local(
     resp: Response<ProxyBody>,
     log: &mut RequestLog,
     dp: &Dataplane,
-    metrics: Arc<RouteMetrics>,
+    metrics: Option<Arc<RouteMetrics>>,
     chain: Option<ChainRun>,
 ) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
     log.status = status;
-    let done = Completion::new(log, dp.snapshot.config().access_log.format, Some(metrics), status);
+    let done = Completion::new(log, dp.snapshot.config().access_log.format, metrics, status);
     let (parts, body) = resp.into_parts();
     if let Some(run) = &chain {
         run.keep_response(crate::chain::LogHead::from_response(&parts, &body));

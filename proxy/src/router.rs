@@ -29,6 +29,11 @@ pub struct Router {
     /// `prefix.*` patterns as ("prefix.", index), longest first.
     prefix: Vec<(String, usize)>,
     catch_all: Option<usize>,
+    /// What a request no route matches goes to: a 404 (`no_route`) after the
+    /// listener's chain, which runs on it as Envoy's connection manager runs
+    /// its filters before its router finds no route. Also where a filter's
+    /// header edit that leaves no route matching leads.
+    no_route: Arc<CompiledRoute>,
 }
 
 struct CompiledVhost {
@@ -63,8 +68,9 @@ pub struct CompiledRoute {
     pub response_edits: CompiledEdits,
     /// The filter chain for this route (listener chain combined per mode).
     pub chain: Chain,
-    /// Metrics when no cluster is involved (redirects, direct responses).
-    pub local_metrics: Arc<RouteMetrics>,
+    /// Metrics when no cluster is involved (redirects, direct responses);
+    /// `None` for [`Router::no_route`], whose 404s count as before any route.
+    pub local_metrics: Option<Arc<RouteMetrics>>,
 }
 
 /// What a route does.
@@ -82,6 +88,8 @@ pub enum RouteAction {
         /// Content type.
         content_type: Option<HeaderValue>,
     },
+    /// No route matched: 404 `no_route` (only [`Router::no_route`] has it).
+    NoRoute,
 }
 
 /// A compiled forward action.
@@ -226,6 +234,18 @@ impl Router {
             suffix: Vec::new(),
             prefix: Vec::new(),
             catch_all: None,
+            no_route: Arc::new(CompiledRoute {
+                name: Arc::from(""),
+                path: PathMatch::Prefix(String::new()),
+                methods: Vec::new(),
+                headers: Vec::new(),
+                query: Vec::new(),
+                action: RouteAction::NoRoute,
+                request_edits: CompiledEdits::default(),
+                response_edits: CompiledEdits::default(),
+                chain: cx.listener_chain.clone(),
+                local_metrics: None,
+            }),
         };
         for (vi, vh) in vhosts.iter().enumerate() {
             let routes = vh
@@ -264,6 +284,12 @@ impl Router {
     ) -> Option<&Arc<CompiledRoute>> {
         let vi = self.vhost(authority)?;
         self.vhosts[vi].routes.iter().find(|r| r.matches(method, path, query, headers))
+    }
+
+    /// The route of requests no route matches (see the field): its action is
+    /// [`RouteAction::NoRoute`], its chain the listener's.
+    pub fn no_route(&self) -> &Arc<CompiledRoute> {
+        &self.no_route
     }
 
     fn vhost(&self, authority: &str) -> Option<usize> {
@@ -306,6 +332,11 @@ fn strip_port(authority: &str) -> &str {
 }
 
 impl CompiledRoute {
+    /// Whether this is [`Router::no_route`]: no route matched.
+    pub fn is_no_route(&self) -> bool {
+        matches!(self.action, RouteAction::NoRoute)
+    }
+
     fn matches(&self, method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> bool {
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => path.starts_with(p.as_str()),
@@ -464,7 +495,7 @@ fn compile_route(
         },
     };
     Some(CompiledRoute {
-        local_metrics: cx.metrics.route_handles(cx.listener, &name, ""),
+        local_metrics: Some(cx.metrics.route_handles(cx.listener, &name, "")),
         name,
         path,
         methods,

@@ -341,9 +341,16 @@ pub(crate) async fn forward(
         // error while a request body paused in a filter is still held (by an
         // HTTP/2 upstream connection's task): waiting for it could take long.
         (Err(err), Some(run)) if !matches!(err.kind, ErrorKind::Filter(_)) && run.filters_free() => {
-            let names = (&*route.name, &*cluster.name);
+            let names = (Some(&*route.name), Some(&*cluster.name));
             Ok(Box::pin(crate::forward::finish_error_filtered(
-                &err, grpc, conn, dp, log, names, metrics, run,
+                &err,
+                grpc,
+                conn,
+                dp,
+                log,
+                names,
+                Some(metrics.clone()),
+                run,
             ))
             .await)
         }
@@ -540,7 +547,7 @@ async fn exchange(
                     return match (failure, chain.take()) {
                         (Failure::Local(local), Some(mut run)) => {
                             let resp = Box::pin(run.local_response(local, log.protocol)).await;
-                            Ok(finish_local(resp, log, dp, metrics.clone(), Some(run)))
+                            Ok(finish_local(resp, log, dp, Some(metrics.clone()), Some(run)))
                         }
                         (Failure::Error(err), _) => Err(err),
                         (Failure::Local(_), None) => Err(e),
@@ -627,7 +634,7 @@ async fn exchange(
             Response::from_parts(parts, ProxyBody::empty()),
             log,
             dp,
-            metrics.clone(),
+            Some(metrics.clone()),
             None,
         ));
     }
@@ -658,7 +665,7 @@ async fn exchange(
             Ok(Some(local)) => {
                 drop(body);
                 let resp = Box::pin(run.local_response(local, log.protocol)).await;
-                return Ok(finish_local(resp, log, dp, metrics.clone(), chain.take()));
+                return Ok(finish_local(resp, log, dp, Some(metrics.clone()), chain.take()));
             }
             Err(e) => {
                 // A response filter failed: answered without the chain.
