@@ -65,6 +65,14 @@ clusters:
 
 async fn echo_backend() -> Backend {
     Backend::start(|req| async move {
+        // `/late-body` asserts what the sink's request body phase saw at the
+        // body's end: answered before the end, the exchange could finish (and
+        // the request body be dropped) first.
+        let (parts, body) = req.into_parts();
+        if parts.uri.path() == "/late-body" {
+            body.collect().await.unwrap();
+        }
+        let req = http::Request::from_parts(parts, ());
         // The sink's callout allows when the first byte of this answer is even ('0').
         let body =
             if req.uri().path() == "/bytes/even" { "0".to_owned() } else { req.uri().path().to_owned() };

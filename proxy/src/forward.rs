@@ -101,7 +101,8 @@ pub async fn handle(
     let span =
         tracing::debug_span!("request", listener = %conn.listener, conn = conn.id, method = %req.method());
     let result =
-        tracing::Instrument::instrument(proxy(req, &conn, &dp, listener, &mut log, &mut seen), span).await;
+        tracing::Instrument::instrument(proxy(req, grpc, &conn, &dp, listener, &mut log, &mut seen), span)
+            .await;
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => finish_error(&err, grpc, &conn.shared.metrics, format, log, seen),
@@ -282,6 +283,7 @@ pub(crate) struct Target<'a> {
 
 async fn proxy<'a>(
     mut req: Request<ProxyBody>,
+    grpc: bool,
     conn: &Rc<ConnInfo>,
     dp: &'a Dataplane,
     listener: &'a ListenerRuntime,
@@ -289,7 +291,6 @@ async fn proxy<'a>(
     seen: &mut Seen<'a>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let version = req.version();
-    let grpc = is_grpc(&req);
     headers::check_framing(req.headers(), version)?;
     // The HTTP/1.1 codec enforces this itself; HTTP/2 only bounds the bytes.
     if req.headers().len() > listener.config.limits.max_request_headers {
