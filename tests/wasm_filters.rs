@@ -63,6 +63,18 @@ clusters:
     )
 }
 
+/// The sink's `last_details` (what its `on_log` saw) once it is the request
+/// to `path`'s (read through the proxy: `/get/<key>` answers shared data).
+async fn last_details(addr: std::net::SocketAddr, path: &str) -> String {
+    let suffix = format!("|{path}");
+    eventually(Duration::from_secs(10), || async {
+        let (_, headers, _) = get(addr, "/get/last_details").await;
+        let details = headers.get("x-echo-x-value").map(|v| v.to_str().unwrap().to_owned());
+        details.filter(|d| d.ends_with(&suffix))
+    })
+    .await
+}
+
 async fn echo_backend() -> Backend {
     Backend::start(|req| async move {
         // `/late-body` asserts what the sink's request body phase saw at the
@@ -249,22 +261,12 @@ async fn sluice_error_replies_go_through_the_filters() {
     assert_eq!(headers["x-sluice-reason"], "upstream_connect_failure");
     assert_eq!(headers["x-config"], "cfg");
     assert!(body.ends_with('!'), "{body}");
-    let shared = |key: &'static str| async move {
-        let (_, headers, _) = get(addr, &format!("/get/{key}")).await;
-        headers.get("x-echo-x-value").map(|v| v.to_str().unwrap().to_owned())
-    };
-    let details = eventually(Duration::from_secs(10), || async {
-        shared("last_details").await.filter(|d| d.ends_with("|/dead/details"))
-    })
-    .await;
+    let details = last_details(addr, "/dead/details").await;
     assert_eq!(details, format!("503|upstream_connect_failure|32|1|{dead}|/dead/details"));
 
     let (status, _, _) = get(addr, "/details").await;
     assert_eq!(status, 200);
-    let details = eventually(Duration::from_secs(10), || async {
-        shared("last_details").await.filter(|d| d.ends_with("|/details"))
-    })
-    .await;
+    let details = last_details(addr, "/details").await;
     assert_eq!(details, format!("200|via_upstream|0|1|{}|/details", backend.addr));
 }
 
@@ -292,21 +294,13 @@ async fn requests_no_route_matches_go_through_the_listener_filters() {
     assert!(yaml.contains("other.test"), "{yaml}");
     let proxy = Sluice::start(&yaml);
     let addr = proxy.addr("main");
-    let shared = |key: &'static str| async move {
-        let (_, headers, _) = get(addr, &format!("/get/{key}")).await;
-        headers.get("x-echo-x-value").map(|v| v.to_str().unwrap().to_owned())
-    };
-
     // No route: the filter's response phases and on_log see the 404.
     let (status, headers, body) = get(addr, "/nowhere/details").await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(headers["x-sluice-reason"], "no_route");
     assert_eq!(headers["x-config"], "cfg", "on_http_response_headers ran");
     assert!(body.ends_with('!'), "on_http_response_body ran: {body}");
-    let details = eventually(Duration::from_secs(10), || async {
-        shared("last_details").await.filter(|d| d.ends_with("|/nowhere/details"))
-    })
-    .await;
+    let details = last_details(addr, "/nowhere/details").await;
     assert_eq!(details, "404|no_route|256|0|-|/nowhere/details");
 
     // No route until the filter's edit (authority other.test, path
@@ -326,6 +320,46 @@ async fn requests_no_route_matches_go_through_the_listener_filters() {
     assert!(body.ends_with('!'), "{body}");
     let (_, _, metrics) = get(proxy.admin, "/metrics").await;
     assert!(metrics.contains(r#"sluice_local_replies_total{reason="no_route"} 3"#), "{metrics}");
+}
+
+/// A filter that fails (closed) gets a 503 that skips the filters' response
+/// phases, but every other filter's `on_log` sees it, as on Envoy, whether
+/// the failure came in the request or the response phase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_filters_log_a_failed_filters_reply() {
+    let backend = echo_backend().await;
+    let module = sink();
+    // A trapping sink on each of two routes (a VM failed closed stays failed
+    // on its worker: one request each).
+    let routes: String = ["/trap-request", "/trap-response"]
+        .iter()
+        .map(|prefix| {
+            format!(
+                "          - match: {{ prefix: {prefix} }}\n            forward: {{ cluster: backend }}\n            filters:\n              mode: extend\n              chain:\n                - name: trapper{}\n                  module: {}\n                  config: trapper\n                  limits: {{ callback_timeout: {CALLBACK_TIMEOUT} }}\n",
+                &prefix[5..],
+                module.display()
+            )
+        })
+        .collect();
+    let yaml = config(backend.addr, &module, "cfg", "closed").replacen(
+        "          - match: { path: /rewritten }",
+        &format!("{routes}          - match: {{ path: /rewritten }}"),
+        1,
+    );
+    assert!(yaml.contains("trapper-response"), "{yaml}");
+    let proxy = Sluice::start(&yaml);
+    let addr = proxy.addr("main");
+    for (path, attempts, upstream) in [
+        ("/trap-request/details", "0", "-".to_owned()),
+        ("/trap-response/details", "1", backend.addr.to_string()),
+    ] {
+        let (status, headers, body) = get(addr, path).await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert_eq!(headers["x-sluice-reason"], "filter_trap", "{path}: {body}");
+        assert!(headers.get("x-config").is_none(), "{path}: the response phases were skipped");
+        let details = last_details(addr, path).await;
+        assert_eq!(details, format!("503|filter_trap|0|{attempts}|{upstream}|{path}"), "{path}");
+    }
 }
 
 /// The body a filter buffers (the sink pauses each body until its end) is

@@ -233,8 +233,10 @@ fn record_error(
 /// The error reply to a request whose filters ran: as Envoy sends its own
 /// replies (an upstream connect failure's 503, a timeout's 504), it goes
 /// through the filters' response phases, and their `on_log` sees it, with
-/// Envoy's `response.code_details` and `response.flags` for the error.
-/// `names`: route and cluster.
+/// Envoy's `response.code_details` and `response.flags` for the error. The
+/// reply to a filter's own failure skips the response phases (the failed
+/// filter is among them); `on_log` still sees it, as every filter's does on
+/// Envoy. `names`: route and cluster.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn finish_error_filtered(
     err: &ProxyError,
@@ -250,7 +252,14 @@ pub(crate) async fn finish_error_filtered(
     let info = run.info();
     *info.code_details.borrow_mut() = std::borrow::Cow::Borrowed(err.reason());
     info.response_flags.set(info.response_flags.get() | err.response_flags());
-    let resp = run.filter_local(error_response(err, grpc)).await;
+    let resp = error_response(err, grpc);
+    let resp = if matches!(err.kind, ErrorKind::Filter(_)) {
+        // (What `filter_local` would record: the upstream's, if any, was not sent.)
+        run.info().response_code.set(Some(resp.status().as_u16()));
+        resp
+    } else {
+        run.filter_local(resp).await
+    };
     finish_local(resp, log, dp, metrics, Some(run))
 }
 
@@ -392,10 +401,19 @@ async fn proxy<'a>(
             parts.headers.remove(HOST)
         };
         let end_of_stream = http_body::Body::is_end_stream(&body);
-        if let Some(local) = run.request_headers(&mut parts, end_of_stream).await? {
-            run.keep_request_head(parts);
-            let resp = Box::pin(run.local_response(local, version)).await;
-            return Ok(finish_local(resp, log, dp, route.local_metrics.clone(), Some(run)));
+        match run.request_headers(&mut parts, end_of_stream).await {
+            Ok(None) => {}
+            Ok(Some(local)) => {
+                run.keep_request_head(parts);
+                let resp = Box::pin(run.local_response(local, version)).await;
+                return Ok(finish_local(resp, log, dp, route.local_metrics.clone(), Some(run)));
+            }
+            // A filter failed (closed): the reply skips the filters, their
+            // `on_log` sees it.
+            Err(err) => {
+                keep_answered_head(&mut run, parts);
+                return Ok(Box::pin(finish_error_run(&err, grpc, conn, dp, log, *seen, run)).await);
+            }
         }
         // Filters edit the authority, never `host`: put the downstream's value
         // back when the authority is unchanged, so it is not made again upstream.

@@ -337,10 +337,10 @@ pub(crate) async fn forward(
     match (result, chain) {
         // As Envoy's own replies (an upstream connect failure's 503, a
         // timeout's 504), the error's reply goes through the filters' response
-        // phases and their `on_log`. A filter's own failure does not, nor an
-        // error while a request body paused in a filter is still held (by an
-        // HTTP/2 upstream connection's task): waiting for it could take long.
-        (Err(err), Some(run)) if !matches!(err.kind, ErrorKind::Filter(_)) && run.filters_free() => {
+        // phases and their `on_log`; a filter's own failure only through
+        // `on_log`. Not while a request body paused in a filter is still held
+        // (by an HTTP/2 upstream connection's task): waiting for it could take long.
+        (Err(err), Some(run)) if run.filters_free() => {
             let names = (Some(&*route.name), Some(&*cluster.name));
             Ok(Box::pin(crate::forward::finish_error_filtered(
                 &err,
@@ -667,11 +667,9 @@ async fn exchange(
                 let resp = Box::pin(run.local_response(local, log.protocol)).await;
                 return Ok(finish_local(resp, log, dp, Some(metrics.clone()), chain.take()));
             }
-            Err(e) => {
-                // A response filter failed: answered without the chain.
-                drop(chain.take());
-                return Err(e);
-            }
+            // A response filter failed: `forward` answers, the chain's
+            // `on_log` sees the reply.
+            Err(e) => return Err(e),
         }
         // The fields no filter decoded go back to the encoder still encoded.
         let encoded;
