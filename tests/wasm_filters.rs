@@ -324,14 +324,15 @@ async fn requests_no_route_matches_go_through_the_listener_filters() {
 
 /// A filter that fails (closed) gets a 503 that skips the filters' response
 /// phases, but every other filter's `on_log` sees it, as on Envoy, whether
-/// the failure came in the request or the response phase.
+/// the failure came in the request headers, the request body or the response
+/// phase.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_filters_log_a_failed_filters_reply() {
     let backend = echo_backend().await;
     let module = sink();
-    // A trapping sink on each of two routes (a VM failed closed stays failed
-    // on its worker: one request each).
-    let routes: String = ["/trap-request", "/trap-response"]
+    // A trapping sink on each of three routes (a VM failed closed stays
+    // failed on its worker: one request each).
+    let routes: String = ["/trap-request", "/trap-body", "/trap-response"]
         .iter()
         .map(|prefix| {
             format!(
@@ -351,15 +352,50 @@ async fn other_filters_log_a_failed_filters_reply() {
     let addr = proxy.addr("main");
     for (path, attempts, upstream) in [
         ("/trap-request/details", "0", "-".to_owned()),
+        ("/trap-body/details", "1", backend.addr.to_string()),
         ("/trap-response/details", "1", backend.addr.to_string()),
     ] {
-        let (status, headers, body) = get(addr, path).await;
+        let req = http::Request::post(format!("http://{addr}{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"data")))
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let body =
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
         assert_eq!(status, 503, "{path}: {body}");
         assert_eq!(headers["x-sluice-reason"], "filter_trap", "{path}: {body}");
         assert!(headers.get("x-config").is_none(), "{path}: the response phases were skipped");
         let details = last_details(addr, path).await;
         assert_eq!(details, format!("503|filter_trap|0|{attempts}|{upstream}|{path}"), "{path}");
     }
+}
+
+/// When the route's deadline ends a request while its upstream connection is
+/// still being made, the filters' `on_log` still reads the request as it would
+/// have gone (`request.path` here). The upstream never completes a connection:
+/// its accept queue (backlog 0) is kept full, so the proxy's SYN goes unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_log_reads_the_request_when_the_deadline_ends_its_connect() {
+    let backend = echo_backend().await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stuck = socket.local_addr().unwrap();
+    let _listener = socket.listen(0).unwrap();
+    // Fills the queue (never accepted); a later connect waits.
+    let _filler = tokio::net::TcpStream::connect(stuck).await.unwrap();
+    let yaml = config(backend.addr, &sink(), "cfg", "closed")
+        .replace(
+            "          - forward: { cluster: backend }",
+            "          - match: { prefix: /stuck }\n            forward: { cluster: stuck, timeout: 300ms }\n          - forward: { cluster: backend }",
+        )
+        + &format!("  - name: stuck\n    endpoints: [\"{stuck}\"]\n    connect_timeout: 10s\n");
+    let proxy = Sluice::start(&yaml);
+    let addr = proxy.addr("main");
+    let (status, headers, body) = get(addr, "/stuck/details").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(headers["x-sluice-reason"], "upstream_timeout");
+    let details = last_details(addr, "/stuck/details").await;
+    assert_eq!(details, format!("504|upstream_timeout|4|1|{stuck}|/stuck/details"));
 }
 
 /// The body a filter buffers (the sink pauses each body until its end) is

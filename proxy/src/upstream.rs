@@ -544,13 +544,16 @@ async fn exchange(
                 // buffer overflow): that is the answer, not the exchange's error.
                 if let Some(failure) = chain.as_ref().and_then(ChainRun::take_failure) {
                     drop(inflight);
-                    return match (failure, chain.take()) {
-                        (Failure::Local(local), Some(mut run)) => {
-                            let resp = Box::pin(run.local_response(local, log.protocol)).await;
-                            Ok(finish_local(resp, log, dp, Some(metrics.clone()), Some(run)))
-                        }
-                        (Failure::Error(err), _) => Err(err),
-                        (Failure::Local(_), None) => Err(e),
+                    return match failure {
+                        Failure::Local(local) => match chain.take() {
+                            Some(mut run) => {
+                                let resp = Box::pin(run.local_response(local, log.protocol)).await;
+                                Ok(finish_local(resp, log, dp, Some(metrics.clone()), Some(run)))
+                            }
+                            None => Err(e),
+                        },
+                        // The chain stays: `forward` answers, its `on_log` sees it.
+                        Failure::Error(err) => Err(err),
                     };
                 }
                 // A failing request body is the downstream's fault and an open
@@ -780,15 +783,12 @@ pub(crate) async fn send_request(
     head_back: Option<&ChainRun>,
 ) -> Result<h1::Answer, ProxyError> {
     let pool = pool::endpoint_pool(cluster, endpoint);
-    let conn = match pool::checkout(cluster, endpoint, &pool).await {
-        Ok(conn) => conn,
-        Err(e) => {
-            // Never sent: the filters' `on_log` reads it as it would have gone.
-            if let Some(run) = head_back {
-                run.sent_request(req.into_parts().0, added.encoded());
-            }
-            return Err(e);
-        }
+    // Never sent if the checkout fails, or the route's deadline drops this
+    // future first: the filters' `on_log` reads it as it would have gone.
+    let mut unsent = Unsent { req: Some(req), added, head_back };
+    let conn = pool::checkout(cluster, endpoint, &pool).await?;
+    let Some(req) = unsent.req.take() else {
+        return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request"));
     };
     match conn {
         Conn::H1(conn) => {
@@ -826,6 +826,22 @@ pub(crate) async fn send_request(
             s.ready().await.map_err(upstream_error)?;
             let resp = s.send_request(req).await.map_err(upstream_error)?;
             Ok(h1::Answer { response: resp.map(ProxyBody::incoming), upgraded: None, stripped: false })
+        }
+    }
+}
+
+/// A request no connection took yet: handed to the filter chain when dropped
+/// (see [`send_request`]).
+struct Unsent<'a, 'b> {
+    req: Option<Request<ProxyBody>>,
+    added: &'a headers::Added<'b>,
+    head_back: Option<&'a ChainRun>,
+}
+
+impl Drop for Unsent<'_, '_> {
+    fn drop(&mut self) {
+        if let (Some(req), Some(run)) = (self.req.take(), self.head_back) {
+            run.sent_request(req.into_parts().0, self.added.encoded());
         }
     }
 }
