@@ -398,6 +398,29 @@ async fn on_log_reads_the_request_when_the_deadline_ends_its_connect() {
     assert_eq!(details, format!("504|upstream_timeout|4|1|{stuck}|/stuck/details"));
 }
 
+/// A property one filter sets (`proxy_set_property`) is read by the request's
+/// other filters, as Envoy keeps it in the stream's filter state: the
+/// listener's sink sets `shared_key`, the route's sink (`reader`) reads it and
+/// sends it upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_property_one_filter_sets_is_read_by_the_next() {
+    let backend = echo_backend().await;
+    let module = sink();
+    let route = format!(
+        "          - match: {{ prefix: /share-prop }}\n            forward: {{ cluster: backend }}\n            filters:\n              mode: extend\n              chain:\n                - name: reader\n                  module: {}\n                  config: reader\n",
+        module.display()
+    );
+    let yaml = config(backend.addr, &module, "cfg", "closed").replacen(
+        "          - match: { path: /rewritten }",
+        &format!("{route}          - match: {{ path: /rewritten }}"),
+        1,
+    );
+    let proxy = Sluice::start(&yaml);
+    let (status, headers, body) = get(proxy.addr("main"), "/share-prop").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-echo-x-shared-prop"], "cfg");
+}
+
 /// The body a filter buffers (the sink pauses each body until its end) is
 /// bounded by the listener's `max_buffered_body_bytes`: past it a request gets
 /// 413 and a response 500, and the proxy serves on. Each body declares 8 KiB

@@ -60,12 +60,14 @@ mod body;
 mod fields;
 mod head;
 pub mod response_flags;
+mod state;
 
 pub use body::BodyBuf;
 pub use fields::{
     ProxyFields, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID, is_proxy_managed, managed, managed_field,
 };
 pub use head::{EncodedFields, ResponseHead};
+pub use state::FilterState;
 
 /// A boxed, possibly `!Send`, future.
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
@@ -294,6 +296,9 @@ pub struct StreamInfo {
     pub request_body_bytes: Cell<u64>,
     /// Response body bytes seen so far.
     pub response_body_bytes: Cell<u64>,
+    /// Values the request's filters set for each other (proxy-wasm
+    /// `proxy_set_property`; Envoy's filter state).
+    pub filter_state: RefCell<FilterState>,
     /// Set by a filter that edited request headers: the proxy re-evaluates the route.
     route_cache_cleared: Cell<bool>,
     /// Set when a filter edited (or may have edited) a field the proxy sets
@@ -339,6 +344,7 @@ impl StreamInfo {
             response_flags: Cell::new(0),
             request_body_bytes: Cell::new(0),
             response_body_bytes: Cell::new(0),
+            filter_state: RefCell::new(FilterState::default()),
             route_cache_cleared: Cell::new(false),
             proxy_fields_edited: Cell::new(false),
             proxy_fields: RefCell::new(ProxyFields::default()),

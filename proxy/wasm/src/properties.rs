@@ -220,15 +220,33 @@ fn header(out: &mut Vec<u8>, state: &VmState, name: &str) -> bool {
     .unwrap_or(false)
 }
 
+/// Whether the running callback is a phase (or `on_log`) of the request whose
+/// stream is in scope, for its own HTTP context: stream values are its.
+pub(crate) fn stream_in_scope(state: &VmState) -> bool {
+    INFO.is_set() && state.frame.effective == state.frame.ctx && state.contexts.contains_key(&state.frame.ctx)
+}
+
 /// Writes the value of `path` into `out`; `false` when the property does not exist.
 pub(crate) fn get(state: &VmState, path: &[u8], out: &mut Vec<u8>) -> bool {
-    // Values set by the guest come first (Envoy: filter state `wasm.<path>`).
+    // Values set by the request's filters come first (Envoy: filter state
+    // `wasm.<path>`), then this context's own (outside the stream's phases).
+    let trimmed = path.strip_suffix(&[0]).unwrap_or(path);
+    if stream_in_scope(state)
+        && INFO.with(|info| match info.filter_state.borrow().get(trimmed) {
+            Some(v) => {
+                out.extend_from_slice(v);
+                true
+            }
+            None => false,
+        })
+    {
+        return true;
+    }
     let props = match state.contexts.get(&state.frame.effective) {
         Some(ctx) => &ctx.properties,
         None => &state.root_properties,
     };
-    let trimmed = path.strip_suffix(&[0]).unwrap_or(path);
-    if let Some((_, v)) = props.iter().find(|(k, _)| k.as_slice() == trimmed) {
+    if let Some(v) = props.get(trimmed) {
         out.extend_from_slice(v);
         return true;
     }

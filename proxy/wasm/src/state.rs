@@ -189,8 +189,10 @@ pub(crate) struct HttpCtx {
     pub req_fields_edited: bool,
     pub signal: Signal,
     pub waker: Option<Waker>,
-    /// `proxy_set_property` values, read back by `proxy_get_property`.
-    pub properties: Vec<(Vec<u8>, Vec<u8>)>,
+    /// This context's own copy of its `proxy_set_property` values: what it
+    /// reads back in callbacks outside the stream's phases (a callout's
+    /// answer), where the stream's filter state is out of reach.
+    pub properties: sluice_filter::FilterState,
     /// Bytes the guest wrote into header and trailer maps of this request
     /// (checked against the plugin's memory cap).
     pub header_bytes_written: usize,
@@ -443,7 +445,7 @@ pub(crate) struct VmState {
     /// Strong end of this VM's queue mailbox (queues hold weak senders).
     pub mailbox: Option<UnboundedSender<u32>>,
     /// `proxy_set_property` values set on the root context.
-    pub root_properties: Vec<(Vec<u8>, Vec<u8>)>,
+    pub root_properties: sluice_filter::FilterState,
     /// The HTTP callbacks the guest declared no-ops ([`noop`] bits, see
     /// [`VmState::declare_noop`]); the filter skips them.
     pub noop_http: u32,
@@ -471,7 +473,7 @@ impl VmState {
             metrics: Vec::new(),
             log: LogState::default(),
             mailbox: None,
-            root_properties: Vec::new(),
+            root_properties: sluice_filter::FilterState::default(),
             noop_http: 0,
         }
     }

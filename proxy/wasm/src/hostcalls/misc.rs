@@ -179,22 +179,26 @@ pub(super) fn set_property(c: &mut Caller<'_, VmState>, pp: i32, pn: i32, vp: i3
     let mem = memory(c)?;
     let (data, st) = mem.data_and_store_mut(&mut *c);
     let path = slice(data, pp, pn)?;
-    let path = path.strip_suffix(&[0]).unwrap_or(path).to_vec();
-    let value = slice(data, vp, vn)?.to_vec();
-    // 256 entries per context (below) of at most 1 MiB each, path and value.
+    let path = path.strip_suffix(&[0]).unwrap_or(path);
+    let value = slice(data, vp, vn)?;
+    // 256 entries per context and per stream (`FilterState`) of at most
+    // 1 MiB each, path and value.
     if value.len() > crate::shared::MAX_VALUE_BYTES || path.len() > crate::shared::MAX_VALUE_BYTES {
         return Err(Status::BadArgument.into());
     }
-    let id = st.frame.effective;
-    let props = match st.contexts.get_mut(&id) {
+    // In a phase of the request (or its `on_log`), the value goes on the
+    // stream, where every filter of the request reads it, as Envoy's filter
+    // state; the context keeps its own copy too.
+    let stream = crate::properties::stream_in_scope(st);
+    let props = match st.contexts.get_mut(&st.frame.effective) {
         Some(ctx) => &mut ctx.properties,
         None => &mut st.root_properties,
     };
-    if props.len() >= 256 && !props.iter().any(|(k, _)| *k == path) {
+    let shared_ok =
+        !stream || crate::properties::INFO.with(|info| info.filter_state.borrow_mut().set(path, value));
+    if !shared_ok || !props.set(path, value) {
         return Err(Status::BadArgument.into());
     }
-    props.retain(|(k, _)| *k != path);
-    props.push((path, value));
     Ok(())
 }
 
