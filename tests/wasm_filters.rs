@@ -262,7 +262,12 @@ async fn sluice_error_replies_go_through_the_filters() {
     assert_eq!(headers["x-config"], "cfg");
     assert!(body.ends_with('!'), "{body}");
     let details = last_details(addr, "/dead/details").await;
-    assert_eq!(details, format!("503|upstream_connect_failure|32|1|{dead}|/dead/details"));
+    assert_eq!(
+        details,
+        format!(
+            "503|upstream_reset_before_response_started{{remote_connection_failure}}|32|1|{dead}|/dead/details"
+        )
+    );
 
     let (status, _, _) = get(addr, "/details").await;
     assert_eq!(status, 200);
@@ -301,7 +306,7 @@ async fn requests_no_route_matches_go_through_the_listener_filters() {
     assert_eq!(headers["x-config"], "cfg", "on_http_response_headers ran");
     assert!(body.ends_with('!'), "on_http_response_body ran: {body}");
     let details = last_details(addr, "/nowhere/details").await;
-    assert_eq!(details, "404|no_route|256|0|-|/nowhere/details");
+    assert_eq!(details, "404|route_not_found|256|0|-|/nowhere/details");
 
     // No route until the filter's edit (authority other.test, path
     // /rewritten) makes one match.
@@ -366,7 +371,7 @@ async fn other_filters_log_a_failed_filters_reply() {
         assert_eq!(headers["x-sluice-reason"], "filter_trap", "{path}: {body}");
         assert!(headers.get("x-config").is_none(), "{path}: the response phases were skipped");
         let details = last_details(addr, path).await;
-        assert_eq!(details, format!("503|filter_trap|0|{attempts}|{upstream}|{path}"), "{path}");
+        assert_eq!(details, format!("503|wasm_fail_stream|0|{attempts}|{upstream}|{path}"), "{path}");
     }
 }
 
@@ -395,7 +400,7 @@ async fn on_log_reads_the_request_when_the_deadline_ends_its_connect() {
     assert_eq!(status, 504, "{body}");
     assert_eq!(headers["x-sluice-reason"], "upstream_timeout");
     let details = last_details(addr, "/stuck/details").await;
-    assert_eq!(details, format!("504|upstream_timeout|4|1|{stuck}|/stuck/details"));
+    assert_eq!(details, format!("504|upstream_response_timeout|4|1|{stuck}|/stuck/details"));
 }
 
 /// A property one filter sets (`proxy_set_property`) is read by the request's

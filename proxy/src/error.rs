@@ -121,6 +121,31 @@ impl ProxyError {
         }
     }
 
+    /// Envoy's `response.code_details` for the reply to this error, so a
+    /// filter written for Envoy reads what it expects. Envoy appends the
+    /// transport failure to a connect failure's
+    /// (`{remote_connection_failure|delayed_connect_error:_Connection_refused}`);
+    /// Sluice gives the first part. Errors Envoy has no details for keep
+    /// Sluice's reason.
+    pub fn code_details(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::NoRoute => "route_not_found",
+            ErrorKind::NoHealthyUpstream => "no_healthy_upstream",
+            ErrorKind::ConnectFailure => "upstream_reset_before_response_started{remote_connection_failure}",
+            ErrorKind::ConnectTimeout => "upstream_reset_before_response_started{connection_timeout}",
+            ErrorKind::UpstreamReset => "upstream_reset_before_response_started{connection_termination}",
+            ErrorKind::UpstreamProtocol => "upstream_reset_before_response_started{protocol_error}",
+            ErrorKind::UpstreamTimeout => "upstream_response_timeout",
+            ErrorKind::CircuitOpen => "upstream_reset_before_response_started{overflow}",
+            ErrorKind::PayloadTooLarge | ErrorKind::Filter(FilterErrorKind::BodyTooLarge) => {
+                "request_payload_too_large"
+            }
+            ErrorKind::ResponseTooLarge => "response_payload_too_large",
+            ErrorKind::Filter(_) => "wasm_fail_stream",
+            _ => self.reason(),
+        }
+    }
+
     /// Envoy's response flags for this error (`response.flags`; 0 for none
     /// of those Sluice can tell).
     pub fn response_flags(&self) -> u64 {

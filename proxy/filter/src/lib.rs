@@ -287,8 +287,9 @@ pub struct StreamInfo {
     /// Response status, once known.
     pub response_code: Cell<Option<u16>>,
     /// Where the response came from, as Envoy's `response.code_details`:
-    /// `via_upstream`, the reason of a reply Sluice made for an error, or a
-    /// filter's own details for its local reply. Empty until known.
+    /// `via_upstream`, Envoy's details for a reply Sluice made for an error
+    /// (`route_not_found`, `upstream_response_timeout` …), or a filter's own
+    /// details for its local reply. Empty until known.
     pub code_details: RefCell<std::borrow::Cow<'static, str>>,
     /// Envoy's response flags for what went wrong (see [`response_flags`]).
     pub response_flags: Cell<u64>,
