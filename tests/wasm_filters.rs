@@ -265,7 +265,7 @@ async fn sluice_error_replies_go_through_the_filters() {
     assert_eq!(
         details,
         format!(
-            "503|upstream_reset_before_response_started{{remote_connection_failure}}|32|1|{dead}|/dead/details"
+            "503|upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_Connection_refused}}|32|1|{dead}|/dead/details"
         )
     );
 

@@ -5,6 +5,7 @@
 //! `x-sluice-reason` header, the `sluice_local_replies_total{reason}` label and
 //! the access-log field.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use http::StatusCode;
@@ -63,12 +64,21 @@ pub struct ProxyError {
     pub kind: ErrorKind,
     /// Detail for logs (never sent to the client).
     pub detail: String,
+    /// Envoy's transport failure reason, when Sluice knows it (a refused
+    /// connection's `delayed_connect_error:_Connection_refused`).
+    pub transport_failure: Option<&'static str>,
 }
 
 impl ProxyError {
     /// A new error.
     pub fn new(side: Side, kind: ErrorKind, detail: impl Into<String>) -> Self {
-        ProxyError { side, kind, detail: detail.into() }
+        ProxyError { side, kind, detail: detail.into(), transport_failure: None }
+    }
+
+    /// With Envoy's transport failure reason (see the field).
+    pub fn with_transport_failure(mut self, reason: &'static str) -> Self {
+        self.transport_failure = Some(reason);
+        self
     }
 
     /// A downstream error (malformed request).
@@ -122,12 +132,20 @@ impl ProxyError {
     }
 
     /// Envoy's `response.code_details` for the reply to this error, so a
-    /// filter written for Envoy reads what it expects. Envoy appends the
-    /// transport failure to a connect failure's
-    /// (`{remote_connection_failure|delayed_connect_error:_Connection_refused}`);
-    /// Sluice gives the first part. Errors Envoy has no details for keep
-    /// Sluice's reason.
-    pub fn code_details(&self) -> &'static str {
+    /// filter written for Envoy reads what it expects; with the transport
+    /// failure when known, as Envoy 1.40 (probed):
+    /// `upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}`.
+    /// Errors Envoy has no details for keep Sluice's reason.
+    pub fn code_details(&self) -> Cow<'static, str> {
+        match (self.kind, self.transport_failure) {
+            (ErrorKind::ConnectFailure, Some(t)) => {
+                Cow::Owned(format!("upstream_reset_before_response_started{{remote_connection_failure|{t}}}"))
+            }
+            _ => Cow::Borrowed(self.envoy_details()),
+        }
+    }
+
+    fn envoy_details(&self) -> &'static str {
         match self.kind {
             ErrorKind::NoRoute => "route_not_found",
             ErrorKind::NoHealthyUpstream => "no_healthy_upstream",

@@ -250,7 +250,7 @@ pub(crate) async fn finish_error_filtered(
 ) -> Response<ProxyBody> {
     record_error(err, &conn.shared.metrics, log, names);
     let info = run.info();
-    *info.code_details.borrow_mut() = std::borrow::Cow::Borrowed(err.code_details());
+    *info.code_details.borrow_mut() = err.code_details();
     info.response_flags.set(info.response_flags.get() | err.response_flags());
     let resp = error_response(err, grpc);
     let resp = if matches!(err.kind, ErrorKind::Filter(_)) {

@@ -197,7 +197,14 @@ async fn connect_new(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<
 
 async fn handshake(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Conn, ProxyError> {
     let connect_err = |e: std::io::Error| {
-        ProxyError::upstream(ErrorKind::ConnectFailure, format!("connect to {}: {e}", ep.addr))
+        let err = ProxyError::upstream(ErrorKind::ConnectFailure, format!("connect to {}: {e}", ep.addr));
+        match e.kind() {
+            // Envoy's words for it (`response.code_details`).
+            std::io::ErrorKind::ConnectionRefused => {
+                err.with_transport_failure("delayed_connect_error:_Connection_refused")
+            }
+            _ => err,
+        }
     };
     let tcp = TcpStream::connect(ep.addr).await.map_err(connect_err)?;
     let _ = tcp.set_nodelay(true);
