@@ -233,10 +233,11 @@ fn record_error(
 /// The error reply to a request whose filters ran: as Envoy sends its own
 /// replies (an upstream connect failure's 503, a timeout's 504), it goes
 /// through the filters' response phases, and their `on_log` sees it, with
-/// Envoy's `response.code_details` and `response.flags` for the error. The
-/// reply to a filter's own failure skips the response phases (the failed
-/// filter is among them); `on_log` still sees it, as every filter's does on
-/// Envoy. `names`: route and cluster.
+/// Envoy's `response.code_details` and `response.flags` for the error. So
+/// does the reply to a filter's own failure in a request phase (the failed
+/// filter skips the rest of the request), as on Envoy; after a failure in the
+/// response headers phase only `on_log` sees it (see
+/// [`ChainRun::filter_local`]). `names`: route and cluster.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn finish_error_filtered(
     err: &ProxyError,
@@ -252,14 +253,7 @@ pub(crate) async fn finish_error_filtered(
     let info = run.info();
     *info.code_details.borrow_mut() = err.code_details();
     info.response_flags.set(info.response_flags.get() | err.response_flags());
-    let resp = error_response(err, grpc);
-    let resp = if matches!(err.kind, ErrorKind::Filter(_)) {
-        // (What `filter_local` would record: the upstream's, if any, was not sent.)
-        run.info().response_code.set(Some(resp.status().as_u16()));
-        resp
-    } else {
-        run.filter_local(resp).await
-    };
+    let resp = run.filter_local(error_response(err, grpc)).await;
     finish_local(resp, log, dp, metrics, Some(run))
 }
 

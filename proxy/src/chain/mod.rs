@@ -13,7 +13,7 @@ mod lock;
 
 pub(crate) use body::FilterBody;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::Poll;
 
@@ -84,6 +84,9 @@ struct Shared {
     info: StreamInfo,
     failure: RefCell<Option<Failure>>,
     max_buffer: usize,
+    /// A filter failed in the response headers phase: the reply to that
+    /// skips the response phases (see [`ChainRun::filter_local`]).
+    response_failed: Cell<bool>,
 }
 
 /// One request's run through its filter chain.
@@ -230,6 +233,7 @@ impl ChainRun {
                 info,
                 failure: RefCell::new(None),
                 max_buffer,
+                response_failed: Cell::new(false),
             }),
         }
     }
@@ -278,7 +282,11 @@ impl ChainRun {
         let sh = &*self.shared;
         sh.info.response_code.set(Some(head.status().as_u16()));
         let held = sh.filters.acquire().await;
-        run_heads(sh, &held, head, end_of_stream).await
+        let result = run_heads(sh, &held, head, end_of_stream).await;
+        if result.is_err() {
+            sh.response_failed.set(true);
+        }
+        result
     }
 
     /// Makes a local response and runs it through the response filters (as
@@ -294,8 +302,15 @@ impl ChainRun {
         self.filter_local(resp).await
     }
 
-    /// Runs the response-header phase over a proxy-made response.
+    /// Runs the response phases over a proxy-made response; not after a
+    /// filter failed in the response headers phase (Envoy 1.40, probed: its
+    /// reply to that skips the filters' response phases, where the reply to a
+    /// failure in a request phase goes through them).
     pub async fn filter_local(&mut self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        if self.shared.response_failed.get() {
+            self.shared.info.response_code.set(Some(resp.status().as_u16()));
+            return resp;
+        }
         let (parts, body) = resp.into_parts();
         let eos = body.is_end_stream();
         let mut head = ResponseHead::new(parts);

@@ -316,7 +316,9 @@ impl WasmFilter {
         info: &StreamInfo,
         eos: bool,
     ) -> Result<Option<Step>, FilterError> {
-        if self.bypass {
+        // Failed open, or failed closed earlier in this request (the reply
+        // to that failure passes through, as on Envoy).
+        if self.bypass || self.failed {
             return Ok(Some(Step::Continue));
         }
         match self.run_guest::<P>(value, info, eos) {
