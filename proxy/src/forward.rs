@@ -402,8 +402,8 @@ async fn proxy<'a>(
                 let resp = Box::pin(run.local_response(local, version)).await;
                 return Ok(finish_local(resp, log, dp, route.local_metrics.clone(), Some(run)));
             }
-            // A filter failed (closed): the reply skips the filters, their
-            // `on_log` sees it.
+            // A filter failed (closed): the reply goes through the others'
+            // response phases and `on_log` (the failed one skips them).
             Err(err) => {
                 keep_answered_head(&mut run, parts);
                 return Ok(Box::pin(finish_error_run(&err, grpc, conn, dp, log, *seen, run)).await);

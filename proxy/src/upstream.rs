@@ -337,8 +337,9 @@ pub(crate) async fn forward(
     match (result, chain) {
         // As Envoy's own replies (an upstream connect failure's 503, a
         // timeout's 504), the error's reply goes through the filters' response
-        // phases and their `on_log`; a filter's own failure only through
-        // `on_log`. Not while a request body paused in a filter is still held
+        // phases and their `on_log`; so does a filter's own failure in the
+        // request body phase, while after one in the response headers phase
+        // only `on_log` sees it (`ChainRun::filter_local`). Not while a request body paused in a filter is still held
         // (by an HTTP/2 upstream connection's task): waiting for it could take long.
         (Err(err), Some(run)) if run.filters_free() => {
             let names = (Some(&*route.name), Some(&*cluster.name));
