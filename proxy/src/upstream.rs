@@ -339,8 +339,9 @@ pub(crate) async fn forward(
         // timeout's 504), the error's reply goes through the filters' response
         // phases and their `on_log`; so does a filter's own failure in the
         // request body phase, while after one in the response headers phase
-        // only `on_log` sees it (`ChainRun::filter_local`). Not while a request body paused in a filter is still held
-        // (by an HTTP/2 upstream connection's task): waiting for it could take long.
+        // only `on_log` sees it (`ChainRun::filter_local`). Not while a
+        // request body paused in a filter is still held (by an HTTP/2
+        // upstream connection's task): waiting for it could take long.
         (Err(err), Some(run)) if run.filters_free() => {
             let names = (Some(&*route.name), Some(&*cluster.name));
             Ok(Box::pin(crate::forward::finish_error_filtered(
