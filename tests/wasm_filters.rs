@@ -128,6 +128,10 @@ async fn an_envoy_filter_runs_unmodified() {
     // The sink appends `!` to response bodies (buffered body rewrite).
     assert_eq!((status, body.as_str()), (200, "/callout!"));
     assert_eq!(headers["x-echo-x-callout"], "even");
+    // The callout's answer callback reads the request's properties.
+    let props = headers["x-echo-x-callout-props"].to_str().unwrap();
+    let (source, connection) = props.split_once('|').unwrap();
+    assert!(source.starts_with("127.0.0.1:") && connection.parse::<u64>().is_ok(), "{props}");
 
     // Properties seen by the guest.
     let (_, headers, _) = get(addr, "/props").await;

@@ -35,9 +35,10 @@ pub fn get(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
 }
 
 /// Sets a property (Envoy: filter state `wasm.<path>`). Set during a phase
-/// of a request (or its `on_log`), every filter of that request reads it back
-/// with [`get`] and the same path, on Sluice as on Envoy; set elsewhere (a
-/// callout's answer, a timer), it stays this context's.
+/// of a request, its `on_log` or the answer to a callout the request's context
+/// made, every filter of that request reads it back with [`get`] and the same
+/// path, on Sluice as on Envoy; set where no request is in scope, it stays
+/// this context's.
 pub fn set(path: &[&str], value: &[u8]) -> Result<(), HostError> {
     sys::set_property(&encode_path(path), value).map_err(sys::fail("proxy_set_property", show(path)))
 }

@@ -257,6 +257,14 @@ impl From<&str> for RequestId {
     }
 }
 
+/// What owns a request's [`StreamInfo`] (the proxy's per-request state): a
+/// filter reaches the stream info through it after its phase returned, from a
+/// callout's answer (see [`StreamInfo::owner`]).
+pub trait StreamOwner {
+    /// The stream info it owns.
+    fn stream_info(&self) -> &StreamInfo;
+}
+
 /// Per-request facts a filter may read (the proxy-wasm "properties").
 #[derive(Debug)]
 pub struct StreamInfo {
@@ -314,6 +322,8 @@ pub struct StreamInfo {
     sent_request_added: RefCell<Option<EncodedFields>>,
     /// The response head once it left the filters (see [`StreamInfo::set_sent_response`]).
     sent_response: RefCell<Option<ResponseHead>>,
+    /// Its owner, when it has one (see [`StreamInfo::owner`]).
+    owner: Option<std::rc::Weak<dyn StreamOwner>>,
 }
 
 impl StreamInfo {
@@ -352,7 +362,21 @@ impl StreamInfo {
             sent_request: RefCell::new(None),
             sent_request_added: RefCell::new(None),
             sent_response: RefCell::new(None),
+            owner: None,
         }
+    }
+
+    /// Records what owns this stream info (the proxy does, when it moves it
+    /// into its per-request state).
+    pub fn set_owner(&mut self, owner: std::rc::Weak<dyn StreamOwner>) {
+        self.owner = Some(owner);
+    }
+
+    /// What owns this stream info: a filter keeps it to read the request's
+    /// facts from a callback that runs after its phase returned (a callout's
+    /// answer); `upgrade` fails once the request is over.
+    pub fn owner(&self) -> Option<std::rc::Weak<dyn StreamOwner>> {
+        self.owner.clone()
     }
 
     /// Hands back the request head once it left the filters: as the upstream

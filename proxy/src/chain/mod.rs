@@ -89,6 +89,12 @@ struct Shared {
     response_failed: Cell<bool>,
 }
 
+impl sluice_filter::StreamOwner for Shared {
+    fn stream_info(&self) -> &StreamInfo {
+        &self.info
+    }
+}
+
 /// One request's run through its filter chain.
 pub struct ChainRun {
     shared: Rc<Shared>,
@@ -227,13 +233,17 @@ impl ChainRun {
     pub fn new(chain: &Chain, info: StreamInfo, max_buffer: usize) -> Self {
         let list = chain.iter().map(|f| f.new_filter(&info)).collect();
         let filters = Filters { list, request_trailers: None, response_trailers: None };
+        let mut info = info;
         ChainRun {
-            shared: Rc::new(Shared {
-                filters: LocalLock::new(filters),
-                info,
-                failure: RefCell::new(None),
-                max_buffer,
-                response_failed: Cell::new(false),
+            shared: Rc::new_cyclic(|owner: &std::rc::Weak<Shared>| {
+                info.set_owner(owner.clone());
+                Shared {
+                    filters: LocalLock::new(filters),
+                    info,
+                    failure: RefCell::new(None),
+                    max_buffer,
+                    response_failed: Cell::new(false),
+                }
             }),
         }
     }

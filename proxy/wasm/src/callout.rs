@@ -2,27 +2,30 @@
 //! callouts, timers and queue notifications as `spawn_local` tasks on the worker,
 //! and delivering their results back into the VM (never from inside a host call).
 
+use std::rc;
 use std::sync::Weak;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use sluice_filter::{CalloutError, CalloutResponse};
+use sluice_filter::{CalloutError, CalloutResponse, StreamInfo, StreamOwner};
 
 use crate::factory::FactoryInner;
+use crate::properties::INFO;
 use crate::state::{CalloutData, Deferred};
 use crate::vm::{Vm, VmFailure};
 
 /// Applies the work host calls recorded during the last callback (most
-/// callbacks leave none: that check is inlined into the caller).
+/// callbacks leave none: that check is inlined into the caller). `info`: the
+/// stream info of the request whose phase (or `on_log`) the callback was.
 #[inline]
-pub(crate) fn flush(inner: &FactoryInner, vm: &mut Vm) {
+pub(crate) fn flush(inner: &FactoryInner, vm: &mut Vm, info: Option<&StreamInfo>) {
     if !vm.store.data().deferred.is_empty() {
-        flush_deferred(inner, vm);
+        flush_deferred(inner, vm, info);
     }
 }
 
-fn flush_deferred(inner: &FactoryInner, vm: &mut Vm) {
+fn flush_deferred(inner: &FactoryInner, vm: &mut Vm, info: Option<&StreamInfo>) {
     let mut list = std::mem::take(&mut vm.store.data_mut().deferred);
     let worker = vm.store.data().worker;
     for item in list.drain(..) {
@@ -32,9 +35,16 @@ fn flush_deferred(inner: &FactoryInner, vm: &mut Vm) {
                     w.wake();
                 }
             }
-            Deferred::Callout { token, cluster, request, timeout, grpc } => {
+            Deferred::Callout { token, cluster, request, timeout, grpc, stream } => {
                 if worker {
-                    spawn_callout(inner, vm.generation, token, &cluster, *request, timeout, grpc);
+                    // The answer's callback reads the request's facts (its
+                    // properties) as it would in the phase that made the call.
+                    let stream = (stream != 0)
+                        .then(|| info.and_then(StreamInfo::owner))
+                        .flatten()
+                        .map(|o| (stream, o));
+                    let call = Callout { token, cluster: &cluster, request: *request, timeout, grpc, stream };
+                    spawn_callout(inner, vm.generation, call);
                 } else {
                     // The validation VM never runs callouts; the worker VMs make their own.
                     vm.store.data_mut().pending_callouts.remove(&token);
@@ -65,6 +75,7 @@ fn flush_deferred(inner: &FactoryInner, vm: &mut Vm) {
 fn with_vm(
     weak: &Weak<FactoryInner>,
     generation: u64,
+    info: Option<&StreamInfo>,
     f: impl FnOnce(&mut Vm) -> Result<bool, VmFailure>,
 ) -> bool {
     let Some(inner) = weak.upgrade() else { return false };
@@ -73,7 +84,7 @@ fn with_vm(
     let Some(vm) = slot.vm.as_mut().filter(|vm| vm.generation == generation) else { return false };
     match f(vm) {
         Ok(go_on) => {
-            flush(&inner, vm);
+            flush(&inner, vm, info);
             go_on
         }
         Err(failure) => {
@@ -83,15 +94,19 @@ fn with_vm(
     }
 }
 
-fn spawn_callout(
-    inner: &FactoryInner,
-    generation: u64,
+/// A callout to start (see [`spawn_callout`]).
+struct Callout<'a> {
     token: u32,
-    cluster: &str,
+    cluster: &'a str,
     request: http::Request<Bytes>,
     timeout: Duration,
     grpc: bool,
-) {
+    /// The HTTP context that made it and its request's owner.
+    stream: Option<(u32, rc::Weak<dyn StreamOwner>)>,
+}
+
+fn spawn_callout(inner: &FactoryInner, generation: u64, call: Callout<'_>) {
+    let Callout { token, cluster, request, timeout, grpc, stream } = call;
     let plugin = inner.plugin.clone();
     let call = plugin.host.callouts.call(cluster, request, timeout);
     let weak = inner.weak.clone();
@@ -112,12 +127,26 @@ fn spawn_callout(
             plugin.host.metrics.timeouts.with_label_values(&[&*plugin.name, "callout"]).inc();
         }
         drop(plugin);
-        with_vm(&weak, generation, |vm| {
+        // The request, if it is still on.
+        let stream = stream.and_then(|(ctx, owner)| owner.upgrade().map(|o| (ctx, o)));
+        let info = stream.as_ref().map(|(_, owner)| owner.stream_info());
+        with_vm(&weak, generation, info, |vm| {
             if vm.store.data_mut().pending_callouts.remove(&token).is_none() {
                 return Ok(true); // cancelled
             }
-            if grpc { deliver_grpc(vm, token, result) } else { deliver_http(vm, token, result) }
-                .map(|()| true)
+            let deliver = |vm: &mut Vm| {
+                if grpc { deliver_grpc(vm, token, result) } else { deliver_http(vm, token, result) }
+            };
+            match &stream {
+                Some((ctx, owner)) => {
+                    vm.store.data_mut().callout_stream = *ctx;
+                    let r = INFO.set(owner.stream_info(), || deliver(vm));
+                    vm.store.data_mut().callout_stream = 0;
+                    r
+                }
+                None => deliver(vm),
+            }
+            .map(|()| true)
         });
     });
 }
@@ -284,7 +313,7 @@ fn spawn_tick(inner: &FactoryInner, vm: &Vm) {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            let alive = with_vm(&weak, generation, |vm| {
+            let alive = with_vm(&weak, generation, None, |vm| {
                 if vm.tick_generation == tick_generation { vm.tick().map(|()| true) } else { Ok(false) }
             });
             if !alive {
@@ -298,7 +327,7 @@ fn spawn_mailbox(inner: &FactoryInner, generation: u64, mut rx: tokio::sync::mps
     let weak = inner.weak.clone();
     tokio::task::spawn_local(async move {
         while let Some(queue) = rx.recv().await {
-            if !with_vm(&weak, generation, |vm| vm.queue_ready(queue).map(|()| true)) {
+            if !with_vm(&weak, generation, None, |vm| vm.queue_ready(queue).map(|()| true)) {
                 return;
             }
         }

@@ -188,7 +188,7 @@ impl WorkerSlot {
                     self.next_ctx = 1;
                     self.vm = Some(vm);
                     if let Some(vm) = self.vm.as_mut() {
-                        crate::callout::flush(inner, vm);
+                        crate::callout::flush(inner, vm, None);
                     }
                 }
                 Err(failure) if failure.label == POOL_EXHAUSTED => return Err(self.starved(inner, failure)),

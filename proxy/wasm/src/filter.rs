@@ -361,7 +361,7 @@ impl WasmFilter {
             } {
                 Err(f) => Err(slot.fail(inner, f)),
                 Ok(action) => {
-                    crate::callout::flush(inner, vm);
+                    crate::callout::flush(inner, vm, Some(info));
                     // One look-up for the decision and the data.
                     let VmState { contexts, live, .. } = vm.store.data_mut();
                     Ok(contexts.get_mut(&c.id).map(|ctx| {
@@ -467,7 +467,7 @@ impl WasmFilter {
         vm.store.data_mut().release_context(c.id);
         match result {
             Ok(()) => {
-                crate::callout::flush(inner, vm);
+                crate::callout::flush(inner, vm, view.map(|(_, info)| info));
                 if !self.failed {
                     slot.request_succeeded();
                 }

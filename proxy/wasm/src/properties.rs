@@ -120,7 +120,7 @@ fn with_request<R>(state: &VmState, f: impl FnOnce(&request::Parts) -> R) -> Opt
 /// (in scope for a filter's call), with the fields the proxy wrote after its map.
 /// Only for the context called: the stream info is its request's.
 fn with_sent<R>(state: &VmState, f: impl FnOnce(&request::Parts, Option<&EncodedFields>) -> R) -> Option<R> {
-    if !INFO.is_set() || state.frame.effective != state.frame.ctx {
+    if !stream_in_scope(state) {
         return None;
     }
     INFO.with(|info| {
@@ -191,7 +191,7 @@ fn with_response<R>(state: &VmState, f: impl FnOnce(&ResponseHead) -> R) -> Opti
     if state.frame.callback == Callback::Log && LOG_RESPONSE.is_set() {
         return Some(LOG_RESPONSE.with(|p| f(p)));
     }
-    if !INFO.is_set() || state.frame.effective != state.frame.ctx {
+    if !stream_in_scope(state) {
         return None;
     }
     INFO.with(|info| info.sent_response().as_ref().map(f))
@@ -220,10 +220,15 @@ fn header(out: &mut Vec<u8>, state: &VmState, name: &str) -> bool {
     .unwrap_or(false)
 }
 
-/// Whether the running callback is a phase (or `on_log`) of the request whose
-/// stream is in scope, for its own HTTP context: stream values are its.
+/// Whether the request whose stream info is in scope is the effective
+/// context's: the running callback is a phase (or `on_log`) of that HTTP
+/// context, or the answer to a callout it made, delivered with its stream.
 pub(crate) fn stream_in_scope(state: &VmState) -> bool {
-    INFO.is_set() && state.frame.effective == state.frame.ctx && state.contexts.contains_key(&state.frame.ctx)
+    let id = state.frame.effective;
+    INFO.is_set()
+        && (id == state.frame.ctx || id == state.callout_stream)
+        && id != 0
+        && state.contexts.contains_key(&id)
 }
 
 /// Writes the value of `path` into `out`; `false` when the property does not exist.
@@ -257,7 +262,7 @@ pub(crate) fn get(state: &VmState, path: &[u8], out: &mut Vec<u8>) -> bool {
         ["plugin_root_id"] => out.extend_from_slice(plugin.root_id.as_bytes()),
         ["plugin_vm_id"] => out.extend_from_slice(plugin.vm_id.as_bytes()),
         _ => {
-            if !INFO.is_set() {
+            if !stream_in_scope(state) {
                 return false;
             }
             return INFO.with(|info| stream_property(state, info, &segs, out));

@@ -190,8 +190,8 @@ pub(crate) struct HttpCtx {
     pub signal: Signal,
     pub waker: Option<Waker>,
     /// This context's own copy of its `proxy_set_property` values: what it
-    /// reads back in callbacks outside the stream's phases (a callout's
-    /// answer), where the stream's filter state is out of reach.
+    /// reads back where its request's filter state is out of reach (a
+    /// callout answered after the request ended).
     pub properties: sluice_filter::FilterState,
     /// Bytes the guest wrote into header and trailer maps of this request
     /// (checked against the plugin's memory cap).
@@ -211,8 +211,16 @@ pub(crate) struct CalloutData {
 
 /// Work for after the callback returns (the host never re-enters the guest).
 pub(crate) enum Deferred {
-    /// Start a callout.
-    Callout { token: u32, cluster: String, request: Box<http::Request<Bytes>>, timeout: Duration, grpc: bool },
+    /// Start a callout. `stream`: the HTTP context whose phase made it (0
+    /// for none): its answer is delivered with that request's stream info.
+    Callout {
+        token: u32,
+        cluster: String,
+        request: Box<http::Request<Bytes>>,
+        timeout: Duration,
+        grpc: bool,
+        stream: u32,
+    },
     /// (Re)start the root's tick timer.
     Tick,
     /// Wake the task waiting on this HTTP context.
@@ -439,6 +447,9 @@ pub(crate) struct VmState {
     /// Callouts in flight, by token (`true` = gRPC).
     pub pending_callouts: IdMap<bool>,
     pub next_token: u32,
+    /// While a callout's answer is delivered with its request's stream info
+    /// in scope: the HTTP context that made it (else 0).
+    pub callout_stream: u32,
     pub deferred: Vec<Deferred>,
     pub metrics: Vec<Option<GuestMetric>>,
     pub log: LogState,
@@ -469,6 +480,7 @@ impl VmState {
             callout: None,
             pending_callouts: IdMap::default(),
             next_token: 1,
+            callout_stream: 0,
             deferred: Vec::new(),
             metrics: Vec::new(),
             log: LogState::default(),

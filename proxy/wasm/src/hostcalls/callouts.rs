@@ -87,7 +87,8 @@ fn start(
     let token = st.next_token;
     st.next_token = st.next_token.wrapping_add(1).max(1);
     st.pending_callouts.insert(token, grpc);
-    st.deferred.push(Deferred::Callout { token, cluster, request: Box::new(request), timeout, grpc });
+    let stream = if crate::properties::stream_in_scope(st) { st.frame.effective } else { 0 };
+    st.deferred.push(Deferred::Callout { token, cluster, request: Box::new(request), timeout, grpc, stream });
     Ok(token)
 }
 

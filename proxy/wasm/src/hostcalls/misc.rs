@@ -186,9 +186,10 @@ pub(super) fn set_property(c: &mut Caller<'_, VmState>, pp: i32, pn: i32, vp: i3
     if value.len() > crate::shared::MAX_VALUE_BYTES || path.len() > crate::shared::MAX_VALUE_BYTES {
         return Err(Status::BadArgument.into());
     }
-    // In a phase of the request (or its `on_log`), the value goes on the
-    // stream, where every filter of the request reads it, as Envoy's filter
-    // state; the context keeps its own copy too.
+    // With the request's stream in scope (a phase, `on_log`, the answer to
+    // a callout the context made), the value goes on the stream, where every
+    // filter of the request reads it, as Envoy's filter state; the context
+    // keeps its own copy too.
     let stream = crate::properties::stream_in_scope(st);
     let props = match st.contexts.get_mut(&st.frame.effective) {
         Some(ctx) => &mut ctx.properties,
