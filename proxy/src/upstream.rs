@@ -787,10 +787,22 @@ pub(crate) async fn send_request(
     let pool = pool::endpoint_pool(cluster, endpoint);
     // Never sent if the checkout fails, or the route's deadline drops this
     // future first: the filters' `on_log` reads it as it would have gone.
-    let mut unsent = Unsent { req: Some(req), added, head_back };
-    let conn = pool::checkout(cluster, endpoint, &pool).await?;
-    let Some(req) = unsent.req.take() else {
-        return Err(ProxyError::new(Side::Internal, ErrorKind::UpstreamReset, "no request"));
+    // (The guard borrows the request: moving it in and out cost a copy of
+    // it per request, filters or not.)
+    let checkout = {
+        let guard = Unsent { req: &req, added, head_back, armed: true };
+        let r = pool::checkout(cluster, endpoint, &pool).await;
+        guard.disarm();
+        r
+    };
+    let conn = match checkout {
+        Ok(conn) => conn,
+        Err(e) => {
+            if let Some(run) = head_back {
+                run.sent_request(req.into_parts().0, added.encoded());
+            }
+            return Err(e);
+        }
     };
     match conn {
         Conn::H1(conn) => {
@@ -832,18 +844,25 @@ pub(crate) async fn send_request(
     }
 }
 
-/// A request no connection took yet: handed to the filter chain when dropped
-/// (see [`send_request`]).
+/// A request no connection took yet: a copy of its head goes to the filter
+/// chain if the attempt is dropped while armed (see [`send_request`]).
 struct Unsent<'a, 'b> {
-    req: Option<Request<ProxyBody>>,
+    req: &'a Request<ProxyBody>,
     added: &'a headers::Added<'b>,
     head_back: Option<&'a ChainRun>,
+    armed: bool,
+}
+
+impl Unsent<'_, '_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for Unsent<'_, '_> {
     fn drop(&mut self) {
-        if let (Some(req), Some(run)) = (self.req.take(), self.head_back) {
-            run.sent_request(req.into_parts().0, self.added.encoded());
+        if let Some(run) = self.head_back.filter(|_| self.armed) {
+            run.sent_request(copy_head(self.req), self.added.encoded());
         }
     }
 }
