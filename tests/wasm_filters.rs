@@ -5,19 +5,12 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use support::{Backend, Sluice, build_wasm, client, eventually, get, get_with, root};
-
-/// The `sink` fixture: a proxy-wasm 0.2.5 filter exercising every host-call family.
-fn sink() -> PathBuf {
-    build_wasm(&root().join("proxy/wasm/tests/fixtures/Cargo.toml"), "wasm32-wasip1", "release")
-        .join("sink.wasm")
-}
+use support::{Sluice, build_wasm, client, echo_backend, eventually, get, get_with, root, sink};
 
 /// Every callback's budget in these tests: a worker preempted mid-callback on
 /// a loaded machine must not trip it. The tests of the deadline itself use
@@ -71,30 +64,6 @@ async fn last_details(addr: std::net::SocketAddr, path: &str) -> String {
         let (_, headers, _) = get(addr, "/get/last_details").await;
         let details = headers.get("x-echo-x-value").map(|v| v.to_str().unwrap().to_owned());
         details.filter(|d| d.ends_with(&suffix))
-    })
-    .await
-}
-
-async fn echo_backend() -> Backend {
-    Backend::start(|req| async move {
-        // `/late-body` asserts what the sink's request body phase saw at the
-        // body's end: answered before the end, the exchange could finish (and
-        // the request body be dropped) first.
-        let (parts, body) = req.into_parts();
-        if parts.uri.path() == "/late-body" {
-            body.collect().await.unwrap();
-        }
-        let req = http::Request::from_parts(parts, ());
-        // The sink's callout allows when the first byte of this answer is even ('0').
-        let body =
-            if req.uri().path() == "/bytes/even" { "0".to_owned() } else { req.uri().path().to_owned() };
-        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
-        for (k, v) in req.headers() {
-            if let Ok(n) = http::HeaderName::from_bytes(format!("x-echo-{k}").as_bytes()) {
-                r.headers_mut().append(n, v.clone());
-            }
-        }
-        r
     })
     .await
 }

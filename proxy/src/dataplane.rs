@@ -77,7 +77,8 @@ impl Dataplane {
 
         let cluster_names: Vec<String> = cfg.clusters.iter().map(|c| c.name.clone()).collect();
         let base_dir = snapshot.resolve(std::path::Path::new(""));
-        let lcx = LoadContext { base_dir: &base_dir, clusters: &cluster_names };
+        let node = Arc::new(cfg.node.clone());
+        let lcx = LoadContext { base_dir: &base_dir, clusters: &cluster_names, node: &node };
         let mut all_filters = Vec::new();
         let mut load_chain = |specs: &[FilterSpec], at: &str| -> Result<Chain, ConfigError> {
             let mut chain: Vec<Arc<dyn FilterFactory>> = Vec::with_capacity(specs.len());

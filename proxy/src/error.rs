@@ -65,8 +65,8 @@ pub struct ProxyError {
     /// Detail for logs (never sent to the client).
     pub detail: String,
     /// Envoy's transport failure reason, when Sluice knows it (a refused
-    /// connection's `delayed_connect_error:_Connection_refused`).
-    pub transport_failure: Option<&'static str>,
+    /// connection's `delayed connect error: Connection refused`, `TLS error: …`).
+    pub transport_failure: Option<Cow<'static, str>>,
 }
 
 impl ProxyError {
@@ -76,8 +76,8 @@ impl ProxyError {
     }
 
     /// With Envoy's transport failure reason (see the field).
-    pub fn with_transport_failure(mut self, reason: &'static str) -> Self {
-        self.transport_failure = Some(reason);
+    pub fn with_transport_failure(mut self, reason: impl Into<Cow<'static, str>>) -> Self {
+        self.transport_failure = Some(reason.into());
         self
     }
 
@@ -137,10 +137,12 @@ impl ProxyError {
     /// `upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}`.
     /// Errors Envoy has no details for keep Sluice's reason.
     pub fn code_details(&self) -> Cow<'static, str> {
-        match (self.kind, self.transport_failure) {
-            (ErrorKind::ConnectFailure, Some(t)) => {
-                Cow::Owned(format!("upstream_reset_before_response_started{{remote_connection_failure|{t}}}"))
-            }
+        match (self.kind, &self.transport_failure) {
+            // Envoy's details have no spaces (`StringUtil::replaceAllEmptySpace`).
+            (ErrorKind::ConnectFailure, Some(t)) => Cow::Owned(format!(
+                "upstream_reset_before_response_started{{remote_connection_failure|{}}}",
+                t.replace(' ', "_")
+            )),
             _ => Cow::Borrowed(self.envoy_details()),
         }
     }

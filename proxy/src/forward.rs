@@ -252,6 +252,7 @@ pub(crate) async fn finish_error_filtered(
     record_error(err, &conn.shared.metrics, log, names);
     let info = run.info();
     *info.code_details.borrow_mut() = err.code_details();
+    info.upstream_transport_failure.borrow_mut().clone_from(&err.transport_failure);
     info.response_flags.set(info.response_flags.get() | err.response_flags());
     let resp = run.filter_local(error_response(err, grpc)).await;
     finish_local(resp, log, dp, metrics, Some(run))
@@ -380,6 +381,7 @@ async fn proxy<'a>(
         info.keep_proxy_fields(kept);
         if !route.is_no_route() {
             *info.route_name.borrow_mut() = Some(route.name.clone());
+            *info.virtual_host_name.borrow_mut() = Some(route.vhost.clone());
         }
         let mut run = ChainRun::new(&route.chain, info, listener.config.limits.max_buffered_body_bytes);
         // An origin-form request (HTTP/1.1) keeps its URI and its `host` field,
@@ -466,6 +468,8 @@ async fn proxy<'a>(
                     log.route.clone_from(&name);
                 }
                 *run.info().route_name.borrow_mut() = name;
+                *run.info().virtual_host_name.borrow_mut() =
+                    (!rerouted.is_no_route()).then(|| rerouted.vhost.clone());
             }
         }
         chain = Some(run);

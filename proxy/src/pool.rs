@@ -22,6 +22,7 @@ use crate::body::ProxyBody;
 use crate::cluster::{ClusterState, Endpoint};
 use crate::error::{ErrorKind, ProxyError};
 use crate::h1::{H1Conn, Io};
+use sluice_filter::TlsInfo;
 
 /// Spawns hyper's background tasks on the current worker (`spawn_local`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -49,7 +50,28 @@ pub enum Conn {
     /// HTTP/1.1: exclusive until the response body ends.
     H1(Box<H1Conn>),
     /// HTTP/2: shared.
-    H2(http2::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>, ConnFacts),
+}
+
+impl Conn {
+    /// What filters may read of the connection.
+    pub fn facts(&self) -> &ConnFacts {
+        match self {
+            Conn::H1(c) => &c.facts,
+            Conn::H2(_, f) => f,
+        }
+    }
+}
+
+/// What the filters of a request the connection carries may read of it:
+/// `upstream.local_address`, and `upstream.tls_version` and the peer
+/// certificate's facts when it is TLS. Known once, when it connected.
+#[derive(Debug, Clone, Default)]
+pub struct ConnFacts {
+    /// The connection's local address.
+    pub local: Option<SocketAddr>,
+    /// Its TLS session, if TLS.
+    pub tls: Option<Arc<TlsInfo>>,
 }
 
 struct Idle {
@@ -60,7 +82,7 @@ struct Idle {
 /// One endpoint's connections on this worker.
 pub struct EndpointPool {
     idle: RefCell<Vec<Idle>>,
-    h2: RefCell<Option<http2::SendRequest<ProxyBody>>>,
+    h2: RefCell<Option<(http2::SendRequest<ProxyBody>, ConnFacts)>>,
     /// The cluster's `sluice_upstream_pool_overflow_total`.
     overflow: prometheus::IntCounter,
 }
@@ -140,16 +162,16 @@ pub async fn checkout(
     pool: &Rc<EndpointPool>,
 ) -> Result<Conn, ProxyError> {
     if cluster.is_h2() {
-        let existing = pool.h2.borrow().as_ref().filter(|s| !s.is_closed()).cloned();
-        if let Some(s) = existing {
-            return Ok(Conn::H2(s));
+        let existing = pool.h2.borrow().as_ref().filter(|(s, _)| !s.is_closed()).cloned();
+        if let Some((s, facts)) = existing {
+            return Ok(Conn::H2(s, facts));
         }
     } else if let Some(s) = pool.take_idle(cluster.config.pool.idle_timeout) {
         return Ok(Conn::H1(s));
     }
     let conn = connect(cluster, ep).await?;
-    if let Conn::H2(s) = &conn {
-        *pool.h2.borrow_mut() = Some(s.clone());
+    if let Conn::H2(s, facts) = &conn {
+        *pool.h2.borrow_mut() = Some((s.clone(), facts.clone()));
     }
     Ok(conn)
 }
@@ -199,17 +221,19 @@ async fn handshake(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Co
     let connect_err = |e: std::io::Error| {
         let err = ProxyError::upstream(ErrorKind::ConnectFailure, format!("connect to {}: {e}", ep.addr));
         match e.kind() {
-            // Envoy's words for it (`response.code_details`).
+            // Envoy's words for it (`upstream.transport_failure_reason`, and
+            // in `response.code_details`).
             std::io::ErrorKind::ConnectionRefused => {
-                err.with_transport_failure("delayed_connect_error:_Connection_refused")
+                err.with_transport_failure("delayed connect error: Connection refused")
             }
             _ => err,
         }
     };
     let tcp = TcpStream::connect(ep.addr).await.map_err(connect_err)?;
     let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().ok();
     match &cluster.tls {
-        None => establish(cluster, ep, Io::Tcp(tcp)).await,
+        None => establish(cluster, ep, Io::Tcp(tcp), ConnFacts { local, tls: None }).await,
         Some(tls) => {
             let name = match &tls.server_name {
                 Some(n) => n.clone(),
@@ -220,18 +244,30 @@ async fn handshake(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>) -> Result<Co
                     )
                 })?,
             };
+            let sni = match &name {
+                ServerName::DnsName(d) => Some(d.as_ref().to_owned()),
+                _ => None,
+            };
             let stream = tls.connector.connect(name, tcp).await.map_err(|e| {
                 ProxyError::upstream(
                     ErrorKind::ConnectFailure,
                     format!("tls handshake with {}: {e}", ep.addr),
                 )
+                .with_transport_failure(format!("TLS error: {e}"))
             })?;
-            establish(cluster, ep, Io::Tls(Box::new(stream))).await
+            let info = sluice_tls::client_tls_info(stream.get_ref().1, sni.as_deref());
+            let facts = ConnFacts { local, tls: Some(Arc::new(info)) };
+            establish(cluster, ep, Io::Tls(Box::new(stream)), facts).await
         }
     }
 }
 
-async fn establish(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>, io: Io) -> Result<Conn, ProxyError> {
+async fn establish(
+    cluster: &Arc<ClusterState>,
+    ep: &Arc<Endpoint>,
+    io: Io,
+    facts: ConnFacts,
+) -> Result<Conn, ProxyError> {
     let hs_err = |e: hyper::Error| {
         ProxyError::upstream(ErrorKind::ConnectFailure, format!("http handshake with {}: {e}", ep.addr))
     };
@@ -252,9 +288,9 @@ async fn establish(cluster: &Arc<ClusterState>, ep: &Arc<Endpoint>, io: Io) -> R
             }
             drop(counter);
         });
-        Ok(Conn::H2(sender))
+        Ok(Conn::H2(sender, facts))
     } else {
-        Ok(Conn::H1(H1Conn::new(io, ep.addr, counter)))
+        Ok(Conn::H1(H1Conn::new(io, ep.addr, counter, facts)))
     }
 }
 

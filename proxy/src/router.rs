@@ -56,6 +56,8 @@ enum ValueCond {
 pub struct CompiledRoute {
     /// Name (config name, or `<vhost>/<index>`).
     pub name: Arc<str>,
+    /// Its virtual host's name (empty for [`Router::no_route`]).
+    pub vhost: Arc<str>,
     path: PathMatch,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, ValueCond)>,
@@ -236,6 +238,7 @@ impl Router {
             catch_all: None,
             no_route: Arc::new(CompiledRoute {
                 name: Arc::from(""),
+                vhost: Arc::from(""),
                 path: PathMatch::Prefix(String::new()),
                 methods: Vec::new(),
                 headers: Vec::new(),
@@ -248,11 +251,12 @@ impl Router {
             }),
         };
         for (vi, vh) in vhosts.iter().enumerate() {
+            let vhost: Arc<str> = Arc::from(vh.name.as_str());
             let routes = vh
                 .routes
                 .iter()
                 .enumerate()
-                .filter_map(|(ri, route)| compile_route(vh, vi, ri, route, cx).map(Arc::new))
+                .filter_map(|(ri, route)| compile_route(vh, &vhost, vi, ri, route, cx).map(Arc::new))
                 .collect();
             r.vhosts.push(CompiledVhost { routes });
             for d in &vh.domains {
@@ -409,6 +413,7 @@ fn value_cond(exact: &Option<String>, regex: &Option<String>, present: Option<bo
 
 fn compile_route(
     vh: &VirtualHost,
+    vhost: &Arc<str>,
     vi: usize,
     ri: usize,
     route: &Route,
@@ -497,6 +502,7 @@ fn compile_route(
     Some(CompiledRoute {
         local_metrics: Some(cx.metrics.route_handles(cx.listener, &name, "")),
         name,
+        vhost: vhost.clone(),
         path,
         methods,
         headers,

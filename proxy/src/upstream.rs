@@ -14,6 +14,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version, request};
 use http_body_util::BodyExt;
 use sluice_config::LbPolicy;
+use sluice_filter::StreamInfo;
 
 use crate::accesslog::RequestLog;
 use crate::body::ProxyBody;
@@ -452,6 +453,7 @@ async fn exchange(
         if let Some(run) = &chain {
             let info = run.info();
             info.upstream_address.set(Some(endpoint.addr));
+            info.upstream_local_address.set(None);
             info.upstream_attempts.set(attempt);
         }
         endpoint.active.fetch_add(1, Ordering::Relaxed);
@@ -804,6 +806,9 @@ pub(crate) async fn send_request(
             return Err(e);
         }
     };
+    if let Some(run) = head_back {
+        record_conn(run.info(), conn.facts());
+    }
     match conn {
         Conn::H1(conn) => {
             let (parts, body) = req.into_parts();
@@ -821,8 +826,13 @@ pub(crate) async fn send_request(
                     tracing::debug!(upstream = %endpoint.addr, error = %e, "stale pooled connection; resending");
                     cluster.metrics.stale_resends.inc();
                     match pool::connect(cluster, endpoint).await? {
-                        Conn::H1(fresh) => ex.resend_on(fresh),
-                        Conn::H2(_) => return Err(e),
+                        Conn::H1(fresh) => {
+                            if let Some(run) = head_back {
+                                record_conn(run.info(), &fresh.facts);
+                            }
+                            ex.resend_on(fresh)
+                        }
+                        Conn::H2(..) => return Err(e),
                     }
                     std::future::poll_fn(|cx| ex.poll_head(cx)).await?
                 }
@@ -831,7 +841,7 @@ pub(crate) async fn send_request(
             let home = Some((pool, cluster.config.pool.max_idle_per_endpoint));
             Ok(ex.into_answer(head, home))
         }
-        Conn::H2(mut s) => {
+        Conn::H2(mut s, _) => {
             // (`added` is empty: `UpstreamRequest::prepare` keeps fields
             // aside only for an HTTP/1.1 cluster.)
             if let Some(run) = head_back {
@@ -841,6 +851,15 @@ pub(crate) async fn send_request(
             let resp = s.send_request(req).await.map_err(upstream_error)?;
             Ok(h1::Answer { response: resp.map(ProxyBody::incoming), upgraded: None, stripped: false })
         }
+    }
+}
+
+/// The request's filters read the connection's facts (`upstream.local_address`,
+/// `upstream.tls_version` …).
+fn record_conn(info: &StreamInfo, facts: &pool::ConnFacts) {
+    info.upstream_local_address.set(facts.local);
+    if facts.tls.is_some() || info.upstream_tls.borrow().is_some() {
+        info.upstream_tls.borrow_mut().clone_from(&facts.tls);
     }
 }
 

@@ -293,3 +293,35 @@ impl Backend {
         Backend::start(move |_req| async move { http::Response::new(Full::new(Bytes::from(name))) }).await
     }
 }
+
+/// The `sink` fixture: a proxy-wasm 0.2.5 filter exercising every host-call family.
+pub fn sink() -> PathBuf {
+    build_wasm(&root().join("proxy/wasm/tests/fixtures/Cargo.toml"), "wasm32-wasip1", "release")
+        .join("sink.wasm")
+}
+
+/// A backend answering each request with its path, and its fields as
+/// `x-echo-<name>` (`/bytes/even` answers `0`).
+pub async fn echo_backend() -> Backend {
+    Backend::start(|req| async move {
+        // `/late-body` asserts what the sink's request body phase saw at the
+        // body's end: answered before the end, the exchange could finish (and
+        // the request body be dropped) first.
+        let (parts, body) = req.into_parts();
+        if parts.uri.path() == "/late-body" {
+            body.collect().await.unwrap();
+        }
+        let req = http::Request::from_parts(parts, ());
+        // The sink's callout allows when the first byte of this answer is even ('0').
+        let body =
+            if req.uri().path() == "/bytes/even" { "0".to_owned() } else { req.uri().path().to_owned() };
+        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        for (k, v) in req.headers() {
+            if let Ok(n) = http::HeaderName::from_bytes(format!("x-echo-{k}").as_bytes()) {
+                r.headers_mut().append(n, v.clone());
+            }
+        }
+        r
+    })
+    .await
+}

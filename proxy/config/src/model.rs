@@ -18,6 +18,10 @@ use crate::filter::FilterSpec;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// This proxy's identity (Envoy's bootstrap `node`): filters read it as
+    /// `xds.node.*`.
+    #[serde(default)]
+    pub node: Node,
     /// The admin listener (metrics, live config, health).
     #[serde(default)]
     pub admin: Admin,
@@ -34,6 +38,23 @@ pub struct Config {
     /// Upstream clusters.
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+}
+
+/// This proxy's identity, as Envoy's bootstrap `node`: what a filter reads as
+/// `xds.node.id`, `xds.node.cluster` and `xds.node.metadata.<key>` (Istio's
+/// filters read the workload's name, namespace, labels … there).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// The node's id (Istio: `sidecar~10.1.2.3~pod.ns~ns.svc.cluster.local`).
+    #[serde(default)]
+    pub id: String,
+    /// The service cluster the node belongs to.
+    #[serde(default)]
+    pub cluster: String,
+    /// Free-form facts: any YAML mapping (a `google.protobuf.Struct`).
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The admin listener.

@@ -188,7 +188,7 @@ pub struct LoadError {
     pub reason: String,
 }
 
-/// Facts about the TLS session of the downstream connection.
+/// Facts about the TLS session of a connection (downstream, or upstream).
 #[derive(Debug, Clone, Default)]
 pub struct TlsInfo {
     /// Negotiated version, e.g. `TLSv1.3`.
@@ -286,10 +286,19 @@ pub struct StreamInfo {
     pub start: Instant,
     /// Matched route name (updated when the route is re-evaluated).
     pub route_name: RefCell<Option<Arc<str>>>,
+    /// The matched route's virtual host (updated with `route_name`).
+    pub virtual_host_name: RefCell<Option<Arc<str>>>,
     /// Chosen cluster.
     pub cluster_name: RefCell<Option<Arc<str>>>,
     /// Upstream address of the last attempt.
     pub upstream_address: Cell<Option<SocketAddr>>,
+    /// The local address of the last attempt's upstream connection.
+    pub upstream_local_address: Cell<Option<SocketAddr>>,
+    /// The TLS session of the last attempt's upstream connection, if TLS.
+    pub upstream_tls: RefCell<Option<Arc<TlsInfo>>>,
+    /// Why the last attempt's upstream connection failed, in Envoy's words
+    /// (`delayed connect error: Connection refused`, a TLS error …).
+    pub upstream_transport_failure: RefCell<Option<std::borrow::Cow<'static, str>>>,
     /// Attempts made upstream so far (Envoy's `upstream.request_attempt_count`).
     pub upstream_attempts: Cell<u32>,
     /// Response status, once known.
@@ -347,8 +356,12 @@ impl StreamInfo {
             protocol,
             start,
             route_name: RefCell::new(None),
+            virtual_host_name: RefCell::new(None),
             cluster_name: RefCell::new(None),
             upstream_address: Cell::new(None),
+            upstream_local_address: Cell::new(None),
+            upstream_tls: RefCell::new(None),
+            upstream_transport_failure: RefCell::new(None),
             upstream_attempts: Cell::new(0),
             response_code: Cell::new(None),
             code_details: RefCell::new(std::borrow::Cow::Borrowed("")),
@@ -735,6 +748,8 @@ pub struct LoadContext<'a> {
     pub base_dir: &'a Path,
     /// Clusters callouts may target.
     pub clusters: &'a [String],
+    /// The proxy's identity (`xds.node.*`).
+    pub node: &'a Arc<sluice_config::Node>,
 }
 
 /// Builds filter factories from specs. Called off the request path (config load

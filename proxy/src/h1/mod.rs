@@ -40,7 +40,7 @@ use self::decode::{Decoder, Head, Step};
 use self::encode::Writer;
 use crate::body::{BoxError, ProxyBody};
 use crate::error::{ErrorKind, ProxyError, Side};
-use crate::pool::{ConnCounter, EndpointPool};
+use crate::pool::{ConnCounter, ConnFacts, EndpointPool};
 
 /// Bytes a read asks for while waiting for a head.
 const READ_HEAD: usize = 8 * 1024;
@@ -58,17 +58,20 @@ pub struct H1Conn {
     addr: SocketAddr,
     /// Responses completed on this connection.
     uses: u32,
+    /// What filters may read of it.
+    pub(crate) facts: ConnFacts,
     _counter: ConnCounter,
 }
 
 impl H1Conn {
-    pub(crate) fn new(io: Io, addr: SocketAddr, counter: ConnCounter) -> Box<Self> {
+    pub(crate) fn new(io: Io, addr: SocketAddr, counter: ConnCounter, facts: ConnFacts) -> Box<Self> {
         Box::new(H1Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_HEAD),
             head: Vec::new(),
             addr,
             uses: 0,
+            facts,
             _counter: counter,
         })
     }

@@ -80,7 +80,9 @@ fn vm_starts(
     let sum = "sluice_wasm_vm_instantiate_seconds_sum";
     let (mut inst, mut whole) = (Vec::new(), Vec::new());
     for _ in 0..count {
-        let factory = host.load(spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap();
+        let factory = host
+            .load(spec, &LoadContext { base_dir: &here, clusters: &[], node: &Default::default() })
+            .unwrap();
         let before = sample(registry, sum);
         let t = Instant::now();
         factory.prepare_worker();
@@ -104,7 +106,8 @@ fn main() {
     let host0 = WasmHost::new(options0, &registry0, Arc::new(NoCallouts)).unwrap();
     let here = std::env::current_dir().unwrap();
     let t = Instant::now();
-    let factory = host.load(&spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap();
+    let factory =
+        host.load(&spec, &LoadContext { base_dir: &here, clusters: &[], node: &Default::default() }).unwrap();
     println!("load (compile or cache, admit, one VM configured): {:?}", t.elapsed());
     let env =
         |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
@@ -113,7 +116,10 @@ fn main() {
     for i in 2..=count {
         let spec: FilterSpec =
             serde_json::from_value(serde_json::json!({ "name": format!("f{i}"), "module": module })).unwrap();
-        chain.push(host.load(&spec, &LoadContext { base_dir: &here, clusters: &[] }).unwrap());
+        chain.push(
+            host.load(&spec, &LoadContext { base_dir: &here, clusters: &[], node: &Default::default() })
+                .unwrap(),
+        );
     }
     let other = vec![1u64; pollute / 8];
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use sluice_abi::MetricType;
-use sluice_config::{FailPolicy, FilterLimits, FilterSpec, ReloadPolicy};
-use sluice_filter::{FilterError, FilterErrorKind, FilterFactory, HttpFilter, StreamInfo};
+use sluice_config::{FailPolicy, FilterLimits, FilterSpec, Node, ReloadPolicy};
+use sluice_filter::{FilterError, FilterErrorKind, FilterFactory, HttpFilter, LoadContext, StreamInfo};
 use thread_local::ThreadLocal;
 
 use crate::host::HostShared;
@@ -33,6 +33,8 @@ pub(crate) struct Plugin {
     pub limits: FilterLimits,
     pub policy: FailPolicy,
     pub clusters: Vec<String>,
+    /// The proxy's identity (`xds.node.*`).
+    pub node: Arc<Node>,
     pub digest: String,
     pub abi: AbiVersion,
     pub module: String,
@@ -347,7 +349,7 @@ impl WasmFactory {
         host: Arc<HostShared>,
         module: Arc<CompiledModule>,
         spec: &FilterSpec,
-        clusters: &[String],
+        cx: &LoadContext<'_>,
     ) -> Result<Arc<dyn FilterFactory>, String> {
         let tick = host.options.epoch_tick;
         let label = [spec.name.as_str()];
@@ -360,7 +362,8 @@ impl WasmFactory {
             env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             limits: spec.limits.clone(),
             policy: spec.fail_policy.clone(),
-            clusters: clusters.to_vec(),
+            clusters: cx.clusters.to_vec(),
+            node: cx.node.clone(),
             digest: module.digest.clone(),
             abi: module.abi,
             module: spec.module.clone(),

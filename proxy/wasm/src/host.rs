@@ -232,7 +232,9 @@ impl WasmHost {
         bytes: &[u8],
         clusters: &[String],
     ) -> Result<Arc<dyn FilterFactory>, LoadError> {
-        let result = self.load_inner(spec, bytes, clusters);
+        let node = Arc::default();
+        let cx = LoadContext { base_dir: std::path::Path::new(""), clusters, node: &node };
+        let result = self.load_inner(spec, bytes, &cx);
         self.record_load(spec, &result);
         result
     }
@@ -254,7 +256,7 @@ impl WasmHost {
         &self,
         spec: &FilterSpec,
         bytes: &[u8],
-        clusters: &[String],
+        cx: &LoadContext<'_>,
     ) -> Result<Arc<dyn FilterFactory>, LoadError> {
         let err = |reason: String| LoadError { plugin: spec.name.clone(), reason };
         let limit = spec.limits.max_module_bytes;
@@ -272,7 +274,7 @@ impl WasmHost {
         }
         let digest = module::sha256_hex(bytes);
         let compiled = self.compiled(&digest, bytes).map_err(err)?;
-        let factory = WasmFactory::build(self.shared.clone(), compiled, spec, clusters).map_err(err)?;
+        let factory = WasmFactory::build(self.shared.clone(), compiled, spec, cx).map_err(err)?;
         Ok(factory)
     }
 
@@ -351,7 +353,7 @@ impl FilterLoader for WasmHost {
         let _enter = span.enter();
         let result = self.read_module(spec, cx).and_then(|bytes| {
             // The error names the module, as its read errors do.
-            self.load_inner(spec, &bytes, cx.clusters).map_err(|mut e| {
+            self.load_inner(spec, &bytes, cx).map_err(|mut e| {
                 e.reason = format!("module `{}`: {}", spec.module, e.reason);
                 e
             })

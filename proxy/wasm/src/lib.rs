@@ -54,6 +54,7 @@ mod hostcalls;
 mod memory;
 mod metrics;
 mod module;
+mod node;
 mod phase;
 mod properties;
 mod shared;

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, request};
-use sluice_filter::{EncodedFields, LogView, ResponseHead, StreamInfo};
+use sluice_filter::{EncodedFields, LogView, ResponseHead, StreamInfo, TlsInfo};
 
 use crate::headers::{MapView, request_authority, request_scheme};
 use crate::state::{Callback, VmState};
@@ -261,6 +261,7 @@ pub(crate) fn get(state: &VmState, path: &[u8], out: &mut Vec<u8>) -> bool {
         ["plugin_name"] => out.extend_from_slice(plugin.name.as_bytes()),
         ["plugin_root_id"] => out.extend_from_slice(plugin.root_id.as_bytes()),
         ["plugin_vm_id"] => out.extend_from_slice(plugin.vm_id.as_bytes()),
+        ["xds", "node", rest @ ..] => return crate::node::property(&plugin.node, rest, out),
         _ => {
             if !stream_in_scope(state) {
                 return false;
@@ -269,6 +270,26 @@ pub(crate) fn get(state: &VmState, path: &[u8], out: &mut Vec<u8>) -> bool {
         }
     }
     true
+}
+
+/// The peer certificate's facts Envoy names alike under `connection.` and `upstream.`.
+const PEER_FIELDS: [&str; 4] = [
+    "uri_san_peer_certificate",
+    "dns_san_peer_certificate",
+    "subject_peer_certificate",
+    "sha256_peer_certificate_digest",
+];
+
+/// One of [`PEER_FIELDS`] of a TLS session; `false` when there is none (no
+/// TLS, no peer certificate, no such SAN).
+fn peer_field(tls: Option<&TlsInfo>, field: &str, out: &mut Vec<u8>) -> bool {
+    let value = tls.and_then(|t| match field {
+        "uri_san_peer_certificate" => t.peer_uri_sans.first().map(String::as_str),
+        "dns_san_peer_certificate" => t.peer_dns_sans.first().map(String::as_str),
+        "subject_peer_certificate" => t.peer_subject.as_deref(),
+        _ => t.peer_cert_sha256.as_deref(),
+    });
+    value.map(|v| out.extend_from_slice(v.as_bytes())).is_some()
 }
 
 fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut Vec<u8>) -> bool {
@@ -288,24 +309,7 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
         ["connection", "requested_server_name"] => {
             out.extend_from_slice(tls.and_then(|t| t.server_name.as_deref()).unwrap_or("").as_bytes())
         }
-        ["connection", "uri_san_peer_certificate"] => match tls.and_then(|t| t.peer_uri_sans.first()) {
-            Some(s) => out.extend_from_slice(s.as_bytes()),
-            None => return false,
-        },
-        ["connection", "dns_san_peer_certificate"] => match tls.and_then(|t| t.peer_dns_sans.first()) {
-            Some(s) => out.extend_from_slice(s.as_bytes()),
-            None => return false,
-        },
-        ["connection", "subject_peer_certificate"] => match tls.and_then(|t| t.peer_subject.as_deref()) {
-            Some(s) => out.extend_from_slice(s.as_bytes()),
-            None => return false,
-        },
-        ["connection", "sha256_peer_certificate_digest"] => {
-            match tls.and_then(|t| t.peer_cert_sha256.as_deref()) {
-                Some(s) => out.extend_from_slice(s.as_bytes()),
-                None => return false,
-            }
-        }
+        ["connection", field] if PEER_FIELDS.contains(field) => return peer_field(tls, field, out),
         ["request", "id"] => out.extend_from_slice(info.request_id.as_bytes()),
         ["request", "protocol"] => out.extend_from_slice(protocol(info.protocol).as_bytes()),
         ["request", "time"] => int(out, nanos_since_epoch(info.start_time())),
@@ -412,6 +416,27 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
             Some(a) => int(out, i64::from(a.port())),
             None => return false,
         },
+        ["upstream", "local_address"] => match info.upstream_local_address.get() {
+            Some(a) => addr(out, a),
+            None => return false,
+        },
+        // Not found on a cleartext connection, as on Envoy 1.40 (probed).
+        ["upstream", "tls_version"] => match info.upstream_tls.borrow().as_deref() {
+            Some(t) => out.extend_from_slice(t.version.as_bytes()),
+            None => return false,
+        },
+        ["upstream", field] if PEER_FIELDS.contains(field) => {
+            return peer_field(info.upstream_tls.borrow().as_deref(), field, out);
+        }
+        ["upstream", "transport_failure_reason"] => match info.upstream_transport_failure.borrow().as_deref()
+        {
+            Some(r) => out.extend_from_slice(r.as_bytes()),
+            None => return false,
+        },
+        ["xds", "virtual_host_name"] => match info.virtual_host_name.borrow().as_deref() {
+            Some(v) => out.extend_from_slice(v.as_bytes()),
+            None => return false,
+        },
         ["xds", "route_name"] => match info.route_name.borrow().as_deref() {
             Some(r) => out.extend_from_slice(r.as_bytes()),
             None => return false,
@@ -420,6 +445,8 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
             Some(c) => out.extend_from_slice(c.as_bytes()),
             None => return false,
         },
+        // Sluice's listeners have no direction: Envoy's UNSPECIFIED.
+        ["xds", "listener_direction"] => int(out, 0),
         ["xds", "listener_name"] | ["listener_name"] => out.extend_from_slice(info.listener_name.as_bytes()),
         _ => return false,
     }

@@ -39,7 +39,7 @@ fn loads_files_relative_to_the_config() {
     let (host, registry) = host(HostOptions::default());
     let mut s = spec("mini");
     s.module = "mini.wasm".into();
-    let cx = LoadContext { base_dir: dir.path(), clusters: &[] };
+    let cx = LoadContext { base_dir: dir.path(), clusters: &[], node: &Default::default() };
     let factory = host.load(&s, &cx).expect("load");
     assert_eq!(factory.name(), "mini");
     assert_eq!(factory.status()["digest"], sha256_hex(&fixture("mini")));
@@ -55,7 +55,7 @@ fn module_store_references_are_digest_checked() {
     let digest = sha256_hex(&bytes);
     let (host, _) =
         host(HostOptions { module_store: Some(Arc::new(Store(bytes.clone()))), ..HostOptions::default() });
-    let cx = LoadContext { base_dir: Path::new("/"), clusters: &[] };
+    let cx = LoadContext { base_dir: Path::new("/"), clusters: &[], node: &Default::default() };
     let mut s = spec("stored");
     s.module = format!("sha256:{digest}");
     host.load(&s, &cx).expect("stored module");
