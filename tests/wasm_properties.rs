@@ -74,6 +74,7 @@ listeners:
     virtual_hosts:
       - name: all
         domains: ["*"]
+        metadata: {{ filter_metadata: {{ vh: {{ tier: gold }} }} }}
         routes:
           - name: to-dead
             match: {{ prefix: /dead }}
@@ -86,9 +87,11 @@ listeners:
             forward: {{ cluster: bad-tls }}
           - name: main-route
             forward: {{ cluster: backend }}
+            metadata: {{ filter_metadata: {{ acme: {{ role: admin, limits: {{ rps: 50 }} }} }} }}
 clusters:
   - name: backend
     endpoints: ["{backend}"]
+    metadata: {{ filter_metadata: {{ lb: {{ zone: z1 }} }} }}
   - name: dead
     endpoints: ["{dead}"]
   - name: secure
@@ -110,7 +113,7 @@ async fn ask(addr: SocketAddr, path: &str, ask: &str) -> (u16, Vec<String>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn filters_read_the_virtual_host_the_upstream_connection_and_the_node() {
+async fn filters_read_the_route_the_upstream_connection_and_the_node() {
     let pki = TestPki::new().unwrap();
     let backend = echo_backend().await;
     let (secure, digest, _tls_task) = tls_backend(&pki).await;
@@ -154,6 +157,15 @@ async fn filters_read_the_virtual_host_the_upstream_connection_and_the_node() {
     let local: SocketAddr = answer[13].parse().unwrap_or_else(|_| panic!("{answer:?}"));
     assert_eq!(local.ip(), backend.addr.ip());
     assert!(local.port() != 0 && local.port() != backend.addr.port(), "{local}");
+    // The route's, the virtual host's and the cluster's metadata.
+    let metadata = "xds.route_metadata.filter_metadata.acme.role,xds.route_metadata.filter_metadata.acme.limits.rps,\
+                    xds.virtual_host_metadata.filter_metadata.vh.tier,xds.cluster_metadata.filter_metadata.lb.zone";
+    let fifty = format!("0x{}", hex(&50.0f64.to_le_bytes()));
+    let (_, answer) = ask(addr, "/plain", metadata).await;
+    assert_eq!(answer, ["admin", fifty.as_str(), "gold", "z1"]);
+    // Another route and cluster, none of theirs; the virtual host's still.
+    let (_, answer) = ask(addr, "/dead", metadata).await;
+    assert_eq!(answer, ["-", "-", "gold", "-"]);
     // The whole node: a serialized envoy.config.core.v3.Node (field 1, the id).
     let (_, answer) = ask(addr, "/plain", "xds.node").await;
     assert!(answer[0].starts_with(&format!("0x0a06{}", hex(b"node-1"))), "{answer:?}");

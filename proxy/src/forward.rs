@@ -258,6 +258,22 @@ pub(crate) async fn finish_error_filtered(
     finish_local(resp, log, dp, metrics, Some(run))
 }
 
+/// What the filters read of the request's route (`xds.route_name`,
+/// `xds.virtual_host_name`, their metadata): nothing for no route.
+fn enter_route(info: &StreamInfo, route: &CompiledRoute) {
+    let found = !route.is_no_route();
+    *info.route_name.borrow_mut() = found.then(|| route.name.clone());
+    *info.virtual_host_name.borrow_mut() = found.then(|| route.vhost.clone());
+    // (Most routes have none: no reference count touched then.)
+    for (slot, m) in
+        [(&info.route_metadata, &route.metadata), (&info.virtual_host_metadata, &route.vhost_metadata)]
+    {
+        if m.is_some() || slot.borrow().is_some() {
+            slot.borrow_mut().clone_from(m);
+        }
+    }
+}
+
 /// [`finish_error_filtered`] for an error found before forwarding, after the
 /// filters' request headers phase (no route, a path a filter broke).
 async fn finish_error_run(
@@ -379,10 +395,7 @@ async fn proxy<'a>(
         );
         info.tls = conn.tls.clone();
         info.keep_proxy_fields(kept);
-        if !route.is_no_route() {
-            *info.route_name.borrow_mut() = Some(route.name.clone());
-            *info.virtual_host_name.borrow_mut() = Some(route.vhost.clone());
-        }
+        enter_route(&info, route);
         let mut run = ChainRun::new(&route.chain, info, listener.config.limits.max_buffered_body_bytes);
         // An origin-form request (HTTP/1.1) keeps its URI and its `host` field,
         // which filters see as `:authority`; any other gets the absolute form,
@@ -463,13 +476,10 @@ async fn proxy<'a>(
             if !Arc::ptr_eq(rerouted, target.route) {
                 target.route = rerouted;
                 seen.enter(rerouted);
-                let name = (!rerouted.is_no_route()).then(|| rerouted.name.clone());
                 if log_on {
-                    log.route.clone_from(&name);
+                    log.route = (!rerouted.is_no_route()).then(|| rerouted.name.clone());
                 }
-                *run.info().route_name.borrow_mut() = name;
-                *run.info().virtual_host_name.borrow_mut() =
-                    (!rerouted.is_no_route()).then(|| rerouted.vhost.clone());
+                enter_route(run.info(), rerouted);
             }
         }
         chain = Some(run);
@@ -514,7 +524,11 @@ async fn proxy<'a>(
                 log.cluster = Some(t.cluster.name.clone());
             }
             if let Some(run) = &chain {
-                *run.info().cluster_name.borrow_mut() = Some(t.cluster.name.clone());
+                let info = run.info();
+                *info.cluster_name.borrow_mut() = Some(t.cluster.name.clone());
+                if t.cluster.metadata.is_some() || info.cluster_metadata.borrow().is_some() {
+                    info.cluster_metadata.borrow_mut().clone_from(&t.cluster.metadata);
+                }
             }
             // Unless a filter edited a field the proxy manages, `x-request-id`
             // is the id this request was given and the scan of the head as it

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 use sluice_config::{
-    HeaderEdits, HeaderMatch, QueryMatch, Redirect, RetryOn, RetryPolicy, Route, RouteFilterMode,
+    HeaderEdits, HeaderMatch, Metadata, QueryMatch, Redirect, RetryOn, RetryPolicy, Route, RouteFilterMode,
     VirtualHost, compile_regex,
 };
 use sluice_filter::FilterFactory;
@@ -58,6 +58,10 @@ pub struct CompiledRoute {
     pub name: Arc<str>,
     /// Its virtual host's name (empty for [`Router::no_route`]).
     pub vhost: Arc<str>,
+    /// Its metadata, when it has some (filters: `xds.route_metadata`).
+    pub metadata: Option<Arc<Metadata>>,
+    /// Its virtual host's, when it has some (`xds.virtual_host_metadata`).
+    pub vhost_metadata: Option<Arc<Metadata>>,
     path: PathMatch,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, ValueCond)>,
@@ -239,6 +243,8 @@ impl Router {
             no_route: Arc::new(CompiledRoute {
                 name: Arc::from(""),
                 vhost: Arc::from(""),
+                metadata: None,
+                vhost_metadata: None,
                 path: PathMatch::Prefix(String::new()),
                 methods: Vec::new(),
                 headers: Vec::new(),
@@ -251,7 +257,7 @@ impl Router {
             }),
         };
         for (vi, vh) in vhosts.iter().enumerate() {
-            let vhost: Arc<str> = Arc::from(vh.name.as_str());
+            let vhost = (Arc::from(vh.name.as_str()), metadata(&vh.metadata));
             let routes = vh
                 .routes
                 .iter()
@@ -411,9 +417,14 @@ fn value_cond(exact: &Option<String>, regex: &Option<String>, present: Option<bo
     })
 }
 
+/// `Some` when there is metadata.
+fn metadata(m: &Metadata) -> Option<Arc<Metadata>> {
+    (!m.is_empty()).then(|| Arc::new(m.clone()))
+}
+
 fn compile_route(
     vh: &VirtualHost,
-    vhost: &Arc<str>,
+    vhost: &(Arc<str>, Option<Arc<Metadata>>),
     vi: usize,
     ri: usize,
     route: &Route,
@@ -502,7 +513,9 @@ fn compile_route(
     Some(CompiledRoute {
         local_metrics: Some(cx.metrics.route_handles(cx.listener, &name, "")),
         name,
-        vhost: vhost.clone(),
+        vhost: vhost.0.clone(),
+        metadata: metadata(&route.metadata),
+        vhost_metadata: vhost.1.clone(),
         path,
         methods,
         headers,

@@ -57,6 +57,24 @@ pub struct Node {
     pub metadata: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Metadata on a route, a virtual host or a cluster, in Envoy's shape: what a
+/// filter reads as `xds.route_metadata`, `xds.virtual_host_metadata`,
+/// `xds.cluster_metadata` (`…filter_metadata.<namespace>.<key>`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// Facts by namespace (by convention a filter's name): any YAML mapping each.
+    #[serde(default)]
+    pub filter_metadata: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Metadata {
+    /// Nothing in it.
+    pub fn is_empty(&self) -> bool {
+        self.filter_metadata.is_empty()
+    }
+}
+
 /// The admin listener.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -258,6 +276,9 @@ pub struct VirtualHost {
     pub domains: Vec<String>,
     /// Routes, first match wins.
     pub routes: Vec<Route>,
+    /// What its requests' filters read as `xds.virtual_host_metadata`.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 /// A route: a match and an action.
@@ -288,6 +309,9 @@ pub struct Route {
     /// How this route's filter chain relates to the listener's.
     #[serde(default)]
     pub filters: Option<RouteFilters>,
+    /// What its requests' filters read as `xds.route_metadata`.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
 }
 
 /// Request matching. All present conditions must hold.
@@ -571,6 +595,9 @@ pub enum RouteFilterMode {
 pub struct Cluster {
     /// Unique name.
     pub name: String,
+    /// What the filters of requests sent to it read as `xds.cluster_metadata`.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
     /// Endpoints: `ip:port` or `dns-name:port` (re-resolved every `dns_refresh`).
     pub endpoints: Vec<String>,
     /// Upstream protocol (gRPC needs `http2`).

@@ -288,6 +288,12 @@ pub struct StreamInfo {
     pub route_name: RefCell<Option<Arc<str>>>,
     /// The matched route's virtual host (updated with `route_name`).
     pub virtual_host_name: RefCell<Option<Arc<str>>>,
+    /// The matched route's metadata, when it has some (updated with `route_name`).
+    pub route_metadata: RefCell<Option<Arc<sluice_config::Metadata>>>,
+    /// Its virtual host's metadata, when it has some.
+    pub virtual_host_metadata: RefCell<Option<Arc<sluice_config::Metadata>>>,
+    /// The chosen cluster's metadata, when it has some.
+    pub cluster_metadata: RefCell<Option<Arc<sluice_config::Metadata>>>,
     /// Chosen cluster.
     pub cluster_name: RefCell<Option<Arc<str>>>,
     /// Upstream address of the last attempt.
@@ -357,6 +363,9 @@ impl StreamInfo {
             start,
             route_name: RefCell::new(None),
             virtual_host_name: RefCell::new(None),
+            route_metadata: RefCell::new(None),
+            virtual_host_metadata: RefCell::new(None),
+            cluster_metadata: RefCell::new(None),
             cluster_name: RefCell::new(None),
             upstream_address: Cell::new(None),
             upstream_local_address: Cell::new(None),

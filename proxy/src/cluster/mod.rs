@@ -146,6 +146,8 @@ pub struct ClusterState {
     pub metrics: ClusterMetrics,
     /// Upstream TLS connector and ALPN.
     pub tls: Option<Arc<crate::pool::UpstreamTls>>,
+    /// Its metadata, when it has some (filters: `xds.cluster_metadata`).
+    pub metadata: Option<Arc<sluice_config::Metadata>>,
     metrics_family: Metrics,
 }
 
@@ -180,6 +182,7 @@ impl ClusterState {
         let state = Arc::new(ClusterState {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name,
+            metadata: (!config.metadata.is_empty()).then(|| Arc::new(config.metadata.clone())),
             config,
             addrs,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),

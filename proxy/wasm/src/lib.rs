@@ -54,13 +54,13 @@ mod hostcalls;
 mod memory;
 mod metrics;
 mod module;
-mod node;
 mod phase;
 mod properties;
 mod shared;
 mod state;
 mod vm;
 mod wasi;
+mod xds;
 
 pub use host::{HostError, HostOptions, ModuleStore, WasmHost};
 pub use module::AbiVersion;

@@ -261,7 +261,7 @@ pub(crate) fn get(state: &VmState, path: &[u8], out: &mut Vec<u8>) -> bool {
         ["plugin_name"] => out.extend_from_slice(plugin.name.as_bytes()),
         ["plugin_root_id"] => out.extend_from_slice(plugin.root_id.as_bytes()),
         ["plugin_vm_id"] => out.extend_from_slice(plugin.vm_id.as_bytes()),
-        ["xds", "node", rest @ ..] => return crate::node::property(&plugin.node, rest, out),
+        ["xds", "node", rest @ ..] => return crate::xds::node(&plugin.node, rest, out),
         _ => {
             if !stream_in_scope(state) {
                 return false;
@@ -433,6 +433,15 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
             Some(r) => out.extend_from_slice(r.as_bytes()),
             None => return false,
         },
+        ["xds", "route_metadata", rest @ ..] => {
+            return crate::xds::metadata(info.route_metadata.borrow().as_deref(), rest, out);
+        }
+        ["xds", "virtual_host_metadata", rest @ ..] => {
+            return crate::xds::metadata(info.virtual_host_metadata.borrow().as_deref(), rest, out);
+        }
+        ["xds", "cluster_metadata", rest @ ..] => {
+            return crate::xds::metadata(info.cluster_metadata.borrow().as_deref(), rest, out);
+        }
         ["xds", "virtual_host_name"] => match info.virtual_host_name.borrow().as_deref() {
             Some(v) => out.extend_from_slice(v.as_bytes()),
             None => return false,

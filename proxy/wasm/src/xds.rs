@@ -1,18 +1,24 @@
-//! The `xds.node` properties: the proxy's identity (`node` in the config), as
-//! Envoy answers them from its bootstrap's node (probed on Envoy 1.40).
+//! The `xds.*` properties that come from the config (probed on Envoy 1.40):
+//! the proxy's identity (`node`) and the metadata of the request's route,
+//! virtual host and cluster.
 //!
 //! - `xds.node`: the node as a serialized `envoy.config.core.v3.Node`;
 //! - `xds.node.id`, `.cluster`, `.user_agent_name` (`sluice`),
 //!   `.user_agent_version`: text;
-//! - `xds.node.metadata` and anything below it: the value found by walking
-//!   the metadata's keys, in Envoy's encoding of a `google.protobuf.Value`:
-//!   a string raw, a number as an f64 (8 bytes LE), a bool as 1 byte, a
-//!   mapping as pairs (each value encoded so), a list as pairs of each
-//!   element and an empty value, null as nothing.
+//! - `xds.{route,virtual_host,cluster}_metadata`: a serialized
+//!   `envoy.config.core.v3.Metadata`; `….filter_metadata`: pairs of each
+//!   namespace and its mapping;
+//! - `xds.node.metadata` and `….filter_metadata.<namespace>`, and anything
+//!   below them: the value found by walking the keys, in Envoy's encoding of
+//!   a `google.protobuf.Value`: a string raw, a number as an f64 (8 bytes
+//!   LE), a bool as 1 byte, a mapping as pairs (each value encoded so), a
+//!   list as pairs of each element and an empty value, null as nothing.
+
+use std::collections::BTreeMap;
 
 use prost::Message;
-use serde_json::Value;
-use sluice_config::Node;
+use serde_json::{Map, Value};
+use sluice_config::{Metadata, Node};
 
 const USER_AGENT_NAME: &str = "sluice";
 const USER_AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -32,9 +38,64 @@ struct NodeProto {
     user_agent_version: String,
 }
 
+/// `envoy.config.core.v3.Metadata`, without its typed part.
+#[derive(Clone, PartialEq, prost::Message)]
+struct MetadataProto {
+    #[prost(btree_map = "string, message", tag = "1")]
+    filter_metadata: BTreeMap<String, prost_types::Struct>,
+}
+
+/// Writes the metadata property at `path` (the segments after
+/// `xds.<…>_metadata`) into `out`; `false` when there is no such property
+/// (or no metadata).
+pub(crate) fn metadata(m: Option<&Metadata>, path: &[&str], out: &mut Vec<u8>) -> bool {
+    let Some(m) = m else { return false };
+    match path {
+        [] => {
+            let filter_metadata =
+                m.filter_metadata.iter().map(|(ns, s)| (ns.clone(), to_struct(s))).collect();
+            MetadataProto { filter_metadata }.encode(out).is_ok()
+        }
+        ["filter_metadata"] => {
+            let values: Vec<(&str, Vec<u8>)> = m
+                .filter_metadata
+                .iter()
+                .map(|(ns, s)| {
+                    let mut v = Vec::new();
+                    encode_map(s, &mut v);
+                    (ns.as_str(), v)
+                })
+                .collect();
+            out.extend_from_slice(&sluice_abi::pairs::encode(values.iter().map(|(k, v)| (k, v))));
+            true
+        }
+        ["filter_metadata", ns, keys @ ..] => m.filter_metadata.get(*ns).is_some_and(|s| walk(s, keys, out)),
+        _ => false,
+    }
+}
+
+/// Writes the value at `keys` below `map` (the whole map when there are none).
+fn walk(map: &Map<String, Value>, keys: &[&str], out: &mut Vec<u8>) -> bool {
+    let Some((first, rest)) = keys.split_first() else {
+        encode_map(map, out);
+        return true;
+    };
+    let found = rest.iter().try_fold(map.get(*first), |v, key| match v {
+        Some(Value::Object(m)) => Some(m.get(*key)),
+        _ => None,
+    });
+    match found.flatten() {
+        Some(v) => {
+            encode(v, out);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Writes the node property at `path` (the segments after `xds.node`) into
 /// `out`; `false` when there is no such property.
-pub(crate) fn property(node: &Node, path: &[&str], out: &mut Vec<u8>) -> bool {
+pub(crate) fn node(node: &Node, path: &[&str], out: &mut Vec<u8>) -> bool {
     let text = |out: &mut Vec<u8>, s: &str| {
         out.extend_from_slice(s.as_bytes());
         true
@@ -54,23 +115,7 @@ pub(crate) fn property(node: &Node, path: &[&str], out: &mut Vec<u8>) -> bool {
         ["cluster"] => text(out, &node.cluster),
         ["user_agent_name"] => text(out, USER_AGENT_NAME),
         ["user_agent_version"] => text(out, USER_AGENT_VERSION),
-        ["metadata", keys @ ..] => {
-            let Some((first, rest)) = keys.split_first() else {
-                encode_map(&node.metadata, out);
-                return true;
-            };
-            let found = rest.iter().try_fold(node.metadata.get(*first), |v, key| match v {
-                Some(Value::Object(m)) => Some(m.get(*key)),
-                _ => None,
-            });
-            match found.flatten() {
-                Some(v) => {
-                    encode(v, out);
-                    true
-                }
-                None => false,
-            }
-        }
+        ["metadata", keys @ ..] => walk(&node.metadata, keys, out),
         _ => false,
     }
 }
@@ -96,12 +141,12 @@ fn encoded(v: &Value) -> Vec<u8> {
     out
 }
 
-fn encode_map(m: &serde_json::Map<String, Value>, out: &mut Vec<u8>) {
+fn encode_map(m: &Map<String, Value>, out: &mut Vec<u8>) {
     let values: Vec<(&str, Vec<u8>)> = m.iter().map(|(k, v)| (k.as_str(), encoded(v))).collect();
     out.extend_from_slice(&sluice_abi::pairs::encode(values.iter().map(|(k, v)| (k, v))));
 }
 
-fn to_struct(m: &serde_json::Map<String, Value>) -> prost_types::Struct {
+fn to_struct(m: &Map<String, Value>) -> prost_types::Struct {
     prost_types::Struct { fields: m.iter().map(|(k, v)| (k.clone(), to_value(v))).collect() }
 }
 
@@ -125,7 +170,7 @@ fn to_value(v: &Value) -> prost_types::Value {
 mod tests {
     use super::*;
 
-    fn node() -> Node {
+    fn test_node() -> Node {
         let metadata = serde_json::json!({
             "team": "edge", "n": 3, "b": true, "nested": {"x": "y"}, "list": ["a", "b"], "none": null
         });
@@ -135,7 +180,7 @@ mod tests {
 
     fn get(path: &[&str]) -> Option<Vec<u8>> {
         let mut out = Vec::new();
-        property(&node(), path, &mut out).then_some(out)
+        super::node(&test_node(), path, &mut out).then_some(out)
     }
 
     #[test]
@@ -173,5 +218,36 @@ mod tests {
         assert_eq!(proto.user_agent_name, "sluice");
         let fields = proto.metadata.unwrap().fields;
         assert_eq!(fields["team"].kind, Some(prost_types::value::Kind::StringValue("edge".into())));
+    }
+
+    #[test]
+    fn metadata_is_walked_by_namespace_then_keys() {
+        let ns = serde_json::json!({"role": "admin", "level": 2});
+        let mut m = Metadata::default();
+        m.filter_metadata.insert("acme.auth".into(), ns.as_object().cloned().unwrap_or_default());
+        let get = |path: &[&str]| {
+            let mut out = Vec::new();
+            metadata(Some(&m), path, &mut out).then_some(out)
+        };
+        assert_eq!(get(&["filter_metadata", "acme.auth", "role"]).unwrap(), b"admin");
+        assert_eq!(get(&["filter_metadata", "acme.auth", "level"]).unwrap(), 2.0f64.to_le_bytes());
+        assert_eq!(get(&["filter_metadata", "acme.auth", "nope"]), None);
+        assert_eq!(get(&["filter_metadata", "other"]), None);
+        let namespaces = get(&["filter_metadata"]).unwrap();
+        let pairs = sluice_abi::pairs::decode(&namespaces).unwrap();
+        assert_eq!(pairs.len(), 1);
+        assert_eq!(pairs[0].0, b"acme.auth");
+        assert_eq!(sluice_abi::pairs::decode(pairs[0].1).unwrap().len(), 2);
+        // The whole: the same message as Envoy 1.40's bytes for this metadata
+        // (probed; Envoy's map order is its own).
+        let envoy = hex::decode(
+            "0a320a0961636d652e6175746812250a0f0a04726f6c6512071a0561646d696e0a120a056c6576656c1209110000000000000040",
+        )
+        .unwrap();
+        let whole = get(&[]).unwrap();
+        assert_eq!(whole.len(), envoy.len());
+        assert_eq!(MetadataProto::decode(&whole[..]).unwrap(), MetadataProto::decode(&envoy[..]).unwrap());
+        assert_eq!(get(&["nope"]), None);
+        assert!(!metadata(None, &[], &mut Vec::new()));
     }
 }
