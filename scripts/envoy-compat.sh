@@ -38,22 +38,25 @@ go_cache=$(pwd)/$cache/go
     GOCACHE="$go_cache/build" GOPATH="$go_cache/path" \
     "../../$venv/bin/go" build -buildmode=c-shared -o "../../$cache/go_filter.wasm" .)
 
-echo "== building the filters (filters/build.sh) and sluice"
+echo "== building the filters (filters/build.sh), the sink test fixture and sluice"
 if ! out=$(./filters/build.sh 2>&1); then
     echo "$out" >&2
     exit 1
 fi
+cargo build --locked --quiet --release --target wasm32-wasip1 \
+    --manifest-path proxy/wasm/tests/fixtures/Cargo.toml --target-dir target/wasm-fixtures
+sink=$(pwd)/target/wasm-fixtures/wasm32-wasip1/release/sink.wasm
 if [[ -z "${SLUICE_BIN:-}" ]]; then
     cargo build --locked --quiet --bin sluice
     SLUICE_BIN=target/debug/sluice
 fi
 
-exec python3 - "$envoy" "$SLUICE_BIN" target/wasm-filters/wasm32-wasip1/release "$cache" "$@" <<'PY'
+exec python3 - "$envoy" "$SLUICE_BIN" target/wasm-filters/wasm32-wasip1/release "$cache" "$sink" "$@" <<'PY'
 import base64, hashlib, hmac, http.client, http.server, json, os, socket, subprocess, sys
 import threading, time
 
-envoy_bin, sluice_bin, modules, cache = (os.path.abspath(a) for a in sys.argv[1:5])
-wanted = sys.argv[5:]
+envoy_bin, sluice_bin, modules, cache, sink = (os.path.abspath(a) for a in sys.argv[1:6])
+wanted = sys.argv[6:]
 work = os.path.join(cache, "run")
 os.makedirs(work, exist_ok=True)
 
@@ -126,23 +129,37 @@ def free_port():
 
 # === the two proxies ===
 
+def with_metadata(obj, metadata):
+    """`obj` with Envoy-shaped metadata (`filter_metadata`), the same on both proxies."""
+    if metadata:
+        obj["metadata"] = {"filter_metadata": metadata}
+    return obj
+
+
 def sluice_config(sc, port, clusters, plugin_config):
     routes = []
     for r in sc["routes"]:
         m = {"prefix": r.get("prefix", "/")}
         if "header" in r:
             m["headers"] = [{"name": r["header"][0], "exact": r["header"][1]}]
-        routes.append({"name": r["name"], "match": m, "forward": {"cluster": r["cluster"]}})
-    return {
+        routes.append(with_metadata({"name": r["name"], "match": m, "forward": {"cluster": r["cluster"]}},
+                                    r.get("metadata")))
+    cluster_metadata = sc.get("cluster_metadata", {})
+    config = {
         "admin": {"address": None},
         "workers": 2,
         "listeners": [{
             "name": "main", "address": f"127.0.0.1:{port}",
             "filters": [{"name": sc["plugin"], "module": sc["module"], "config": plugin_config}],
-            "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
+            "virtual_hosts": [with_metadata({"name": "all", "domains": ["*"], "routes": routes},
+                                            sc.get("vhost_metadata"))],
         }],
-        "clusters": [{"name": n, "endpoints": [f"127.0.0.1:{p}"]} for n, p in clusters.items()],
+        "clusters": [with_metadata({"name": n, "endpoints": [f"127.0.0.1:{p}"]}, cluster_metadata.get(n))
+                     for n, p in clusters.items()],
     }
+    if "node" in sc:
+        config["node"] = sc["node"]
+    return config
 
 
 def envoy_config(sc, port, clusters, plugin_config):
@@ -151,7 +168,8 @@ def envoy_config(sc, port, clusters, plugin_config):
         m = {"prefix": r.get("prefix", "/")}
         if "header" in r:
             m["headers"] = [{"name": r["header"][0], "string_match": {"exact": r["header"][1]}}]
-        routes.append({"name": r["name"], "match": m, "route": {"cluster": r["cluster"]}})
+        routes.append(with_metadata({"name": r["name"], "match": m, "route": {"cluster": r["cluster"]}},
+                                    r.get("metadata")))
     wasm = {
         "name": "envoy.filters.http.wasm",
         "typed_config": {
@@ -166,18 +184,21 @@ def envoy_config(sc, port, clusters, plugin_config):
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "main",
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+        "route_config": {"virtual_hosts": [with_metadata({"name": "all", "domains": ["*"], "routes": routes},
+                                                         sc.get("vhost_metadata"))]},
         "http_filters": [wasm, {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
-    return {"static_resources": {
+    cluster_metadata = sc.get("cluster_metadata", {})
+    return {"node": sc.get("node", {}), "static_resources": {
         "listeners": [{"name": "main",
                        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
                        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                        "typed_config": hcm}]}]}],
-        "clusters": [{"name": n, "type": "STATIC", "connect_timeout": "1s",
+        "clusters": [with_metadata({"name": n, "type": "STATIC", "connect_timeout": "1s",
                       "load_assignment": {"cluster_name": n, "endpoints": [{"lb_endpoints": [{"endpoint": {
-                          "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}]}]}}
+                          "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}]}]}},
+                                   cluster_metadata.get(n))
                      for n, p in clusters.items()],
     }}
 
@@ -234,7 +255,9 @@ def send(port, req):
 def observe(port, sc, req):
     status, hs, body = send(port, req)
     norm = lambda s: s.replace(f"127.0.0.1:{port}", "<proxy>")
-    out = {"status": str(status), "body": norm(body)}
+    out = {"status": str(status)}
+    if req.get("compare_body", True):
+        out["body"] = norm(body)
     for h in sc["response_headers"] + req.get("response_headers", []):
         out[h] = norm(" | ".join(hs.get(h, ["-"])))
     for h in sc.get("upstream_headers", []):
@@ -445,6 +468,34 @@ SCENARIOS = [
             get("allow_missing, spoofed claim", "/public/x", {"x-jwt-sub": "mallory"}),
         ],
     ),
+    # The sink test fixture (upstream proxy-wasm SDK) answers the properties a
+    # request names in `x-ask`: the route's, the cluster's and the node's, from
+    # the same config on both proxies, and a refused connection's reason.
+    dict(
+        name="properties", plugin="sink", module=sink, config="cfg",
+        node={"id": "node-1", "cluster": "mesh-a",
+              "metadata": {"team": "edge", "replicas": 3, "canary": True, "labels": {"app": "shop"}}},
+        vhost_metadata={"vh": {"tier": "gold"}},
+        cluster_metadata={"backend": {"lb": {"zone": "z1"}}},
+        routes=[dict(name="to-dead", prefix="/dead", cluster="dead"),
+                dict(name="main-route", cluster="backend", metadata={"acme": {"role": "admin"}})],
+        response_headers=["x-answer"],
+        requests=[
+            get("route, node and metadata", "/x", {"x-ask": ",".join([
+                "xds.virtual_host_name", "xds.route_name", "xds.cluster_name", "xds.listener_direction",
+                "xds.node.id", "xds.node.cluster", "xds.node.metadata.team", "xds.node.metadata.replicas",
+                "xds.node.metadata.canary", "xds.node.metadata.labels", "xds.node.metadata.nope",
+                "xds.route_metadata.filter_metadata.acme.role", "xds.virtual_host_metadata.filter_metadata.vh.tier",
+                "xds.cluster_metadata.filter_metadata.lb.zone", "upstream.tls_version",
+                "upstream.transport_failure_reason", "upstream.request_attempt_count"])}),
+            get("whole metadata", "/x", {"x-ask": "xds.route_metadata,xds.route_metadata.filter_metadata,"
+                                                  "xds.virtual_host_metadata,xds.cluster_metadata"}),
+            get("refused upstream (bodies differ: each proxy's words)", "/dead/x", {"x-ask": ",".join([
+                "xds.route_name", "xds.cluster_name", "upstream.transport_failure_reason",
+                "response.code_details", "response.flags", "xds.route_metadata", "xds.cluster_metadata"])},
+                compare_body=False),
+        ],
+    ),
 ]
 
 
@@ -452,7 +503,8 @@ def run(sc, ports):
     sc.setdefault("routes", [dict(name="all", cluster="backend")])
     sc["module"] = os.path.join(modules, sc["module"])
     plugin_config = json.dumps(sc["config"])
-    clusters = {"backend": ports["backend"], "canary": ports["canary"], "authz": ports["authz"], "idp": ports["authz"]}
+    clusters = {"backend": ports["backend"], "canary": ports["canary"], "authz": ports["authz"], "idp": ports["authz"],
+                "dead": ports["dead"]}
     procs = {}
     try:
         for kind in ("sluice", "envoy"):
@@ -470,7 +522,9 @@ def run(sc, ports):
 
 
 def main():
-    ports = {"backend": backend("backend"), "canary": backend("canary"), "authz": backend("authz")}
+    # `dead`: a port nothing listens on.
+    ports = {"backend": backend("backend"), "canary": backend("canary"), "authz": backend("authz"),
+             "dead": free_port()}
     scenarios = [s for s in SCENARIOS if not wanted or s["name"] in wanted]
     if not scenarios:
         sys.exit(f"no scenario among {wanted}; known: {[s['name'] for s in SCENARIOS]}")
