@@ -261,17 +261,7 @@ pub(crate) async fn finish_error_filtered(
 /// What the filters read of the request's route (`xds.route_name`,
 /// `xds.virtual_host_name`, their metadata): nothing for no route.
 fn enter_route(info: &StreamInfo, route: &CompiledRoute) {
-    let found = !route.is_no_route();
-    *info.route_name.borrow_mut() = found.then(|| route.name.clone());
-    *info.virtual_host_name.borrow_mut() = found.then(|| route.vhost.clone());
-    // (Most routes have none: no reference count touched then.)
-    for (slot, m) in
-        [(&info.route_metadata, &route.metadata), (&info.virtual_host_metadata, &route.vhost_metadata)]
-    {
-        if m.is_some() || slot.borrow().is_some() {
-            slot.borrow_mut().clone_from(m);
-        }
-    }
+    *info.route.borrow_mut() = (!route.is_no_route()).then(|| route.facts.clone());
 }
 
 /// [`finish_error_filtered`] for an error found before forwarding, after the
@@ -524,11 +514,7 @@ async fn proxy<'a>(
                 log.cluster = Some(t.cluster.name.clone());
             }
             if let Some(run) = &chain {
-                let info = run.info();
-                *info.cluster_name.borrow_mut() = Some(t.cluster.name.clone());
-                if t.cluster.metadata.is_some() || info.cluster_metadata.borrow().is_some() {
-                    info.cluster_metadata.borrow_mut().clone_from(&t.cluster.metadata);
-                }
+                *run.info().cluster.borrow_mut() = Some(t.cluster.facts.clone());
             }
             // Unless a filter edited a field the proxy manages, `x-request-id`
             // is the id this request was given and the scan of the head as it

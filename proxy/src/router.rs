@@ -11,7 +11,7 @@ use sluice_config::{
     HeaderEdits, HeaderMatch, Metadata, QueryMatch, Redirect, RetryOn, RetryPolicy, Route, RouteFilterMode,
     VirtualHost, compile_regex,
 };
-use sluice_filter::FilterFactory;
+use sluice_filter::{FilterFactory, RouteFacts};
 
 use crate::cluster::ClusterState;
 use crate::metrics::RouteMetrics;
@@ -56,12 +56,8 @@ enum ValueCond {
 pub struct CompiledRoute {
     /// Name (config name, or `<vhost>/<index>`).
     pub name: Arc<str>,
-    /// Its virtual host's name (empty for [`Router::no_route`]).
-    pub vhost: Arc<str>,
-    /// Its metadata, when it has some (filters: `xds.route_metadata`).
-    pub metadata: Option<Arc<Metadata>>,
-    /// Its virtual host's, when it has some (`xds.virtual_host_metadata`).
-    pub vhost_metadata: Option<Arc<Metadata>>,
+    /// What its requests' filters read of it (name, virtual host, metadata).
+    pub facts: Arc<RouteFacts>,
     path: PathMatch,
     methods: Vec<Method>,
     headers: Vec<(HeaderName, ValueCond)>,
@@ -242,9 +238,7 @@ impl Router {
             catch_all: None,
             no_route: Arc::new(CompiledRoute {
                 name: Arc::from(""),
-                vhost: Arc::from(""),
-                metadata: None,
-                vhost_metadata: None,
+                facts: Arc::default(),
                 path: PathMatch::Prefix(String::new()),
                 methods: Vec::new(),
                 headers: Vec::new(),
@@ -257,7 +251,10 @@ impl Router {
             }),
         };
         for (vi, vh) in vhosts.iter().enumerate() {
-            let vhost = (Arc::from(vh.name.as_str()), metadata(&vh.metadata));
+            let vhost = (
+                Arc::from(vh.name.as_str()),
+                (!vh.metadata.is_empty()).then(|| Arc::new(vh.metadata.clone())),
+            );
             let routes = vh
                 .routes
                 .iter()
@@ -417,11 +414,6 @@ fn value_cond(exact: &Option<String>, regex: &Option<String>, present: Option<bo
     })
 }
 
-/// `Some` when there is metadata.
-fn metadata(m: &Metadata) -> Option<Arc<Metadata>> {
-    (!m.is_empty()).then(|| Arc::new(m.clone()))
-}
-
 fn compile_route(
     vh: &VirtualHost,
     vhost: &(Arc<str>, Option<Arc<Metadata>>),
@@ -512,10 +504,13 @@ fn compile_route(
     };
     Some(CompiledRoute {
         local_metrics: Some(cx.metrics.route_handles(cx.listener, &name, "")),
-        name,
-        vhost: vhost.0.clone(),
-        metadata: metadata(&route.metadata),
-        vhost_metadata: vhost.1.clone(),
+        name: name.clone(),
+        facts: Arc::new(RouteFacts {
+            name,
+            virtual_host: vhost.0.clone(),
+            metadata: (!route.metadata.is_empty()).then(|| route.metadata.clone()),
+            virtual_host_metadata: vhost.1.clone(),
+        }),
         path,
         methods,
         headers,

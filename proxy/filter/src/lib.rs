@@ -205,6 +205,32 @@ pub struct TlsInfo {
     pub peer_cert_sha256: Option<String>,
 }
 
+/// A route as its requests' filters read it (`xds.route_name`,
+/// `xds.virtual_host_name`, `xds.route_metadata`, `xds.virtual_host_metadata`):
+/// made once per route when the config loads, shared by its requests (one
+/// reference count per request).
+#[derive(Debug, Default)]
+pub struct RouteFacts {
+    /// The route's name.
+    pub name: Arc<str>,
+    /// Its virtual host's name.
+    pub virtual_host: Arc<str>,
+    /// Its metadata, when it has some.
+    pub metadata: Option<sluice_config::Metadata>,
+    /// Its virtual host's metadata, when it has some (shared by the host's routes).
+    pub virtual_host_metadata: Option<Arc<sluice_config::Metadata>>,
+}
+
+/// A cluster as the filters of the requests sent to it read it
+/// (`xds.cluster_name`, `xds.cluster_metadata`).
+#[derive(Debug, Default)]
+pub struct ClusterFacts {
+    /// The cluster's name.
+    pub name: Arc<str>,
+    /// Its metadata, when it has some.
+    pub metadata: Option<sluice_config::Metadata>,
+}
+
 /// A request's id: one the proxy made (32 hex digits, kept as bytes) or the
 /// downstream's `x-request-id`. Made into text only where it is read (a log
 /// line, a filter's `request.id` property): copying a made one is 33 bytes.
@@ -284,18 +310,11 @@ pub struct StreamInfo {
     pub protocol: http::Version,
     /// When the request started (its wall-clock time: [`StreamInfo::start_time`]).
     pub start: Instant,
-    /// Matched route name (updated when the route is re-evaluated).
-    pub route_name: RefCell<Option<Arc<str>>>,
-    /// The matched route's virtual host (updated with `route_name`).
-    pub virtual_host_name: RefCell<Option<Arc<str>>>,
-    /// The matched route's metadata, when it has some (updated with `route_name`).
-    pub route_metadata: RefCell<Option<Arc<sluice_config::Metadata>>>,
-    /// Its virtual host's metadata, when it has some.
-    pub virtual_host_metadata: RefCell<Option<Arc<sluice_config::Metadata>>>,
-    /// The chosen cluster's metadata, when it has some.
-    pub cluster_metadata: RefCell<Option<Arc<sluice_config::Metadata>>>,
-    /// Chosen cluster.
-    pub cluster_name: RefCell<Option<Arc<str>>>,
+    /// The matched route (updated when the route is re-evaluated); `None`
+    /// when no route matches.
+    pub route: RefCell<Option<Arc<RouteFacts>>>,
+    /// The chosen cluster.
+    pub cluster: RefCell<Option<Arc<ClusterFacts>>>,
     /// Upstream address of the last attempt.
     pub upstream_address: Cell<Option<SocketAddr>>,
     /// The local address of the last attempt's upstream connection.
@@ -361,12 +380,8 @@ impl StreamInfo {
             listener_name,
             protocol,
             start,
-            route_name: RefCell::new(None),
-            virtual_host_name: RefCell::new(None),
-            route_metadata: RefCell::new(None),
-            virtual_host_metadata: RefCell::new(None),
-            cluster_metadata: RefCell::new(None),
-            cluster_name: RefCell::new(None),
+            route: RefCell::new(None),
+            cluster: RefCell::new(None),
             upstream_address: Cell::new(None),
             upstream_local_address: Cell::new(None),
             upstream_tls: RefCell::new(None),

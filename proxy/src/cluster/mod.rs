@@ -146,8 +146,8 @@ pub struct ClusterState {
     pub metrics: ClusterMetrics,
     /// Upstream TLS connector and ALPN.
     pub tls: Option<Arc<crate::pool::UpstreamTls>>,
-    /// Its metadata, when it has some (filters: `xds.cluster_metadata`).
-    pub metadata: Option<Arc<sluice_config::Metadata>>,
+    /// What the filters of requests sent to it read of it (name, metadata).
+    pub facts: Arc<sluice_filter::ClusterFacts>,
     metrics_family: Metrics,
 }
 
@@ -181,8 +181,11 @@ impl ClusterState {
         };
         let state = Arc::new(ClusterState {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            facts: Arc::new(sluice_filter::ClusterFacts {
+                name: name.clone(),
+                metadata: (!config.metadata.is_empty()).then(|| config.metadata.clone()),
+            }),
             name,
-            metadata: (!config.metadata.is_empty()).then(|| Arc::new(config.metadata.clone())),
             config,
             addrs,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),

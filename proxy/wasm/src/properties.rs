@@ -434,24 +434,31 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
             None => return false,
         },
         ["xds", "route_metadata", rest @ ..] => {
-            return crate::xds::metadata(info.route_metadata.borrow().as_deref(), rest, out);
+            let route = info.route.borrow();
+            return crate::xds::metadata(route.as_ref().and_then(|r| r.metadata.as_ref()), rest, out);
         }
         ["xds", "virtual_host_metadata", rest @ ..] => {
-            return crate::xds::metadata(info.virtual_host_metadata.borrow().as_deref(), rest, out);
+            let route = info.route.borrow();
+            return crate::xds::metadata(
+                route.as_ref().and_then(|r| r.virtual_host_metadata.as_deref()),
+                rest,
+                out,
+            );
         }
         ["xds", "cluster_metadata", rest @ ..] => {
-            return crate::xds::metadata(info.cluster_metadata.borrow().as_deref(), rest, out);
+            let cluster = info.cluster.borrow();
+            return crate::xds::metadata(cluster.as_ref().and_then(|c| c.metadata.as_ref()), rest, out);
         }
-        ["xds", "virtual_host_name"] => match info.virtual_host_name.borrow().as_deref() {
-            Some(v) => out.extend_from_slice(v.as_bytes()),
+        ["xds", "virtual_host_name"] => match info.route.borrow().as_deref() {
+            Some(r) => out.extend_from_slice(r.virtual_host.as_bytes()),
             None => return false,
         },
-        ["xds", "route_name"] => match info.route_name.borrow().as_deref() {
-            Some(r) => out.extend_from_slice(r.as_bytes()),
+        ["xds", "route_name"] => match info.route.borrow().as_deref() {
+            Some(r) => out.extend_from_slice(r.name.as_bytes()),
             None => return false,
         },
-        ["xds", "cluster_name"] => match info.cluster_name.borrow().as_deref() {
-            Some(c) => out.extend_from_slice(c.as_bytes()),
+        ["xds", "cluster_name"] => match info.cluster.borrow().as_deref() {
+            Some(c) => out.extend_from_slice(c.name.as_bytes()),
             None => return false,
         },
         // Sluice's listeners have no direction: Envoy's UNSPECIFIED.
