@@ -62,7 +62,7 @@ workers: 2
 node:
   id: {node_id}
   cluster: mesh-a
-  metadata: {{ team: edge, replicas: 3, canary: true, nested: {{ x: "y" }} }}
+  metadata: {{ team: edge, replicas: 3, canary: true, nested: {{ x: "y" }}, zones: [z1, z2] }}
 listeners:
   - name: main
     address: 127.0.0.1:0
@@ -166,6 +166,18 @@ async fn filters_read_the_route_the_upstream_connection_and_the_node() {
     // Another route and cluster, none of theirs; the virtual host's still.
     let (_, answer) = ask(addr, "/dead", metadata).await;
     assert_eq!(answer, ["-", "-", "gold", "-"]);
+    // A list walked by index; the head's sizes; the cluster's endpoints.
+    let (_, answer) = ask(
+        addr,
+        "/plain",
+        "xds.node.metadata.zones.1,request.headers_bytes,response.headers_bytes,upstream.num_endpoints",
+    )
+    .await;
+    assert_eq!(answer[0], "z2");
+    let le =
+        |v: &str| u64::from_str_radix(&v[2..], 16).map(u64::swap_bytes).unwrap_or_else(|_| panic!("{v}"));
+    assert!(le(&answer[1]) > 20 && le(&answer[2]) > 20, "{answer:?}");
+    assert_eq!(le(&answer[3]), 1, "{answer:?}");
     // The whole node: a serialized envoy.config.core.v3.Node (field 1, the id).
     let (_, answer) = ask(addr, "/plain", "xds.node").await;
     assert!(answer[0].starts_with(&format!("0x0a06{}", hex(b"node-1"))), "{answer:?}");

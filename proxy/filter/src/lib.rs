@@ -229,6 +229,8 @@ pub struct ClusterFacts {
     pub name: Arc<str>,
     /// Its metadata, when it has some.
     pub metadata: Option<sluice_config::Metadata>,
+    /// How many endpoints it has now (`upstream.num_endpoints`; DNS may change it).
+    pub num_endpoints: std::sync::atomic::AtomicU32,
 }
 
 /// A request's id: one the proxy made (32 hex digits, kept as bytes) or the

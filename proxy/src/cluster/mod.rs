@@ -184,6 +184,7 @@ impl ClusterState {
             facts: Arc::new(sluice_filter::ClusterFacts {
                 name: name.clone(),
                 metadata: (!config.metadata.is_empty()).then(|| config.metadata.clone()),
+                num_endpoints: Default::default(),
             }),
             name,
             config,
@@ -258,6 +259,7 @@ impl ClusterState {
             })
             .collect();
         let ring = balance::Ring::build(&endpoints);
+        self.facts.num_endpoints.store(u32::try_from(endpoints.len()).unwrap_or(u32::MAX), Ordering::Relaxed);
         self.endpoints.store(Arc::new(EndpointSet { endpoints, ring }));
     }
 

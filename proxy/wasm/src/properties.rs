@@ -374,6 +374,20 @@ fn stream_property(state: &VmState, info: &StreamInfo, segs: &[&str], out: &mut 
             let total = head as u64 + info.request_body_bytes.get();
             int(out, i64::try_from(total).unwrap_or(i64::MAX));
         }
+        // The head's part of `*.total_size` (Envoy 1.40, probed: `total_size`
+        // less the body).
+        ["request", "headers_bytes"] => match with_request_map(state, |m| m.byte_size()) {
+            Some(n) => int(out, i64::try_from(n).unwrap_or(i64::MAX)),
+            None => return false,
+        },
+        ["response", "headers_bytes"] => match with_response(state, |h| MapView::Head(h).byte_size()) {
+            Some(n) => int(out, i64::try_from(n).unwrap_or(i64::MAX)),
+            None => return false,
+        },
+        ["upstream", "num_endpoints"] => match info.cluster.borrow().as_deref() {
+            Some(c) => uint(out, u64::from(c.num_endpoints.load(std::sync::atomic::Ordering::Relaxed))),
+            None => return false,
+        },
         ["response", "total_size"] => {
             let Some(head) = with_response(state, |h| MapView::Head(h).byte_size()) else { return false };
             let trailers = log_trailers(|t| MapView::Plain(t).byte_size()).unwrap_or(0);

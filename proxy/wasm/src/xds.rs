@@ -9,7 +9,8 @@
 //!   `envoy.config.core.v3.Metadata`; `….filter_metadata`: pairs of each
 //!   namespace and its mapping;
 //! - `xds.node.metadata` and `….filter_metadata.<namespace>`, and anything
-//!   below them: the value found by walking the keys, in Envoy's encoding of
+//!   below them: the value found by walking the keys (a mapping's by key, a
+//!   list's by index), in Envoy's encoding of
 //!   a `google.protobuf.Value`: a string raw, a number as an f64 (8 bytes
 //!   LE), a bool as 1 byte, a mapping as pairs (each value encoded so), a
 //!   list as pairs of each element and an empty value, null as nothing.
@@ -80,8 +81,10 @@ fn walk(map: &Map<String, Value>, keys: &[&str], out: &mut Vec<u8>) -> bool {
         encode_map(map, out);
         return true;
     };
+    // Mappings by key, lists by index (as Envoy walks them).
     let found = rest.iter().try_fold(map.get(*first), |v, key| match v {
         Some(Value::Object(m)) => Some(m.get(*key)),
+        Some(Value::Array(items)) => Some(key.parse::<usize>().ok().and_then(|i| items.get(i))),
         _ => None,
     });
     match found.flatten() {
@@ -191,6 +194,9 @@ mod tests {
         assert_eq!(get(&["metadata", "n"]).unwrap(), 3.0f64.to_le_bytes());
         assert_eq!(get(&["metadata", "b"]).unwrap(), [1]);
         assert_eq!(get(&["metadata", "nested", "x"]).unwrap(), b"y");
+        assert_eq!(get(&["metadata", "list", "1"]).unwrap(), b"b");
+        assert_eq!(get(&["metadata", "list", "2"]), None);
+        assert_eq!(get(&["metadata", "list", "x"]), None);
         assert_eq!(get(&["metadata", "none"]).unwrap(), b"");
         assert_eq!(get(&["metadata", "nope"]), None);
         assert_eq!(get(&["metadata", "team", "x"]), None);
