@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use sluice_filter::TlsInfo;
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
 use crate::cluster::{ClusterState, Endpoint};
 use crate::error::{ErrorKind, ProxyError};
 use crate::h1::{H1Conn, Io};
-use sluice_filter::TlsInfo;
 
 /// Spawns hyper's background tasks on the current worker (`spawn_local`).
 #[derive(Debug, Clone, Copy, Default)]
