@@ -58,16 +58,7 @@ pub(crate) fn metadata(m: Option<&Metadata>, path: &[&str], out: &mut Vec<u8>) -
             MetadataProto { filter_metadata }.encode(out).is_ok()
         }
         ["filter_metadata"] => {
-            let values: Vec<(&str, Vec<u8>)> = m
-                .filter_metadata
-                .iter()
-                .map(|(ns, s)| {
-                    let mut v = Vec::new();
-                    encode_map(s, &mut v);
-                    (ns.as_str(), v)
-                })
-                .collect();
-            out.extend_from_slice(&sluice_abi::pairs::encode(values.iter().map(|(k, v)| (k, v))));
+            encode_pairs(m.filter_metadata.iter().map(|(ns, s)| (ns.as_str(), encoded_map(s))), out);
             true
         }
         ["filter_metadata", ns, keys @ ..] => m.filter_metadata.get(*ns).is_some_and(|s| walk(s, keys, out)),
@@ -145,7 +136,18 @@ fn encoded(v: &Value) -> Vec<u8> {
 }
 
 fn encode_map(m: &Map<String, Value>, out: &mut Vec<u8>) {
-    let values: Vec<(&str, Vec<u8>)> = m.iter().map(|(k, v)| (k.as_str(), encoded(v))).collect();
+    encode_pairs(m.iter().map(|(k, v)| (k.as_str(), encoded(v))), out);
+}
+
+fn encoded_map(m: &Map<String, Value>) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_map(m, &mut out);
+    out
+}
+
+/// Writes `(key, encoded value)` pairs in the ABI's map encoding.
+fn encode_pairs<'a>(items: impl Iterator<Item = (&'a str, Vec<u8>)>, out: &mut Vec<u8>) {
+    let values: Vec<(&str, Vec<u8>)> = items.collect();
     out.extend_from_slice(&sluice_abi::pairs::encode(values.iter().map(|(k, v)| (k, v))));
 }
 
